@@ -1,0 +1,182 @@
+"""Run a test body on N real MindSpore ranks and bring back each rank's checks and results.
+
+A *worker* is a function ``worker(ctx)`` in an importable module (``"tests.mcore.test_comm:
+_worker"``). ``run_ranks`` starts one scheduler and N worker processes with MindSpore's
+documented environment recipe (``MS_ROLE``, ``MS_WORKER_NUM``, ``MS_SCHED_HOST/PORT``,
+``MS_NODE_ID`` -> rank), each in a private temporary directory (MindSpore writes ``rank_N/``
+into the cwd), and watches them:
+
+- every rank exits 0 -> a ``RankJob`` with each rank's checks, reported values and log path;
+- a rank exits non-zero -> the others get a short grace period, are killed, and ``RankFailure``
+  names the rank that failed FIRST and carries its traceback;
+- no rank makes progress for ``stall_timeout`` s, or the job exceeds ``timeout`` s -> every
+  process is killed and ``RankFailure`` says which ranks were still running, with their logs.
+
+Inside a worker, ``with ctx.check("name"):`` records one named check: an ``AssertionError``
+marks it failed and the worker goes on (so one launch reports many checks); any other exception
+is recorded and re-raised, ending the rank with a non-zero code (communication state may be
+broken). ``ctx.report(key, value)`` returns a picklable value to the test.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+GRACE_SECONDS = 5.0
+
+
+class RankFailure(AssertionError):
+    """A multi-rank job failed, hung or timed out; the message names the rank and its error."""
+
+
+@dataclass
+class RankJob:
+    """What a finished job brought back: per rank, its checks and reported values."""
+
+    nranks: int
+    checks: list = field(default_factory=list)  # per rank: {name: error text or None}
+    values: list = field(default_factory=list)  # per rank: {key: value}
+    logs: list = field(default_factory=list)  # per rank: log path
+    seconds: float = 0.0
+
+    def names(self, prefix: str = "") -> list[str]:
+        return sorted({n for c in self.checks for n in c if n.startswith(prefix)})
+
+    def assert_ok(self, prefix: str) -> None:
+        """Every check whose name starts with ``prefix`` passed on every rank (and one exists)."""
+        names = self.names(prefix)
+        if not names:
+            raise AssertionError(f"no check named {prefix}* ran (ran: {self.names()})")
+        errors = []
+        for name in names:
+            for rank, checks in enumerate(self.checks):
+                if name not in checks:
+                    errors.append(f"[rank {rank}] {name}: did not run")
+                elif checks[name] is not None:
+                    errors.append(f"[rank {rank}] {name}: {checks[name]}")
+        if errors:
+            raise AssertionError("\n".join(errors))
+
+    def value(self, key: str, rank: int = 0):
+        return self.values[rank][key]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(nranks: int, port: int, role: str, rank: int | None = None) -> dict:
+    """Environment for one process of a local job (the documented MindSpore recipe)."""
+    env = dict(os.environ)
+    env.update(MS_WORKER_NUM=str(nranks), MS_SCHED_HOST="127.0.0.1", MS_SCHED_PORT=str(port),
+               MS_ROLE=role, GLOG_v=env.get("GLOG_v", "3"),
+               PYTHONPATH=os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]))
+    if rank is not None:
+        env["MS_NODE_ID"] = str(rank)
+    return env
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(text[-lines:])
+
+
+def _kill(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _progress_stamp(paths) -> float:
+    stamps = [p.stat().st_mtime for p in paths if p.exists()]
+    return max(stamps) if stamps else 0.0
+
+
+def run_ranks(nranks: int, target: str, args: tuple = (), timeout: float = 300.0,
+              stall_timeout: float = 45.0, env: dict | None = None) -> RankJob:
+    """Run ``target`` (``"module:function"``) on ``nranks`` ranks; see the module docstring."""
+    workdir = Path(tempfile.mkdtemp(prefix=f"msf_{nranks}ranks_"))
+    port = free_port()
+    runner = [sys.executable, "-m", "tests.rank_worker"]
+    procs, logs = [], []
+    sched_log = workdir / "scheduler.log"
+    with open(sched_log, "w") as f:
+        procs.append(subprocess.Popen(runner + ["--scheduler"], cwd=workdir, stdout=f,
+                                      stderr=subprocess.STDOUT,
+                                      env={**rank_env(nranks, port, "MS_SCHED"), **(env or {})}))
+    for rank in range(nranks):
+        log = workdir / f"worker_{rank}.log"
+        logs.append(log)
+        with open(log, "w") as f:
+            cmd = runner + [target, str(workdir), *map(str, args)]
+            procs.append(subprocess.Popen(cmd, cwd=workdir, stdout=f, stderr=subprocess.STDOUT,
+                                          env={**rank_env(nranks, port, "MS_WORKER", rank),
+                                               **(env or {})}))
+    workers = procs[1:]
+    progress = [workdir / f"progress_{r}" for r in range(nranks)] + logs
+    start = last_progress = time.time()
+    last_stamp = 0.0
+    first_failure = None
+    while True:
+        now = time.time()
+        codes = [p.poll() for p in workers]
+        for rank, code in enumerate(codes):
+            if code not in (None, 0) and first_failure is None:
+                first_failure = (rank, code, now)
+        if all(c is not None for c in codes):
+            break
+        if first_failure and now - first_failure[2] > GRACE_SECONDS:
+            break
+        stamp = _progress_stamp(progress)
+        if stamp != last_stamp:
+            last_stamp, last_progress = stamp, now
+        if now - start > timeout or now - last_progress > stall_timeout:
+            running = [r for r, c in enumerate(codes) if c is None]
+            _kill(procs)
+            why = "timed out" if now - start > timeout else f"made no progress for {stall_timeout:.0f} s"
+            details = "\n".join(f"--- rank {r} log tail ({logs[r]}):\n{_tail(logs[r])}" for r in running)
+            raise RankFailure(f"{nranks}-rank job {target} {why} after {now - start:.0f} s; "
+                              f"ranks still running: {running}\n{details}")
+        time.sleep(0.1)
+    _kill(procs)
+    if first_failure is not None:
+        rank, code, when = first_failure
+        result = _load_result(workdir, rank)
+        trace = result.get("traceback") or _tail(logs[rank])
+        raise RankFailure(f"rank {rank} of {nranks} failed first (exit code {code}, "
+                          f"{when - start:.1f} s into {target}); log {logs[rank]}\n{trace}")
+    job = RankJob(nranks=nranks, logs=logs, seconds=time.time() - start)
+    for rank in range(nranks):
+        result = _load_result(workdir, rank)
+        if "checks" not in result:
+            raise RankFailure(f"rank {rank} exited 0 without writing its result; log {logs[rank]}\n"
+                              f"{_tail(logs[rank])}")
+        job.checks.append(result["checks"])
+        job.values.append(result["values"])
+    return job
+
+
+def _load_result(workdir: Path, rank: int) -> dict:
+    path = workdir / f"result_{rank}.pkl"
+    if not path.exists():
+        return {}
+    with open(path, "rb") as f:
+        return pickle.load(f)
