@@ -9,8 +9,9 @@ into the cwd), and watches them:
 - every rank exits 0 -> a ``RankJob`` with each rank's checks, reported values and log path;
 - a rank exits non-zero -> the others get a short grace period, are killed, and ``RankFailure``
   names the rank that failed FIRST and carries its traceback;
-- no rank makes progress for ``stall_timeout`` s, or the job exceeds ``timeout`` s -> every
-  process is killed and ``RankFailure`` says which ranks were still running, with their logs.
+- the ranks do not all finish ``init()`` within ``init_timeout`` s, or afterwards no rank makes
+  progress (a check starts or ends, a log line is written) for ``stall_timeout`` s, or the job
+  exceeds ``timeout`` s -> every process is killed and ``RankFailure`` says which ranks were still running, with their logs.
 
 Inside a worker, ``with ctx.check("name"):`` records one named check: an ``AssertionError``
 marks it failed and the worker goes on (so one launch reports many checks); any other exception
@@ -111,7 +112,8 @@ def _progress_stamp(paths) -> float:
 
 
 def run_ranks(nranks: int, target: str, args: tuple = (), timeout: float = 300.0,
-              stall_timeout: float = 45.0, env: dict | None = None) -> RankJob:
+              stall_timeout: float = 45.0, init_timeout: float = 120.0,
+              env: dict | None = None) -> RankJob:
     """Run ``target`` (``"module:function"``) on ``nranks`` ranks; see the module docstring."""
     workdir = Path(tempfile.mkdtemp(prefix=f"msf_{nranks}ranks_"))
     port = free_port()
@@ -131,7 +133,9 @@ def run_ranks(nranks: int, target: str, args: tuple = (), timeout: float = 300.0
                                           env={**rank_env(nranks, port, "MS_WORKER", rank),
                                                **(env or {})}))
     workers = procs[1:]
-    progress = [workdir / f"progress_{r}" for r in range(nranks)] + logs
+    ticks = [workdir / f"progress_{r}" for r in range(nranks)]
+    progress = ticks + logs
+    initialised = False
     start = last_progress = time.time()
     last_stamp = 0.0
     first_failure = None
@@ -145,16 +149,24 @@ def run_ranks(nranks: int, target: str, args: tuple = (), timeout: float = 300.0
             break
         if first_failure and now - first_failure[2] > GRACE_SECONDS:
             break
+        if not initialised and all(t.exists() for t in ticks):
+            initialised, last_progress = True, now
         stamp = _progress_stamp(progress)
         if stamp != last_stamp:
             last_stamp, last_progress = stamp, now
-        if now - start > timeout or now - last_progress > stall_timeout:
+        stalled = initialised and now - last_progress > stall_timeout
+        slow_init = not initialised and now - start > init_timeout
+        if now - start > timeout or stalled or slow_init:
             running = [r for r, c in enumerate(codes) if c is None]
             _kill(procs)
-            why = "timed out" if now - start > timeout else f"made no progress for {stall_timeout:.0f} s"
+            why = ("timed out" if now - start > timeout else
+                   f"made no progress for {stall_timeout:.0f} s" if stalled else
+                   f"did not finish init() within {init_timeout:.0f} s")
             details = "\n".join(f"--- rank {r} log tail ({logs[r]}):\n{_tail(logs[r])}" for r in running)
+            busy = [r for r in running if not (workdir / f"result_{r}.pkl").exists()]
             raise RankFailure(f"{nranks}-rank job {target} {why} after {now - start:.0f} s; "
-                              f"ranks still running: {running}\n{details}")
+                              f"ranks still running: {running} (inside the test body: {busy})"
+                              f"\n{details}")
         time.sleep(0.1)
     _kill(procs)
     if first_failure is not None:

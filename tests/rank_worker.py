@@ -68,6 +68,7 @@ def main(argv: list[str]) -> int:
     func = getattr(importlib.import_module(module_name), func_name)
     world, rank = init_if_needed()
     ctx = RankContext(rank, world, workdir, args)
+    ctx._tick("initialised")
     try:
         func(ctx)
     except BaseException:

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Set up (if needed) and run the whole test suite. Extra arguments go to pytest,
+# e.g. `bash scripts/test.sh -m "not multirank"` or `bash scripts/test.sh tests/mcore`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export GLOG_v=${GLOG_v:-3}
+exec .venv/bin/python -m pytest -q --durations=15 "$@"

@@ -1,0 +1,79 @@
+"""The multi-rank harness itself: results come back, failures name the first failing rank,
+hangs end within the stall timeout instead of waiting for MindSpore's own timeouts."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.multirank import RankFailure, run_ranks
+
+pytestmark = pytest.mark.multirank
+
+
+def _sum_worker(ctx):
+    import mindspore as ms
+    import numpy as np
+
+    from mcore import comm
+    from mcore.parallel_state import ParallelDims
+
+    dims = ParallelDims.build()
+    with ctx.check("world_size"):
+        assert dims.world_size == ctx.world == 2
+    with ctx.check("all_reduce"):
+        got = comm.all_reduce(ms.Tensor(np.array([ctx.rank + 1.0], np.float32)), dims.world)
+        assert float(got.asnumpy()[0]) == 3.0
+    with ctx.check("deliberately_failing"):
+        assert ctx.rank == 0, f"rank {ctx.rank} is not 0"
+    ctx.report("rank_seen", ctx.rank)
+
+
+def _raise_on_rank1_worker(ctx):
+    import mindspore as ms
+    import numpy as np
+
+    from mcore import comm
+    from mcore.parallel_state import ParallelDims
+
+    dims = ParallelDims.build()
+    if ctx.rank == 1:
+        raise RuntimeError("boom on rank 1")
+    comm.all_reduce(ms.Tensor(np.ones(1, np.float32)), dims.world).asnumpy()  # waits for rank 1
+
+
+def _stall_worker(ctx):
+    if ctx.rank == 0:
+        time.sleep(300)
+
+
+def test_results_and_checks_come_back_per_rank():
+    job = run_ranks(2, "tests.test_multirank_harness:_sum_worker", timeout=120)
+    job.assert_ok("world_size")
+    job.assert_ok("all_reduce")
+    assert [job.value("rank_seen", r) for r in range(2)] == [0, 1]
+    with pytest.raises(AssertionError, match=r"\[rank 1\] deliberately_failing: .*rank 1 is not 0"):
+        job.assert_ok("deliberately_failing")
+    with pytest.raises(AssertionError, match="no check named missing"):
+        job.assert_ok("missing")
+
+
+def test_rank_raising_after_init_is_reported_first_and_fast():
+    start = time.time()
+    with pytest.raises(RankFailure, match=r"(?s)rank 1 of 2 failed first.*boom on rank 1"):
+        run_ranks(2, "tests.test_multirank_harness:_raise_on_rank1_worker", timeout=120)
+    assert time.time() - start < 40
+
+
+def test_rank_dying_before_init_is_reported_first_and_fast():
+    start = time.time()
+    with pytest.raises(RankFailure, match=r"(?s)rank 1 of 2 failed first.*died before init"):
+        run_ranks(2, "tests.harness.die_on_import:worker", timeout=120)
+    assert time.time() - start < 40
+
+
+def test_a_hang_ends_at_the_stall_timeout():
+    start = time.time()
+    with pytest.raises(RankFailure, match=r"made no progress for 8 s.*inside the test body: \[0\]"):
+        run_ranks(2, "tests.test_multirank_harness:_stall_worker", timeout=120, stall_timeout=8)
+    assert time.time() - start < 40
