@@ -1,0 +1,164 @@
+"""Column- and row-parallel linear layers (Megatron), with the tp group passed in.
+
+Weights use the ``nn.Linear`` layout ``[out, in]`` (y = x W^T + b), split on dim 0 (column) or
+dim 1 (row). Activations are ``[b, s, h]`` (any leading dims without sequence parallelism).
+``P`` = tp group size. A Column -> Row pair needs no communication in between:
+
+    x [b, s, h] -> ColumnParallelLinear(h, f) -> [b, s, f/P] -> act -> RowParallelLinear(f, h)
+      -> [b, s, h]     (one all-reduce in forward, one in backward)
+
+With ``sequence_parallel=True`` the activations outside the pair are split on the sequence:
+the column layer all-gathers its input [b, s/P, h] -> [b, s, h] and the row layer
+reduce-scatters its output [b, s, h] -> [b, s/P, h] (same bytes as one all-reduce).
+The replicated bias of a sequence-parallel RowParallelLinear then receives only this rank's
+part of its gradient: it is marked ``param.sequence_parallel = True`` and its gradient must be
+summed over the tp group (the gradient sync does it; tests do it by hand).
+
+Parameters are initialised from the full master weight drawn from ``seed`` (see
+``mcore.tensor_parallel.random``), so any tp size gives the same model at step 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+
+from mcore.parallel_state import ProcessGroup
+from mcore.tensor_parallel.mappings import (CopyToTPRegion, GatherFromSPRegion,
+                                            GatherFromTPRegion, ReduceFromTPRegion,
+                                            ReduceScatterToSPRegion, ScatterToTPRegion)
+from mcore.tensor_parallel.random import init_shard, name_seed
+
+
+def divide(n: int, group: ProcessGroup, layer: str, name: str, what: str) -> int:
+    """``n / group.size`` or a ``ValueError`` naming the layer, the dimension and the sizes."""
+    if n % group.size:
+        raise ValueError(f"{layer} '{name}': {what} {n} is not divisible by tp size {group.size}")
+    return n // group.size
+
+
+def check_sequence(x, group: ProcessGroup, layer: str, name: str) -> None:
+    """Sequence-parallel layers reduce-scatter dim 1: it must divide by the tp size."""
+    if x.shape[1] % group.size:
+        raise ValueError(f"{layer} '{name}': sequence length {x.shape[1]} (dim 1 of input shape "
+                         f"{x.shape}) is not divisible by tp size {group.size}")
+
+
+def _param(array: np.ndarray, name: str, sequence_parallel: bool = False,
+           dtype=ms.float32) -> Parameter:
+    param = Parameter(ms.Tensor(array, dtype), name=name)
+    param.sequence_parallel = sequence_parallel
+    return param
+
+
+class _ParallelLinear(nn.Cell):
+    """Shared parts: the weight shard, the optional bias, and ``y = x W^T``."""
+
+    def __init__(self, layer, input_size, output_size, group, split_dim, bias, bias_split,
+                 skip_bias_add, sequence_parallel, init_method, seed, name, params_dtype):
+        super().__init__()
+        self.input_size, self.output_size, self.group = input_size, output_size, group
+        self.skip_bias_add, self.sequence_parallel = skip_bias_add, sequence_parallel
+        self.layer_name = name
+        what = "output_size" if split_dim == 0 else "input_size"
+        divide(output_size if split_dim == 0 else input_size, group, layer, name, what)
+        seed = name_seed(name) if seed is None else seed
+        self.weight = _param(init_shard((output_size, input_size), seed, group.size, group.rank,
+                                        split_dim, init_method), "weight", False, params_dtype)
+        self.bias = None
+        self.has_bias = bias
+        if bias:
+            n = output_size // group.size if bias_split else output_size
+            self.bias = _param(np.zeros(n, np.float32), "bias",
+                               sequence_parallel and not bias_split, params_dtype)
+        self.matmul = ops.MatMul(transpose_b=True)
+
+    def linear(self, x):
+        """x [.., in_local] -> x W^T [.., out_local] (no bias)."""
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape((-1, x.shape[-1])), self.weight)  # [N, in] -> [N, out]
+        return y.reshape(lead + (y.shape[-1],))
+
+    def finish(self, y):
+        """Add the bias, or return it beside the output when ``skip_bias_add``."""
+        if self.skip_bias_add:
+            return y, self.bias
+        if self.has_bias:
+            y = y + self.bias
+        return y
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    """y = x A^T + b with A [output_size, input_size] split on output: this rank holds
+    ``weight`` [output_size/P, input_size] and ``bias`` [output_size/P].
+
+    Input: [b, s, input_size] replicated on the tp ranks (or [b, s/P, input_size] with
+    ``sequence_parallel``). Output: [b, s, output_size/P], or [b, s, output_size] replicated
+    with ``gather_output``. Returns ``y``, or ``(y, bias)`` with ``skip_bias_add``.
+    """
+
+    shard_dims = {"weight": 0, "bias": 0}
+
+    def __init__(self, input_size: int, output_size: int, tp_group: ProcessGroup,
+                 bias: bool = True, gather_output: bool = False, skip_bias_add: bool = False,
+                 sequence_parallel: bool = False, init_method=None, seed: int | None = None,
+                 name: str = "column_parallel_linear", params_dtype=ms.float32):
+        if gather_output and sequence_parallel:
+            raise ValueError(f"ColumnParallelLinear '{name}': gather_output and "
+                             "sequence_parallel cannot both be set")
+        super().__init__("ColumnParallelLinear", input_size, output_size, tp_group, 0, bias, True,
+                         skip_bias_add, sequence_parallel, init_method, seed, name, params_dtype)
+        self.gather_output = gather_output
+        if sequence_parallel:
+            self.enter = GatherFromSPRegion(tp_group)  # [b, s/P, h] -> [b, s, h]
+        else:
+            self.enter = CopyToTPRegion(tp_group)
+        self.gather = GatherFromTPRegion(tp_group) if gather_output else None
+
+    def construct(self, x):
+        y = self.linear(self.enter(x))  # [b, s, in] -> [b, s, out/P]
+        if self.has_bias and not self.skip_bias_add:
+            y = y + self.bias
+        if self.gather_output:
+            y = self.gather(y)  # [b, s, out/P] -> [b, s, out]
+        if self.skip_bias_add:
+            return y, self.bias
+        return y
+
+
+class RowParallelLinear(_ParallelLinear):
+    """y = x A^T + b with A [output_size, input_size] split on input: this rank holds
+    ``weight`` [output_size, input_size/P]; ``bias`` [output_size] is replicated and added
+    once, after the reduction.
+
+    Input: [b, s, input_size/P] (``input_is_parallel``, e.g. from a ColumnParallelLinear) or
+    [b, s, input_size] replicated (then split here). Output: [b, s, output_size] replicated,
+    or [b, s/P, output_size] with ``sequence_parallel`` (requires ``input_is_parallel``).
+    Returns ``y``, or ``(y, bias)`` with ``skip_bias_add``.
+    """
+
+    shard_dims = {"weight": 1, "bias": None}
+
+    def __init__(self, input_size: int, output_size: int, tp_group: ProcessGroup,
+                 bias: bool = True, input_is_parallel: bool = True, skip_bias_add: bool = False,
+                 sequence_parallel: bool = False, init_method=None, seed: int | None = None,
+                 name: str = "row_parallel_linear", params_dtype=ms.float32):
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError(f"RowParallelLinear '{name}': sequence_parallel requires "
+                             "input_is_parallel=True")
+        super().__init__("RowParallelLinear", input_size, output_size, tp_group, 1, bias, False,
+                         skip_bias_add, sequence_parallel, init_method, seed, name, params_dtype)
+        self.input_is_parallel = input_is_parallel
+        self.scatter = None if input_is_parallel else ScatterToTPRegion(tp_group)
+        if sequence_parallel:
+            self.reduce = ReduceScatterToSPRegion(tp_group)  # [b, s, h] -> [b, s/P, h]
+        else:
+            self.reduce = ReduceFromTPRegion(tp_group)
+
+    def construct(self, x):
+        if not self.input_is_parallel:
+            x = self.scatter(x)  # [b, s, in] -> [b, s, in/P]
+        if self.sequence_parallel:
+            check_sequence(x, self.group, "RowParallelLinear", self.layer_name)
+        y = self.reduce(self.linear(x))  # partial sums -> [b, s, out] or [b, s/P, out]
+        return self.finish(y)
