@@ -1,0 +1,88 @@
+"""Core attention (softmax(q k^T * scale + mask) v) behind one dispatch.
+
+``CoreAttention`` picks, once when it is built, between
+
+- the device's fused flash-attention kernel (``ops.flash_attention_score``, Ascend only), used
+  for causal prefill without a padding mask (``s == t``); and
+- ``blocked_attention``, a composed implementation that runs everywhere. It handles grouped
+  key/value heads without copying them (queries are viewed as ``[b, g_kv, heads_per_group, s, d]``)
+  and walks the queries in blocks of ``block_size`` rows, so at most one
+  ``[b, g_kv, heads_per_group, block_size, t]`` score block is alive at a time.
+
+Masks: causal with the queries aligned to the END of the keys (query ``i`` of ``s`` sees keys
+``j <= i + t - s``; this is what a KV cache needs) or at ``q_offset`` (a static cache: keys
+past the written positions are hidden by the same rule), plus an optional key padding mask
+``key_mask [b, t]`` (1 = real token, 0 = padding).
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+_NEG = -1.0e30
+
+
+def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 1024,
+                      q_offset=None):
+    """q ``[b, n, s, d]``, k / v ``[b, n_kv, t, d]`` (n divisible by n_kv) -> ``[b, n, s, d]``.
+
+    ``q_offset``: position of query 0 among the keys (int or int32 scalar Tensor); None =
+    ``t - s`` (queries are the last s keys).
+    """
+    b, n, s, d = q.shape
+    n_kv, t = k.shape[1], k.shape[2]
+    g = n // n_kv
+    qg = q.reshape(b, n_kv, g, s, d)  # [b, n, s, d] -> [b, n_kv, g, s, d]
+    kt = ops.swapaxes(k, -1, -2).reshape(b, n_kv, 1, d, t)  # [b, n_kv, t, d] -> [b, n_kv, 1, d, t]
+    vg = v.reshape(b, n_kv, 1, t, v.shape[-1])  # [b, n_kv, t, dv] -> [b, n_kv, 1, t, dv]
+    keep_keys = None
+    if key_mask is not None:
+        keep_keys = key_mask.reshape(b, 1, 1, 1, t) > 0  # [b, t] -> [b, 1, 1, 1, t]
+    k_pos = ops.arange(0, t, 1, dtype=ms.int32).reshape(1, t)  # [1, t]
+    outs = []
+    for start in range(0, s, block_size):
+        stop = min(start + block_size, s)
+        q_blk = qg if stop - start == s else qg[:, :, :, start:stop, :]  # [b, n_kv, g, c, d]
+        scores = ops.matmul(q_blk.astype(ms.float32), kt.astype(ms.float32))  # [b, n_kv, g, c, t]
+        scores = scores * scale
+        q_pos = ops.arange(start, stop, 1, dtype=ms.int32).reshape(stop - start, 1)
+        q_pos = q_pos + (t - s if q_offset is None else q_offset)  # [c, 1] absolute positions
+        keep = k_pos <= q_pos  # [c, t]
+        if keep_keys is not None:
+            keep = ops.logical_and(keep, keep_keys)  # [b, 1, 1, c, t]
+        scores = ops.masked_fill(scores, ops.logical_not(keep), _NEG)
+        probs = ops.softmax(scores, -1).astype(v.dtype)
+        outs.append(ops.matmul(probs, vg))  # [b, n_kv, g, c, t] @ [b, n_kv, 1, t, dv]
+    out = outs[0] if len(outs) == 1 else ops.cat(outs, 3)  # [b, n_kv, g, s, dv]
+    return out.reshape(b, n, s, out.shape[-1])  # [b, n_kv, g, s, dv] -> [b, n, s, dv]
+
+
+def fused_available() -> bool:
+    """True when the device has a fused flash-attention kernel (Ascend)."""
+    return ms.get_context("device_target") == "Ascend"
+
+
+class CoreAttention(nn.Cell):
+    """Dispatching core attention; see the module docstring for the contract.
+
+    ``use_fused``: None = decide from the device now (fused only on Ascend).
+    """
+
+    def __init__(self, num_heads: int, scale: float, block_size: int = 1024,
+                 use_fused: bool | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = float(scale)
+        self.block_size = int(block_size)
+        self.use_fused = fused_available() if use_fused is None else bool(use_fused)
+        if self.use_fused:
+            # sparse_mode 3 (right-down causal) takes a compressed [2048, 2048] upper mask.
+            causal = ops.triu(ops.ones((2048, 2048), ms.uint8), 1)
+            self.fused_mask = Tensor(causal.asnumpy())
+
+    def construct(self, q, k, v, key_mask=None, q_offset=None):
+        if self.use_fused and key_mask is None and q_offset is None and q.shape[2] == k.shape[2]:
+            return ops.flash_attention_score(q, k, v, self.num_heads, attn_mask=self.fused_mask,
+                                             scalar_value=self.scale, input_layout="BNSD",
+                                             sparse_mode=3)
+        return blocked_attention(q, k, v, self.scale, key_mask, self.block_size, q_offset)

@@ -1,0 +1,86 @@
+"""Self-attention with grouped key/value heads (MHA, GQA, MQA), tensor parallel over heads.
+
+Submodules (``SelfAttentionSubmodules``, built with ``build_module``):
+
+- ``linear_qkv``: one column-parallel projection ``h -> (n + 2 n_kv) d`` (fused q, k, v).
+  Its weight on rank r is ``[q_r; k_r; v_r]``: the rank's query heads, then its key heads,
+  then its value heads (``n / tp``, ``n_kv / tp`` heads each), so loaders shard q, k and v
+  separately and concatenate.
+- ``q_layernorm`` / ``k_layernorm``: per-head norms over ``d`` before rotary (Qwen3 QK-norm);
+  ``IdentityOp`` when absent.
+- ``core_attention``: ``mcore.fusions.attention.CoreAttention`` (fused where the device has it).
+- ``linear_proj``: row-parallel output projection ``n d -> h``.
+
+Forward: ``x [b, s, h]``, rotary ``cos, sin [b, 1, s, r]``, optional ``key_mask [b, t]``
+and ``cache`` (``KVCache`` in PyNative, ``StaticKVCache`` also under jit) -> ``[b, s, h]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mindspore import nn, ops
+
+from mcore.parallel_state import ProcessGroup
+from mcore.transformer.config import TransformerConfig
+from mcore.transformer.rotary import apply_rotary
+from mcore.transformer.spec import IdentityOp, build_module
+
+
+@dataclass
+class SelfAttentionSubmodules:
+    linear_qkv: object
+    core_attention: object
+    linear_proj: object
+    q_layernorm: object = IdentityOp
+    k_layernorm: object = IdentityOp
+
+
+class SelfAttention(nn.Cell):
+    """Multi-head self-attention; see the module docstring for shapes and weight layout."""
+
+    def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules,
+                 layer_number: int = 0, tp_group: ProcessGroup | None = None):
+        super().__init__()
+        tp_group = tp_group or ProcessGroup.single("tp")
+        config.check_tp(tp_group.size)
+        self.layer_number = layer_number
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads // tp_group.size  # local query heads
+        self.num_kv = config.num_query_groups // tp_group.size  # local key/value heads
+        self.interleaved = config.rotary.interleaved
+        d, h = config.head_dim, config.hidden_size
+        qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * d
+        sp = config.parallel.sequence_parallel
+        self.linear_qkv = build_module(submodules.linear_qkv, h, qkv_size, tp_group=tp_group,
+                                       bias=config.attention.qkv_bias, gather_output=False,
+                                       sequence_parallel=sp,
+                                       name=f"layers.{layer_number}.linear_qkv")
+        self.q_layernorm = build_module(submodules.q_layernorm, d, eps=config.norm_eps)
+        self.k_layernorm = build_module(submodules.k_layernorm, d, eps=config.norm_eps)
+        self.core_attention = build_module(submodules.core_attention, self.num_heads,
+                                           config.softmax_scale,
+                                           block_size=config.attention.block_size)
+        self.linear_proj = build_module(submodules.linear_proj, config.num_attention_heads * d, h,
+                                        tp_group=tp_group, bias=config.attention.out_bias,
+                                        input_is_parallel=True, sequence_parallel=sp,
+                                        name=f"layers.{layer_number}.linear_proj")
+
+    def construct(self, x, cos, sin, key_mask=None, cache=None):
+        n, n_kv, d = self.num_heads, self.num_kv, self.head_dim
+        qkv = self.linear_qkv(x)  # [b, s, h] -> [b, s, (n + 2 n_kv) d]
+        b, s = qkv.shape[0], qkv.shape[1]  # full s also when x is sequence-parallel
+        q, k, v = ops.split(qkv, (n * d, n_kv * d, n_kv * d), -1)
+        q = q.reshape(b, s, n, d)  # [b, s, n d] -> [b, s, n, d]
+        k = k.reshape(b, s, n_kv, d)  # [b, s, n_kv d] -> [b, s, n_kv, d]
+        v = v.reshape(b, s, n_kv, d)  # [b, s, n_kv d] -> [b, s, n_kv, d]
+        q = ops.transpose(self.q_layernorm(q), (0, 2, 1, 3))  # [b, s, n, d] -> [b, n, s, d]
+        k = ops.transpose(self.k_layernorm(k), (0, 2, 1, 3))  # [b, s, n_kv, d] -> [b, n_kv, s, d]
+        v = ops.transpose(v, (0, 2, 1, 3))  # [b, s, n_kv, d] -> [b, n_kv, s, d]
+        q = apply_rotary(q, cos, sin, self.interleaved)
+        k = apply_rotary(k, cos, sin, self.interleaved)
+        offset = None
+        if cache is not None:
+            k, v, offset = cache.update(self.layer_number, k, v)  # -> [b, n_kv, t, d]
+        out = self.core_attention(q, k, v, key_mask, offset)  # [b, n, s, d]
+        out = ops.transpose(out, (0, 2, 1, 3)).reshape(b, s, n * d)  # -> [b, s, n d]
+        return self.linear_proj(out)  # [b, s, n d] -> [b, s, h]

@@ -1,0 +1,225 @@
+"""TransformerConfig: the shape and behaviour of a decoder stack, split by concern.
+
+``TransformerConfig`` holds the architecture fields and one sub-config per concern:
+
+- ``RotaryConfig`` (``config.rotary``): rotary position embedding variant and scaling.
+- ``AttentionConfig`` (``config.attention``): biases, QK-norm, softmax scale, core-attention chunking.
+- ``MoEConfig`` (``config.moe``): mixture-of-experts sizes (0 experts = dense MLP).
+- ``ParallelConfig`` (``config.parallel``): sequence parallelism (group sizes come from ParallelDims).
+- ``PrecisionConfig`` (``config.precision``): parameter / compute dtypes and recompute.
+
+Every dataclass validates itself in ``__post_init__`` and raises ``ValueError`` naming the field.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
+ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu", "silu")
+NORMS = ("rmsnorm", "layernorm")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _require(ok: bool, name: str, value, why: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r}: {why}")
+
+
+@dataclass
+class RotaryConfig:
+    """Rotary position embedding (RoPE).
+
+    base: theta of the frequencies ``base ** (-2i / rotary_dim)``.
+    fraction: share of the head dim that is rotated (GLM: 0.5); the rest passes through.
+    interleaved: pair dims (0,1),(2,3),... (GLM) instead of halves (i, i + d/2) (Llama).
+    scaling: "none", "linear" (positions / factor), "llama3" (Llama-3.1 frequency bands)
+        or "yarn" (YaRN: blended frequencies plus attention temperature).
+    factor: context extension factor for every scaling type.
+    original_max_position: pre-extension context length (llama3, yarn).
+    low_freq_factor / high_freq_factor: llama3 band edges.
+    beta_fast / beta_slow: yarn ramp edges, in rotations.
+    mscale / mscale_all_dim: yarn attention-factor terms (DeepSeek style); 0 = unused.
+    attention_factor: yarn cos/sin multiplier; None = ``0.1 * ln(factor) + 1``.
+    truncate: yarn rounds the correction range to whole dims (floor / ceil).
+    """
+
+    base: float = 10000.0
+    fraction: float = 1.0
+    interleaved: bool = False
+    scaling: str = "none"
+    factor: float = 1.0
+    original_max_position: int = 8192
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self):
+        _require(self.base > 0, "rotary.base", self.base, "must be > 0")
+        _require(0.0 < self.fraction <= 1.0, "rotary.fraction", self.fraction, "must be in (0, 1]")
+        _require(self.scaling in ROPE_SCALING_TYPES, "rotary.scaling", self.scaling,
+                 f"must be one of {ROPE_SCALING_TYPES}")
+        _require(self.factor >= 1.0 or self.scaling == "none", "rotary.factor", self.factor,
+                 "must be >= 1")
+        _require(self.original_max_position > 0, "rotary.original_max_position",
+                 self.original_max_position, "must be > 0")
+        _require(self.high_freq_factor > self.low_freq_factor or self.scaling != "llama3",
+                 "rotary.high_freq_factor", self.high_freq_factor, "must exceed low_freq_factor")
+
+
+@dataclass
+class AttentionConfig:
+    """Self-attention options.
+
+    qkv_bias: bias on the fused q/k/v projection (Qwen2.5, GLM).
+    out_bias: bias on the output projection.
+    qk_norm: RMSNorm over head_dim on queries and keys before rotary (Qwen3).
+    softmax_scale: None = ``1 / sqrt(head_dim)``.
+    block_size: composed core attention processes at most this many query rows per step, so
+        one score block is ``[heads, block_size, keys]`` (memory bound on long sequences).
+    """
+
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: bool = False
+    softmax_scale: float | None = None
+    block_size: int = 1024
+
+    def __post_init__(self):
+        _require(self.softmax_scale is None or self.softmax_scale > 0, "attention.softmax_scale",
+                 self.softmax_scale, "must be > 0 or None")
+        _require(self.block_size > 0, "attention.block_size", self.block_size, "must be > 0")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture of experts (0 experts = dense MLP; the MoE layer lives in ``mcore.moe``).
+
+    num_experts: routed experts per layer. top_k: experts per token.
+    ffn_hidden_size: hidden size of one expert. shared_ffn_hidden_size: shared expert (0 = none).
+    """
+
+    num_experts: int = 0
+    top_k: int = 2
+    ffn_hidden_size: int = 0
+    shared_ffn_hidden_size: int = 0
+
+    def __post_init__(self):
+        _require(self.num_experts >= 0, "moe.num_experts", self.num_experts, "must be >= 0")
+        if self.num_experts:
+            _require(0 < self.top_k <= self.num_experts, "moe.top_k", self.top_k,
+                     f"must be in [1, num_experts={self.num_experts}]")
+            _require(self.ffn_hidden_size > 0, "moe.ffn_hidden_size", self.ffn_hidden_size,
+                     "must be > 0 when num_experts > 0")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel behaviour that is not a group size (sizes come from ``ParallelDims``).
+
+    sequence_parallel: activations outside attention/MLP are split along the sequence over tp.
+    """
+
+    sequence_parallel: bool = False
+
+
+@dataclass
+class PrecisionConfig:
+    """Dtypes and activation recompute.
+
+    params_dtype: dtype of parameters. compute_dtype: dtype of matmuls and activations.
+    recompute_layers: indices of layers whose activations are recomputed in backward
+        (``"all"`` for every layer).
+    """
+
+    params_dtype: str = "float32"
+    compute_dtype: str = "float32"
+    recompute_layers: tuple | str = ()
+
+    def __post_init__(self):
+        for name in ("params_dtype", "compute_dtype"):
+            value = getattr(self, name)
+            _require(value in DTYPES, f"precision.{name}", value, f"must be one of {DTYPES}")
+        _require(self.recompute_layers == "all" or isinstance(self.recompute_layers, (tuple, list)),
+                 "precision.recompute_layers", self.recompute_layers, "must be 'all' or indices")
+
+
+@dataclass
+class TransformerConfig:
+    """Architecture of a decoder stack.
+
+    num_layers, hidden_size: depth and model width h.
+    num_attention_heads: query heads n. num_query_groups: key/value heads (GQA; None = n, MHA;
+        1 = MQA). head_dim: per-head width d (None = h / n; Qwen3 sets it independently).
+    ffn_hidden_size: MLP inner width. activation: "swiglu" (gated SiLU) or an ungated one.
+    norm: "rmsnorm" or "layernorm"; norm_eps: its epsilon.
+    sandwich_norm: extra norms on the attention and MLP outputs before the residual add (GLM-4-0414).
+    mlp_fc1_bias / mlp_fc2_bias: biases on the MLP input (gate/up) / output (down) projections.
+    """
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    ffn_hidden_size: int
+    num_query_groups: int | None = None
+    head_dim: int | None = None
+    activation: str = "swiglu"
+    norm: str = "rmsnorm"
+    norm_eps: float = 1e-5
+    sandwich_norm: bool = False
+    mlp_fc1_bias: bool = False
+    mlp_fc2_bias: bool = False
+    rotary: RotaryConfig = field(default_factory=RotaryConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+
+    def __post_init__(self):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0, name, value, "must be a positive int")
+        if self.num_query_groups is None:
+            self.num_query_groups = self.num_attention_heads
+        _require(0 < self.num_query_groups <= self.num_attention_heads
+                 and self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
+                 self.num_query_groups, f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.head_dim is None:
+            _require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
+                     self.hidden_size, f"must be divisible by num_attention_heads="
+                     f"{self.num_attention_heads} (or set head_dim)")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        _require(self.head_dim > 0, "head_dim", self.head_dim, "must be > 0")
+        _require(self.activation in ACTIVATIONS, "activation", self.activation,
+                 f"must be one of {ACTIVATIONS}")
+        _require(self.norm in NORMS, "norm", self.norm, f"must be one of {NORMS}")
+        _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+        rot = self.head_dim * self.rotary.fraction
+        _require(abs(rot - round(rot)) < 1e-6 and round(rot) % 2 == 0 and rot > 0,
+                 "rotary.fraction", self.rotary.fraction,
+                 f"head_dim * fraction = {rot} must be a positive even integer")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Number of rotated dims per head (``head_dim * rotary.fraction``)."""
+        return int(round(self.head_dim * self.rotary.fraction))
+
+    @property
+    def softmax_scale(self) -> float:
+        s = self.attention.softmax_scale
+        return 1.0 / math.sqrt(self.head_dim) if s is None else s
+
+    def check_tp(self, tp: int) -> None:
+        """Raise naming the field if this architecture cannot be split over ``tp`` ranks."""
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+            value = getattr(self, name)
+            _require(value % tp == 0, name, value, f"must be divisible by tensor parallel size {tp}")
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))

@@ -1,0 +1,69 @@
+"""Feed-forward block: ``fc2(act(fc1(x)))``, gated (SwiGLU) or not, tensor parallel over ffn.
+
+Gated: ``linear_fc1`` projects ``h -> 2 f`` and its local weight on rank r is ``[gate_r; up_r]``
+(rows ``f / tp`` each; loaders shard gate and up separately); the output is
+``fc2(silu(gate) * up)``. Ungated (gelu, gelu_tanh, relu, silu): ``fc1: h -> f``.
+``linear_fc1`` is column-parallel, ``linear_fc2`` row-parallel. ``[b, s, h] -> [b, s, h]``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mindspore import nn, ops
+
+from mcore.parallel_state import ProcessGroup
+from mcore.transformer.config import TransformerConfig
+from mcore.transformer.spec import build_module
+
+
+@dataclass
+class MLPSubmodules:
+    linear_fc1: object
+    linear_fc2: object
+
+
+def silu(x):
+    return x * ops.sigmoid(x)
+
+
+class MLP(nn.Cell):
+    """See the module docstring. ``ffn_hidden_size`` overrides the config's (MoE experts);
+    ``layer_number`` names the linear layers (and so seeds their initialisation)."""
+
+    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules,
+                 tp_group: ProcessGroup | None = None, ffn_hidden_size: int | None = None,
+                 layer_number: int = 0):
+        super().__init__()
+        tp_group = tp_group or ProcessGroup.single("tp")
+        ffn = ffn_hidden_size or config.ffn_hidden_size
+        self.activation = config.activation
+        self.gated = config.activation == "swiglu"
+        self.local_ffn = ffn // tp_group.size
+        sp = config.parallel.sequence_parallel
+        self.linear_fc1 = build_module(submodules.linear_fc1, config.hidden_size,
+                                       2 * ffn if self.gated else ffn, tp_group=tp_group,
+                                       bias=config.mlp_fc1_bias, gather_output=False,
+                                       sequence_parallel=sp,
+                                       name=f"layers.{layer_number}.linear_fc1")
+        self.linear_fc2 = build_module(submodules.linear_fc2, ffn, config.hidden_size,
+                                       tp_group=tp_group, bias=config.mlp_fc2_bias,
+                                       input_is_parallel=True, sequence_parallel=sp,
+                                       name=f"layers.{layer_number}.linear_fc2")
+
+    def _act(self, x):
+        if self.activation == "gelu":
+            return ops.gelu(x, approximate="none")
+        if self.activation == "gelu_tanh":
+            return ops.gelu(x, approximate="tanh")
+        if self.activation == "relu":
+            return ops.relu(x)
+        return silu(x)
+
+    def construct(self, x):
+        y = self.linear_fc1(x)  # [b, s, h] -> [b, s, 2f/tp] (gated) or [b, s, f/tp]
+        if self.gated:
+            gate, up = ops.split(y, self.local_ffn, -1)  # [b, s, 2f/tp] -> 2 x [b, s, f/tp]
+            y = silu(gate) * up
+        else:
+            y = self._act(y)
+        return self.linear_fc2(y)  # [b, s, f/tp] -> [b, s, h]

@@ -1,0 +1,52 @@
+"""Normalisation layers: RMSNorm and LayerNorm over the last dimension, computed in fp32.
+
+Both take ``(hidden_size, eps)`` (plus ignored keyword arguments, so that specs can pass a
+config-derived superset) and map ``[..., h] -> [..., h]``. Parameter names follow Hugging Face:
+``weight`` (and ``bias`` for LayerNorm).
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+from mindspore.common.initializer import initializer
+
+
+class RMSNorm(nn.Cell):
+    """``y = x / sqrt(mean(x^2) + eps) * weight`` (statistics in fp32, output in x's dtype)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype=ms.float32, **unused):
+        super().__init__()
+        self.eps = float(eps)
+        self.weight = Parameter(initializer("ones", (hidden_size,), dtype), name="weight")
+
+    def construct(self, x):
+        if x.dtype == ms.float32:
+            return self.weight * (x * ops.rsqrt(ops.mean(x * x, -1, True) + self.eps))
+        x32 = x.astype(ms.float32)
+        var = ops.mean(x32 * x32, -1, True)  # [..., 1]
+        y = x32 * ops.rsqrt(var + self.eps)
+        return self.weight * y.astype(x.dtype)
+
+
+class LayerNorm(nn.Cell):
+    """``y = (x - mean) / sqrt(var + eps) * weight + bias`` over the last dim."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5, dtype=ms.float32, **unused):
+        super().__init__()
+        self.eps = float(eps)
+        self.weight = Parameter(initializer("ones", (hidden_size,), dtype), name="weight")
+        self.bias = Parameter(initializer("zeros", (hidden_size,), dtype), name="bias")
+
+    def construct(self, x):
+        dtype = x.dtype
+        x32 = x.astype(ms.float32)
+        mean = ops.mean(x32, -1, True)  # [..., 1]
+        xc = x32 - mean
+        var = ops.mean(xc * xc, -1, True)
+        y = (xc * ops.rsqrt(var + self.eps)).astype(dtype)
+        return y * self.weight + self.bias
+
+
+def norm_class(kind: str):
+    """The norm class for ``TransformerConfig.norm``."""
+    return {"rmsnorm": RMSNorm, "layernorm": LayerNorm}[kind]

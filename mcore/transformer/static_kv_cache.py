@@ -1,0 +1,63 @@
+"""StaticKVCache: a fixed-size key/value cache that compiled (``mindspore.jit``) decoding can use.
+
+Each layer owns two non-trainable Parameters ``[b, n_kv, max_len, d]``; ``position`` (an
+int32 Parameter) is the number of positions already written. ``update(layer, k, v)`` writes
+the new ``[b, n_kv, s, d]`` keys/values at ``[position, position + s)`` (``s == 1``, or a
+prefill at ``position == 0``) and returns the whole buffers plus ``position`` as the query
+offset: query ``i`` sits at ``position + i`` and sees keys ``j <= position + i``, which also
+hides the unwritten slots. Shapes never change, so a step compiles once per (batch, s).
+The caller advances ``position`` after each step's forward (``advance``, inside the same
+compiled function); the model never does.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
+
+
+class StaticKVCache(nn.Cell):
+    """See the module docstring. ``shape`` = ``(b, n_kv_local, max_len, head_dim)``."""
+
+    def __init__(self, num_layers: int, shape: tuple, dtype=ms.float32):
+        super().__init__()
+        self.max_len = shape[2]
+        zeros = Tensor(np.zeros(shape, np.float32)).astype(dtype)
+        self.keys = ParameterTuple(Parameter(zeros.copy(), name=f"k{i}", requires_grad=False)
+                                   for i in range(num_layers))  # [b, n_kv, max_len, d] each
+        self.values = ParameterTuple(Parameter(zeros.copy(), name=f"v{i}", requires_grad=False)
+                                     for i in range(num_layers))
+        self.position = Parameter(Tensor(0, ms.int32), name="position", requires_grad=False)
+        self.slots = Tensor(np.arange(self.max_len, dtype=np.int32).reshape(1, 1, -1, 1))
+
+    @property
+    def length(self) -> int:
+        return int(self.position.asnumpy())
+
+    def advance(self, n: int):
+        """Mark ``n`` more positions as written; call after the step's forward, in the same
+        (compiled) function: ``ops.assign`` keeps the order of reads and writes of ``position``
+        (``Parameter.set_data`` from Python is not seen by an already compiled graph)."""
+        return ops.assign(self.position, self.position + n)
+
+    def rewind(self) -> None:
+        """Start a new sequence (PyNative, between compiled calls): position = 0."""
+        ops.assign(self.position, Tensor(0, ms.int32))
+
+    def _write(self, buf, new):
+        s = new.shape[2]
+        if s != self.max_len:  # [b, n_kv, s, d] -> [b, n_kv, max_len, d] (s == 1 broadcasts)
+            if s == 1:
+                new = ops.broadcast_to(new, buf.shape)
+            else:
+                pad = ops.zeros((new.shape[0], new.shape[1], self.max_len - s, new.shape[3]),
+                                new.dtype)
+                new = ops.cat((new, pad), 2)
+        start = self.position
+        written = ops.logical_and(self.slots >= start, self.slots < start + s)  # [1, 1, T, 1]
+        out = ops.where(written, new, buf)
+        ops.assign(buf, out)
+        return out
+
+    def update(self, layer: int, k, v):
+        return self._write(self.keys[layer], k), self._write(self.values[layer], v), self.position

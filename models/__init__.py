@@ -1,0 +1,13 @@
+"""Model families built from ``mcore``: GPTModel, Hugging Face loading/saving, generation.
+
+    model = models.from_pretrained("path/to/hf_dir")        # Llama, Qwen2.5, Qwen3, GLM4, TeleChat2
+    logits = model(input_ids)                                 # [b, s, V]
+    tokens = models.generate(model, [[1, 2, 3]], max_new_tokens=16)
+    model.save_pretrained("out_dir")                          # loadable by transformers
+"""
+from models.generate import generate
+from models.gpt import GPTModel
+from models.hf import FAMILIES, build_from_config, from_pretrained, save_pretrained
+
+__all__ = ["GPTModel", "from_pretrained", "save_pretrained", "generate", "build_from_config",
+           "FAMILIES"]

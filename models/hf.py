@@ -1,0 +1,129 @@
+"""Hugging Face checkpoints: ``from_pretrained(dir)`` and ``save_pretrained(model, dir)``.
+
+A directory holds ``config.json`` and ``model.safetensors`` (or shards with
+``model.safetensors.index.json``). ``model_type`` picks the family file (``FAMILIES``); the
+family maps the config to a ``TransformerConfig`` and names the weights (``models.weights``).
+With a tp group of size > 1 every rank reads only its shard of each tensor.
+Errors: unknown ``model_type``, an override that is not a config key, a missing tensor or a
+shape mismatch each raise one error naming the key or tensor.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import mindspore as ms
+import numpy as np
+
+from mcore.parallel_state import ParallelDims, ProcessGroup
+from models import glm, llama, qwen, telechat
+from models.gpt import GPTModel
+from models.safetensors_io import read_checkpoint, write_checkpoint
+from models.weights import split_dims, to_hf, to_local
+
+FAMILIES: dict[str, ModuleType] = {t: fam for fam in (llama, qwen, glm, telechat)
+                                   for t in fam.MODEL_TYPES}
+# Keys an override may add although config.json does not have them.
+_OPTIONAL_KEYS = {"rope_scaling", "rope_parameters", "head_dim", "tie_word_embeddings",
+                  "partial_rotary_factor", "attention_bias"}
+
+
+@dataclass
+class HFInfo:
+    """What ``save_pretrained`` needs to write a model back: family and config.json contents."""
+
+    family: ModuleType
+    config: dict
+    tie: bool
+
+
+def family_of(hf: dict) -> ModuleType:
+    kind = hf.get("model_type")
+    if kind not in FAMILIES:
+        raise ValueError(f"model_type={kind!r} is not supported (supported: {sorted(FAMILIES)})")
+    return FAMILIES[kind]
+
+
+def build_from_config(hf: dict, tp_group: ProcessGroup | None = None) -> GPTModel:
+    """A randomly initialised ``GPTModel`` for a HF config dict (no weights read)."""
+    family = family_of(hf)
+    cfg = family.config_from_hf(hf)
+    tie = bool(hf.get("tie_word_embeddings", family.TIE_DEFAULT))
+    model = GPTModel(cfg, family.layer_spec(cfg), hf["vocab_size"], tie_embeddings=tie,
+                     tp_group=tp_group)
+    model.hf = HFInfo(family, dict(hf), tie)
+    return model
+
+
+def _tp_group(tp_group, dims) -> ProcessGroup:
+    if tp_group is not None and dims is not None:
+        raise ValueError("from_pretrained: pass tp_group or dims, not both")
+    if dims is not None:
+        return dims.tp
+    return tp_group or ProcessGroup.single("tp")
+
+
+def from_pretrained(path, tp_group: ProcessGroup | None = None, dims: ParallelDims | None = None,
+                    **overrides) -> GPTModel:
+    """Load a HF checkpoint directory; ``overrides`` replace config.json keys."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(f"{config_file}: missing")
+    hf = json.loads(config_file.read_text())
+    for key, value in overrides.items():
+        if key not in hf and key not in _OPTIONAL_KEYS:
+            raise KeyError(f"override {key!r} is not a key of {config_file}")
+        hf[key] = value
+    group = _tp_group(tp_group, dims)
+    model = build_from_config(hf, group)
+    load_weights(model, read_checkpoint(path))
+    return model
+
+
+def load_weights(model: GPTModel, tensors: dict) -> None:
+    """Set every parameter from HF ``tensors`` (name -> LazyTensor) on this tp rank."""
+    params = dict(model.parameters_and_names())
+    table = model.hf.family.weight_table(model.config, model.hf.tie)
+    group = model.tp_group
+    values = to_local(table, tensors, {n: tuple(p.shape) for n, p in params.items()},
+                      split_dims(model), group.size, group.rank)
+    for name, value in values.items():
+        params[name].set_data(ms.Tensor(value, params[name].dtype))
+
+
+def full_state(model: GPTModel) -> dict[str, np.ndarray]:
+    """Every parameter at full size: split parameters are gathered over the tp group (rank
+    shards concatenated along their split dim; fused q/k/v and gate/up are reordered by
+    ``models.weights.to_hf``)."""
+    from mcore.comm import all_gather
+
+    dims, group, out = split_dims(model), model.tp_group, {}
+    for name, param in model.parameters_and_names():
+        dim = dims.get(name)
+        value = param.value()
+        if dim is not None and group.size > 1:
+            value = all_gather(value, group, dim)  # [.., n/tp, ..] -> [.., n, ..]
+        out[name] = value.asnumpy()
+    return out
+
+
+def save_pretrained(model: GPTModel, path, max_shard_bytes: int | None = None) -> None:
+    """Write ``model`` as a HF directory (float32 safetensors + config.json) that transformers
+    loads. Collective over the tp group; tp rank 0 writes."""
+    info = getattr(model, "hf", None)
+    if info is None:
+        raise ValueError("save_pretrained: model has no Hugging Face config (build it with "
+                         "from_pretrained or build_from_config)")
+    state = full_state(model)
+    if model.tp_group.rank != 0:
+        return
+    tensors = to_hf(info.family.weight_table(model.config, info.tie), state, split_dims(model),
+                    model.tp_group.size)
+    path = Path(path)
+    write_checkpoint(path, tensors, max_shard_bytes)
+    config = dict(info.config)
+    config["torch_dtype"] = config["dtype"] = "float32"
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

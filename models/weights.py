@@ -1,0 +1,125 @@
+"""Weight-name tables: how each parameter of a ``GPTModel`` is made of Hugging Face tensors.
+
+A table maps a model parameter name (``decoder.layers.0.self_attention.linear_qkv.weight``) to
+a tuple of ``Piece``s concatenated along dim 0 (fused q/k/v, gate/up). A ``Piece`` is a HF
+tensor, or a strided part of one: its rows viewed as ``[groups, count, rows / (groups count)]``,
+keeping ``index`` of ``count`` (``count=2, index=1`` = second half; ``groups=n_kv, count=2`` =
+every other head of an interleaved k/v tensor). ``rows`` is the piece's row count at tp=1.
+
+``to_local`` builds this rank's parameter values (each piece is sharded separately along the
+parameter's tp split dim, then concatenated: the layout ``mcore`` layers expect);
+``to_hf`` splits full (tp=1) parameter values back into HF tensors.
+Errors name the HF tensor or parameter at fault.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from mcore.tensor_parallel.sharding import shard
+
+
+@dataclass(frozen=True)
+class Piece:
+    name: str
+    rows: int | None = None
+    groups: int = 1
+    count: int = 1
+    index: int = 0
+
+    def take(self, full: np.ndarray) -> np.ndarray:
+        """This piece of the HF tensor ``full``."""
+        if self.count == 1 and self.groups == 1:
+            return full
+        per = full.shape[0] // (self.groups * self.count)
+        if per * self.groups * self.count != full.shape[0]:
+            raise ValueError(f"{self.name}: {full.shape[0]} rows do not split into "
+                             f"{self.groups} x {self.count}")
+        view = full.reshape((self.groups, self.count, per) + full.shape[1:])
+        return view[:, self.index].reshape((self.groups * per,) + full.shape[1:])
+
+
+def pieces(*names: str) -> tuple[Piece, ...]:
+    """Plain one-to-one (or simply concatenated) HF tensors."""
+    return tuple(Piece(n) for n in names)
+
+
+def split_dims(model) -> dict[str, int | None]:
+    """Parameter name -> tp split dim (None = replicated), from each Cell's ``shard_dims``."""
+    dims = {}
+    for cell_name, cell in model.cells_and_names():
+        for pname, dim in getattr(cell, "shard_dims", {}).items():
+            dims[f"{cell_name}.{pname}" if cell_name else pname] = dim
+    return dims
+
+
+def to_local(table: dict, hf: dict, params: dict, dims: dict, tp: int, rank: int) -> dict:
+    """``{param: np.ndarray}`` for this rank. ``hf``: name -> object with ``load()`` and ``shape``;
+    ``params``: param name -> local shape."""
+    missing_params = sorted(set(params) - set(table))
+    if missing_params:
+        raise KeyError(f"no Hugging Face mapping for parameter(s) {missing_params}")
+    out = {}
+    for pname, plist in table.items():
+        if pname not in params:
+            raise KeyError(f"weight table names parameter {pname!r}, which the model does not have")
+        dim = dims.get(pname)
+        parts = []
+        for piece in plist:
+            if piece.name not in hf:
+                raise KeyError(f"checkpoint is missing tensor {piece.name!r} (for {pname})")
+            part = piece.take(hf[piece.name].load().astype(np.float32))
+            if dim is not None:
+                try:
+                    part = shard(part, tp, rank, dim)
+                except ValueError as e:
+                    raise ValueError(f"tensor {piece.name!r} (for {pname}): {e}") from None
+            parts.append(part)
+        value = parts[0] if len(parts) == 1 else np.concatenate(parts, 0)
+        if tuple(value.shape) != tuple(params[pname]):
+            names = ", ".join(p.name for p in plist)
+            raise ValueError(f"shape mismatch for tensor {names}: checkpoint gives {value.shape} "
+                             f"on tp rank {rank}/{tp}, parameter {pname} is {tuple(params[pname])}")
+        out[pname] = value
+    return out
+
+
+def _unshard_fused(value: np.ndarray, rows: list, tp: int) -> np.ndarray:
+    """Rank-ordered shards ``[p0_r0; p1_r0; ..; p0_r1; p1_r1; ..]`` -> ``[p0; p1; ..]``."""
+    local = [r // tp for r in rows]
+    chunks = np.split(value, tp, 0)  # one per rank: [p0_r; p1_r; ..]
+    per_rank = [np.split(c, np.cumsum(local)[:-1], 0) for c in chunks]
+    return np.concatenate([np.concatenate([pr[j] for pr in per_rank], 0)
+                           for j in range(len(rows))], 0)
+
+
+def to_hf(table: dict, full: dict, dims: dict | None = None, tp: int = 1) -> dict:
+    """HF tensors from full parameter values ``{param: np.ndarray}``: tp=1 values, or (with
+    ``tp`` > 1) the rank shards concatenated along each parameter's split dim ``dims``."""
+    out, strided = {}, {}
+    for pname, plist in table.items():
+        value = full[pname]
+        if tp > 1 and len(plist) > 1 and (dims or {}).get(pname) == 0:
+            value = _unshard_fused(value, [p.rows for p in plist], tp)
+        if len(plist) == 1 and plist[0].count == 1 and plist[0].groups == 1:
+            out[plist[0].name] = value
+            continue
+        sizes = [p.rows for p in plist]
+        if None in sizes or sum(sizes) != value.shape[0]:
+            raise ValueError(f"parameter {pname}: piece rows {sizes} do not add up to "
+                             f"{value.shape[0]}")
+        start = 0
+        for piece in plist:
+            part = value[start:start + piece.rows]
+            start += piece.rows
+            if piece.count == 1 and piece.groups == 1:
+                out[piece.name] = part
+                continue
+            per = piece.rows // piece.groups
+            buf = strided.setdefault(piece.name, np.zeros(
+                (piece.groups, piece.count, per) + part.shape[1:], part.dtype))
+            buf[:, piece.index] = part.reshape((piece.groups, per) + part.shape[1:])
+    for name, buf in strided.items():
+        out[name] = buf.reshape((-1,) + buf.shape[3:])
+    return out

@@ -1,0 +1,164 @@
+"""Write tiny random Hugging Face checkpoints and transformers' outputs for the parity tests.
+
+Run once by a developer (NOT by CI; needs torch + transformers):
+
+    /path/to/venv-with-torch/bin/python tests/make_hf_fixtures.py [--out tests/fixtures/hf]
+
+For each family it builds a 2-layer, hidden-64, vocab-256 model with transformers, randomises
+every parameter (weights N(0, 0.1), norm scales 1 + N(0, 0.1), biases N(0, 0.1)), saves it in
+bfloat16 safetensors (qwen3 as 3 shards + index), reloads it in float32 and records
+``reference.npz``: ``input_ids [2, 8]``, ``logits [2, 8, 256]`` (float32) and ``greedy [2, 8]``
+(8 greedy tokens from ``model.generate``). Seeds are fixed; top-2 logit gaps of the greedy
+steps are checked so that a 1e-4 difference cannot flip a token.
+
+TeleChat2 has no transformers implementation: its reference is a Llama model with biases only
+on o_proj and down_proj (TeleChat2's architecture), saved under TeleChat2's weight names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+from safetensors.torch import save_file
+
+VOCAB, HIDDEN, FFN, LAYERS = 256, 64, 128, 2
+BASE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+            rms_norm_eps=1e-5, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+FAMILIES = {
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                             low_freq_factor=1.0, high_freq_factor=4.0,
+                             original_max_position_embeddings=32))),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(
+        tie_word_embeddings=True, rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, dict(
+        head_dim=32, max_position_embeddings=128, rope_parameters=dict(rope_type="yarn", rope_theta=1e6, factor=4.0,
+                                          original_max_position_embeddings=32))),
+    "glm": (transformers.GlmConfig, transformers.GlmForCausalLM, dict(
+        head_dim=16, partial_rotary_factor=0.5)),
+    "glm4": (transformers.Glm4Config, transformers.Glm4ForCausalLM, dict(
+        head_dim=16, partial_rotary_factor=0.5)),
+    "telechat": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        attention_bias=True, mlp_bias=True, rope_parameters=dict(rope_type="default",
+                                                                 rope_theta=10000.0))),
+}
+
+
+def randomise(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen) * 0.1
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + noise)
+            else:
+                p.copy_(noise)
+
+
+def telechat_tensors(model, cfg) -> dict:
+    """The Llama reference model's weights under TeleChat2's names (k/v interleaved per head)."""
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    d, n_kv = cfg.head_dim, cfg.num_key_value_heads
+    out = {"transformer.word_embeddings.weight": sd["model.embed_tokens.weight"],
+           "transformer.ln_f.weight": sd["model.norm.weight"], "lm_head.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        src, dst = f"model.layers.{i}", f"transformer.h.{i}"
+        k = sd[f"{src}.self_attn.k_proj.weight"].reshape(n_kv, 1, d, HIDDEN)
+        v = sd[f"{src}.self_attn.v_proj.weight"].reshape(n_kv, 1, d, HIDDEN)
+        out.update({
+            f"{dst}.input_layernorm.weight": sd[f"{src}.input_layernorm.weight"],
+            f"{dst}.self_attention.query.weight": sd[f"{src}.self_attn.q_proj.weight"],
+            f"{dst}.self_attention.key_value.weight": torch.cat([k, v], 1).reshape(-1, HIDDEN),
+            f"{dst}.self_attention.dense.weight": sd[f"{src}.self_attn.o_proj.weight"],
+            f"{dst}.self_attention.dense.bias": sd[f"{src}.self_attn.o_proj.bias"],
+            f"{dst}.post_attention_layernorm.weight": sd[f"{src}.post_attention_layernorm.weight"],
+            f"{dst}.mlp.gate_proj.weight": sd[f"{src}.mlp.gate_proj.weight"],
+            f"{dst}.mlp.up_proj.weight": sd[f"{src}.mlp.up_proj.weight"],
+            f"{dst}.mlp.down_proj.weight": sd[f"{src}.mlp.down_proj.weight"],
+            f"{dst}.mlp.down_proj.bias": sd[f"{src}.mlp.down_proj.bias"],
+        })
+    return out
+
+
+def telechat_config(cfg) -> dict:
+    return {"architectures": ["TelechatForCausalLM"], "model_type": "telechat",
+            "vocab_size": VOCAB, "hidden_size": HIDDEN, "n_layer": LAYERS,
+            "n_head": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+            "ffn_hidden_size": FFN, "layer_norm_epsilon": cfg.rms_norm_eps,
+            "tie_word_embeddings": False, "base_seqlen": 8192, "training_seqlen": 8192,
+            "logn": True, "embed_layernorm": False,
+            "apply_residual_connection_post_layernorm": False}
+
+
+def zero_llama_biases_for_telechat(model) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias", "gate_proj.bias",
+                              "up_proj.bias")):
+                p.zero_()
+
+
+def make(family: str, out: Path, seed: int) -> dict:
+    config_cls, model_cls, extra = FAMILIES[family]
+    cfg = config_cls(**{**BASE, **extra})
+    torch.manual_seed(seed)
+    model = model_cls(cfg).eval()
+    randomise(model, seed)
+    if family == "telechat":
+        zero_llama_biases_for_telechat(model)
+    # bf16 on disk; the reference computes in fp32 from exactly those rounded weights.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    target = out / family
+    shutil.rmtree(target, ignore_errors=True)
+    if family == "telechat":
+        target.mkdir(parents=True)
+        tensors = {k: v.to(torch.bfloat16).contiguous() for k, v in telechat_tensors(model, cfg).items()}
+        save_file(tensors, str(target / "model.safetensors"), metadata={"format": "pt"})
+        (target / "config.json").write_text(json.dumps(telechat_config(cfg), indent=2))
+        ref_model = model
+    else:
+        shard = "100KB" if family == "qwen3" else "50MB"
+        model.to(torch.bfloat16).save_pretrained(target, max_shard_size=shard)
+        ref_model = model_cls.from_pretrained(target, dtype=torch.float32).eval()
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, VOCAB, size=(2, 8)).astype(np.int64)
+    with torch.no_grad():
+        logits = ref_model(torch.from_numpy(ids)).logits.float().numpy()
+        gen = ref_model.generate(torch.from_numpy(ids), max_new_tokens=8, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+        greedy = gen[:, ids.shape[1]:].numpy()
+        # smallest top-1 / top-2 gap over the greedy steps (full recompute of each prefix)
+        full = ref_model(gen).logits.float().numpy()[:, ids.shape[1] - 1:-1]
+        top2 = np.sort(full, -1)[..., -2:]
+        gap = float((top2[..., 1] - top2[..., 0]).min())
+    np.savez(target / "reference.npz", input_ids=ids.astype(np.int32), logits=logits,
+             greedy=greedy.astype(np.int32))
+    return {"family": family, "min_top2_gap": gap,
+            "bytes": sum(f.stat().st_size for f in target.iterdir())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", default=str(Path(__file__).parent / "fixtures" / "hf"))
+    args = parser.parse_args()
+    out = Path(args.out)
+    for i, family in enumerate(FAMILIES):
+        info = make(family, out, seed=100 + i)
+        print(info)
+        if info["min_top2_gap"] < 1e-3:
+            raise SystemExit(f"{family}: greedy top-2 gap {info['min_top2_gap']} too small; "
+                             "change the seed")
+    print("transformers", transformers.__version__, "torch", torch.__version__)
+
+
+if __name__ == "__main__":
+    main()
