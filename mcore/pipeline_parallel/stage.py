@@ -1,0 +1,207 @@
+"""A pipeline stage built from any list of Cells, and its compiled forward / backward steps.
+
+Layer assignment: ``split_layers(num_layers, pp, vpp, layers_per_stage)`` gives the layer range
+of every virtual stage ``v`` (on rank ``v % pp``, chunk ``v // pp``); ``layers_per_stage``
+lists explicit counts for uneven splits, e.g. ``[3, 1]`` for 4 layers on 2 stages.
+
+``PipelineStage(layers, pre_process=..., post_process=..., loss_fn=...)``: ``pre_process`` is a
+Cell run first, only on the first virtual stage (e.g. the embedding, taking token ids);
+``post_process`` runs last, only on the last virtual stage (e.g. final norm + output layer),
+followed by ``loss_fn(output, labels) -> scalar``. A GPTModel stage is
+``PipelineStage(block.layers[r], pre_process=embedding, post_process=head, loss_fn=ce)``.
+
+``StageRunner`` compiles the stage's graphs once (``mindspore.jit``) and exposes the steps the
+schedules need:
+
+- ``forward(x)``: the output, no graph kept;
+- ``backward(x, output_grad) -> (input_grad, param_grads)``: ONE compiled graph that recomputes
+  the stage forward from its input and differentiates it (``GradOperation`` with the output
+  gradient as sensitivity). So a stage keeps only its *input* per micro-batch in flight, and
+  pays one extra forward per micro-batch (stage-level activation recomputation);
+- ``loss_and_grads(x, labels, scale)`` (last stage) -> ``(loss, input_grad, param_grads)``,
+  gradients of ``scale * loss``, one compiled ``value_and_grad`` (no recompute needed).
+
+Why recompute: MindSpore 2.10 PyNative keeps ONE pending ``mindspore.vjp`` at a time. A second
+``vjp`` before the first closure is used makes the first fail ("Can not find top cell for
+backward"), in PyNative and with a jitted Cell alike, and 1F1B needs up to ``pp`` pending.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mindspore as ms
+from mindspore import ParameterTuple, nn, ops
+
+from mcore.parallel_state import ParallelDims
+
+
+def split_layers(num_layers: int, pp: int, vpp: int = 1,
+                 layers_per_stage: list[int] | None = None) -> list[range]:
+    """Layer index range of each virtual stage ``v = chunk * pp + rank`` (``pp * vpp`` ranges)."""
+    n = pp * vpp
+    where = f"{n} virtual stages (pp {pp} x vpp {vpp})"
+    if layers_per_stage is None:
+        if num_layers % n:
+            raise ValueError(f"{num_layers} layers do not split evenly over {where}: pass "
+                             f"layers_per_stage (explicit per-stage counts)")
+        layers_per_stage = [num_layers // n] * n
+    counts = list(layers_per_stage)
+    if len(counts) != n:
+        raise ValueError(f"layers_per_stage has {len(counts)} entries for {where}")
+    if sum(counts) != num_layers or min(counts) < 0:
+        raise ValueError(f"layers_per_stage {counts} must be non-negative and sum to "
+                         f"num_layers ({num_layers})")
+    starts = [sum(counts[:v]) for v in range(n)]
+    return [range(s, s + c) for s, c in zip(starts, counts)]
+
+
+def sync_embedding_grads(grads, dims: ParallelDims):
+    """Sum the gradients of a tied embedding over the embedding group (Megatron's
+    ``_allreduce_embedding_grads``): the first stage holds the input embedding and the last the
+    output layer sharing its weight; after the sum both apply the same update. ``grads``: one
+    tensor or a tuple. A middle stage is alone in its embedding group: returned unchanged."""
+    from mcore.comm.collectives import all_reduce
+
+    if isinstance(grads, (list, tuple)):
+        return type(grads)(all_reduce(g, dims.embedding) for g in grads)
+    return all_reduce(grads, dims.embedding)
+
+
+class PipelineStage(nn.Cell):
+    """``x -> pre_process -> layers -> post_process`` for one (virtual) stage.
+
+    Input: token ids (or whatever ``pre_process`` takes) on the first stage, else the previous
+    stage's activation. Output: ``post_process``'s output on the last stage, else the activation
+    sent on. ``loss_fn`` (last stage only): ``(output, labels) -> scalar loss``."""
+
+    def __init__(self, layers, pre_process=None, post_process=None, loss_fn=None):
+        super().__init__()
+        self.is_first = pre_process is not None
+        self.is_last = post_process is not None or loss_fn is not None
+        self.pre_process = pre_process
+        self.stage_layers = nn.CellList(list(layers))
+        self.post_process = post_process
+        self.loss_fn = loss_fn
+
+    def construct(self, x):
+        if self.pre_process is not None:
+            x = self.pre_process(x)
+        for layer in self.stage_layers:
+            x = layer(x)
+        if self.post_process is not None:
+            x = self.post_process(x)
+        return x
+
+
+class _StageLoss(nn.Cell):
+    """``(scale * loss, loss)`` of the last stage; ``scale`` (1 / num_microbatches) makes the
+    accumulated gradients those of the micro-batch mean."""
+
+    def __init__(self, stage: PipelineStage):
+        super().__init__()
+        self.stage = stage
+
+    def construct(self, x, labels, scale):
+        loss = self.stage.loss_fn(self.stage(x), labels)
+        return loss * scale, loss
+
+
+class _StageBackward(nn.Cell):
+    """``(x, dout) -> (input_grads, param_grads)`` (or ``param_grads`` alone on the first
+    stage, whose input is token ids): the stage forward recomputed and differentiated with
+    ``dout`` as the output's sensitivity, as one graph."""
+
+    def __init__(self, stage: PipelineStage):
+        super().__init__()
+        self.stage = stage
+        self.weights = ParameterTuple(stage.trainable_params())
+        self.grad = ops.GradOperation(get_all=not stage.is_first, get_by_list=True,
+                                      sens_param=True)
+
+    def construct(self, x, dout):
+        return self.grad(self.stage, self.weights)(x, dout)
+
+
+class StageRunner:
+    """Compiled steps of one ``PipelineStage`` (``jit=False``: PyNative, for debugging)."""
+
+    def __init__(self, stage: PipelineStage, jit: bool = True):
+        self.stage = stage
+        self.params = stage.trainable_params()
+        self._fwd = ms.jit(stage) if jit else stage
+        self._bwd = _StageBackward(stage)
+        self._bwd = ms.jit(self._bwd) if jit else self._bwd
+        self._grad = None
+        if stage.loss_fn is not None:
+            loss = _StageLoss(stage)
+            loss = ms.jit(loss) if jit else loss
+            # The first stage's input is token ids: no input gradient there.
+            pos = None if stage.is_first else 0
+            self._grad = ms.value_and_grad(loss, grad_position=pos, weights=self.params,
+                                           has_aux=True)
+
+    def forward(self, x):
+        """Stage output (no graph kept: the backward recomputes it from ``x``)."""
+        return self._fwd(x)
+
+    def backward(self, x, dout):
+        """``(input_grad or None, param_grads)`` of the stage at input ``x`` for output
+        gradient ``dout``: one compiled forward + backward graph."""
+        if self.stage.is_first:
+            return None, tuple(self._bwd(x, dout))
+        input_grads, param_grads = self._bwd(x, dout)
+        return input_grads[0], tuple(param_grads)
+
+    def loss(self, x, labels):
+        """Loss of one micro-batch (forward only)."""
+        return self.stage.loss_fn(self._fwd(x), labels)
+
+    def loss_and_grads(self, x, labels, scale: float):
+        """``(loss, input_grad or None, param_grads)`` with gradients of ``scale * loss``."""
+        if self._grad is None:
+            raise ValueError("loss_and_grads: this stage has no loss_fn (not the last stage)")
+        (_, loss), grads = self._grad(x, labels, ms.Tensor(scale, ms.float32))
+        if self.stage.is_first:
+            return loss, None, tuple(grads)
+        input_grad, param_grads = grads
+        return loss, input_grad, tuple(param_grads)
+
+
+@dataclass
+class PipelineModel:
+    """What the schedules drive on one rank: its chunks (``chunks[c]`` runs virtual stage
+    ``c * pp + rank``), the parallel state, and the shape of the activations between stages:
+    ``(micro_batch, seq / tp if sequence_parallel else seq, hidden_size)`` in ``dtype``.
+    ``time_actions``: synchronise after every forward / backward and add its wall time to
+    ``ScheduleResult.compute_seconds`` (for bubble measurements; slows the step a little)."""
+
+    chunks: list
+    dims: ParallelDims
+    hidden_size: int
+    dtype: object = ms.float32
+    sequence_parallel: bool = False
+    time_actions: bool = False
+
+    def activation_shape(self, seq_length: int, micro_batch_size: int) -> tuple:
+        seq = seq_length // self.dims.tp.size if self.sequence_parallel else seq_length
+        return (micro_batch_size, seq, self.hidden_size)
+
+
+def build_pipeline_model(pre_process, layers, post_process, loss_fn, dims: ParallelDims,
+                         hidden_size: int, vpp: int = 1, layers_per_stage=None,
+                         jit: bool = True, **kwargs) -> PipelineModel:
+    """This rank's chunks of the model ``pre_process -> layers -> post_process -> loss_fn``
+    (``layers`` a list of Cells, split by ``split_layers``). Cells that are not on this rank are
+    simply not used; build only the local ones when memory matters."""
+    pp, rank = dims.pp.size, dims.pp_stage
+    ranges = split_layers(len(layers), pp, vpp, layers_per_stage)
+    last = pp * vpp - 1
+    chunks = []
+    for c in range(vpp):
+        v = c * pp + rank
+        stage = PipelineStage([layers[i] for i in ranges[v]],
+                              pre_process=pre_process if v == 0 else None,
+                              post_process=post_process if v == last else None,
+                              loss_fn=loss_fn if v == last else None)
+        chunks.append(StageRunner(stage, jit=jit))
+    return PipelineModel(chunks, dims, hidden_size, **kwargs)
