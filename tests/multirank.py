@@ -35,7 +35,16 @@ GRACE_SECONDS = 5.0
 
 
 class RankFailure(AssertionError):
-    """A multi-rank job failed, hung or timed out; the message names the rank and its error."""
+    """A multi-rank job failed, hung or timed out; the message names the rank and its error.
+
+    ``rank``: the rank that failed first (None for a hang / timeout); ``failed_at`` and
+    ``ended_at``: seconds from launch to that failure and to the end of the job.
+    """
+
+    def __init__(self, message: str, rank: int | None = None, failed_at: float | None = None,
+                 ended_at: float | None = None):
+        super().__init__(message)
+        self.rank, self.failed_at, self.ended_at = rank, failed_at, ended_at
 
 
 @dataclass
@@ -174,7 +183,8 @@ def run_ranks(nranks: int, target: str, args: tuple = (), timeout: float = 300.0
         result = _load_result(workdir, rank)
         trace = result.get("traceback") or _tail(logs[rank])
         raise RankFailure(f"rank {rank} of {nranks} failed first (exit code {code}, "
-                          f"{when - start:.1f} s into {target}); log {logs[rank]}\n{trace}")
+                          f"{when - start:.1f} s into {target}); log {logs[rank]}\n{trace}",
+                          rank=rank, failed_at=when - start, ended_at=time.time() - start)
     job = RankJob(nranks=nranks, logs=logs, seconds=time.time() - start)
     for rank in range(nranks):
         result = _load_result(workdir, rank)

@@ -58,22 +58,28 @@ def test_results_and_checks_come_back_per_rank():
         job.assert_ok("missing")
 
 
+# The peers of a failed rank are stopped after GRACE_SECONDS (5 s); allow for a loaded machine.
+PROMPT_SECONDS = 15
+
+
 def test_rank_raising_after_init_is_reported_first_and_fast():
-    start = time.time()
-    with pytest.raises(RankFailure, match=r"(?s)rank 1 of 2 failed first.*boom on rank 1"):
+    with pytest.raises(RankFailure, match=r"(?s)rank 1 of 2 failed first.*boom on rank 1") as err:
         run_ranks(2, "tests.test_multirank_harness:_raise_on_rank1_worker", timeout=120)
-    assert time.time() - start < 40
+    assert err.value.rank == 1
+    # Rank 0 is blocked in an all-reduce that would only time out after ~30 s on its own.
+    assert err.value.ended_at - err.value.failed_at < PROMPT_SECONDS
 
 
 def test_rank_dying_before_init_is_reported_first_and_fast():
-    start = time.time()
-    with pytest.raises(RankFailure, match=r"(?s)rank 1 of 2 failed first.*died before init"):
+    with pytest.raises(RankFailure, match=r"(?s)rank 1 of 2 failed first.*died before init") as err:
         run_ranks(2, "tests.harness.die_on_import:worker", timeout=120)
-    assert time.time() - start < 40
+    assert err.value.rank == 1
+    # Rank 0 is blocked in init(), which would otherwise wait for its cluster timeout.
+    assert err.value.ended_at - err.value.failed_at < PROMPT_SECONDS
 
 
 def test_a_hang_ends_at_the_stall_timeout():
     start = time.time()
     with pytest.raises(RankFailure, match=r"made no progress for 8 s.*inside the test body: \[0\]"):
         run_ranks(2, "tests.test_multirank_harness:_stall_worker", timeout=120, stall_timeout=8)
-    assert time.time() - start < 40
+    assert time.time() - start < 120  # the worker would sleep for 300 s
