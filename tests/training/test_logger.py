@@ -1,0 +1,90 @@
+"""Logger: progress line, metrics.jsonl, per-rank log files, TensorBoard events, FLOPs and MFU."""
+import io
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from tensorboardX.proto.event_pb2 import Event
+
+from training.config import load_config
+from training.logger import (RunLogger, count_parameters, estimate_mfu, format_duration, format_progress,
+                             model_flops_per_token)
+
+
+def read_events(path):
+    """Parse a TensorBoard event file (TFRecord framing: u64 length, u32 crc, data, u32 crc)."""
+    data, pos, events = path.read_bytes(), 0, []
+    while pos < len(data):
+        (n,) = struct.unpack("<Q", data[pos:pos + 8])
+        events.append(Event.FromString(data[pos + 12:pos + 12 + n]))
+        pos += 12 + n + 4
+    return events
+
+
+def test_progress_line_format():
+    line = format_progress(20, 300, 4.81234, 2e-3, 0.9121, 10342.4, 0.0191, 72)
+    assert line == "step  20/300 | loss 4.8123 | lr 2.00e-03 | grad 0.912 | 10,342 tok/s | MFU 1.9% | ETA 1m12s"
+    assert "grad" not in format_progress(1, 9, 1.0, 1.0, None, 1.0, None, 5)
+    assert format_duration(3725) == "1h02m" and format_duration(9) == "9s"
+
+
+def test_run_logger_writes_everything(tmp_path):
+    out = io.StringIO()
+    log = RunLogger(tmp_path, rank=0, world_size=2, total_steps=6, flops_per_token=1e6, peak_flops=1e9,
+                    log_interval=2, stream=out)
+    for step in range(1, 7):
+        log.step(step, loss=5.0 / step, lr=1e-3 * step, grad_norm=0.5, tokens=1000, step_time=0.5,
+                 loss_scale=1.0)
+    log.eval(6, 2.0)
+    log.info("done")
+    log.close()
+    lines = out.getvalue().splitlines()
+    assert [l.split("|")[0].strip() for l in lines[:4]] == ["step 1/6", "step 2/6", "step 4/6", "step 6/6"]
+    assert "MFU 100.0%" in lines[0]  # 1e6 flop/token * 2000 tok/s / (1e9 * 2 ranks)
+    assert lines[-2].startswith("validation at step 6: loss 2.0000") and lines[-1] == "done"
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, 7))
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu", "loss_scale"} <= set(train[0])
+    assert train[0]["tokens_per_s"] == 2000.0
+    assert records[-1]["kind"] == "valid" and records[-1]["valid_loss"] == 2.0
+    assert "done" in (tmp_path / "logs" / "rank_0.log").read_text()
+    (event_file,) = (tmp_path / "tensorboard").iterdir()
+    scalars = {}
+    for e in read_events(event_file):
+        for v in e.summary.value:
+            scalars.setdefault(v.tag, []).append((e.step, v.simple_value))
+    for tag in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "valid/loss"):
+        assert tag in scalars, tag
+    assert [s for s, _ in scalars["train/loss"]] == list(range(1, 7))
+    assert scalars["train/lr"][2][1] == pytest.approx(3e-3)
+
+
+def test_non_zero_rank_writes_only_its_log(tmp_path):
+    out = io.StringIO()
+    with RunLogger(tmp_path, rank=1, world_size=2, total_steps=2, stream=out) as log:
+        log.step(1, 1.0, 1e-3, float("nan"), 10, 0.1)
+    assert out.getvalue() == "" and not (tmp_path / "metrics.jsonl").exists()
+    assert not (tmp_path / "tensorboard").exists()
+    assert "step 1/2" in (tmp_path / "logs" / "rank_1.log").read_text()
+
+
+def test_nan_is_written_as_null(tmp_path):
+    with RunLogger(tmp_path, total_steps=1, tensorboard=False, stream=io.StringIO()) as log:
+        log.step(1, float("nan"), 1e-3, None, 10, 0.0)
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert rec["loss"] is None and rec["tokens_per_s"] is None
+
+
+def test_flops_and_parameter_count():
+    m = load_config(None, ["model.vocab_size=100", "model.hidden_size=8", "model.num_layers=2",
+                           "model.num_heads=2", "model.num_kv_heads=1", "model.ffn_hidden_size=16",
+                           "model.seq_length=4", "model.max_position_embeddings=4"]).model
+    per_layer = 2 * 64 + 2 * 8 * 4 + 3 * 8 * 16 + 2 * 8
+    assert count_parameters(m) == 2 * per_layer + 100 * 8 + 8 + 100 * 8
+    matmul = 2 * (2 * 64 + 2 * 8 * 4 + 3 * 8 * 16) + 100 * 8
+    assert model_flops_per_token(m) == 6 * matmul + 12 * 2 * 8 * 4
+    assert estimate_mfu(1e9, 100, 1e12) == pytest.approx(0.1)
+    bench = load_config(str(Path(__file__).resolve().parents[2] / "configs/tiny_llama_bench.yaml")).model
+    assert count_parameters(bench) == 4 * (2 * 512**2 + 2 * 512 * 128 + 3 * 512 * 1408 + 1024) + 2 * 32000 * 512 + 512

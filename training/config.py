@@ -1,0 +1,383 @@
+"""One YAML schema for a training run, loaded into dataclasses, with dotted command-line overrides.
+
+    cfg = load_config("configs/tiny_llama_demo.yaml", ["parallel.tp=2", "training.train_iters=50"],
+                      world_size=4)
+    cfg.parallel.dp                # 2, derived: world / (tp * cp * pp)
+    cfg.training.grad_accum_steps  # derived: global_batch / (micro_batch * dp)
+
+The file has one mapping per section (``model``, ``parallel``, ``data``, ``training``,
+``optimizer``, ``checkpoint``, ``logging``); a missing key keeps its default. An override is
+``section.key=value`` where ``value`` is read with ``yaml.safe_load`` (``2``, ``true``, ``null``,
+``3e-4`` all do what they look like). Every problem -- an unknown key, a value of the wrong type,
+sizes that do not divide -- raises ``ConfigError`` with one line that names the key, before any
+work starts. Each field's documentation lives in its ``doc`` metadata, so ``schema_rows()`` (and
+the table in docs/training_infra.md) is generated from the code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from training.config_validate import ConfigError, validate
+
+__all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_cli", "schema_rows",
+           "schema_markdown"]
+
+
+def _f(default, doc: str, derived: bool = False):
+    return field(default=default, metadata={"doc": doc, "derived": derived})
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a dense decoder-only (Llama-style) model."""
+
+    family: Literal["llama", "llama3_1", "qwen2_5", "qwen3", "glm4", "telechat2"] = _f(
+        "llama", "model family: selects the layer spec and Hugging Face weight mapping in models/")
+    hf_path: str | None = _f(None, "Hugging Face checkpoint directory to start from (null: random init)")
+    vocab_size: int = _f(2048, "vocabulary size (>= the tokenizer's; divisible by parallel.tp)")
+    hidden_size: int = _f(128, "width of the residual stream")
+    num_layers: int = _f(2, "number of transformer layers")
+    num_heads: int = _f(4, "attention (query) heads")
+    num_kv_heads: int = _f(4, "key/value heads (GQA when < num_heads)")
+    ffn_hidden_size: int = _f(352, "inner width of the SwiGLU MLP")
+    seq_length: int = _f(128, "tokens per training sample")
+    max_position_embeddings: int = _f(128, "longest sequence the rotary tables cover (>= seq_length)")
+    rope_theta: float = _f(10000.0, "rotary embedding base")
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon")
+    tie_word_embeddings: bool = _f(False, "share the input embedding with the output head")
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout; see mcore.parallel_state.ParallelDims."""
+
+    tp: int = _f(1, "tensor-parallel size")
+    pp: int = _f(1, "pipeline-parallel size")
+    vpp: int = _f(1, "virtual pipeline stages per pp rank (interleaved 1F1B when > 1)")
+    ep: int = _f(1, "expert-parallel size (MoE layers only)")
+    cp: int = _f(1, "context-parallel size")
+    sp: bool = _f(False, "sequence parallelism inside the tp group")
+    order: str = _f("tp-cp-ep-dp-pp", "rank order of the axes, first varies fastest")
+    dp: int | None = _f(None, "data-parallel size, derived: world / (tp * cp * pp)", derived=True)
+    world_size: int | None = _f(None, "number of ranks, derived from the launcher", derived=True)
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens come from."""
+
+    corpus: str = _f("stdlib", "text to train on: 'stdlib' (the bundled default corpus), "
+                     "a text file or a directory of text files")
+    corpus_max_bytes: int = _f(4_000_000, "size cap of the bundled 'stdlib' corpus")
+    tokenizer: str | None = _f(None, "tokenizer.json to load (null: train a byte-level BPE of "
+                               "model.vocab_size on the corpus, cached in cache_dir)")
+    data_prefix: str | None = _f(None, "prefix of a preprocessed PREFIX.bin/.idx (null: build it "
+                                 "from the corpus in cache_dir)")
+    cache_dir: str = _f("data_cache", "where a trained tokenizer and built datasets are kept")
+    valid_fraction: float = _f(
+        0.05, "share of samples (the tail of the token stream) held out for validation")
+    append_eod: bool = _f(True, "end every document with the end-of-document token")
+
+
+@dataclass
+class TrainingConfig:
+    """Length, batch sizes and execution of the run."""
+
+    train_iters: int = _f(200, "optimizer steps to train")
+    micro_batch_size: int = _f(4, "samples per rank per forward/backward")
+    global_batch_size: int = _f(8, "samples per optimizer step across all dp ranks")
+    grad_accum_steps: int | None = _f(
+        None, "micro-batches per step, derived: global_batch / (micro_batch * dp)", derived=True)
+    seed: int = _f(1234, "seed of weights, dropout and data order")
+    eval_interval: int = _f(50, "steps between validation runs (0: never)")
+    eval_iters: int = _f(5, "validation batches per validation run")
+    mode: Literal["graph", "pynative"] = _f(
+        "graph", "compile the step (graph) or run eagerly (pynative)")
+    dtype: Literal["float32", "float16", "bfloat16"] = _f(
+        "float32", "compute dtype (use float32 on CPU)")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and its learning-rate schedule (training/optim.py)."""
+
+    lr: float = _f(1e-3, "peak learning rate")
+    min_lr: float = _f(1e-4, "learning rate at the end of decay")
+    warmup_iters: int = _f(20, "steps of linear warmup from 0 to lr")
+    decay_style: Literal["cosine", "linear", "constant"] = _f(
+        "cosine", "decay from lr to min_lr after warmup")
+    decay_iters: int | None = _f(None, "step where decay ends (null: training.train_iters)")
+    weight_decay: float = _f(0.1, "decoupled weight decay (not applied to biases and norm weights)")
+    beta1: float = _f(0.9, "Adam first-moment decay")
+    beta2: float = _f(0.95, "Adam second-moment decay")
+    eps: float = _f(1e-8, "Adam epsilon")
+    clip_grad: float = _f(1.0, "global gradient-norm clip (0: off)")
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming (training/checkpointing.py)."""
+
+    dir: str | None = _f(None, "checkpoint root (null: <logging.output_dir>/checkpoints)")
+    save_interval: int = _f(100, "steps between saves (0: only at the end)")
+    load: str = _f("none", "'none', 'auto' (newest valid checkpoint in dir) or a step directory")
+    keep_last: int = _f(3, "keep this many newest checkpoints (0: keep all)")
+
+
+@dataclass
+class LoggingConfig:
+    """Progress line, metrics.jsonl, per-rank logs and TensorBoard (training/logger.py)."""
+
+    log_interval: int = _f(10, "steps between progress lines")
+    output_dir: str = _f("runs/demo", "run directory: metrics.jsonl, logs/, tensorboard/")
+    tensorboard: bool = _f(True, "write TensorBoard event files")
+    peak_tflops: float = _f(0.25, "peak TFLOP/s per rank used for the MFU estimate "
+                            "(0.25 ~ fp32 GEMM on a 2-core x86 CPU)")
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
+    "training": TrainingConfig, "optimizer": OptimizerConfig,
+    "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+}
+
+
+@dataclass
+class Config:
+    """A whole run: one dataclass per section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML/JSON-serialisable), e.g. for checkpoint metadata."""
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------- schema helpers
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def all_keys() -> list[str]:
+    """Every valid dotted key, e.g. ``'training.train_iters'``."""
+    return [f"{s}.{n}" for s, cls in SECTIONS.items() for n in _fields(cls)]
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + "|".join(map(str, typing.get_args(tp)))
+    args = typing.get_args(tp)
+    if args:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    return tp.__name__
+
+
+def schema_rows() -> list[tuple[str, str, str, str]]:
+    """``(key, type, default, doc)`` for every field; the docs table is generated from this."""
+    rows = []
+    for s, cls in SECTIONS.items():
+        hints = _hints(cls)
+        for n, f in _fields(cls).items():
+            default = "null" if f.default is None else yaml.safe_dump(f.default).splitlines()[0]
+            rows.append((f"{s}.{n}", _type_name(hints[n]), default, f.metadata["doc"]))
+    return rows
+
+
+def _unknown(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, all_keys() + list(SECTIONS), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown key '{key}'{hint}")
+
+
+def _coerce(key: str, value: Any, tp) -> Any:
+    """Check ``value`` against annotation ``tp``; return it (ints widen to float). Raise naming key."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value in args and isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if args:  # X | None
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0]) if len(inner) == 1 else value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is not None:
+            if not math.isfinite(number):
+                raise ConfigError(f"{key}: expected a finite float, got {value!r}")
+            return number
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form section.key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}") from None
+    return key, value
+
+
+def _set(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in SECTIONS:
+        if parts[0] in SECTIONS and len(parts) == 1:
+            first = next(iter(_fields(SECTIONS[key])))
+            raise ConfigError(f"key '{key}' is a section; set one field, e.g. '{key}.{first}=...'")
+        raise _unknown(key)
+    if raw.get(parts[0]) is None:  # absent, or an empty "section:" line in the YAML
+        raw[parts[0]] = {}
+    if not isinstance(raw[parts[0]], dict):
+        raise ConfigError(f"key '{parts[0]}' must be a mapping of fields")
+    raw[parts[0]][parts[1]] = value
+
+
+def config_from_dict(raw: dict, world_size: int = 1) -> Config:
+    """Build and validate a ``Config`` from a nested dict (the parsed YAML)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"the config must be a mapping of sections, got {type(raw).__name__}")
+    sections = {}
+    for name, body in raw.items():
+        if name not in SECTIONS:
+            raise _unknown(str(name))
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(f"key '{name}' must be a mapping of fields, got {type(body).__name__}")
+        cls, hints, fields = SECTIONS[name], _hints(SECTIONS[name]), _fields(SECTIONS[name])
+        kwargs = {}
+        for k, v in body.items():
+            key = f"{name}.{k}"
+            if k not in fields:
+                raise _unknown(key)
+            kwargs[k] = _coerce(key, v, hints[k])
+        sections[name] = cls(**kwargs)
+    cfg = Config(**sections)
+    validate(cfg, world_size)
+    return cfg
+
+
+def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (),
+                world_size: int = 1) -> Config:
+    """Read YAML ``path`` (``None``: defaults only), apply ``key=value`` overrides, validate.
+
+    ``world_size`` is the number of ranks of the launch; ``parallel.dp`` and
+    ``training.grad_accum_steps`` are derived from it.
+    """
+    raw: dict = {}
+    if path is not None:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                raw = yaml.safe_load(fh) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file '{path}' does not exist") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set(raw, key, value)
+    return config_from_dict(raw, world_size)
+
+
+def parse_cli(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split an entry point's arguments into ``(config_path, overrides)``.
+
+    Accepts ``--config FILE`` / ``--config=FILE`` and ``section.key=value`` items, as in
+    ``python training/pretrain.py --config configs/x.yaml parallel.tp=2``; anything else is a
+    ``ConfigError`` naming the argument.
+    """
+    path, overrides, i = None, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--config":
+            if i + 1 >= len(argv):
+                raise ConfigError("argument '--config' needs a file name")
+            path, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg.startswith("-") or "=" not in arg:
+            raise ConfigError(f"unknown argument '{arg}' (expected --config FILE or section.key=value)")
+        else:
+            overrides.append(arg)
+        i += 1
+    return path, overrides
+
+
+def schema_markdown() -> str:
+    """The schema as a Markdown table (docs/training_infra.md embeds it verbatim)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for key, typ, default, doc in schema_rows():
+        lines.append(f"| `{key}` | {typ.replace('|', chr(92) + '|')} | `{default}` | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m training.config [--world-size N] [--schema] [FILE] [key=value ...]``: print the
+    resolved config as YAML (or the schema table); exit 2 with the one-line error if invalid."""
+    import argparse
+    import sys
+    ap = argparse.ArgumentParser(prog="python -m training.config")
+    ap.add_argument("--world-size", type=int, default=1)
+    ap.add_argument("--schema", action="store_true", help="print the schema as a Markdown table")
+    ap.add_argument("args", nargs="*", help="[config.yaml] [section.key=value ...]")
+    ns = ap.parse_args(argv)
+    if ns.schema:
+        print(schema_markdown(), end="")
+        return 0
+    path = ns.args[0] if ns.args and "=" not in ns.args[0] else None
+    try:
+        cfg = load_config(path, ns.args[1:] if path else ns.args, world_size=ns.world_size)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

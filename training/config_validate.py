@@ -1,0 +1,113 @@
+"""Checks of a loaded ``Config``: ranges, divisibility of parallel and batch sizes, derived fields.
+
+``validate(cfg, world_size)`` is called by ``training.config.load_config``; every failure is a
+``ConfigError`` whose one-line message names the key(s) at fault.
+"""
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A configuration problem, described in one line that names the offending key."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
+
+
+def _positive(cfg, keys: list[str], minimum: int = 1) -> None:
+    for key in keys:
+        s, n = key.split(".")
+        v = getattr(getattr(cfg, s), n)
+        if v is not None and v < minimum:
+            raise ConfigError(f"{key} must be >= {minimum}, got {v}")
+
+
+def _divides(a_key: str, a: int, b_desc: str, b: int) -> None:
+    if a % b:
+        raise ConfigError(f"{a_key}={a} is not divisible by {b_desc}={b}")
+
+
+def validate(cfg, world_size: int = 1) -> None:
+    """Check ranges and divisibility; fill the derived fields. Raises ``ConfigError``."""
+    m, p, t, o, d = cfg.model, cfg.parallel, cfg.training, cfg.optimizer, cfg.data
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world size must be a positive integer, got {world_size!r}")
+    _positive(cfg, ["model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
+                    "model.num_kv_heads", "model.ffn_hidden_size", "model.seq_length",
+                    "model.max_position_embeddings", "parallel.tp", "parallel.pp", "parallel.vpp",
+                    "parallel.ep", "parallel.cp", "training.train_iters", "training.micro_batch_size",
+                    "training.global_batch_size", "training.eval_iters", "data.corpus_max_bytes",
+                    "logging.log_interval", "optimizer.decay_iters"])
+    _positive(cfg, ["training.seed", "training.eval_interval", "optimizer.warmup_iters",
+                    "checkpoint.save_interval", "checkpoint.keep_last"], minimum=0)
+    for key, v in [("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps),
+                   ("optimizer.eps", o.eps), ("logging.peak_tflops", cfg.logging.peak_tflops)]:
+        if v <= 0:
+            raise ConfigError(f"{key} must be > 0, got {v}")
+    for key, v in [("optimizer.lr", o.lr), ("optimizer.min_lr", o.min_lr),
+                   ("optimizer.weight_decay", o.weight_decay), ("optimizer.clip_grad", o.clip_grad)]:
+        if v < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v}")
+    if o.min_lr > o.lr:
+        raise ConfigError(f"optimizer.min_lr={o.min_lr} must not exceed optimizer.lr={o.lr}")
+    for key, v in [("optimizer.beta1", o.beta1), ("optimizer.beta2", o.beta2)]:
+        if not 0 <= v < 1:
+            raise ConfigError(f"{key} must be in [0, 1), got {v}")
+    if not 0 <= d.valid_fraction < 1:
+        raise ConfigError(f"data.valid_fraction must be in [0, 1), got {d.valid_fraction}")
+    if cfg.checkpoint.load.strip() == "":
+        raise ConfigError("checkpoint.load must be 'none', 'auto' or a checkpoint directory")
+    axes = p.order.split("-")
+    if sorted(axes) != sorted(["tp", "cp", "ep", "dp", "pp"]):
+        raise ConfigError(f"parallel.order={p.order!r} must list each of tp, cp, ep, dp, pp once, "
+                          "joined by '-'")
+
+    # model shape
+    _divides("model.hidden_size", m.hidden_size, "model.num_heads", m.num_heads)
+    _divides("model.num_heads", m.num_heads, "model.num_kv_heads", m.num_kv_heads)
+    if m.seq_length > m.max_position_embeddings:
+        raise ConfigError(f"model.seq_length={m.seq_length} exceeds model.max_position_embeddings="
+                          f"{m.max_position_embeddings}")
+
+    # parallel layout
+    mp = p.tp * p.cp * p.pp
+    if world_size % mp:
+        raise ConfigError(f"world size {world_size} is not divisible by "
+                          f"parallel.tp*parallel.cp*parallel.pp={p.tp}*{p.cp}*{p.pp}={mp}")
+    if world_size % (p.tp * p.ep * p.pp):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.ep*"
+                          f"parallel.pp={p.tp}*{p.ep}*{p.pp}={p.tp * p.ep * p.pp}")
+    dp = world_size // mp
+    if p.dp is not None and p.dp != dp:
+        raise ConfigError(f"parallel.dp={p.dp} is derived and must be world/(tp*cp*pp)={dp} "
+                          "(or omitted)")
+    if p.world_size is not None and p.world_size != world_size:
+        raise ConfigError(f"parallel.world_size={p.world_size} does not match the launch's "
+                          f"{world_size} ranks")
+    p.dp, p.world_size = dp, world_size
+    _divides("model.num_heads", m.num_heads, "parallel.tp", p.tp)
+    _divides("model.num_kv_heads", m.num_kv_heads, "parallel.tp", p.tp)
+    _divides("model.ffn_hidden_size", m.ffn_hidden_size, "parallel.tp", p.tp)
+    _divides("model.vocab_size", m.vocab_size, "parallel.tp", p.tp)
+    if p.vpp > 1 and p.pp == 1:
+        raise ConfigError(f"parallel.vpp={p.vpp} needs parallel.pp > 1")
+    _divides("model.num_layers", m.num_layers, "parallel.pp*parallel.vpp", p.pp * p.vpp)
+    if p.sp:
+        _divides("model.seq_length", m.seq_length, "parallel.tp (sequence parallel)", p.tp)
+    if p.cp > 1:
+        _divides("model.seq_length", m.seq_length, "2*parallel.cp", 2 * p.cp)
+
+    # batch
+    per_step = t.micro_batch_size * dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(f"training.global_batch_size={t.global_batch_size} is not divisible by "
+                          f"training.micro_batch_size*dp={t.micro_batch_size}*{dp}={per_step}")
+    accum = t.global_batch_size // per_step
+    if t.grad_accum_steps is not None and t.grad_accum_steps != accum:
+        raise ConfigError(f"training.grad_accum_steps={t.grad_accum_steps} is derived and must be "
+                          f"global_batch/(micro_batch*dp)={accum} (or omitted)")
+    t.grad_accum_steps = accum
+    if cfg.checkpoint.dir is None:
+        cfg.checkpoint.dir = cfg.logging.output_dir.rstrip("/") + "/checkpoints"
+    if o.decay_iters is not None and o.decay_iters < o.warmup_iters:
+        raise ConfigError(f"optimizer.decay_iters={o.decay_iters} is less than "
+                          f"optimizer.warmup_iters={o.warmup_iters}")

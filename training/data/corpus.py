@@ -1,0 +1,68 @@
+"""The default corpus: Python's own standard-library sources, found on every machine.
+
+No download and no licence question: the CPython standard library is distributed under the
+Python Software Foundation License (PSF-2.0, see ``LICENSE.txt`` in the stdlib directory), which
+permits use, copying and derivative works; we only read the files at run time and ship none of
+them. ``default_corpus_files()`` picks a deterministic subset: the ``*.py`` files under
+``sysconfig.get_paths()["stdlib"]`` sorted by relative path, skipping tests, third-party
+packages, generated tables and files over ``max_file_bytes``, until ``max_bytes`` is reached.
+The subset is the same on every run of the same Python version (it is recorded, with its total
+size, in the dataset's ``.json`` sidecar by ``pipeline.py``).
+"""
+from __future__ import annotations
+
+import os
+import sysconfig
+from pathlib import Path
+
+# Directories that are tests, vendored third-party code, or generated data rather than prose-like code.
+EXCLUDED_DIRS = frozenset({
+    "site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "idlelib",
+    "pydoc_data", "lib2to3", "distutils", "ensurepip", "turtledemo", "__pycache__",
+})
+
+
+def stdlib_root() -> Path:
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def default_corpus_files(max_bytes: int = 4_000_000, max_file_bytes: int = 150_000,
+                         root: str | os.PathLike | None = None) -> list[Path]:
+    """Deterministic list of standard-library source files totalling at most ``max_bytes``."""
+    root = Path(root) if root is not None else stdlib_root()
+    candidates = sorted(
+        (p for p in root.rglob("*.py")
+         if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
+         and not p.relative_to(root).parts[0].startswith("config-")),
+        key=lambda p: p.relative_to(root).as_posix())
+    files, total = [], 0
+    for p in candidates:
+        size = p.stat().st_size
+        if size == 0 or size > max_file_bytes or total + size > max_bytes:
+            continue
+        files.append(p)
+        total += size
+    if not files:
+        raise FileNotFoundError(f"no Python sources found under '{root}' for the default corpus")
+    return files
+
+
+def corpus_files(corpus: str, max_bytes: int = 4_000_000) -> list[Path]:
+    """Resolve ``data.corpus``: ``'stdlib'``, a text file, or a directory (all files, sorted)."""
+    if corpus == "stdlib":
+        return default_corpus_files(max_bytes)
+    path = Path(corpus)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted((p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")),
+                       key=lambda p: p.relative_to(path).as_posix())
+        if files:
+            return files
+        raise FileNotFoundError(f"data.corpus directory '{corpus}' holds no files")
+    raise FileNotFoundError(f"data.corpus '{corpus}' is neither 'stdlib', a file nor a directory")
+
+
+def read_document(path: str | os.PathLike) -> str:
+    """One file = one document; undecodable bytes are replaced rather than failing the run."""
+    return Path(path).read_text(encoding="utf-8", errors="replace")

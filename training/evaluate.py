@@ -1,0 +1,82 @@
+"""Validation loss and perplexity of a trained checkpoint on the held-out split.
+
+    python training/evaluate.py --config configs/tiny_llama_demo.yaml [checkpoint.load=DIR] \\
+        [training.eval_iters=N]
+
+``checkpoint.load``: a ``step_NNNNNN`` directory, or ``auto``/``none`` (both mean the newest
+valid checkpoint under ``checkpoint.dir`` / ``<logging.output_dir>/checkpoints``).
+``training.eval_iters=0`` evaluates every validation sample (in whole micro-batches).
+Launch with the same number of ranks and ``parallel.tp`` as the run that saved it (``msrun``
+works as for pretrain.py). Prints ``valid loss 4.1234 | ppl 61.80 | N tokens | <checkpoint>``
+on rank 0 and exits 0; a bad config exits 2 with one line naming the key.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.config import ConfigError
+from training.pretrain import build_model, checkpoint_root, parse_args
+
+
+def load_weights(model, cfg, dims) -> Path:
+    """Load the model part of ``checkpoint.load`` into ``model``; return the checkpoint path."""
+    import mindspore as ms
+
+    from training.checkpointing import CheckpointError, load_checkpoint, resolve_load
+
+    load = "auto" if cfg.checkpoint.load in ("none", "auto") else cfg.checkpoint.load
+    path = resolve_load(load, checkpoint_root(cfg))
+    if path is None:
+        raise CheckpointError(f"no valid checkpoint under '{checkpoint_root(cfg)}' "
+                              "(set checkpoint.load=DIR)")
+    params = dict(model.parameters_and_names())
+    ck = load_checkpoint(path, rank=dims.global_rank, world_size=dims.world_size,
+                         expected_shapes={n: tuple(p.shape) for n, p in params.items()},
+                         expected_model_config=cfg.to_dict()["model"])
+    for name, param in params.items():
+        param.set_data(ms.Tensor(ck.model[name], ms.float32))
+    return path
+
+
+def evaluate(cfg) -> dict:
+    """``{"loss", "ppl", "tokens", "checkpoint", "rank"}`` of the checkpoint on the validation split."""
+    from mcore.parallel_state import ParallelDims
+    from training.data.pipeline import build_data
+    from training.step import LossCell, mean_loss, set_mode
+
+    dims = ParallelDims.build(tp=cfg.parallel.tp)
+    set_mode(cfg.training.mode)
+    data = build_data(cfg, rank=dims.global_rank, dp_rank=dims.dp.rank, log=lambda line: None)
+    if data.eval_batches is None:
+        raise ConfigError("data.valid_fraction=0: there is no validation split to evaluate")
+    model = build_model(cfg, dims)
+    path = load_weights(model, cfg, dims)
+    t = cfg.training
+    n = t.eval_iters or len(data.valid) // (t.micro_batch_size * dims.dp.size)
+    batches = [data.valid.batch(ids) for ids in data.eval_batches.batches(n)]
+    loss = mean_loss(LossCell(model), batches, dims.dp)
+    tokens = n * t.micro_batch_size * dims.dp.size * cfg.model.seq_length
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens, "checkpoint": str(path),
+            "rank": dims.global_rank}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    result = evaluate(cfg)
+    if result["rank"] == 0:
+        print(f"valid loss {result['loss']:.4f} | ppl {result['ppl']:.2f} | "
+              f"{result['tokens']:,} tokens | {result['checkpoint']}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""What a run tells its user: a progress line, ``metrics.jsonl``, per-rank logs, TensorBoard, MFU.
+
+    log = RunLogger(cfg.logging.output_dir, rank=rank, world_size=world,
+                    total_steps=cfg.training.train_iters,
+                    flops_per_token=model_flops_per_token(cfg.model),
+                    peak_flops=cfg.logging.peak_tflops * 1e12,
+                    log_interval=cfg.logging.log_interval, tensorboard=cfg.logging.tensorboard)
+    log.step(step, loss=..., lr=..., grad_norm=..., tokens=global_tokens_this_step, step_time=seconds)
+    log.eval(step, val_loss)
+    log.close()
+
+Every rank appends its lines to ``output_dir/logs/rank_{r}.log``; rank 0 also prints them, writes
+one JSON object per step to ``output_dir/metrics.jsonl`` (``"kind": "train"``; validation results
+are lines with ``"kind": "valid"``) and scalars to TensorBoard event files in
+``output_dir/tensorboard/`` (tags ``train/loss``, ``train/lr``, ``train/grad_norm``,
+``train/tokens_per_s``, ``train/mfu``, ``valid/loss``). A progress line::
+
+    step   20/300 | loss 4.8123 | lr 2.00e-03 | grad 0.912 | 10,342 tok/s | MFU 1.9% | ETA 1m12s
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+
+def count_parameters(model) -> int:
+    """Parameters of a dense Llama-style model from its config (``ModelConfig``-like object).
+
+    Per layer: q/o projections ``2 h^2``, k/v ``2 h (kv * h/heads)``, SwiGLU ``3 h f``, two norms
+    ``2 h``; plus the embedding ``V h``, the final norm ``h`` and an untied output head ``V h``.
+    """
+    h, f, v = model.hidden_size, model.ffn_hidden_size, model.vocab_size
+    kv_dim = model.num_kv_heads * (h // model.num_heads)
+    per_layer = 2 * h * h + 2 * h * kv_dim + 3 * h * f + 2 * h
+    head = 0 if model.tie_word_embeddings else v * h
+    return model.num_layers * per_layer + v * h + h + head
+
+
+def model_flops_per_token(model, seq_length: int | None = None) -> float:
+    """Training FLOPs per token: ``6 N + 12 L h S`` (forward + backward, PaLM's convention).
+
+    ``N`` counts the weights used in matmuls (layers and output head, not the embedding lookup or
+    norms); ``12 L h S`` is the attention score and value products (``Q K^T`` and ``A V``, each
+    ``2 S h`` per token forward, times 3 for forward + backward), not halved for the causal mask.
+    """
+    s = seq_length if seq_length is not None else model.seq_length
+    h, f, v = model.hidden_size, model.ffn_hidden_size, model.vocab_size
+    kv_dim = model.num_kv_heads * (h // model.num_heads)
+    matmul = model.num_layers * (2 * h * h + 2 * h * kv_dim + 3 * h * f) + v * h
+    return 6.0 * matmul + 12.0 * model.num_layers * h * s
+
+
+def estimate_mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the hardware's peak (same device count)."""
+    return flops_per_token * tokens_per_s / peak_flops if peak_flops > 0 else float("nan")
+
+
+def format_duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def format_progress(step: int, total: int, loss: float, lr: float, grad_norm: float | None,
+                    tokens_per_s: float, mfu: float | None, eta_s: float) -> str:
+    """One progress line (see the module docstring)."""
+    width = len(str(total))
+    parts = [f"step {step:>{width}}/{total}", f"loss {loss:.4f}", f"lr {lr:.2e}"]
+    if grad_norm is not None:
+        parts.append(f"grad {grad_norm:.3f}")
+    parts.append(f"{tokens_per_s:,.0f} tok/s")
+    if mfu is not None and math.isfinite(mfu):
+        parts.append(f"MFU {100 * mfu:.1f}%")
+    parts.append(f"ETA {format_duration(eta_s)}")
+    return " | ".join(parts)
+
+
+class RunLogger:
+    """Progress lines, ``metrics.jsonl``, per-rank log file and TensorBoard scalars for one run."""
+
+    def __init__(self, output_dir: str | os.PathLike, rank: int = 0, world_size: int = 1,
+                 total_steps: int = 0, flops_per_token: float = 0.0, peak_flops: float = 0.0,
+                 log_interval: int = 1, tensorboard: bool = True, stream=None, window: int = 20):
+        self.out = Path(output_dir)
+        self.rank, self.world, self.total = rank, world_size, total_steps
+        self.flops_per_token, self.peak = flops_per_token, peak_flops
+        self.log_interval = max(1, log_interval)
+        self.stream = stream if stream is not None else sys.stdout
+        self.times: deque[float] = deque(maxlen=window)
+        (self.out / "logs").mkdir(parents=True, exist_ok=True)
+        self._rank_log = open(self.out / "logs" / f"rank_{rank}.log", "a", encoding="utf-8")
+        self._metrics = self._tb = None
+        if rank == 0:
+            self._metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
+            if tensorboard:
+                from tensorboardX import SummaryWriter
+                self._tb = SummaryWriter(logdir=str(self.out / "tensorboard"))
+
+    def info(self, message: str) -> None:
+        """A line for this rank's log file (and the console on rank 0)."""
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self._rank_log.write(f"[{stamp}] {message}\n")
+        self._rank_log.flush()
+        if self.rank == 0:
+            print(message, file=self.stream, flush=True)
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float | None, tokens: int,
+             step_time: float, **extra) -> dict:
+        """Record optimizer step ``step`` (1-based); ``tokens``: global tokens in this step.
+
+        Returns the metrics record. The first step's time (graph compilation) is left out of
+        the ETA; ``extra`` keys (numbers) go to metrics.jsonl and TensorBoard as ``train/<key>``.
+        """
+        if step > 1 or self.total <= 1:
+            self.times.append(step_time)
+        tokens_per_s = tokens / step_time if step_time > 0 else float("nan")
+        mfu = (estimate_mfu(self.flops_per_token, tokens_per_s, self.peak * self.world)
+               if self.flops_per_token and self.peak else None)
+        avg = sum(self.times) / len(self.times) if self.times else step_time
+        eta = avg * max(self.total - step, 0)
+        record = {"kind": "train", "step": step, "loss": float(loss), "lr": float(lr),
+                  "grad_norm": None if grad_norm is None else float(grad_norm),
+                  "tokens": int(tokens), "step_time": float(step_time),
+                  "tokens_per_s": float(tokens_per_s), "mfu": mfu, "time": time.time(),
+                  **{k: float(v) for k, v in extra.items()}}
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(_finite(record)) + "\n")
+            self._metrics.flush()
+        if self._tb is not None:
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", *extra):
+                if record.get(key) is not None:
+                    self._tb.add_scalar(f"train/{key}", record[key], step)
+        if step % self.log_interval == 0 or step == self.total or step == 1:
+            self.info(format_progress(step, self.total, loss, lr, grad_norm, tokens_per_s, mfu, eta))
+        return record
+
+    def eval(self, step: int, loss: float) -> None:
+        """Record a validation loss (and its perplexity) at ``step``."""
+        ppl = math.exp(min(loss, 50.0))
+        if self._metrics is not None:
+            record = {"kind": "valid", "step": step, "valid_loss": float(loss), "valid_ppl": ppl,
+                      "time": time.time()}
+            self._metrics.write(json.dumps(_finite(record)) + "\n")
+            self._metrics.flush()
+        if self._tb is not None:
+            self._tb.add_scalar("valid/loss", float(loss), step)
+        self.info(f"validation at step {step}: loss {loss:.4f} | ppl {ppl:.2f}")
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+        for fh in (self._metrics, self._rank_log):
+            if fh is not None:
+                fh.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _finite(record: dict) -> dict:
+    """JSON has no NaN/Infinity: write them as null so every line parses everywhere."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

@@ -1,0 +1,222 @@
+"""Pre-train a decoder-only model: ``python training/pretrain.py --config FILE [section.key=value ...]``.
+
+On several ranks: ``msrun --worker_num=2 --local_worker_num=2 training/pretrain.py --config FILE
+parallel.tp=2`` (dp is what is left: world / tp). Supported layouts: tp x dp (``parallel.pp``,
+``cp``, ``ep``, ``sp`` are not wired into this loop yet and are refused before any work).
+
+One run, top to bottom (``run``): config -> ``ParallelDims`` -> data -> model -> resume
+(``checkpoint.load``) -> loop {batch -> ``TrainStep`` (forward, backward, dp all-reduce, clip,
+AdamW) -> progress line / metrics.jsonl / TensorBoard -> periodic validation -> checkpoint} ->
+final validation -> a generated sample (printed by rank 0).
+
+Outputs in ``logging.output_dir``: ``metrics.jsonl``, ``logs/rank_N.log``, ``tensorboard/``,
+``checkpoints/step_NNNNNN/`` (atomic; model, Adam moments, sampler position, host RNG state).
+A bad config prints ``config error: <one line naming the key>`` and exits with status 2.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from training.config import ConfigError, load_config, parse_cli
+
+# The sample printed at the end (nucleus sampling: greedy decoding of a small model loops).
+SAMPLE = {"prompt": "def ", "max_new_tokens": 48, "temperature": 0.8, "top_p": 0.9}
+
+
+def check_supported(cfg) -> None:
+    """Refuse what this loop does not implement yet, naming the key (a ``ConfigError``)."""
+    p = cfg.parallel
+    for key, value in (("pp", p.pp), ("vpp", p.vpp), ("cp", p.cp), ("ep", p.ep)):
+        if value != 1:
+            raise ConfigError(f"parallel.{key}={value}: training/pretrain.py supports tp and dp "
+                              "only for now (set it to 1)")
+    if p.sp:
+        raise ConfigError("parallel.sp=true: sequence parallelism is not wired into "
+                          "training/pretrain.py yet (set it to false)")
+    if cfg.training.dtype != "float32":
+        raise ConfigError(f"training.dtype={cfg.training.dtype}: only float32 trains on CPU")
+
+
+def parse_args(argv: list[str]):
+    """argv -> validated ``Config`` (raises ``ConfigError``). The world size comes from msrun."""
+    from mcore.distributed_env import launched_world_size
+
+    path, overrides = parse_cli(argv)
+    cfg = load_config(path, overrides, world_size=launched_world_size())
+    check_supported(cfg)
+    return cfg
+
+
+class _Array:
+    """A numpy array with the ``load()`` / ``shape`` interface ``models.hf.load_weights`` reads."""
+
+    def __init__(self, value):
+        self.value, self.shape = value, value.shape
+
+    def load(self):
+        return self.value
+
+
+def build_model(cfg, dims):
+    """A fresh model from the ``model`` section, or ``model.hf_path``'s weights.
+
+    With tp > 1 a fresh model starts from the weights a one-process run starts from: the fused
+    layers (q/k/v, gate/up) draw their master weight whole and split it in rank order, which is
+    a different (equally valid) model than the per-part split their tp layout means. So the
+    tp=1 model is built and its weights are sharded part by part, as a HF checkpoint would be.
+    """
+    import models
+    from models.hf import load_weights
+    from models.weights import to_hf
+    from training.model_bridge import hf_config
+
+    if cfg.model.hf_path:
+        return models.from_pretrained(cfg.model.hf_path, tp_group=dims.tp)
+    model = models.build_from_config(hf_config(cfg.model), tp_group=dims.tp)
+    if dims.tp.size > 1:
+        full = models.build_from_config(hf_config(cfg.model))  # the single-process initialisation
+        state = {n: p.asnumpy().copy() for n, p in full.parameters_and_names()}
+        table = full.hf.family.weight_table(full.config, full.hf.tie)
+        load_weights(model, {k: _Array(v) for k, v in to_hf(table, state).items()})
+    return model
+
+
+def checkpoint_root(cfg) -> Path:
+    return Path(cfg.checkpoint.dir or Path(cfg.logging.output_dir) / "checkpoints")
+
+
+def tokenizer_path(cfg) -> Path:
+    """Where a run keeps a copy of its tokenizer (evaluate.py / generate.py read it)."""
+    return Path(cfg.logging.output_dir) / "tokenizer.json"
+
+
+def resume(cfg, step_fn, data, dims) -> int:
+    """Load ``checkpoint.load`` (if any) into model, optimizer, sampler and host RNG; return the
+    number of steps already done (0 for a fresh run)."""
+    from training.checkpointing import load_checkpoint, resolve_load, set_host_rng_state
+
+    path = resolve_load(cfg.checkpoint.load, checkpoint_root(cfg))
+    if path is None:
+        return 0
+    model_shapes, optim_shapes = step_fn.shapes()
+    ck = load_checkpoint(path, rank=dims.global_rank, world_size=dims.world_size,
+                         expected_shapes=model_shapes, expected_optimizer_shapes=optim_shapes,
+                         expected_model_config=cfg.to_dict()["model"])
+    step_fn.load(ck.model, ck.optimizer)
+    data.sampler.load_state_dict(ck.meta["sampler"])
+    set_host_rng_state(ck.meta["rng"])
+    return ck.step
+
+
+def save(cfg, step: int, step_fn, data, dims) -> Path:
+    """Every rank writes its shard; rank 0 publishes the checkpoint atomically."""
+    from mcore.comm import barrier
+    from training.checkpointing import host_rng_state, save_checkpoint
+
+    sync = (lambda: barrier(dims.world)) if dims.world_size > 1 else None
+    meta = {"config": cfg.to_dict(), "sampler": data.sampler.state_dict(), "rng": host_rng_state(),
+            "tokenizer": str(tokenizer_path(cfg).resolve())}
+    return save_checkpoint(checkpoint_root(cfg), step, step_fn.model_state(), step_fn.state_dict(),
+                           meta, rank=dims.global_rank, world_size=dims.world_size,
+                           keep_last=cfg.checkpoint.keep_last, barrier=sync)
+
+
+def validate(cfg, step_fn, data) -> float | None:
+    """Mean loss over ``training.eval_iters`` fixed validation micro-batches (all dp ranks)."""
+    if data.eval_batches is None or cfg.training.eval_iters == 0:
+        return None
+    batches = [data.valid.batch(ids) for ids in data.eval_batches.batches(cfg.training.eval_iters)]
+    return step_fn.evaluate(batches)
+
+
+def sample(model, tokenizer, seed: int) -> str:
+    """A sampled continuation of ``SAMPLE["prompt"]`` (PyNative; every tp rank must call it)."""
+    from training.generate import generate_text
+
+    return generate_text(model, tokenizer, seed=seed, **SAMPLE)
+
+
+def run(cfg, stop_after: int | None = None) -> dict:
+    """Train as configured; returns ``{"step", "loss", "valid_loss", "sample"}`` (rank-local).
+
+    ``stop_after``: save a checkpoint and return after that step, as if the job were stopped
+    there (a later ``checkpoint.load=auto`` run continues it exactly)."""
+    import mindspore as ms
+
+    from mcore.parallel_state import ParallelDims
+    from training.checkpointing import remove_incomplete
+    from training.data.pipeline import build_data
+    from training.logger import RunLogger, model_flops_per_token
+    from training.optim import lr_schedule
+    from training.step import TrainStep, set_mode
+
+    t = cfg.training
+    dims = ParallelDims.build(tp=cfg.parallel.tp)
+    set_mode(t.mode)
+    ms.set_seed(t.seed)
+    np.random.seed(t.seed)
+    log = RunLogger(cfg.logging.output_dir, rank=dims.global_rank, world_size=dims.world_size,
+                    total_steps=t.train_iters, flops_per_token=model_flops_per_token(cfg.model),
+                    peak_flops=cfg.logging.peak_tflops * 1e12, log_interval=cfg.logging.log_interval,
+                    tensorboard=cfg.logging.tensorboard)
+    data = build_data(cfg, rank=dims.global_rank, dp_rank=dims.dp.rank, log=log.info)
+    model = build_model(cfg, dims)
+    step_fn = TrainStep(model, dims, cfg.optimizer, data.sampler.grad_accum_steps)
+    if dims.global_rank == 0:
+        remove_incomplete(checkpoint_root(cfg))
+        data.tokenizer.save(tokenizer_path(cfg))
+    step = resume(cfg, step_fn, data, dims)
+    log.info(f"world {dims.world_size} (tp {dims.tp.size} x dp {dims.dp.size}), "
+             f"{sum(int(np.prod(p.shape)) for _, p in step_fn.named):,} parameters on this rank, "
+             f"{t.grad_accum_steps} micro-batch(es) of {t.micro_batch_size} per step, "
+             f"mode {t.mode}" + (f", resumed at step {step}" if step else ""))
+    schedule = lr_schedule(cfg.optimizer, t.train_iters)
+    tokens_per_step = t.global_batch_size * cfg.model.seq_length
+    loss = valid_loss = None
+    while step < t.train_iters:
+        t0 = time.perf_counter()
+        lr = schedule(step)
+        micro = [data.train.batch(ids) for ids in data.sampler.next_step()]  # [(inputs, labels)]
+        loss, grad_norm = step_fn(micro, lr, step)
+        step += 1
+        log.step(step, loss, lr, grad_norm, tokens=tokens_per_step, step_time=time.perf_counter() - t0)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step}: lower optimizer.lr?")
+        if t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
+            log.eval(step, validate(cfg, step_fn, data))
+        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+            save(cfg, step, step_fn, data, dims)
+        if step == stop_after:
+            if not cfg.checkpoint.save_interval or step % cfg.checkpoint.save_interval:
+                save(cfg, step, step_fn, data, dims)
+            log.close()
+            return {"step": step, "loss": loss, "valid_loss": None, "sample": None}
+    if (valid_loss := validate(cfg, step_fn, data)) is not None:
+        log.eval(step, valid_loss)
+    if not cfg.checkpoint.save_interval or step % cfg.checkpoint.save_interval:
+        save(cfg, step, step_fn, data, dims)
+    text = sample(model, data.tokenizer, t.seed)
+    log.info(f"sample (temperature {SAMPLE['temperature']}, top-p {SAMPLE['top_p']}):\n{text}")
+    log.close()
+    return {"step": step, "loss": loss, "valid_loss": valid_loss, "sample": text}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

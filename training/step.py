@@ -1,0 +1,217 @@
+"""The compiled training step: forward + backward per micro-batch, then one AdamW update.
+
+    step = TrainStep(model, dims, cfg.optimizer, grad_accum_steps)
+    loss, grad_norm = step(micro_batches, lr, it)     # micro_batches: [(inputs, labels), ...]
+
+One optimizer step, for ``n`` micro-batches on each of ``D`` data-parallel ranks:
+
+1. ``ForwardBackward`` (one compiled graph, run ``n`` times): ``loss_k = mean over tokens of
+   model(inputs, labels=labels)`` and ``acc += d(loss_k / n)/dw`` into fp32 buffers.
+2. ``AdamWUpdate`` (one compiled graph):
+   - ``g = all_reduce_sum(acc, dp) / D``   (the gradient of the mean loss over the global batch)
+   - ``norm = sqrt(all_reduce_sum(sum_sharded g^2, tp) + sum_replicated g^2)``: tp-split
+     parameters contribute their shard's squares summed over tp; replicated ones (norm weights)
+     count once. ``g *= min(1, clip / (norm + 1e-6))`` when ``clip > 0``.
+   - AdamW, for step ``t`` (1-based), decoupled decay (the ``should_decay`` mask)::
+
+         m = b1 m + (1 - b1) g          v = b2 v + (1 - b2) g^2
+         w = w - lr wd w                (only where decay applies)
+         w = w - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+
+   - ``acc = 0``.
+
+Parameters are fp32 and are the master weights (fp32 is the only compute dtype on CPU).
+``mode``: ``set_mode("graph")`` compiles every Cell call (GRAPH_MODE, 3-5x faster than PyNative
+on CPU, first compile ~5-15 s); ``"pynative"`` runs eagerly for debugging. Same numbers either way
+to fp32 rounding. MindSpore's own ``AdamWeightDecay`` is not used: it does nothing in PyNative
+and has no bias correction (shared/notes/MINDSPORE_CPU.md).
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, ParameterTuple, nn, ops
+
+from mcore.comm.collectives import all_reduce
+from mcore.parallel_state import ParallelDims
+from training.optim import should_decay
+
+
+def set_mode(mode: str) -> None:
+    """``training.mode``: ``"graph"`` (compile) or ``"pynative"`` (eager)."""
+    if mode not in ("graph", "pynative"):
+        raise ValueError(f"training.mode={mode!r}: expected 'graph' or 'pynative'")
+    ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+
+
+def tp_split_names(model) -> set[str]:
+    """Names of parameters split over the tp group (from each Cell's ``shard_dims``)."""
+    out = set()
+    for cell_name, cell in model.cells_and_names():
+        for pname, dim in getattr(cell, "shard_dims", {}).items():
+            if dim is not None:
+                out.add(f"{cell_name}.{pname}" if cell_name else pname)
+    return out
+
+
+class LossCell(nn.Cell):
+    """(inputs [b, s] int32, labels [b, s] int32) -> mean token cross-entropy (scalar)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def construct(self, inputs, labels):
+        return self.model(inputs, None, None, labels).mean()  # [b, s] -> []
+
+
+def mean_loss(loss_cell: LossCell, batches, dp_group) -> float:
+    """Forward only: mean of ``loss_cell`` over ``batches`` ((inputs, labels) numpy pairs, the
+    same count on every dp rank), averaged over the dp group (every rank gets the result)."""
+    total = 0.0
+    for inputs, labels in batches:
+        total += float(loss_cell(ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32)).asnumpy())
+    mean = np.array(total / max(len(batches), 1), np.float32)
+    if dp_group.size > 1:
+        mean = all_reduce(ms.Tensor(mean), dp_group).asnumpy() / dp_group.size
+    return float(mean)
+
+
+class ForwardBackward(nn.Cell):
+    """Returns the micro-batch loss and adds ``scale * dloss/dw`` to the ``acc`` buffers."""
+
+    def __init__(self, loss_cell: LossCell, params, acc):
+        super().__init__()
+        self.loss_cell, self.params, self.acc = loss_cell, params, acc
+        self.grad = ops.GradOperation(get_by_list=True)
+
+    def construct(self, inputs, labels, scale):
+        loss = self.loss_cell(inputs, labels)
+        grads = self.grad(self.loss_cell, self.params)(inputs, labels)
+        for i in range(len(self.acc)):
+            ops.assign_add(self.acc[i], grads[i] * scale)
+        return loss
+
+
+class AdamWUpdate(nn.Cell):
+    """dp-average the accumulated gradients, clip by global norm, AdamW, zero the buffers.
+
+    ``construct(lr, bc1, bc2, loss)``: ``bc1 = 1 - b1^t``, ``bc2 = 1 - b2^t`` (bias corrections),
+    ``loss``: this rank's loss (mean over its micro-batches). Returns ``(grad_norm, mean loss
+    over dp)`` as tensors. ``grad_norm`` is measured before clipping.
+    """
+
+    def __init__(self, params, acc, decay: list[bool], tp_split: list[bool], dims: ParallelDims,
+                 opt_cfg):
+        super().__init__()
+        self.params, self.acc = params, acc
+        self.m = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"adam_m.{p.name}")
+                                 for p in params])
+        self.v = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"adam_v.{p.name}")
+                                 for p in params])
+        self.decay, self.tp_split = tuple(decay), tuple(tp_split)
+        self.dp, self.tp = dims.dp, dims.tp
+        self.b1, self.b2, self.eps = float(opt_cfg.beta1), float(opt_cfg.beta2), float(opt_cfg.eps)
+        self.wd, self.clip = float(opt_cfg.weight_decay), float(opt_cfg.clip_grad)
+
+    def construct(self, lr, bc1, bc2, loss):
+        n = len(self.params)
+        grads = []
+        for i in range(n):
+            g = self.acc[i]
+            if self.dp.size > 1:
+                g = all_reduce(g, self.dp) / self.dp.size
+            grads.append(g)
+        if self.dp.size > 1:
+            loss = all_reduce(loss, self.dp) / self.dp.size
+        sq_split = ops.zeros((), ms.float32)
+        sq_repl = ops.zeros((), ms.float32)
+        for i in range(n):
+            if self.tp_split[i]:
+                sq_split = sq_split + (grads[i] * grads[i]).sum()
+            else:
+                sq_repl = sq_repl + (grads[i] * grads[i]).sum()
+        if self.tp.size > 1:
+            sq_split = all_reduce(sq_split, self.tp)
+        norm = ops.sqrt(sq_split + sq_repl)
+        coef = ops.ones((), ms.float32)
+        if self.clip > 0:
+            coef = ops.minimum(coef, self.clip / (norm + 1e-6))
+        for i in range(n):
+            g = grads[i] * coef
+            m = self.b1 * self.m[i] + (1.0 - self.b1) * g
+            v = self.b2 * self.v[i] + (1.0 - self.b2) * g * g
+            w = self.params[i]
+            if self.decay[i]:
+                w = w - lr * self.wd * w
+            w = w - lr * (m / bc1) / (ops.sqrt(v / bc2) + self.eps)
+            ops.assign(self.m[i], m)
+            ops.assign(self.v[i], v)
+            ops.assign(self.params[i], w)
+            ops.assign(self.acc[i], ops.zeros(g.shape, ms.float32))
+        return norm, loss
+
+
+class TrainStep:
+    """Gradient accumulation + dp all-reduce + clipping + AdamW for ``model``; see module doc.
+
+    ``state_dict()`` / ``load_state_dict(d)``: the Adam moments as numpy arrays named
+    ``adam_m.<param>`` / ``adam_v.<param>`` (the step count lives with the caller).
+    """
+
+    def __init__(self, model, dims: ParallelDims, opt_cfg, grad_accum_steps: int):
+        self.model, self.dims, self.opt = model, dims, opt_cfg
+        self.n_micro = int(grad_accum_steps)
+        self.named = [(n, p) for n, p in model.parameters_and_names() if p.requires_grad]
+        self.params = ParameterTuple([p for _, p in self.named])
+        self.acc = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"grad_acc.{p.name}",
+                                             requires_grad=False) for p in self.params])
+        split = tp_split_names(model)
+        decay = [should_decay(n, len(p.shape)) for n, p in self.named]
+        self.loss_cell = LossCell(model)
+        self.forward_backward = ForwardBackward(self.loss_cell, self.params, self.acc)
+        self.update = AdamWUpdate(self.params, self.acc, decay, [n in split for n, _ in self.named],
+                                  dims, opt_cfg)
+
+    def __call__(self, micro_batches, lr: float, step: int) -> tuple[float, float]:
+        """One optimizer step (``step`` 0-based). ``micro_batches``: ``n`` (inputs, labels) numpy
+        int32 pairs. Returns ``(loss, grad_norm)``: loss averaged over micro-batches and dp."""
+        if len(micro_batches) != self.n_micro:
+            raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
+                             f"{self.n_micro}")
+        scale = ms.Tensor(1.0 / self.n_micro, ms.float32)
+        total = 0.0
+        for inputs, labels in micro_batches:
+            loss = self.forward_backward(ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32), scale)
+            total += float(loss.asnumpy())
+        t = step + 1
+        bc1, bc2 = 1.0 - self.opt.beta1 ** t, 1.0 - self.opt.beta2 ** t
+        norm, loss = self.update(ms.Tensor(lr, ms.float32), ms.Tensor(bc1, ms.float32),
+                                 ms.Tensor(bc2, ms.float32), ms.Tensor(total / self.n_micro, ms.float32))
+        return float(loss.asnumpy()), float(norm.asnumpy())
+
+    def evaluate(self, batches) -> float:
+        """Mean loss over ``batches`` ((inputs, labels) pairs) on this rank, then over dp."""
+        return mean_loss(self.loss_cell, batches, self.dims.dp)
+
+    def model_state(self) -> dict[str, np.ndarray]:
+        return {n: p.asnumpy().copy() for n, p in self.named}  # asnumpy() aliases the buffer
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = {}
+        for (n, _), m, v in zip(self.named, self.update.m, self.update.v):
+            out[f"adam_m.{n}"], out[f"adam_v.{n}"] = m.asnumpy().copy(), v.asnumpy().copy()
+        return out
+
+    def load(self, model_state: dict, optimizer_state: dict) -> None:
+        """Restore weights and moments saved by ``model_state`` / ``state_dict``."""
+        for (n, p), m, v in zip(self.named, self.update.m, self.update.v):
+            p.set_data(ms.Tensor(model_state[n], ms.float32))
+            m.set_data(ms.Tensor(optimizer_state[f"adam_m.{n}"], ms.float32))
+            v.set_data(ms.Tensor(optimizer_state[f"adam_v.{n}"], ms.float32))
+
+    def shapes(self) -> tuple[dict, dict]:
+        """Expected ``(model, optimizer)`` tensor shapes for ``load_checkpoint``."""
+        model = {n: tuple(p.shape) for n, p in self.named}
+        optim = {f"adam_{k}.{n}": s for n, s in model.items() for k in ("m", "v")}
+        return model, optim
