@@ -65,27 +65,14 @@ class _Array:
 
 
 def build_model(cfg, dims):
-    """A fresh model from the ``model`` section, or ``model.hf_path``'s weights.
-
-    With tp > 1 a fresh model starts from the weights a one-process run starts from: the fused
-    layers (q/k/v, gate/up) draw their master weight whole and split it in rank order, which is
-    a different (equally valid) model than the per-part split their tp layout means. So the
-    tp=1 model is built and its weights are sharded part by part, as a HF checkpoint would be.
-    """
+    """A fresh model from the ``model`` section, or ``model.hf_path``'s weights. A fresh model
+    is the same model for every tp size (layers initialise their master weights from seeds)."""
     import models
-    from models.hf import load_weights
-    from models.weights import to_hf
     from training.model_bridge import hf_config
 
     if cfg.model.hf_path:
         return models.from_pretrained(cfg.model.hf_path, tp_group=dims.tp)
-    model = models.build_from_config(hf_config(cfg.model), tp_group=dims.tp)
-    if dims.tp.size > 1:
-        full = models.build_from_config(hf_config(cfg.model))  # the single-process initialisation
-        state = {n: p.asnumpy().copy() for n, p in full.parameters_and_names()}
-        table = full.hf.family.weight_table(full.config, full.hf.tie)
-        load_weights(model, {k: _Array(v) for k, v in to_hf(table, state).items()})
-    return model
+    return models.build_from_config(hf_config(cfg.model), tp_group=dims.tp)
 
 
 def checkpoint_root(cfg) -> Path:

@@ -55,16 +55,20 @@ class _ParallelLinear(nn.Cell):
     """Shared parts: the weight shard, the optional bias, and ``y = x W^T``."""
 
     def __init__(self, layer, input_size, output_size, group, split_dim, bias, bias_split,
-                 skip_bias_add, sequence_parallel, init_method, seed, name, params_dtype):
+                 skip_bias_add, sequence_parallel, init_method, seed, name, params_dtype,
+                 partitions=None):
         super().__init__()
         self.input_size, self.output_size, self.group = input_size, output_size, group
         self.skip_bias_add, self.sequence_parallel = skip_bias_add, sequence_parallel
         self.layer_name = name
         what = "output_size" if split_dim == 0 else "input_size"
         divide(output_size if split_dim == 0 else input_size, group, layer, name, what)
+        for part in partitions or ():
+            divide(part, group, layer, name, f"fused part of {what}")
         seed = name_seed(name) if seed is None else seed
         self.weight = _param(init_shard((output_size, input_size), seed, group.size, group.rank,
-                                        split_dim, init_method), "weight", False, params_dtype)
+                                        split_dim, init_method, partitions),
+                             "weight", False, params_dtype)
         self.bias = None
         self.has_bias = bias
         if bias:
@@ -95,6 +99,10 @@ class ColumnParallelLinear(_ParallelLinear):
     Input: [b, s, input_size] replicated on the tp ranks (or [b, s/P, input_size] with
     ``sequence_parallel``). Output: [b, s, output_size/P], or [b, s, output_size] replicated
     with ``gather_output``. Returns ``y``, or ``(y, bias)`` with ``skip_bias_add``.
+
+    ``partitions``: for a fused projection (e.g. ``(q, k, v)`` or ``(gate, up)`` output sizes),
+    each part is split across tp separately, so this rank's rows are ``[q_r; k_r; v_r]`` and the
+    initial full weight ``[q; k; v]`` is the same for every tp size.
     """
 
     shard_dims = {"weight": 0, "bias": 0}
@@ -102,12 +110,14 @@ class ColumnParallelLinear(_ParallelLinear):
     def __init__(self, input_size: int, output_size: int, tp_group: ProcessGroup,
                  bias: bool = True, gather_output: bool = False, skip_bias_add: bool = False,
                  sequence_parallel: bool = False, init_method=None, seed: int | None = None,
-                 name: str = "column_parallel_linear", params_dtype=ms.float32):
+                 name: str = "column_parallel_linear", params_dtype=ms.float32,
+                 partitions: tuple[int, ...] | None = None):
         if gather_output and sequence_parallel:
             raise ValueError(f"ColumnParallelLinear '{name}': gather_output and "
                              "sequence_parallel cannot both be set")
         super().__init__("ColumnParallelLinear", input_size, output_size, tp_group, 0, bias, True,
-                         skip_bias_add, sequence_parallel, init_method, seed, name, params_dtype)
+                         skip_bias_add, sequence_parallel, init_method, seed, name, params_dtype,
+                         partitions)
         self.gather_output = gather_output
         if sequence_parallel:
             self.enter = GatherFromSPRegion(tp_group)  # [b, s/P, h] -> [b, s, h]

@@ -58,9 +58,22 @@ def init_master(shape, seed: int, init_method=None) -> np.ndarray:
 
 
 def init_shard(shape, seed: int, tp_size: int, tp_rank: int, dim: int,
-               init_method=None) -> np.ndarray:
-    """This tp rank's shard (along ``dim``) of the master weight of full ``shape``."""
-    return shard(init_master(shape, seed, init_method), tp_size, tp_rank, dim)
+               init_method=None, partitions=None) -> np.ndarray:
+    """This tp rank's shard (along ``dim``) of the master weight of full ``shape``.
+
+    ``partitions``: sizes along ``dim`` of the independently split parts of a fused weight
+    (e.g. ``(q, k, v)`` rows): each part is split across tp on its own and the rank's pieces
+    are concatenated, ``[q_r; k_r; v_r]``, so the master weight (in ``[q; k; v]`` layout) is the
+    same for every tp size.
+    """
+    master = init_master(shape, seed, init_method)
+    if not partitions:
+        return shard(master, tp_size, tp_rank, dim)
+    if sum(partitions) != shape[dim]:
+        raise ValueError(f"partitions {tuple(partitions)} do not add up to dimension {dim} "
+                         f"of shape {tuple(shape)}")
+    parts = np.split(master, np.cumsum(partitions)[:-1], axis=dim)
+    return np.concatenate([shard(p, tp_size, tp_rank, dim) for p in parts], axis=dim)
 
 
 class RNGStatesTracker:

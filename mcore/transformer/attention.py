@@ -54,6 +54,9 @@ class SelfAttention(nn.Cell):
         self.linear_qkv = build_module(submodules.linear_qkv, h, qkv_size, tp_group=tp_group,
                                        bias=config.attention.qkv_bias, gather_output=False,
                                        sequence_parallel=sp,
+                                       partitions=(config.num_attention_heads * d,
+                                                   config.num_query_groups * d,
+                                                   config.num_query_groups * d),
                                        name=f"layers.{layer_number}.linear_qkv")
         self.q_layernorm = build_module(submodules.q_layernorm, d, eps=config.norm_eps)
         self.k_layernorm = build_module(submodules.k_layernorm, d, eps=config.norm_eps)

@@ -44,6 +44,7 @@ class MLP(nn.Cell):
                                        2 * ffn if self.gated else ffn, tp_group=tp_group,
                                        bias=config.mlp_fc1_bias, gather_output=False,
                                        sequence_parallel=sp,
+                                       partitions=(ffn, ffn) if self.gated else None,
                                        name=f"layers.{layer_number}.linear_fc1")
         self.linear_fc2 = build_module(submodules.linear_fc2, ffn, config.hidden_size,
                                        tp_group=tp_group, bias=config.mlp_fc2_bias,

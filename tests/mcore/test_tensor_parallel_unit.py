@@ -303,3 +303,21 @@ def test_cross_entropy_lse_output_and_its_gradient():
     np.testing.assert_allclose(cell(ms.Tensor(logits), ms.Tensor(labels))[1].asnumpy(), lse,
                                rtol=1e-6)
     assert_close(ms.grad(z_loss)(ms.Tensor(logits)).asnumpy(), np.exp(z - lse[..., None]), "dlse")
+
+
+def test_fused_partitions_give_the_same_master_weight_for_every_tp_size():
+    """A fused [q; k; v] weight: each part is split on its own, rank r holds [q_r; k_r; v_r]."""
+    import numpy as np
+
+    from mcore.tensor_parallel.random import init_master, init_shard
+
+    shape, parts = (16, 3), (8, 4, 4)
+    master = init_master(shape, seed=5)
+    for tp in (1, 2, 4):
+        shards = [init_shard(shape, 5, tp, r, 0, partitions=parts) for r in range(tp)]
+        for name, start, size in (("q", 0, 8), ("k", 8, 4), ("v", 12, 4)):
+            offset = sum(p // tp for p in parts[:"qkv".index(name)])
+            rebuilt = np.concatenate([s[offset:offset + size // tp] for s in shards], 0)
+            np.testing.assert_array_equal(rebuilt, master[start:start + size], err_msg=name)
+    with pytest.raises(ValueError, match=r"partitions \(8, 4\) do not add up to dimension 0"):
+        init_shard(shape, 5, 2, 0, 0, partitions=(8, 4))
