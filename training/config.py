@@ -100,8 +100,11 @@ class TrainingConfig:
     eval_iters: int = _f(5, "validation batches per validation run")
     mode: Literal["graph", "pynative"] = _f(
         "graph", "compile the step (graph) or run eagerly (pynative)")
-    dtype: Literal["float32", "float16", "bfloat16"] = _f(
-        "float32", "compute dtype (use float32 on CPU)")
+    dtype: Literal["fp32", "fp16", "bf16", "float32", "float16", "bfloat16"] = _f(
+        "float32", "compute dtype of the matmuls (parameters, AdamW, norms, softmax and loss stay "
+        "fp32); bf16 is refused on CPU")
+    loss_scale: float | None = _f(
+        None, "static loss scale for the backward pass (null: 1024 with fp16, else 1)")
 
 
 @dataclass

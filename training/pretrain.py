@@ -40,8 +40,30 @@ def check_supported(cfg) -> None:
     if p.sp:
         raise ConfigError("parallel.sp=true: sequence parallelism is not wired into "
                           "training/pretrain.py yet (set it to false)")
-    if cfg.training.dtype != "float32":
-        raise ConfigError(f"training.dtype={cfg.training.dtype}: only float32 trains on CPU")
+    precision(cfg)
+
+
+def device_name() -> str:
+    """The device this run will use (as ``mcore.distributed_env.set_device`` picks it)."""
+    import os
+
+    return os.environ.get("MSF_DEVICE", "CPU")
+
+
+def precision(cfg, device: str | None = None) -> tuple[str, float]:
+    """``(compute dtype "fp32" | "fp16" | "bf16", loss scale)`` for ``training.dtype`` and
+    ``training.loss_scale`` on ``device`` (default: this run's); ``ConfigError`` naming the key if
+    the device cannot compute in that dtype (bf16 on CPU) or the scale is not positive."""
+    t = cfg.training
+    dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(t.dtype, t.dtype)
+    device = device or device_name()
+    if dtype == "bf16" and device.upper() == "CPU":
+        raise ConfigError(f"training.dtype={t.dtype}: MindSpore 2.10 has no bf16 compute kernels "
+                          "on CPU; use fp32 or fp16")
+    scale = t.loss_scale if t.loss_scale is not None else (1024.0 if dtype == "fp16" else 1.0)
+    if not scale > 0:
+        raise ConfigError(f"training.loss_scale must be > 0, got {scale}")
+    return dtype, float(scale)
 
 
 def parse_args(argv: list[str]):
@@ -155,7 +177,9 @@ def run(cfg, stop_after: int | None = None) -> dict:
                     tensorboard=cfg.logging.tensorboard)
     data = build_data(cfg, rank=dims.global_rank, dp_rank=dims.dp.rank, log=log.info)
     model = build_model(cfg, dims)
-    step_fn = TrainStep(model, dims, cfg.optimizer, data.sampler.grad_accum_steps)
+    dtype, loss_scale = precision(cfg)
+    step_fn = TrainStep(model, dims, cfg.optimizer, data.sampler.grad_accum_steps, dtype=dtype,
+                        loss_scale=loss_scale)
     if dims.global_rank == 0:
         remove_incomplete(checkpoint_root(cfg))
         data.tokenizer.save(tokenizer_path(cfg))
@@ -163,7 +187,9 @@ def run(cfg, stop_after: int | None = None) -> dict:
     log.info(f"world {dims.world_size} (tp {dims.tp.size} x dp {dims.dp.size}), "
              f"{sum(int(np.prod(p.shape)) for _, p in step_fn.named):,} parameters on this rank, "
              f"{t.grad_accum_steps} micro-batch(es) of {t.micro_batch_size} per step, "
-             f"mode {t.mode}" + (f", resumed at step {step}" if step else ""))
+             f"mode {t.mode}, compute {dtype}"
+             + (f", loss scale {loss_scale:g}" if loss_scale != 1 else "")
+             + (f", resumed at step {step}" if step else ""))
     schedule = lr_schedule(cfg.optimizer, t.train_iters)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     loss = valid_loss = None

@@ -20,7 +20,16 @@ One optimizer step, for ``n`` micro-batches on each of ``D`` data-parallel ranks
 
    - ``acc = 0``.
 
-Parameters are fp32 and are the master weights (fp32 is the only compute dtype on CPU).
+Compute dtype (``training.dtype``, ``apply_compute_dtype``): parameters are always fp32 and are
+the master weights; AdamW runs on them in fp32. With ``fp16`` every tensor-parallel linear layer
+(q/k/v, attention output, MLP, output head) runs its matmul in fp16 (``Cell.to_float``: its input
+and weight are cast on the way in); the residual stream, norms, attention scores and softmax,
+the logits (cast back to fp32 by a forward hook on the head) and the cross-entropy stay fp32.
+fp16 uses a static loss scale ``S`` (``training.loss_scale``, default 1024): backward runs on
+``S * loss`` and ``acc += d(S loss_k)/dw * (1 / (n S))``, so the gradients are unscaled before
+the dp all-reduce and the clipping; a step whose gradient norm is not finite (an fp16 overflow)
+leaves weights and moments unchanged (its norm, inf or nan, is returned). bf16 has no compute
+kernels on CPU (``training/pretrain.py:check_supported`` refuses it there).
 ``mode``: ``set_mode("graph")`` compiles every Cell call (GRAPH_MODE, 3-5x faster than PyNative
 on CPU, first compile ~5-15 s); ``"pynative"`` runs eagerly for debugging. Same numbers either way
 to fp32 rounding. MindSpore's own ``AdamWeightDecay`` is not used: it does nothing in PyNative
@@ -42,6 +51,37 @@ def set_mode(mode: str) -> None:
     if mode not in ("graph", "pynative"):
         raise ValueError(f"training.mode={mode!r}: expected 'graph' or 'pynative'")
     ms.set_context(mode=ms.GRAPH_MODE if mode == "graph" else ms.PYNATIVE_MODE)
+
+
+COMPUTE_DTYPES = {"fp32": ms.float32, "float32": ms.float32, "fp16": ms.float16,
+                  "float16": ms.float16, "bf16": ms.bfloat16, "bfloat16": ms.bfloat16}
+
+
+def _logits_to_fp32(cell, inputs, output):
+    """Forward hook on the output head: fp32 logits for the softmax / cross-entropy."""
+    return output.astype(ms.float32)
+
+
+def apply_compute_dtype(model, dtype: str) -> list[str]:
+    """Run the matmuls of every tensor-parallel linear layer of ``model`` in ``dtype`` (in place;
+    parameters stay fp32) and keep the head's logits fp32. Returns the names of the cells cast
+    (empty for fp32). See the module docstring for what stays fp32."""
+    from mcore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"training.dtype={dtype!r}: expected one of fp32, fp16, bf16")
+    target = COMPUTE_DTYPES[dtype]
+    if target == ms.float32:
+        return []
+    cast = []
+    for name, cell in model.cells_and_names():
+        if isinstance(cell, (ColumnParallelLinear, RowParallelLinear)):
+            cell.to_float(target)
+            cast.append(name)
+    head = getattr(model, "output_layer", None)
+    if head is not None:
+        head.register_forward_hook(_logits_to_fp32)
+    return cast
 
 
 def tp_split_names(model) -> set[str]:
@@ -80,14 +120,23 @@ def mean_loss(loss_cell: LossCell, batches, dp_group) -> float:
 class ForwardBackward(nn.Cell):
     """Returns the micro-batch loss and adds ``scale * dloss/dw`` to the ``acc`` buffers."""
 
-    def __init__(self, loss_cell: LossCell, params, acc):
+    def __init__(self, loss_cell: LossCell, params, acc, loss_scale: float = 1.0):
         super().__init__()
         self.loss_cell, self.params, self.acc = loss_cell, params, acc
-        self.grad = ops.GradOperation(get_by_list=True)
+        self.loss_scale = float(loss_scale)
+        if self.loss_scale == 1.0:
+            self.grad = ops.GradOperation(get_by_list=True)
+        else:  # backward of loss_scale * loss (the sensitivity), unscaled below
+            self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
 
     def construct(self, inputs, labels, scale):
         loss = self.loss_cell(inputs, labels)
-        grads = self.grad(self.loss_cell, self.params)(inputs, labels)
+        if self.loss_scale == 1.0:
+            grads = self.grad(self.loss_cell, self.params)(inputs, labels)
+        else:
+            sens = ops.ones_like(loss) * self.loss_scale
+            grads = self.grad(self.loss_cell, self.params)(inputs, labels, sens)
+            scale = scale / self.loss_scale
         for i in range(len(self.acc)):
             ops.assign_add(self.acc[i], grads[i] * scale)
         return loss
@@ -102,9 +151,10 @@ class AdamWUpdate(nn.Cell):
     """
 
     def __init__(self, params, acc, decay: list[bool], tp_split: list[bool], dims: ParallelDims,
-                 opt_cfg):
+                 opt_cfg, skip_nonfinite: bool = False):
         super().__init__()
         self.params, self.acc = params, acc
+        self.skip_nonfinite = bool(skip_nonfinite)
         self.m = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"adam_m.{p.name}")
                                  for p in params])
         self.v = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"adam_v.{p.name}")
@@ -137,6 +187,7 @@ class AdamWUpdate(nn.Cell):
         coef = ops.ones((), ms.float32)
         if self.clip > 0:
             coef = ops.minimum(coef, self.clip / (norm + 1e-6))
+        ok = ops.isfinite(norm)  # [] bool; used only with skip_nonfinite
         for i in range(n):
             g = grads[i] * coef
             m = self.b1 * self.m[i] + (1.0 - self.b1) * g
@@ -145,6 +196,10 @@ class AdamWUpdate(nn.Cell):
             if self.decay[i]:
                 w = w - lr * self.wd * w
             w = w - lr * (m / bc1) / (ops.sqrt(v / bc2) + self.eps)
+            if self.skip_nonfinite:  # an overflowed step changes nothing
+                m = ops.select(ok, m, self.m[i])
+                v = ops.select(ok, v, self.v[i])
+                w = ops.select(ok, w, self.params[i])
             ops.assign(self.m[i], m)
             ops.assign(self.v[i], v)
             ops.assign(self.params[i], w)
@@ -159,9 +214,12 @@ class TrainStep:
     ``adam_m.<param>`` / ``adam_v.<param>`` (the step count lives with the caller).
     """
 
-    def __init__(self, model, dims: ParallelDims, opt_cfg, grad_accum_steps: int):
+    def __init__(self, model, dims: ParallelDims, opt_cfg, grad_accum_steps: int,
+                 dtype: str = "fp32", loss_scale: float = 1.0):
         self.model, self.dims, self.opt = model, dims, opt_cfg
         self.n_micro = int(grad_accum_steps)
+        self.dtype, self.loss_scale = dtype, float(loss_scale)
+        self.cast_cells = apply_compute_dtype(model, dtype)
         self.named = [(n, p) for n, p in model.parameters_and_names() if p.requires_grad]
         self.params = ParameterTuple([p for _, p in self.named])
         self.acc = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"grad_acc.{p.name}",
@@ -169,9 +227,11 @@ class TrainStep:
         split = tp_split_names(model)
         decay = [should_decay(n, len(p.shape)) for n, p in self.named]
         self.loss_cell = LossCell(model)
-        self.forward_backward = ForwardBackward(self.loss_cell, self.params, self.acc)
+        self.forward_backward = ForwardBackward(self.loss_cell, self.params, self.acc,
+                                                self.loss_scale)
         self.update = AdamWUpdate(self.params, self.acc, decay, [n in split for n, _ in self.named],
-                                  dims, opt_cfg)
+                                  dims, opt_cfg,
+                                  skip_nonfinite=bool(self.cast_cells) or self.loss_scale != 1.0)
 
     def __call__(self, micro_batches, lr: float, step: int) -> tuple[float, float]:
         """One optimizer step (``step`` 0-based). ``micro_batches``: ``n`` (inputs, labels) numpy
