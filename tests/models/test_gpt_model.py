@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-ms = pytest.importorskip("mindspore")
+import mindspore as ms  # noqa: E402
 ms.set_device("CPU")
 
 from mcore.transformer.config import (ParallelConfig, PrecisionConfig,  # noqa: E402

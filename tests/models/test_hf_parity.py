@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ms = pytest.importorskip("mindspore")
+import mindspore as ms  # noqa: E402
 ms.set_device("CPU")
 
 import models  # noqa: E402

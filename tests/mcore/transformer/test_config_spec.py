@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-ms = pytest.importorskip("mindspore")
+import mindspore as ms  # noqa: E402
 ms.set_device("CPU")
 
 from mindspore import nn, ops  # noqa: E402

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-ms = pytest.importorskip("mindspore")
+import mindspore as ms  # noqa: E402
 ms.set_device("CPU")
 
 from mcore.fusions.attention import CoreAttention, blocked_attention  # noqa: E402
