@@ -11,7 +11,11 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
 fi
 echo "[setup] creating .venv with $($PY --version) and installing msformers[test] (about a minute)"
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip
-.venv/bin/python -m pip install --quiet -e ".[test]"
+log=.venv/install.log
+if ! { .venv/bin/python -m pip install --upgrade pip && .venv/bin/python -m pip install -e ".[test]"; } > "$log" 2>&1; then
+  tail -n 40 "$log" >&2
+  echo "[setup] pip install failed; full log: $log" >&2
+  exit 1
+fi
 echo "$want" > "$stamp"
 echo "[setup] done: $(.venv/bin/python -c 'import mindspore, numpy; print("mindspore", mindspore.__version__, "numpy", numpy.__version__)')"
