@@ -26,5 +26,5 @@ else
      | grep --line-buffered -v -E "^\[(INFO|WARNING|DEBUG)\]|^$"
 fi
 echo "[demo] metrics: $out/metrics.jsonl   TensorBoard: tensorboard --logdir $out/tensorboard"
-echo "[demo] evaluate: python training/evaluate.py --config configs/tiny_llama_demo.yaml logging.output_dir=$out data.cache_dir=runs/data_cache"
-echo "[demo] generate: python training/generate.py $out --prompt 'def '"
+echo "[demo] evaluate: .venv/bin/python training/evaluate.py --config configs/tiny_llama_demo.yaml logging.output_dir=$out data.cache_dir=runs/data_cache"
+echo "[demo] generate: .venv/bin/python training/generate.py $out --prompt 'def '"
