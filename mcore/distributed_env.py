@@ -10,11 +10,16 @@ def launched_world_size() -> int:
     return int(os.environ.get("MS_WORKER_NUM", "1"))
 
 
+def requested_device() -> str:
+    """The device this process runs on: the ``MSF_DEVICE`` env var, else CPU."""
+    return os.environ.get("MSF_DEVICE", "CPU")
+
+
 def set_device(device: str | None = None) -> str:
-    """Select the device (``MSF_DEVICE`` env var, else CPU) and return its name."""
+    """Select ``device`` (default: ``requested_device()``) and return its name."""
     import mindspore as ms
 
-    device = device or os.environ.get("MSF_DEVICE", "CPU")
+    device = device or requested_device()
     ms.set_device(device)
     return device
 

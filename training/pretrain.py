@@ -24,6 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import numpy as np
 
+from mcore.distributed_env import launched_world_size, requested_device
 from training.config import ConfigError, load_config, parse_cli
 
 # The sample printed at the end (nucleus sampling: greedy decoding of a small model loops).
@@ -43,20 +44,13 @@ def check_supported(cfg) -> None:
     precision(cfg)
 
 
-def device_name() -> str:
-    """The device this run will use (as ``mcore.distributed_env.set_device`` picks it)."""
-    import os
-
-    return os.environ.get("MSF_DEVICE", "CPU")
-
-
 def precision(cfg, device: str | None = None) -> tuple[str, float]:
     """``(compute dtype "fp32" | "fp16" | "bf16", loss scale)`` for ``training.dtype`` and
     ``training.loss_scale`` on ``device`` (default: this run's); ``ConfigError`` naming the key if
     the device cannot compute in that dtype (bf16 on CPU) or the scale is not positive."""
     t = cfg.training
     dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(t.dtype, t.dtype)
-    device = device or device_name()
+    device = device or requested_device()
     if dtype == "bf16" and device.upper() == "CPU":
         raise ConfigError(f"training.dtype={t.dtype}: MindSpore 2.10 has no bf16 compute kernels "
                           "on CPU; use fp32 or fp16")
@@ -68,8 +62,6 @@ def precision(cfg, device: str | None = None) -> tuple[str, float]:
 
 def parse_args(argv: list[str]):
     """argv -> validated ``Config`` (raises ``ConfigError``). The world size comes from msrun."""
-    from mcore.distributed_env import launched_world_size
-
     path, overrides = parse_cli(argv)
     cfg = load_config(path, overrides, world_size=launched_world_size())
     check_supported(cfg)
