@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.fresh_process import run_python
 from tests.multirank import REPO_ROOT
 
 PRETRAIN = str(REPO_ROOT / "training" / "pretrain.py")
@@ -96,10 +97,8 @@ def check_fp16(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 def test_fp16_tracks_fp32(mode):
     # A fresh process per mode: the execution mode is process-global.
-    code = f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); " \
-           f"from tests.training.test_precision import check_fp16; check_fp16({mode!r})"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
-                         cwd=REPO_ROOT)
+    res = run_python(f"from tests.training.test_precision import check_fp16; check_fp16({mode!r})",
+                     timeout=180)
     assert res.returncode == 0 and "PRECISION_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tests.msrun_util import msrun_command, run_msrun, worker_logs
+from tests.fresh_process import run_python
 from tests.multirank import REPO_ROOT
 
 PRETRAIN = str(REPO_ROOT / "training" / "pretrain.py")
@@ -34,11 +35,6 @@ def _tiny(tmp: Path, run: str, *extra) -> list[str]:
 def _losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r[key] for r in rows if r["kind"] == "train"}
-
-
-def _python(code: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
-                           + code], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 @pytest.mark.parametrize("override, key", [("model.hidden_sise=64", "model.hidden_sise"),
@@ -105,8 +101,8 @@ def check_single_process(tmp: str) -> None:
 def reference(tmp_path_factory):
     """The single-process run (10 steps), shared by the parity tests."""
     tmp = tmp_path_factory.mktemp("pretrain")
-    res = _python(f"from tests.training.test_pretrain import check_single_process; "
-                  f"check_single_process({str(tmp)!r})", cwd=tmp)
+    res = run_python(f"from tests.training.test_pretrain import check_single_process; "
+                     f"check_single_process({str(tmp)!r})", cwd=tmp)
     return tmp, res
 
 

@@ -1,12 +1,10 @@
 """The AdamW step of training/step.py against a numpy reference (bias correction, decoupled
 decay with the should_decay mask, global-norm clipping), in PyNative and graph mode."""
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
-from tests.multirank import REPO_ROOT
+from tests.fresh_process import run_python
 
 TINY = ["model.vocab_size=256", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=2", "model.ffn_hidden_size=64", "model.seq_length=16",
@@ -78,8 +76,6 @@ def check_adamw(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 def test_adamw_step_matches_numpy(mode):
     # A fresh process per mode: the execution mode is process-global.
-    code = f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); " \
-           f"from tests.training.test_step import check_adamw; check_adamw({mode!r})"
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180,
-                         cwd=REPO_ROOT)
+    res = run_python(f"from tests.training.test_step import check_adamw; check_adamw({mode!r})",
+                     timeout=180)
     assert res.returncode == 0 and "ADAMW_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
