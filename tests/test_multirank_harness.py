@@ -2,6 +2,7 @@
 hangs end within the stall timeout instead of waiting for MindSpore's own timeouts."""
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
@@ -40,6 +41,19 @@ def _raise_on_rank1_worker(ctx):
     if ctx.rank == 1:
         raise RuntimeError("boom on rank 1")
     comm.all_reduce(ms.Tensor(np.ones(1, np.float32)), dims.world).asnumpy()  # waits for rank 1
+
+
+def _segfault_worker(ctx):
+    """Rank 1 dies of SIGSEGV: inside its body (arg "body") or at interpreter exit ("exit")."""
+    import atexit
+    import signal
+
+    with ctx.check("body_ran"):
+        assert ctx.world == 2
+    if ctx.rank == 1:
+        if ctx.args == ["body"]:
+            os.kill(os.getpid(), signal.SIGSEGV)
+        atexit.register(os.kill, os.getpid(), signal.SIGSEGV)
 
 
 def _stall_worker(ctx):
@@ -83,3 +97,14 @@ def test_a_hang_ends_at_the_stall_timeout():
     with pytest.raises(RankFailure, match=r"made no progress for 8 s.*inside the test body: \[0\]"):
         run_ranks(2, "tests.test_multirank_harness:_stall_worker", timeout=120, stall_timeout=8)
     assert time.time() - start < 120  # the worker would sleep for 300 s
+
+
+def test_segfault_at_exit_after_a_complete_body_is_reported_not_failed():
+    job = run_ranks(2, "tests.test_multirank_harness:_segfault_worker", args=("exit",), timeout=120)
+    job.assert_ok("body_ran")
+    assert job.teardown_signals == {1: -11}
+
+
+def test_segfault_inside_the_body_fails_the_job():
+    with pytest.raises(RankFailure, match=r"rank 1 of 2 failed first \(exit code -11"):
+        run_ranks(2, "tests.test_multirank_harness:_segfault_worker", args=("body",), timeout=120)
