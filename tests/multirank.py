@@ -9,7 +9,7 @@ into the cwd), and watches them:
 - every rank exits 0 -> a ``RankJob`` with each rank's checks, reported values and log path;
 - a rank that finished its body (its result is saved, no exception) and THEN dies of a signal
   while the interpreter shuts down counts as finished: MindSpore 2.10 occasionally segfaults in
-  its exit handlers on CPU (measured: about 1 job in 30, after every check had passed). The
+  its exit handlers on CPU (seen in 2 of roughly 80 CI launches, after every check passed). The
   signal is kept in ``RankJob.teardown_signals`` and printed as a warning, never hidden;
 - a rank exits non-zero -> the others get a short grace period, are killed, and ``RankFailure``
   names the rank that failed FIRST and carries its traceback;
