@@ -1,8 +1,11 @@
 """Pipeline step time: pp=2 (1F1B, 2 ranks) vs pp=1 (one process), 8 micro-batches.
 
-The model is the tiny stack of ``tests/mcore/pipeline/tiny_stack.py`` at a size where compute
-dominates (8 residual blocks, hidden 512, vocab 2048, micro-batch 4 x 64 tokens), split 5 + 3
-so that the two stages cost about the same (stage 1 also runs the output layer and the loss).
+The model is a tiny Llama ``GPTModel`` (hidden 64, 4 heads, 2 kv heads, ffn 128, vocab 256,
+8 layers; micro-batch 4 x 64 tokens) split into stages by ``models.gpt_pipeline.
+build_gpt_pipeline``: pp=2 split 5 + 3 (stage 1 also runs the final norm, the head and the
+loss), pp=1 the whole model as one stage. At this size a stage's compute per micro-batch is a
+few milliseconds, comparable to one exchange (~1 ms), so the measured bubble also contains
+communication and launch overhead.
 
 This pytest process is rank 0 of a real 2-rank job; rank 1 and the scheduler are subprocesses
 running this file. Before each timed pp=2 step rank 0 tells rank 1 to run one too (untimed).
@@ -19,6 +22,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -26,25 +30,37 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.comm_ops import next_command  # noqa: E402
 from tests.multirank import REPO_ROOT, free_port, rank_env  # noqa: E402
 
-M, MBS, SEQ, HIDDEN, VOCAB, LAYERS, SPLIT = 8, 4, 64, 512, 2048, 8, [5, 3]
+M, MBS, SEQ, VOCAB, SPLIT = 8, 4, 64, 256, [5, 3]
+HF = dict(model_type="llama", hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+          intermediate_size=128, vocab_size=VOCAB, num_hidden_layers=sum(SPLIT),
+          rms_norm_eps=1e-5, max_position_embeddings=SEQ, tie_word_embeddings=False)
 STEP, IDLE, STOP = 1.0, 2.0, -1.0
 
 
 def _model(dims, pp):
-    from mcore.pipeline_parallel.stage import build_pipeline_model
-    from tests.mcore.pipeline import tiny_stack as T
+    from models.gpt_pipeline import build_gpt_pipeline
 
-    embed, blocks, head = T.make_cells(LAYERS, HIDDEN, VOCAB, scale=0.05)
-    return build_pipeline_model(embed, blocks, head, T.CrossEntropy(), dims, HIDDEN,
-                                layers_per_stage=SPLIT if pp == 2 else None, time_actions=True)
+    model = build_gpt_pipeline(HF, dims, layers_per_stage=SPLIT if pp == 2 else None)
+    model.time_actions = True
+    return model
+
+
+def _batches():
+    import mindspore as ms
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, VOCAB, (M, MBS, SEQ + 1)).astype(np.int32)   # labels: next tokens
+    return [(ms.Tensor(ids[i, :, :-1]), ms.Tensor(ids[i, :, 1:])) for i in range(M)]
+
+
+def _forward_step(data_iterator, chunk):
+    return next(data_iterator)
 
 
 def _step(model, pp):
     from mcore.pipeline_parallel.schedules import get_forward_backward_func
-    from tests.mcore.pipeline import tiny_stack as T
 
-    micro = T.batches(0, M, MBS, SEQ, VOCAB)
-    return get_forward_backward_func(pp)(T.forward_step, iter(micro), model, M, SEQ, MBS)
+    return get_forward_backward_func(pp)(_forward_step, iter(_batches()), model, M, SEQ, MBS)
 
 
 def _peer() -> None:

@@ -6,8 +6,8 @@
     model.save_pretrained("out_dir")                          # loadable by transformers
 """
 from models.generate import generate
-from models.gpt import GPTModel
+from models.gpt import GPTModel, StageSpec
 from models.hf import FAMILIES, build_from_config, from_pretrained, save_pretrained
 
-__all__ = ["GPTModel", "from_pretrained", "save_pretrained", "generate", "build_from_config",
-           "FAMILIES"]
+__all__ = ["GPTModel", "StageSpec", "from_pretrained", "save_pretrained", "generate",
+           "build_from_config", "FAMILIES"]

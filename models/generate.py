@@ -19,7 +19,8 @@ import numpy as np
 from mindspore import nn
 
 
-def _left_pad(prompts, pad_id: int):
+def left_pad(prompts, pad_id: int):
+    """``(ids [b, w], mask [b, w])``: prompts left-padded to the longest; mask 1 = real token."""
     if isinstance(prompts, ms.Tensor):
         prompts = prompts.asnumpy()
     rows = [list(map(int, p)) for p in prompts]
@@ -52,8 +53,9 @@ def _filter(logits: np.ndarray, top_k: int, top_p: float) -> np.ndarray:
     return out
 
 
-def _choose(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, top_p: float,
+def choose_next(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, top_p: float,
             rng) -> np.ndarray:
+    """Next token per row of ``logits [b, V]``: argmax, or a draw (temperature, top-k, top-p)."""
     if not do_sample:
         return logits.argmax(-1)
     if temperature <= 0:
@@ -107,7 +109,7 @@ def generate(model, input_ids, max_new_tokens: int, do_sample: bool = False,
     compilation for the prompt shape and one for the 1-token step)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-    ids, mask = _left_pad(input_ids, pad_token_id)
+    ids, mask = left_pad(input_ids, pad_token_id)
     b = ids.shape[0]
     rng = np.random.default_rng(seed)
     stop = set(int(t) for t in stop_tokens)
@@ -125,7 +127,7 @@ def generate(model, input_ids, max_new_tokens: int, do_sample: bool = False,
             key_mask = ms.Tensor(key_mask if compiled and use_cache else mask)
         logits = step(ms.Tensor(step_ids), ms.Tensor(step_pos), key_mask)
         last = logits[:, -1, :].asnumpy()  # [b, V]
-        nxt = _choose(last, do_sample, temperature, top_k, top_p, rng)
+        nxt = choose_next(last, do_sample, temperature, top_k, top_p, rng)
         nxt = np.where(done, pad_token_id, nxt).astype(np.int32)
         for i in np.flatnonzero(~done):
             out[i].append(int(nxt[i]))

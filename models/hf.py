@@ -4,6 +4,9 @@ A directory holds ``config.json`` and ``model.safetensors`` (or shards with
 ``model.safetensors.index.json``). ``model_type`` picks the family file (``FAMILIES``); the
 family maps the config to a ``TransformerConfig`` and names the weights (``models.weights``).
 With a tp group of size > 1 every rank reads only its shard of each tensor.
+With ``stage=StageSpec(pre_process, post_process, layer_range)`` the model is one pipeline
+stage (``models.gpt``) and reads only the tensors that stage holds (the tied head copy of a
+last stage from ``embed_tokens``); ``full_state`` then returns that stage's parameters.
 Errors: unknown ``model_type``, an override that is not a config key, a missing tensor or a
 shape mismatch each raise one error naming the key or tensor.
 """
@@ -19,7 +22,7 @@ import numpy as np
 
 from mcore.parallel_state import ParallelDims, ProcessGroup
 from models import glm, llama, qwen, telechat
-from models.gpt import GPTModel
+from models.gpt import GPTModel, StageSpec
 from models.safetensors_io import read_checkpoint, write_checkpoint
 from models.weights import split_dims, to_hf, to_local
 
@@ -46,13 +49,20 @@ def family_of(hf: dict) -> ModuleType:
     return FAMILIES[kind]
 
 
-def build_from_config(hf: dict, tp_group: ProcessGroup | None = None) -> GPTModel:
-    """A randomly initialised ``GPTModel`` for a HF config dict (no weights read)."""
+def build_from_config(hf: dict, tp_group: ProcessGroup | None = None,
+                      stage: StageSpec | None = None, *,
+                      embedding_group: ProcessGroup | None = None) -> GPTModel:
+    """A randomly initialised ``GPTModel`` for a HF config dict (no weights read); with
+    ``stage``, only that pipeline stage (``embedding_group``: ``dims.embedding``, recorded on
+    the model for the tied-embedding gradient sum)."""
     family = family_of(hf)
     cfg = family.config_from_hf(hf)
     tie = bool(hf.get("tie_word_embeddings", family.TIE_DEFAULT))
+    stage = stage or StageSpec.full(cfg.num_layers)
     model = GPTModel(cfg, family.layer_spec(cfg), hf["vocab_size"], tie_embeddings=tie,
-                     tp_group=tp_group)
+                     tp_group=tp_group, pre_process=stage.pre_process,
+                     post_process=stage.post_process, layer_range=stage.layer_range,
+                     embedding_group=embedding_group)
     model.hf = HFInfo(family, dict(hf), tie)
     return model
 
@@ -66,8 +76,9 @@ def _tp_group(tp_group, dims) -> ProcessGroup:
 
 
 def from_pretrained(path, tp_group: ProcessGroup | None = None, dims: ParallelDims | None = None,
-                    **overrides) -> GPTModel:
-    """Load a HF checkpoint directory; ``overrides`` replace config.json keys."""
+                    stage: StageSpec | None = None, **overrides) -> GPTModel:
+    """Load a HF checkpoint directory; ``overrides`` replace config.json keys; ``stage``: build
+    and load only that pipeline stage."""
     path = Path(path)
     config_file = path / "config.json"
     if not config_file.exists():
@@ -78,15 +89,33 @@ def from_pretrained(path, tp_group: ProcessGroup | None = None, dims: ParallelDi
             raise KeyError(f"override {key!r} is not a key of {config_file}")
         hf[key] = value
     group = _tp_group(tp_group, dims)
-    model = build_from_config(hf, group)
+    model = build_from_config(hf, group, stage,
+                              embedding_group=dims.embedding if dims is not None else None)
     load_weights(model, read_checkpoint(path))
     return model
 
 
-def load_weights(model: GPTModel, tensors: dict) -> None:
-    """Set every parameter from HF ``tensors`` (name -> LazyTensor) on this tp rank."""
-    params = dict(model.parameters_and_names())
+def _stage_holds(model: GPTModel, name: str) -> bool:
+    """Whether a parameter of the full model belongs to ``model``'s pipeline stage."""
+    if name.startswith("decoder.layers."):
+        return int(name.split(".")[2]) in model.layer_range
+    if name.startswith("embedding."):  # first stage; with tied embeddings also the last
+        return model.embedding is not None
+    return model.post_process  # final norm, output layer
+
+
+def stage_table(model: GPTModel) -> dict:
+    """The family's weight table restricted to what ``model`` (maybe one pipeline stage) holds:
+    layers of its ``layer_range``; embedding / final norm / head where it has them."""
     table = model.hf.family.weight_table(model.config, model.hf.tie)
+    return {name: plist for name, plist in table.items() if _stage_holds(model, name)}
+
+
+def load_weights(model: GPTModel, tensors: dict) -> None:
+    """Set every parameter from HF ``tensors`` (name -> LazyTensor) on this tp rank; only the
+    tensors of the model's stage are read."""
+    params = dict(model.parameters_and_names())
+    table = stage_table(model)
     group = model.tp_group
     values = to_local(table, tensors, {n: tuple(p.shape) for n, p in params.items()},
                       split_dims(model), group.size, group.rank)
@@ -117,6 +146,11 @@ def save_pretrained(model: GPTModel, path, max_shard_bytes: int | None = None) -
     if info is None:
         raise ValueError("save_pretrained: model has no Hugging Face config (build it with "
                          "from_pretrained or build_from_config)")
+    if not (model.pre_process and model.post_process
+            and len(model.layer_range) == model.config.num_layers):
+        raise ValueError(f"save_pretrained: model is one pipeline stage (pre_process="
+                         f"{model.pre_process}, post_process={model.post_process}, layer_range="
+                         f"{model.layer_range}); merge the stages' full_state first")
     state = full_state(model)
     if model.tp_group.rank != 0:
         return

@@ -61,6 +61,9 @@ class ParallelConfig:
     tp: int = _f(1, "tensor-parallel size")
     pp: int = _f(1, "pipeline-parallel size")
     vpp: int = _f(1, "virtual pipeline stages per pp rank (interleaved 1F1B when > 1)")
+    layers_per_stage: list[int] | None = _f(
+        None, "layers of each virtual pipeline stage, e.g. [3, 1] (null: model.num_layers split "
+        "evenly over pp*vpp)")
     ep: int = _f(1, "expert-parallel size (MoE layers only)")
     cp: int = _f(1, "context-parallel size")
     sp: bool = _f(False, "sequence parallelism inside the tp group")
@@ -187,6 +190,8 @@ def all_keys() -> list[str]:
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + "|".join(map(str, typing.get_args(tp)))
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
     args = typing.get_args(tp)
     if args:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
@@ -217,6 +222,11 @@ def _coerce(key: str, value: Any, tp) -> Any:
         if value in args and isinstance(value, str):
             return value
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} "
+                              f"{value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if args:  # X | None
         if value is None and type(None) in args:
             return None

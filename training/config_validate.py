@@ -90,7 +90,15 @@ def validate(cfg, world_size: int = 1) -> None:
     _divides("model.vocab_size", m.vocab_size, "parallel.tp", p.tp)
     if p.vpp > 1 and p.pp == 1:
         raise ConfigError(f"parallel.vpp={p.vpp} needs parallel.pp > 1")
-    _divides("model.num_layers", m.num_layers, "parallel.pp*parallel.vpp", p.pp * p.vpp)
+    stages = p.pp * p.vpp
+    if p.layers_per_stage is None:
+        _divides("model.num_layers", m.num_layers, "parallel.pp*parallel.vpp (or set "
+                 "parallel.layers_per_stage)", stages)
+    elif len(p.layers_per_stage) != stages or sum(p.layers_per_stage) != m.num_layers \
+            or min(p.layers_per_stage) < 0:
+        raise ConfigError(f"parallel.layers_per_stage={p.layers_per_stage} must have "
+                          f"pp*vpp={stages} non-negative entries summing to model.num_layers="
+                          f"{m.num_layers}")
     if p.sp:
         _divides("model.seq_length", m.seq_length, "parallel.tp (sequence parallel)", p.tp)
     if p.cp > 1:
@@ -106,6 +114,13 @@ def validate(cfg, world_size: int = 1) -> None:
         raise ConfigError(f"training.grad_accum_steps={t.grad_accum_steps} is derived and must be "
                           f"global_batch/(micro_batch*dp)={accum} (or omitted)")
     t.grad_accum_steps = accum
+    if p.vpp > 1:  # interleaved 1F1B runs micro-batches in groups of pp
+        if accum % p.pp:
+            raise ConfigError(f"parallel.vpp={p.vpp}: the interleaved schedule needs "
+                              f"training.grad_accum_steps ({accum}) divisible by parallel.pp={p.pp}")
+        if t.eval_iters % p.pp:
+            raise ConfigError(f"parallel.vpp={p.vpp}: the interleaved schedule needs "
+                              f"training.eval_iters ({t.eval_iters}) divisible by parallel.pp={p.pp}")
     if cfg.checkpoint.dir is None:
         cfg.checkpoint.dir = cfg.logging.output_dir.rstrip("/") + "/checkpoints"
     if o.decay_iters is not None and o.decay_iters < o.warmup_iters:

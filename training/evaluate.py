@@ -6,8 +6,9 @@
 ``checkpoint.load``: a ``step_NNNNNN`` directory, or ``auto``/``none`` (both mean the newest
 valid checkpoint under ``checkpoint.dir`` / ``<logging.output_dir>/checkpoints``).
 ``training.eval_iters=0`` evaluates every validation sample (in whole micro-batches).
-Launch with the same number of ranks and ``parallel.tp`` as the run that saved it (``msrun``
-works as for pretrain.py). Prints ``valid loss 4.1234 | ppl 61.80 | N tokens | <checkpoint>``
+Launch with the same number of ranks and ``parallel`` layout (tp, pp, vpp, layers_per_stage) as
+the run that saved it (``msrun`` works as for pretrain.py; with pp > 1 the validation batches run
+forward-only through the pipeline schedule). Prints ``valid loss 4.1234 | ppl 61.80 | N tokens | <checkpoint>``
 on rank 0 and exits 0; a bad config exits 2 with one line naming the key.
 """
 from __future__ import annotations
@@ -20,11 +21,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.config import ConfigError
-from training.pretrain import build_model, checkpoint_root, parse_args
+from training.pretrain import build_dims, build_model, build_step, checkpoint_root, parse_args
 
 
-def load_weights(model, cfg, dims) -> Path:
-    """Load the model part of ``checkpoint.load`` into ``model``; return the checkpoint path."""
+def load_weights(step_fn, cfg, dims) -> Path:
+    """Load the model part of ``checkpoint.load`` into the parameters of ``step_fn`` (a
+    ``TrainStep`` or ``PipelineTrainStep``: this rank's stage); return the checkpoint path."""
     import mindspore as ms
 
     from training.checkpointing import CheckpointError, load_checkpoint, resolve_load
@@ -34,7 +36,7 @@ def load_weights(model, cfg, dims) -> Path:
     if path is None:
         raise CheckpointError(f"no valid checkpoint under '{checkpoint_root(cfg)}' "
                               "(set checkpoint.load=DIR)")
-    params = dict(model.parameters_and_names())
+    params = dict(step_fn.named)
     ck = load_checkpoint(path, rank=dims.global_rank, world_size=dims.world_size,
                          expected_shapes={n: tuple(p.shape) for n, p in params.items()},
                          expected_model_config=cfg.to_dict()["model"])
@@ -45,21 +47,20 @@ def load_weights(model, cfg, dims) -> Path:
 
 def evaluate(cfg) -> dict:
     """``{"loss", "ppl", "tokens", "checkpoint", "rank"}`` of the checkpoint on the validation split."""
-    from mcore.parallel_state import ParallelDims
     from training.data.pipeline import build_data
-    from training.step import LossCell, mean_loss, set_mode
 
-    dims = ParallelDims.build(tp=cfg.parallel.tp)
-    set_mode(cfg.training.mode)
+    dims = build_dims(cfg)
     data = build_data(cfg, rank=dims.global_rank, dp_rank=dims.dp.rank, log=lambda line: None)
     if data.eval_batches is None:
         raise ConfigError("data.valid_fraction=0: there is no validation split to evaluate")
-    model = build_model(cfg, dims)
-    path = load_weights(model, cfg, dims)
+    step_fn = build_step(cfg, build_model(cfg, dims), dims, grad_accum_steps=1)
+    path = load_weights(step_fn, cfg, dims)
     t = cfg.training
     n = t.eval_iters or len(data.valid) // (t.micro_batch_size * dims.dp.size)
+    if cfg.parallel.vpp > 1:  # the interleaved schedule runs micro-batches in groups of pp
+        n -= n % dims.pp.size
     batches = [data.valid.batch(ids) for ids in data.eval_batches.batches(n)]
-    loss = mean_loss(LossCell(model), batches, dims.dp)
+    loss = step_fn.evaluate(batches)
     tokens = n * t.micro_batch_size * dims.dp.size * cfg.model.seq_length
     return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": tokens, "checkpoint": str(path),
             "rank": dims.global_rank}

@@ -6,7 +6,8 @@
 
 ``SOURCE`` is a checkpoint step directory (``meta.json``), a run directory or checkpoint root
 (its newest valid checkpoint), or a HF directory (``config.json`` + safetensors, read by
-``models.from_pretrained``). Checkpoints saved with tp > 1 are merged to one process.
+``models.from_pretrained``). Checkpoints saved with tp > 1 and / or pp > 1 are merged to one
+process (under msrun with pp, ``training/pretrain.py`` itself samples through the stages).
 The tokenizer: ``--tokenizer``, else the run's ``tokenizer.json`` (recorded in the checkpoint),
 else ``tokenizer.json`` in the HF directory. Greedy unless ``--temperature`` > 0.
 """
@@ -35,16 +36,32 @@ def _checkpoint_dir(source: Path) -> Path | None:
     return None
 
 
+def shard_ranks(parallel: dict, world_size: int) -> list[list[int]]:
+    """Global ranks holding the model of data-parallel replica 0: per pipeline stage, its tp
+    ranks in tp order (from the saved ``parallel`` section)."""
+    from mcore.rank_layout import RankLayout
+
+    layout = RankLayout(world=world_size, tp=int(parallel["tp"]), pp=int(parallel["pp"]),
+                        order=parallel["order"])
+    grid = layout.dense_grid()
+    stages = [[0] * layout.tp for _ in range(layout.pp)]
+    for rank in range(world_size):
+        c = grid.coords(rank)
+        if c["dp"] == 0 and c["cp"] == 0:
+            stages[c["pp"]][c["tp"]] = rank
+    return stages
+
+
 def model_from_checkpoint(path: Path):
-    """A one-process model with the weights of training checkpoint ``path`` (tp shards merged);
+    """A one-process model with the weights of training checkpoint ``path`` (tp shards merged,
+    pipeline stages joined: each stage holds its own layers under their global names);
     returns ``(model, meta)``."""
     import models
     from models.hf import load_weights
-    from models.weights import to_hf
+    from models.weights import split_dims, to_hf
     from training.checkpointing import load_checkpoint, read_meta
     from training.config import config_from_dict
     from training.model_bridge import hf_config
-    from models.weights import split_dims
     from training.pretrain import _Array
 
     meta = read_meta(path)
@@ -52,10 +69,15 @@ def model_from_checkpoint(path: Path):
     tp = int(saved["parallel"]["tp"])
     cfg = config_from_dict(saved, world_size=meta["world_size"])
     model = models.build_from_config(hf_config(cfg.model))
-    shards = [load_checkpoint(path, rank=r).model for r in range(tp)]  # tp ranks of dp rank 0
     split = {n: d for n, d in split_dims(model).items() if d is not None}
-    full = {n: (np.concatenate([s[n] for s in shards], split[n]) if n in split and tp > 1
-                else shards[0][n]) for n in shards[0]}
+    full = {}
+    for ranks in shard_ranks(saved["parallel"], meta["world_size"]):
+        shards = [load_checkpoint(path, rank=r).model for r in ranks]
+        for n in shards[0]:
+            if n in full:  # a tied embedding's head copy on the last stage: same weight
+                continue
+            full[n] = (np.concatenate([s[n] for s in shards], split[n]) if n in split and tp > 1
+                       else shards[0][n])
     table = model.hf.family.weight_table(model.config, model.hf.tie)
     hf = to_hf(table, full, split, tp)
     load_weights(model, {k: _Array(v) for k, v in hf.items()})
@@ -85,16 +107,20 @@ def load(source: str, tokenizer: str | None = None):
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int = 0) -> str:
-    """The prompt followed by up to ``max_new_tokens`` generated tokens (stops at end-of-document)."""
+    """The prompt followed by up to ``max_new_tokens`` generated tokens (stops at end-of-document).
+    ``model``: a ``GPTModel``, or a ``PipelineModel`` of GPT stages (then every rank of the job
+    calls this and gets the same text)."""
     import mindspore as ms
 
     import models
+    from models.generate_pipeline import generate_pipeline
 
     ms.set_context(mode=ms.PYNATIVE_MODE)  # the KV-cache decoder runs eagerly
     ids = tokenizer.encode(prompt)
-    new = models.generate(model, [ids], max_new_tokens, do_sample=temperature > 0,
-                          temperature=temperature or 1.0, top_p=top_p, seed=seed,
-                          stop_tokens=[tokenizer.eod_id])[0]
+    run = generate_pipeline if hasattr(model, "chunk_models") else models.generate
+    new = run(model, [ids], max_new_tokens, do_sample=temperature > 0,
+              temperature=temperature or 1.0, top_p=top_p, seed=seed,
+              stop_tokens=[tokenizer.eod_id])[0]
     return prompt + tokenizer.decode(new)
 
 

@@ -1,8 +1,12 @@
 """Pre-train a decoder-only model: ``python training/pretrain.py --config FILE [section.key=value ...]``.
 
 On several ranks: ``msrun --worker_num=2 --local_worker_num=2 training/pretrain.py --config FILE
-parallel.tp=2`` (dp is what is left: world / tp). Supported layouts: tp x dp (``parallel.pp``,
-``cp``, ``ep``, ``sp`` are not wired into this loop yet and are refused before any work).
+parallel.tp=2`` (dp is what is left: world / (tp * pp)). Supported layouts: tp x pp x dp, with
+``parallel.vpp`` virtual stages per pipeline rank and ``parallel.layers_per_stage`` for uneven
+splits (``parallel.cp``, ``ep``, ``sp`` are not wired into this loop yet and are refused before
+any work). With pp > 1 the step is ``training.pipeline_step.PipelineTrainStep`` (1F1B or
+interleaved 1F1B), every rank saves its own stage's shard, and the sample is generated through
+the stages (``models.generate_pipeline``).
 
 One run, top to bottom (``run``): config -> ``ParallelDims`` -> data -> model -> resume
 (``checkpoint.load``) -> loop {batch -> ``TrainStep`` (forward, backward, dp all-reduce, clip,
@@ -34,10 +38,10 @@ SAMPLE = {"prompt": "def ", "max_new_tokens": 48, "temperature": 0.8, "top_p": 0
 def check_supported(cfg) -> None:
     """Refuse what this loop does not implement yet, naming the key (a ``ConfigError``)."""
     p = cfg.parallel
-    for key, value in (("pp", p.pp), ("vpp", p.vpp), ("cp", p.cp), ("ep", p.ep)):
+    for key, value in (("cp", p.cp), ("ep", p.ep)):
         if value != 1:
-            raise ConfigError(f"parallel.{key}={value}: training/pretrain.py supports tp and dp "
-                              "only for now (set it to 1)")
+            raise ConfigError(f"parallel.{key}={value}: training/pretrain.py supports tp, pp and "
+                              "dp only for now (set it to 1)")
     if p.sp:
         raise ConfigError("parallel.sp=true: sequence parallelism is not wired into "
                           "training/pretrain.py yet (set it to false)")
@@ -80,13 +84,46 @@ class _Array:
 
 def build_model(cfg, dims):
     """A fresh model from the ``model`` section, or ``model.hf_path``'s weights. A fresh model
-    is the same model for every tp size (layers initialise their master weights from seeds)."""
+    is the same model for every tp and pp size (layers initialise their master weights from
+    seeds). pp > 1: this rank's ``PipelineModel`` (``models.gpt_pipeline.build_gpt_pipeline``),
+    else a ``GPTModel``."""
     import models
     from training.model_bridge import hf_config
 
+    if dims.pp.size > 1:
+        from models.gpt_pipeline import build_gpt_pipeline
+
+        p = cfg.parallel
+        return build_gpt_pipeline(hf_config(cfg.model), dims, vpp=p.vpp,
+                                  layers_per_stage=p.layers_per_stage,
+                                  jit=cfg.training.mode == "graph", hf_path=cfg.model.hf_path)
     if cfg.model.hf_path:
         return models.from_pretrained(cfg.model.hf_path, tp_group=dims.tp)
     return models.build_from_config(hf_config(cfg.model), tp_group=dims.tp)
+
+
+def build_dims(cfg):
+    """``ParallelDims`` of the ``parallel`` section (initialises communication on many ranks)."""
+    from mcore.parallel_state import ParallelDims
+
+    return ParallelDims.build(tp=cfg.parallel.tp, pp=cfg.parallel.pp, order=cfg.parallel.order)
+
+
+def build_step(cfg, model, dims, grad_accum_steps: int):
+    """``TrainStep`` for a ``GPTModel``, ``PipelineTrainStep`` for a pipeline (pp > 1)."""
+    from training.step import TrainStep, set_mode
+
+    dtype, loss_scale = precision(cfg)
+    t = cfg.training
+    if dims.pp.size == 1:
+        set_mode(t.mode)
+        return TrainStep(model, dims, cfg.optimizer, grad_accum_steps, dtype=dtype,
+                         loss_scale=loss_scale)
+    from training.pipeline_step import PipelineTrainStep
+
+    set_mode("pynative")  # the schedule loop is Python; each stage is compiled (mode "graph")
+    return PipelineTrainStep(model, dims, cfg.optimizer, grad_accum_steps, cfg.model.seq_length,
+                             t.micro_batch_size, dtype=dtype, loss_scale=loss_scale)
 
 
 def checkpoint_root(cfg) -> Path:
@@ -138,7 +175,7 @@ def validate(cfg, step_fn, data) -> float | None:
 
 
 def sample(model, tokenizer, seed: int) -> str:
-    """A sampled continuation of ``SAMPLE["prompt"]`` (PyNative; every tp rank must call it)."""
+    """A sampled continuation of ``SAMPLE["prompt"]`` (PyNative; every rank must call it)."""
     from training.generate import generate_text
 
     return generate_text(model, tokenizer, seed=seed, **SAMPLE)
@@ -151,16 +188,13 @@ def run(cfg, stop_after: int | None = None) -> dict:
     there (a later ``checkpoint.load=auto`` run continues it exactly)."""
     import mindspore as ms
 
-    from mcore.parallel_state import ParallelDims
     from training.checkpointing import remove_incomplete
     from training.data.pipeline import build_data
     from training.logger import RunLogger, model_flops_per_token
     from training.optim import lr_schedule
-    from training.step import TrainStep, set_mode
 
     t = cfg.training
-    dims = ParallelDims.build(tp=cfg.parallel.tp)
-    set_mode(t.mode)
+    dims = build_dims(cfg)
     ms.set_seed(t.seed)
     np.random.seed(t.seed)
     log = RunLogger(cfg.logging.output_dir, rank=dims.global_rank, world_size=dims.world_size,
@@ -170,13 +204,14 @@ def run(cfg, stop_after: int | None = None) -> dict:
     data = build_data(cfg, rank=dims.global_rank, dp_rank=dims.dp.rank, log=log.info)
     model = build_model(cfg, dims)
     dtype, loss_scale = precision(cfg)
-    step_fn = TrainStep(model, dims, cfg.optimizer, data.sampler.grad_accum_steps, dtype=dtype,
-                        loss_scale=loss_scale)
+    step_fn = build_step(cfg, model, dims, data.sampler.grad_accum_steps)
     if dims.global_rank == 0:
         remove_incomplete(checkpoint_root(cfg))
         data.tokenizer.save(tokenizer_path(cfg))
     step = resume(cfg, step_fn, data, dims)
-    log.info(f"world {dims.world_size} (tp {dims.tp.size} x dp {dims.dp.size}), "
+    log.info(f"world {dims.world_size} (tp {dims.tp.size} x pp {dims.pp.size}"
+             + (f" x vpp {cfg.parallel.vpp}" if cfg.parallel.vpp > 1 else "")
+             + f" x dp {dims.dp.size}), "
              f"{sum(int(np.prod(p.shape)) for _, p in step_fn.named):,} parameters on this rank, "
              f"{t.grad_accum_steps} micro-batch(es) of {t.micro_batch_size} per step, "
              f"mode {t.mode}, compute {dtype}"

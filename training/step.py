@@ -148,12 +148,21 @@ class AdamWUpdate(nn.Cell):
     ``construct(lr, bc1, bc2, loss)``: ``bc1 = 1 - b1^t``, ``bc2 = 1 - b2^t`` (bias corrections),
     ``loss``: this rank's loss (mean over its micro-batches). Returns ``(grad_norm, mean loss
     over dp)`` as tensors. ``grad_norm`` is measured before clipping.
+
+    Pipeline parallelism (pp > 1): ``in_norm[i] = False`` leaves a parameter out of the norm
+    (the last stage's copy of a tied embedding, so the tied weight counts once); the squared
+    norm is summed over the pp group (the only collective across stages: stages compile
+    different graphs, whose collectives on a shared group could otherwise run in different
+    orders).
     """
 
     def __init__(self, params, acc, decay: list[bool], tp_split: list[bool], dims: ParallelDims,
-                 opt_cfg, skip_nonfinite: bool = False):
+                 opt_cfg, skip_nonfinite: bool = False, in_norm: list[bool] | None = None):
         super().__init__()
         self.params, self.acc = params, acc
+        n = len(params)
+        self.in_norm = tuple(in_norm) if in_norm is not None else (True,) * n
+        self.pp = dims.pp
         self.skip_nonfinite = bool(skip_nonfinite)
         self.m = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"adam_m.{p.name}")
                                  for p in params])
@@ -177,13 +186,18 @@ class AdamWUpdate(nn.Cell):
         sq_split = ops.zeros((), ms.float32)
         sq_repl = ops.zeros((), ms.float32)
         for i in range(n):
+            if not self.in_norm[i]:
+                continue
             if self.tp_split[i]:
                 sq_split = sq_split + (grads[i] * grads[i]).sum()
             else:
                 sq_repl = sq_repl + (grads[i] * grads[i]).sum()
         if self.tp.size > 1:
             sq_split = all_reduce(sq_split, self.tp)
-        norm = ops.sqrt(sq_split + sq_repl)
+        sq = sq_split + sq_repl
+        if self.pp.size > 1:
+            sq = all_reduce(sq, self.pp)
+        norm = ops.sqrt(sq)
         coef = ops.ones((), ms.float32)
         if self.clip > 0:
             coef = ops.minimum(coef, self.clip / (norm + 1e-6))
@@ -207,12 +221,42 @@ class AdamWUpdate(nn.Cell):
         return norm, loss
 
 
-class TrainStep:
-    """Gradient accumulation + dp all-reduce + clipping + AdamW for ``model``; see module doc.
+class TrainState:
+    """Weights and Adam moments of ``self.named`` ((name, Parameter) pairs) and
+    ``self.update`` (an ``AdamWUpdate``), as numpy arrays for checkpoints: ``model_state()``,
+    ``state_dict()`` (moments named ``adam_m.<param>`` / ``adam_v.<param>``; the step count lives
+    with the caller), ``load(model_state, optimizer_state)`` (before the first step: compiled
+    graphs do not see ``set_data``), ``shapes()``."""
 
-    ``state_dict()`` / ``load_state_dict(d)``: the Adam moments as numpy arrays named
-    ``adam_m.<param>`` / ``adam_v.<param>`` (the step count lives with the caller).
-    """
+    named: list
+    update: AdamWUpdate
+
+    def model_state(self) -> dict[str, np.ndarray]:
+        return {n: p.asnumpy().copy() for n, p in self.named}  # asnumpy() aliases the buffer
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        out = {}
+        for (n, _), m, v in zip(self.named, self.update.m, self.update.v):
+            out[f"adam_m.{n}"], out[f"adam_v.{n}"] = m.asnumpy().copy(), v.asnumpy().copy()
+        return out
+
+    def load(self, model_state: dict, optimizer_state: dict) -> None:
+        """Restore weights and moments saved by ``model_state`` / ``state_dict``."""
+        for (n, p), m, v in zip(self.named, self.update.m, self.update.v):
+            p.set_data(ms.Tensor(model_state[n], ms.float32))
+            m.set_data(ms.Tensor(optimizer_state[f"adam_m.{n}"], ms.float32))
+            v.set_data(ms.Tensor(optimizer_state[f"adam_v.{n}"], ms.float32))
+
+    def shapes(self) -> tuple[dict, dict]:
+        """Expected ``(model, optimizer)`` tensor shapes for ``load_checkpoint``."""
+        model = {n: tuple(p.shape) for n, p in self.named}
+        optim = {f"adam_{k}.{n}": s for n, s in model.items() for k in ("m", "v")}
+        return model, optim
+
+
+class TrainStep(TrainState):
+    """Gradient accumulation + dp all-reduce + clipping + AdamW for ``model``; see module doc
+    (checkpoint state: ``TrainState``)."""
 
     def __init__(self, model, dims: ParallelDims, opt_cfg, grad_accum_steps: int,
                  dtype: str = "fp32", loss_scale: float = 1.0):
@@ -253,25 +297,3 @@ class TrainStep:
     def evaluate(self, batches) -> float:
         """Mean loss over ``batches`` ((inputs, labels) pairs) on this rank, then over dp."""
         return mean_loss(self.loss_cell, batches, self.dims.dp)
-
-    def model_state(self) -> dict[str, np.ndarray]:
-        return {n: p.asnumpy().copy() for n, p in self.named}  # asnumpy() aliases the buffer
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        out = {}
-        for (n, _), m, v in zip(self.named, self.update.m, self.update.v):
-            out[f"adam_m.{n}"], out[f"adam_v.{n}"] = m.asnumpy().copy(), v.asnumpy().copy()
-        return out
-
-    def load(self, model_state: dict, optimizer_state: dict) -> None:
-        """Restore weights and moments saved by ``model_state`` / ``state_dict``."""
-        for (n, p), m, v in zip(self.named, self.update.m, self.update.v):
-            p.set_data(ms.Tensor(model_state[n], ms.float32))
-            m.set_data(ms.Tensor(optimizer_state[f"adam_m.{n}"], ms.float32))
-            v.set_data(ms.Tensor(optimizer_state[f"adam_v.{n}"], ms.float32))
-
-    def shapes(self) -> tuple[dict, dict]:
-        """Expected ``(model, optimizer)`` tensor shapes for ``load_checkpoint``."""
-        model = {n: tuple(p.shape) for n, p in self.named}
-        optim = {f"adam_{k}.{n}": s for n, s in model.items() for k in ("m", "v")}
-        return model, optim

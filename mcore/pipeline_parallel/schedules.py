@@ -73,7 +73,8 @@ class _State:
         self.losses = []
 
 
-def _forward(st, step, v, last, runner, m, forward_step_func, data_iterator, forward_only):
+def _forward(st, step, v, last, runner, scale, forward_step_func, data_iterator,
+             forward_only):
     """Run forward ``step`` of virtual stage ``v``; return a tensor it produced (for timing)."""
     mb, c = step.microbatch, step.chunk
     x = st.inbox.pop(Msg("act", mb, v - 1)) if v > 0 else None
@@ -85,7 +86,7 @@ def _forward(st, step, v, last, runner, m, forward_step_func, data_iterator, for
         st.losses.append(runner.loss(x, labels))
         return st.losses[-1]
     if v == last:            # loss, input grad and param grads in one compiled step
-        loss, dx, dw = runner.loss_and_grads(x, labels, 1.0 / m)
+        loss, dx, dw = runner.loss_and_grads(x, labels, scale)
         st.losses.append(loss)
         st.held[(mb, c)] = (dx, dw)
         return loss
@@ -128,8 +129,8 @@ def _run_plan(plan, model: PipelineModel, forward_step_func, data_iterator, m, s
         start = time.perf_counter()
         v, runner = step.chunk * pp + me, model.chunks[step.chunk]
         if step.kind == "F":
-            done = _forward(st, step, v, last, runner, m, forward_step_func, data_iterator,
-                            forward_only)
+            done = _forward(st, step, v, last, runner, model.loss_scale / m, forward_step_func,
+                            data_iterator, forward_only)
             peak = max(peak, len(st.held))
         else:
             done = _backward(st, step, v, last, runner)

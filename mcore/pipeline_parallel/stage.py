@@ -7,8 +7,9 @@ lists explicit counts for uneven splits, e.g. ``[3, 1]`` for 4 layers on 2 stage
 ``PipelineStage(layers, pre_process=..., post_process=..., loss_fn=...)``: ``pre_process`` is a
 Cell run first, only on the first virtual stage (e.g. the embedding, taking token ids);
 ``post_process`` runs last, only on the last virtual stage (e.g. final norm + output layer),
-followed by ``loss_fn(output, labels) -> scalar``. A GPTModel stage is
-``PipelineStage(block.layers[r], pre_process=embedding, post_process=head, loss_fn=ce)``.
+followed by ``loss_fn(output, labels) -> scalar``. A stage that is one Cell taking token ids
+on the first stage (a GPTModel stage, ``models.gpt_pipeline``) passes ``is_first=True``
+instead of a ``pre_process``.
 
 ``StageRunner`` compiles the stage's graphs once (``mindspore.jit``) and exposes the steps the
 schedules need:
@@ -19,7 +20,8 @@ schedules need:
   gradient as sensitivity). So a stage keeps only its *input* per micro-batch in flight, and
   pays one extra forward per micro-batch (stage-level activation recomputation);
 - ``loss_and_grads(x, labels, scale)`` (last stage) -> ``(loss, input_grad, param_grads)``,
-  gradients of ``scale * loss``, one compiled ``value_and_grad`` (no recompute needed).
+  gradients of ``scale * loss``, one compiled graph with ``value_and_grad`` inside (no
+  recompute needed).
 
 Why recompute: MindSpore 2.10 PyNative keeps ONE pending ``mindspore.vjp`` at a time. A second
 ``vjp`` before the first closure is used makes the first fail ("Can not find top cell for
@@ -55,13 +57,22 @@ def split_layers(num_layers: int, pp: int, vpp: int = 1,
     return [range(s, s + c) for s, c in zip(starts, counts)]
 
 
-def sync_embedding_grads(grads, dims: ParallelDims):
+def sync_embedding_grads(grads, dims: ParallelDims, params=None):
     """Sum the gradients of a tied embedding over the embedding group (Megatron's
     ``_allreduce_embedding_grads``): the first stage holds the input embedding and the last the
     output layer sharing its weight; after the sum both apply the same update. ``grads``: one
-    tensor or a tuple. A middle stage is alone in its embedding group: returned unchanged."""
+    tensor or a tuple. A middle stage is alone in its embedding group: returned unchanged.
+
+    With ``params`` (aligned with ``grads``, e.g. ``model.chunks[c].params`` and
+    ``result.grads[c]``) only the gradients of parameters marked ``shared_embedding = True``
+    (``models.gpt.GPTModel`` stages) are summed, the others returned as they are. Call it for
+    every local chunk on every rank: the first and the last stage each make one all-reduce."""
     from mcore.comm.collectives import all_reduce
 
+    if params is not None:
+        return type(grads)(all_reduce(g, dims.embedding)
+                           if getattr(p, "shared_embedding", False) else g
+                           for p, g in zip(params, grads, strict=True))
     if isinstance(grads, (list, tuple)):
         return type(grads)(all_reduce(g, dims.embedding) for g in grads)
     return all_reduce(grads, dims.embedding)
@@ -72,12 +83,17 @@ class PipelineStage(nn.Cell):
 
     Input: token ids (or whatever ``pre_process`` takes) on the first stage, else the previous
     stage's activation. Output: ``post_process``'s output on the last stage, else the activation
-    sent on. ``loss_fn`` (last stage only): ``(output, labels) -> scalar loss``."""
+    sent on. ``loss_fn`` (last stage only): ``(output, labels) -> scalar loss``.
+    ``is_first`` / ``is_last`` (None: derived from ``pre_process`` / ``post_process`` and
+    ``loss_fn``) say whether the input is data (no input gradient) / the stage ends the model."""
 
-    def __init__(self, layers, pre_process=None, post_process=None, loss_fn=None):
+    def __init__(self, layers, pre_process=None, post_process=None, loss_fn=None,
+                 is_first: bool | None = None, is_last: bool | None = None):
         super().__init__()
-        self.is_first = pre_process is not None
-        self.is_last = post_process is not None or loss_fn is not None
+        self.is_first = pre_process is not None if is_first is None else bool(is_first)
+        if is_last is None:
+            is_last = post_process is not None or loss_fn is not None
+        self.is_last = bool(is_last)
         self.pre_process = pre_process
         self.stage_layers = nn.CellList(list(layers))
         self.post_process = post_process
@@ -104,6 +120,24 @@ class _StageLoss(nn.Cell):
     def construct(self, x, labels, scale):
         loss = self.stage.loss_fn(self.stage(x), labels)
         return loss * scale, loss
+
+
+class _StageLossGrad(nn.Cell):
+    """``(x, labels, scale) -> ((scale * loss, loss), grads)`` of the last stage as ONE graph:
+    ``grads`` = param grads (first stage: its input is token ids) or ``(input_grad, param
+    grads)``. Differentiating inside the compiled graph, not ``mindspore.value_and_grad`` of a
+    jitted Cell from Python: the latter fails to compile on MindSpore 2.10 when the loss has
+    a custom ``bprop`` (vocab-parallel cross-entropy: "func_graph->get_return() is null")."""
+
+    def __init__(self, stage: PipelineStage):
+        super().__init__()
+        self.loss = _StageLoss(stage)
+        self.weights = ParameterTuple(stage.trainable_params())
+        self.position = None if stage.is_first else 0
+
+    def construct(self, x, labels, scale):
+        return ms.value_and_grad(self.loss, self.position, self.weights, has_aux=True)(
+            x, labels, scale)
 
 
 class _StageBackward(nn.Cell):
@@ -133,12 +167,8 @@ class StageRunner:
         self._bwd = ms.jit(self._bwd) if jit else self._bwd
         self._grad = None
         if stage.loss_fn is not None:
-            loss = _StageLoss(stage)
-            loss = ms.jit(loss) if jit else loss
-            # The first stage's input is token ids: no input gradient there.
-            pos = None if stage.is_first else 0
-            self._grad = ms.value_and_grad(loss, grad_position=pos, weights=self.params,
-                                           has_aux=True)
+            self._grad = _StageLossGrad(stage)
+            self._grad = ms.jit(self._grad) if jit else self._grad
 
     def forward(self, x):
         """Stage output (no graph kept: the backward recomputes it from ``x``)."""
@@ -173,7 +203,9 @@ class PipelineModel:
     ``c * pp + rank``), the parallel state, and the shape of the activations between stages:
     ``(micro_batch, seq / tp if sequence_parallel else seq, hidden_size)`` in ``dtype``.
     ``time_actions``: synchronise after every forward / backward and add its wall time to
-    ``ScheduleResult.compute_seconds`` (for bubble measurements; slows the step a little)."""
+    ``ScheduleResult.compute_seconds`` (for bubble measurements; slows the step a little).
+    ``loss_scale``: the last stage differentiates ``loss_scale * loss / num_microbatches``
+    (fp16 loss scaling; the caller unscales the gradients); the reported loss is unscaled."""
 
     chunks: list
     dims: ParallelDims
@@ -181,6 +213,7 @@ class PipelineModel:
     dtype: object = ms.float32
     sequence_parallel: bool = False
     time_actions: bool = False
+    loss_scale: float = 1.0
 
     def activation_shape(self, seq_length: int, micro_batch_size: int) -> tuple:
         seq = seq_length // self.dims.tp.size if self.sequence_parallel else seq_length

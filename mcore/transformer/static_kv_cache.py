@@ -17,16 +17,20 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 
 class StaticKVCache(nn.Cell):
-    """See the module docstring. ``shape`` = ``(b, n_kv_local, max_len, head_dim)``."""
+    """See the module docstring. ``shape`` = ``(b, n_kv_local, max_len, head_dim)``;
+    ``layers``: the number of layers, or the ``range`` of GLOBAL layer numbers of a pipeline
+    stage (``update`` takes the global number)."""
 
-    def __init__(self, num_layers: int, shape: tuple, dtype=ms.float32):
+    def __init__(self, layers: int | range, shape: tuple, dtype=ms.float32):
         super().__init__()
+        layers = range(layers) if isinstance(layers, int) else layers
+        self.first = layers.start
         self.max_len = shape[2]
         zeros = Tensor(np.zeros(shape, np.float32)).astype(dtype)
         self.keys = ParameterTuple(Parameter(zeros.copy(), name=f"k{i}", requires_grad=False)
-                                   for i in range(num_layers))  # [b, n_kv, max_len, d] each
+                                   for i in layers)  # [b, n_kv, max_len, d] each
         self.values = ParameterTuple(Parameter(zeros.copy(), name=f"v{i}", requires_grad=False)
-                                     for i in range(num_layers))
+                                     for i in layers)
         self.position = Parameter(Tensor(0, ms.int32), name="position", requires_grad=False)
         self.slots = Tensor(np.arange(self.max_len, dtype=np.int32).reshape(1, 1, -1, 1))
 
@@ -60,4 +64,5 @@ class StaticKVCache(nn.Cell):
         return out
 
     def update(self, layer: int, k, v):
-        return self._write(self.keys[layer], k), self._write(self.values[layer], v), self.position
+        slot = layer - self.first  # global layer number -> this cache's slot
+        return self._write(self.keys[slot], k), self._write(self.values[slot], v), self.position

@@ -147,6 +147,8 @@ def _wrong_value(typ: str, draw_int, draw_text):
         return draw_text
     if typ.startswith("one of"):
         return draw_text
+    if typ.startswith("list of int"):
+        return f"[{draw_int}, {draw_text}]"  # a word inside a list of ints
     return f"[{draw_int}, {draw_int}]"  # str fields: a list
 
 
@@ -156,7 +158,7 @@ def _wrong_value(typ: str, draw_int, draw_text):
 def test_generated_wrong_types_fail_naming_the_key(key, n, word):
     value = _wrong_value(_SCHEMA[key], n, word)
     msg = _error([f"{key}={value}"])
-    assert msg.startswith(key + ":"), msg
+    assert msg.startswith(key + ":") or msg.startswith(key + "[1]:"), msg
 
 
 @settings(max_examples=60, deadline=None)
@@ -212,7 +214,8 @@ def test_command_line_prints_config_or_one_line_error():
 @given(pp=st.integers(2, 6), vpp=st.integers(1, 3), layers=st.integers(1, 40))
 def test_generated_layers_not_divisible_by_pipeline(pp, vpp, layers):
     overrides = [f"parallel.pp={pp}", f"parallel.vpp={vpp}", f"model.num_layers={layers}",
-                 "training.micro_batch_size=1", "training.global_batch_size=1"]
+                 "training.micro_batch_size=1", f"training.global_batch_size={pp}",
+                 f"training.eval_iters={pp}"]
     if layers % (pp * vpp):
         msg = _error(overrides, world_size=pp)
         assert "model.num_layers" in msg and "parallel.pp" in msg
@@ -234,3 +237,20 @@ def test_parse_cli_for_entry_points():
         parse_cli(["--tp", "2"])
     with pytest.raises(ConfigError, match="'--config' needs"):
         parse_cli(["--config"])
+
+
+@pytest.mark.parametrize("split, message", [
+    ("[1, 1, 1]", "parallel.layers_per_stage=[1, 1, 1] must have pp*vpp=2"),
+    ("[3, 0]", "summing to model.num_layers=2"),
+    ("[3, -1]", "non-negative"),
+])
+def test_layers_per_stage_must_match_the_stages(split, message):
+    msg = _error(["parallel.pp=2", "model.num_layers=2", f"parallel.layers_per_stage={split}"],
+                 world_size=2)
+    assert message in msg, msg
+
+
+def test_interleaved_needs_micro_batches_in_groups_of_pp():
+    msg = _error(["parallel.pp=2", "parallel.vpp=2", "model.num_layers=4",
+                  "training.micro_batch_size=1", "training.global_batch_size=3"], world_size=2)
+    assert msg.startswith("parallel.vpp=2") and "grad_accum_steps (3)" in msg, msg

@@ -1,0 +1,121 @@
+"""The training step with pipeline parallelism (``parallel.pp > 1``), same contract as ``TrainStep``.
+
+    pipeline = models.gpt_pipeline.build_gpt_pipeline(hf_cfg, dims, vpp, layers_per_stage)
+    step = PipelineTrainStep(pipeline, dims, cfg.optimizer, grad_accum_steps, seq_length,
+                             micro_batch_size)
+    loss, grad_norm = step(micro_batches, lr, it)     # micro_batches: [(inputs, labels), ...]
+
+One optimizer step on each pipeline rank:
+
+1. ``get_forward_backward_func(pp, vpp)`` (1F1B, or interleaved 1F1B when vpp > 1) runs the
+   ``n`` micro-batches through this rank's compiled stage chunks; it returns the loss (mean over
+   micro-batches, the same on every pp rank) and, per chunk, the gradients of that mean loss.
+2. A tied embedding's two copies (first stage's embedding, last stage's head:
+   ``param.shared_embedding``) get their gradients summed over the embedding group
+   (``sync_embedding_grads``, eagerly, so both apply the same update).
+3. The gradients go into fp32 buffers and ``AdamWUpdate`` (one compiled graph) does the rest,
+   as for ``TrainStep``: dp mean; the global norm sums squares over tp (split parameters), over
+   the stages (one pp all-reduce) and counts the tied weight once (the head copy is left out);
+   clip; AdamW.
+
+Parameter names are the full model's (``decoder.layers.<global index>...``), so per-stage
+checkpoints hold disjoint name sets and merge into the full model by union.
+fp16: stage matmuls in fp16 (``apply_compute_dtype`` on each chunk), static loss scale ``S``
+applied by the schedule (``PipelineModel.loss_scale``), gradients unscaled before the update.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, ParameterTuple, ops
+
+from mcore.comm.collectives import all_reduce
+from mcore.parallel_state import ParallelDims
+from mcore.pipeline_parallel.schedules import get_forward_backward_func
+from mcore.pipeline_parallel.stage import sync_embedding_grads
+from training.optim import should_decay
+from training.step import AdamWUpdate, TrainState, apply_compute_dtype, tp_split_names
+
+
+def _names(pipeline) -> list[list[str]]:
+    """Per chunk, the full-model name of each of its runner's parameters (in ``params`` order)."""
+    out = []
+    for runner, model in zip(pipeline.chunks, pipeline.chunk_models):
+        by_id = {id(p): n for n, p in model.parameters_and_names()}
+        missing = [p.name for p in runner.params if id(p) not in by_id]
+        if missing:
+            raise ValueError(f"pipeline chunk parameters {missing} are not in its chunk model")
+        out.append([by_id[id(p)] for p in runner.params])
+    return out
+
+
+class PipelineTrainStep(TrainState):
+    """Pipeline schedule + dp all-reduce + clipping + AdamW; see the module docstring."""
+
+    def __init__(self, pipeline, dims: ParallelDims, opt_cfg, grad_accum_steps: int,
+                 seq_length: int, micro_batch_size: int, dtype: str = "fp32",
+                 loss_scale: float = 1.0):
+        self.pipeline, self.dims, self.opt = pipeline, dims, opt_cfg
+        self.n_micro, self.seq, self.mbs = int(grad_accum_steps), int(seq_length), int(micro_batch_size)
+        self.loss_scale = float(loss_scale)
+        pipeline.loss_scale = self.loss_scale
+        self.schedule = get_forward_backward_func(dims.pp.size, len(pipeline.chunks))
+        self.cast_cells = [c for m in pipeline.chunk_models for c in apply_compute_dtype(m, dtype)]
+        names = _names(pipeline)
+        self.named, in_norm, split = [], [], []
+        for runner, model, chunk_names in zip(pipeline.chunks, pipeline.chunk_models, names):
+            tp_split = tp_split_names(model)
+            for name, p in zip(chunk_names, runner.params):
+                tied = bool(getattr(p, "shared_embedding", False))
+                self.named.append((name, p))
+                in_norm.append(not (tied and not runner.stage.is_first))  # tied weight once
+                split.append(name in tp_split)
+        if len({n for n, _ in self.named}) != len(self.named):
+            raise ValueError("pipeline chunks share parameter names: build each chunk's layers "
+                             "with their global layer numbers")
+        self.params = ParameterTuple([p for _, p in self.named])
+        self.acc = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"grad_acc.{p.name}",
+                                             requires_grad=False) for p in self.params])
+        decay = [should_decay(n, len(p.shape)) for n, p in self.named]
+        update = AdamWUpdate(self.params, self.acc, decay, split, dims, opt_cfg,
+                             skip_nonfinite=bool(self.cast_cells) or self.loss_scale != 1.0,
+                             in_norm=in_norm)
+        self.update = update
+        self._update = ms.jit(update)
+
+    def _run(self, batches, forward_only: bool):
+        data = iter([(ms.Tensor(x, ms.int32), ms.Tensor(y, ms.int32)) for x, y in batches])
+        return self.schedule(_next_batch, data, self.pipeline, num_microbatches=len(batches),
+                             seq_length=self.seq, micro_batch_size=self.mbs,
+                             forward_only=forward_only)
+
+    def __call__(self, micro_batches, lr: float, step: int) -> tuple[float, float]:
+        """One optimizer step (``step`` 0-based). ``micro_batches``: ``n`` (inputs, labels) numpy
+        int32 pairs (only the first and last stage read them). Returns ``(loss, grad_norm)``:
+        loss averaged over micro-batches and dp, the same on every rank."""
+        if len(micro_batches) != self.n_micro:
+            raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
+                             f"{self.n_micro}")
+        result = self._run(micro_batches, forward_only=False)
+        grads = [g for runner, chunk in zip(self.pipeline.chunks, result.grads)
+                 for g in sync_embedding_grads(chunk, self.dims, runner.params)]
+        unscale = 1.0 / self.loss_scale
+        for acc, g in zip(self.acc, grads):
+            ops.assign(acc, g.astype(ms.float32) * unscale if unscale != 1.0 else g)
+        t = step + 1
+        bc1, bc2 = 1.0 - self.opt.beta1 ** t, 1.0 - self.opt.beta2 ** t
+        norm, loss = self._update(ms.Tensor(lr, ms.float32), ms.Tensor(bc1, ms.float32),
+                                  ms.Tensor(bc2, ms.float32), ms.Tensor(result.loss, ms.float32))
+        return float(loss.asnumpy()), float(norm.asnumpy())
+
+    def evaluate(self, batches) -> float:
+        """Mean loss over ``batches`` (forward only through the pipeline), then over dp."""
+        loss = np.array(self._run(batches, forward_only=True).loss, np.float32)
+        if self.dims.dp.size > 1:
+            loss = all_reduce(ms.Tensor(loss), self.dims.dp).asnumpy() / self.dims.dp.size
+        return float(loss)
+
+
+def _next_batch(data_iterator, chunk):
+    """``forward_step_func`` of the schedules: the next ``(inputs, labels)`` micro-batch."""
+    return next(data_iterator)
