@@ -146,6 +146,8 @@ class LoggingConfig:
     tensorboard: bool = _f(True, "write TensorBoard event files")
     peak_tflops: float = _f(0.25, "peak TFLOP/s per rank used for the MFU estimate "
                             "(0.25 ~ fp32 GEMM on a 2-core x86 CPU)")
+    sample_tokens: int = _f(48, "tokens of the text sample generated at the end of a run "
+                            "(0: no sample)")
 
 
 SECTIONS: dict[str, type] = {

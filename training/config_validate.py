@@ -38,7 +38,8 @@ def validate(cfg, world_size: int = 1) -> None:
                     "training.global_batch_size", "training.eval_iters", "data.corpus_max_bytes",
                     "logging.log_interval", "optimizer.decay_iters"])
     _positive(cfg, ["training.seed", "training.eval_interval", "optimizer.warmup_iters",
-                    "checkpoint.save_interval", "checkpoint.keep_last"], minimum=0)
+                    "checkpoint.save_interval", "checkpoint.keep_last", "logging.sample_tokens"],
+              minimum=0)
     for key, v in [("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps),
                    ("optimizer.eps", o.eps), ("logging.peak_tflops", cfg.logging.peak_tflops)]:
         if v <= 0:

@@ -32,7 +32,8 @@ from mcore.distributed_env import launched_world_size, requested_device
 from training.config import ConfigError, load_config, parse_cli
 
 # The sample printed at the end (nucleus sampling: greedy decoding of a small model loops).
-SAMPLE = {"prompt": "def ", "max_new_tokens": 48, "temperature": 0.8, "top_p": 0.9}
+# (``logging.sample_tokens`` sets max_new_tokens.)
+SAMPLE = {"prompt": "def ", "temperature": 0.8, "top_p": 0.9}
 
 
 def check_supported(cfg) -> None:
@@ -174,11 +175,11 @@ def validate(cfg, step_fn, data) -> float | None:
     return step_fn.evaluate(batches)
 
 
-def sample(model, tokenizer, seed: int) -> str:
+def sample(model, tokenizer, seed: int, max_new_tokens: int) -> str:
     """A sampled continuation of ``SAMPLE["prompt"]`` (PyNative; every rank must call it)."""
     from training.generate import generate_text
 
-    return generate_text(model, tokenizer, seed=seed, **SAMPLE)
+    return generate_text(model, tokenizer, seed=seed, max_new_tokens=max_new_tokens, **SAMPLE)
 
 
 def run(cfg, stop_after: int | None = None) -> dict:
@@ -242,8 +243,10 @@ def run(cfg, stop_after: int | None = None) -> dict:
         log.eval(step, valid_loss)
     if not cfg.checkpoint.save_interval or step % cfg.checkpoint.save_interval:
         save(cfg, step, step_fn, data, dims)
-    text = sample(model, data.tokenizer, t.seed)
-    log.info(f"sample (temperature {SAMPLE['temperature']}, top-p {SAMPLE['top_p']}):\n{text}")
+    text = None
+    if cfg.logging.sample_tokens > 0:
+        text = sample(model, data.tokenizer, t.seed, cfg.logging.sample_tokens)
+        log.info(f"sample (temperature {SAMPLE['temperature']}, top-p {SAMPLE['top_p']}):\n{text}")
     log.close()
     return {"step": step, "loss": loss, "valid_loss": valid_loss, "sample": text}
 

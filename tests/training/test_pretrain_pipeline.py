@@ -32,7 +32,7 @@ TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=5", "m
         "training.global_batch_size=8", "training.train_iters=8", "training.eval_interval=0",
         "training.eval_iters=2", "optimizer.lr=1e-2", "optimizer.min_lr=1e-3",
         "optimizer.warmup_iters=2", "logging.log_interval=4", "logging.tensorboard=false",
-        "checkpoint.save_interval=4"]
+        "checkpoint.save_interval=4", "logging.sample_tokens=8"]
 
 
 def _args(tmp: Path, run: str, *extra) -> list[str]:
@@ -132,7 +132,7 @@ def test_pp2_resume_eval_and_generate(pp2):
     res = run_python("from training.generate import generate_text, load; "
                      "from training.pretrain import SAMPLE; "
                      f"m, t = load({str(step8)!r}); print('SAMPLE<<' + generate_text(m, t, seed=1234, "
-                     "**SAMPLE) + '>>')", cwd=tmp)
+                     "max_new_tokens=8, **SAMPLE) + '>>')", cwd=tmp)
     assert res.returncode == 0, res.stderr[-3000:]
     merged = res.stdout.split("SAMPLE<<", 1)[1].rsplit(">>", 1)[0]
     printed = (tmp / "pp2" / "logs" / "rank_0.log").read_text()
