@@ -9,7 +9,9 @@ global norm that counts the tied weight once are exercised), 8 steps of 2 micro-
 - the pp=2 checkpoint holds one shard per stage (disjoint layer names whose union is the full
   model, equal to the one-process weights); resuming it at step 4 reproduces steps 5-8;
   evaluate.py under msrun with pp=2 reads it back; generate.py merges the stages into one
-  process and samples the same text the pipelined run printed.
+  process and samples the same text the pipelined run printed;
+- pp=2 with fp16 compute (loss scale through the schedule) tracks the fp32 losses (1e-2) and
+  unscaled gradient norms (2e-2).
 """
 import json
 from pathlib import Path
@@ -147,3 +149,16 @@ def test_pipeline_layouts_match_one_process(reference, run, layout, workers):
     tmp = reference
     _launch(tmp, PRETRAIN, _args(tmp, run, *layout), workers=workers, timeout=400)
     _matches_reference(tmp, run)
+
+
+def test_pp2_fp16_tracks_the_fp32_run(reference):
+    """fp16 matmuls with the static loss scale applied by the schedule (unscaled before the
+    update): the losses stay within 1e-2 of the fp32 one-process run."""
+    tmp = reference
+    logs = _launch(tmp, PRETRAIN, _args(tmp, "pp2_fp16", "parallel.pp=2", "training.dtype=fp16",
+                                        "parallel.layers_per_stage=[3,2]"), workers=2)
+    assert "compute fp16, loss scale 1024" in logs
+    _close(_metrics(tmp / "pp2_fp16", "train", "loss"), _metrics(tmp / "one", "train", "loss"), 1e-2,
+           "fp16 loss")
+    _close(_metrics(tmp / "pp2_fp16", "train", "grad_norm"), _metrics(tmp / "one", "train", "grad_norm"),
+           2e-2, "fp16 grad_norm (unscaled)")
