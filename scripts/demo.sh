@@ -3,14 +3,18 @@
 # library sources) in one process: ~3-4 minutes on a 2-core CPU. Live progress lines, validation
 # loss every 50 steps, checkpoints in runs/tiny_llama_demo/checkpoints, a generated sample at the
 # end. Extra arguments are config overrides, e.g.  bash scripts/demo.sh training.train_iters=20
-# Two ranks instead:  DEMO_RANKS=2 bash scripts/demo.sh parallel.tp=2
+# Two ranks instead:  DEMO_RANKS=2 bash scripts/demo.sh parallel.tp=2   (or parallel.pp=2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
 bash scripts/setup.sh
 export PATH="$repo/.venv/bin:$PATH" GLOG_v=${GLOG_v:-3} PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 run_dir=$(mktemp -d -t msformers_demo_XXXX)   # MindSpore writes rank_N/ folders into the cwd
-out="$repo/runs/tiny_llama_demo"   # override with logging.output_dir=... (the last value wins)
+# One run directory per parallel layout (a checkpoint resumes only with the layout that saved
+# it): parallel.pp=2 -> runs/tiny_llama_demo_pp2. Override with logging.output_dir=...
+layout=""
+for a in "$@"; do [[ $a == parallel.* ]] && layout+="_${a#parallel.}"; done
+out="$repo/runs/tiny_llama_demo${layout//[^A-Za-z0-9_]/}"
 args=(--config "$repo/configs/tiny_llama_demo.yaml" "logging.output_dir=$out"
       "data.cache_dir=$repo/runs/data_cache" "$@")
 cd "$run_dir"

@@ -244,7 +244,8 @@ def _check_tensors(fpath: Path, got: dict[str, np.ndarray], expected: dict[str, 
     missing = sorted(set(expected) - set(got))
     if missing:
         raise CheckpointError(f"checkpoint file '{fpath}' lacks tensor '{missing[0]}'"
-                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+                              + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                              + " (saved with another parallel layout or model?)")
     extra = sorted(set(got) - set(expected))
     if extra:
         raise CheckpointError(f"checkpoint file '{fpath}' has unexpected tensor '{extra[0]}' "
@@ -270,7 +271,9 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0, world_size: int | No
     meta = read_meta(path)
     if world_size is not None and meta["world_size"] != world_size:
         raise CheckpointError(f"checkpoint file '{path / 'meta.json'}' was saved by "
-                              f"{meta['world_size']} ranks, this run has {world_size}")
+                              f"{meta['world_size']} ranks, this run has {world_size} (resume "
+                              "with the saved parallel layout, or train into a new "
+                              "logging.output_dir)")
     if expected_model_config is not None:
         saved = (meta["meta"].get("config") or {}).get("model")
         if saved is not None:
