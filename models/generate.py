@@ -100,34 +100,27 @@ def _stepper(model, use_cache: bool, compiled: bool, batch: int, max_len: int):
     return step
 
 
-def generate(model, input_ids, max_new_tokens: int, do_sample: bool = False,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             stop_tokens=(), pad_token_id: int = 0, use_cache: bool = True,
-             compiled: bool = False) -> list[list[int]]:
-    """See the module docstring. ``input_ids``: list of token lists, array or Tensor ``[b, s]``.
-    ``compiled``: run the cached steps under ``mindspore.jit`` with a ``StaticKVCache`` (one
-    compilation for the prompt shape and one for the 1-token step)."""
+def decode_loop(next_tokens, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int,
+                stop_tokens=(), pad_token_id: int = 0, use_cache: bool = True) -> list[list[int]]:
+    """The token loop shared by ``generate`` and ``models.generate_pipeline``: per prompt, the
+    new token ids (ending with a stop token when one was produced).
+
+    ``ids``, ``mask``: the left-padded prompts (``left_pad``). ``next_tokens(step_ids [b, n],
+    step_pos [b, n], key_mask)`` returns the next token of every row (``[b]``); ``key_mask`` is
+    the ``[b, t]`` real-key mask of everything fed so far, or None when no prompt is padded.
+    With ``use_cache`` each step after the prompt feeds only the newest tokens, else the whole
+    sequence."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-    ids, mask = left_pad(input_ids, pad_token_id)
     b = ids.shape[0]
-    rng = np.random.default_rng(seed)
     stop = set(int(t) for t in stop_tokens)
     padded = not mask.all()
     positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)  # [b, s]
-    max_len = ids.shape[1] + max_new_tokens
-    step = _stepper(model, use_cache, compiled, b, max_len)
     out = [[] for _ in range(b)]
     done = np.zeros(b, bool)
     step_ids, step_pos = ids, positions
     for _ in range(max_new_tokens):
-        key_mask = None
-        if padded:  # a static cache needs the mask over all max_len slots
-            key_mask = np.pad(mask, ((0, 0), (0, max_len - mask.shape[1])), constant_values=1)
-            key_mask = ms.Tensor(key_mask if compiled and use_cache else mask)
-        logits = step(ms.Tensor(step_ids), ms.Tensor(step_pos), key_mask)
-        last = logits[:, -1, :].asnumpy()  # [b, V]
-        nxt = choose_next(last, do_sample, temperature, top_k, top_p, rng)
+        nxt = next_tokens(step_ids, step_pos, mask if padded else None)
         nxt = np.where(done, pad_token_id, nxt).astype(np.int32)
         for i in np.flatnonzero(~done):
             out[i].append(int(nxt[i]))
@@ -140,3 +133,28 @@ def generate(model, input_ids, max_new_tokens: int, do_sample: bool = False,
         positions = np.concatenate([positions, new_pos], 1)
         step_ids, step_pos = (nxt[:, None], new_pos) if use_cache else (ids, positions)
     return out
+
+
+def generate(model, input_ids, max_new_tokens: int, do_sample: bool = False,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+             stop_tokens=(), pad_token_id: int = 0, use_cache: bool = True,
+             compiled: bool = False) -> list[list[int]]:
+    """See the module docstring. ``input_ids``: list of token lists, array or Tensor ``[b, s]``.
+    ``compiled``: run the cached steps under ``mindspore.jit`` with a ``StaticKVCache`` (one
+    compilation for the prompt shape and one for the 1-token step)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+    ids, mask = left_pad(input_ids, pad_token_id)
+    rng = np.random.default_rng(seed)
+    max_len = ids.shape[1] + max_new_tokens
+    static = compiled and use_cache
+    step = _stepper(model, use_cache, compiled, ids.shape[0], max_len)
+
+    def next_tokens(step_ids, step_pos, key_mask):
+        if key_mask is not None and static:  # a static cache needs the mask over all max_len slots
+            key_mask = np.pad(key_mask, ((0, 0), (0, max_len - key_mask.shape[1])), constant_values=1)
+        key_mask = None if key_mask is None else ms.Tensor(key_mask)
+        logits = step(ms.Tensor(step_ids), ms.Tensor(step_pos), key_mask)
+        return choose_next(logits[:, -1, :].asnumpy(), do_sample, temperature, top_k, top_p, rng)
+
+    return decode_loop(next_tokens, ids, mask, max_new_tokens, stop_tokens, pad_token_id, use_cache)

@@ -22,7 +22,7 @@ import numpy as np
 
 from mcore.comm.collectives import broadcast
 from mcore.comm.p2p import recv, send
-from models.generate import choose_next, left_pad
+from models.generate import choose_next, decode_loop, left_pad
 
 
 def _run_stages(pipeline, caches, ids, positions, key_mask):
@@ -49,36 +49,19 @@ def generate_pipeline(pipeline, input_ids, max_new_tokens: int, do_sample: bool 
                       temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                       seed: int | None = None, stop_tokens=(), pad_token_id: int = 0) -> list[list[int]]:
     """See the module docstring; arguments as ``models.generate.generate``."""
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
     dims = pipeline.dims
     last_rank = dims.pp.size - 1
     ids, mask = left_pad(input_ids, pad_token_id)
-    b = ids.shape[0]
     rng = np.random.default_rng(seed)
-    stop = set(int(t) for t in stop_tokens)
-    padded = not mask.all()
-    positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)  # [b, s]
     caches = [m.new_cache() for m in pipeline.chunk_models]
-    out = [[] for _ in range(b)]
-    done = np.zeros(b, bool)
-    step_ids, step_pos = ids, positions
-    for _ in range(max_new_tokens):
-        key_mask = ms.Tensor(mask) if padded else None
+
+    def next_tokens(step_ids, step_pos, key_mask):
+        key_mask = None if key_mask is None else ms.Tensor(key_mask)
         logits = _run_stages(pipeline, caches, ms.Tensor(step_ids), ms.Tensor(step_pos), key_mask)
-        nxt = np.zeros(b, np.float32)
+        nxt = np.zeros(ids.shape[0], np.float32)
         if dims.pp_stage == last_rank:
             nxt = choose_next(logits[:, -1, :].asnumpy(), do_sample, temperature, top_k, top_p,
                               rng).astype(np.float32)
-        nxt = broadcast(ms.Tensor(nxt), dims.pp, src=last_rank).asnumpy()  # ids exact in fp32
-        nxt = np.where(done, pad_token_id, nxt).astype(np.int32)
-        for i in np.flatnonzero(~done):
-            out[i].append(int(nxt[i]))
-            done[i] = int(nxt[i]) in stop
-        if done.all():
-            break
-        new_pos = positions[:, -1:] + 1  # [b, 1]
-        mask = np.concatenate([mask, np.ones((b, 1), np.int32)], 1)
-        positions = np.concatenate([positions, new_pos], 1)
-        step_ids, step_pos = nxt[:, None], new_pos
-    return out
+        return broadcast(ms.Tensor(nxt), dims.pp, src=last_rank).asnumpy()  # ids exact in fp32
+
+    return decode_loop(next_tokens, ids, mask, max_new_tokens, stop_tokens, pad_token_id)
