@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.config import ConfigError
-from training.pretrain import build_dims, build_model, build_step, checkpoint_root, parse_args
+from training.pretrain import build_dims, build_model, build_step, checkpoint_root, config_or_exit
 
 
 def load_weights(step_fn, cfg, dims) -> Path:
@@ -67,12 +67,7 @@ def evaluate(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    result = evaluate(cfg)
+    result = evaluate(config_or_exit(argv))
     if result["rank"] == 0:
         print(f"valid loss {result['loss']:.4f} | ppl {result['ppl']:.2f} | "
               f"{result['tokens']:,} tokens | {result['checkpoint']}", flush=True)

@@ -251,13 +251,18 @@ def run(cfg, stop_after: int | None = None) -> dict:
     return {"step": step, "loss": loss, "valid_loss": valid_loss, "sample": text}
 
 
-def main(argv: list[str] | None = None) -> int:
+def config_or_exit(argv: list[str] | None = None):
+    """``parse_args`` for an entry point's ``main``: a bad config prints ``config error: <one
+    line naming the key>`` and exits with status 2."""
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        return parse_args(sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    run(cfg)
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(config_or_exit(argv))
     return 0
 
 
