@@ -3,7 +3,8 @@
 ``check_paths(cfg)`` raises the user error of the first path that cannot work,
 naming its key: ``data.corpus`` / ``data.tokenizer`` / ``data.data_prefix`` that do not exist
 (``DataError``); ``checkpoint.load`` that is neither ``none``, ``auto`` nor a checkpoint
-directory (``CheckpointError`` listing the accepted values); ``logging.output_dir``,
+directory (``CheckpointError`` listing the accepted values); ``model.hf_path`` without a
+``config.json``, ``logging.output_dir``,
 ``checkpoint.dir`` or ``data.cache_dir`` that cannot be created or written (``ConfigError``).
 """
 from __future__ import annotations
@@ -63,7 +64,13 @@ def check_load(load: str) -> None:
 
 def check_paths(cfg) -> None:
     """All of the above for ``cfg`` (see the module docstring)."""
+    from training.config import ConfigError
+
     check_data(cfg)
+    hf_path = cfg.model.hf_path
+    if hf_path and not (Path(hf_path) / "config.json").is_file():
+        raise ConfigError(f"model.hf_path='{hf_path}': no config.json there (not a Hugging Face "
+                          "checkpoint directory)")
     check_load(cfg.checkpoint.load)
     check_writable_dir("logging.output_dir", cfg.logging.output_dir)
     if cfg.checkpoint.dir is not None:

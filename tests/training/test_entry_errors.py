@@ -1,8 +1,8 @@
 """Bad input through the real entry points: exit status 2 and ONE line on stderr,
 ``<kind> error: <message>`` naming the key or file, no traceback.
 
-Path faults (data.corpus, data.tokenizer, checkpoint.load, logging.output_dir; evaluate.py with
-no checkpoint) are found before any work (the output directory is not even created); a corpus
+Path faults (data.corpus, data.tokenizer, checkpoint.load, logging.output_dir, model.hf_path;
+evaluate.py with no checkpoint) are found before any work (the output directory is not even created); a corpus
 too small for one global batch when the data is built; a checkpoint that does not fit and a
 loss that becomes NaN (``FloatingPointError``) when they happen.
 """
@@ -74,6 +74,7 @@ def _args(work: Path, *extra: str) -> list[str]:
                                                               "'none', 'auto'"]),
     ("checkpoint.load=latest", "checkpoint", ["checkpoint.load='latest'", "'none', 'auto'"]),
     ("logging.output_dir={w}/a_file/run", "config", ["logging.output_dir=", "a_file"]),
+    ("model.hf_path={w}/no_hf_dir", "config", ["model.hf_path=", "no_hf_dir", "config.json"]),
 ])
 def test_bad_path_fails_in_one_line_before_work(work, override, kind, names):
     res = entry("pretrain.py", _args(work, override.format(w=work)), cwd=work, timeout=60)
