@@ -2,11 +2,11 @@
 
 A user error is bad input the user can fix (a config key, a file, a checkpoint), not a bug:
 
-    ConfigError       training.config       a key, value or size            "config error: ..."
-    DataError         here                  corpus, tokenizer, dataset      "data error: ..."
-    CheckpointError   training.checkpointing  a checkpoint that cannot be used  "checkpoint error: ..."
-    LoadError         models                a Hugging Face directory        "load error: ..."
-    FloatingPointError  (builtin)           a loss that became NaN / Inf    "numerical error: ..."
+    ConfigError         training.config         a key, value, size or path   "config error: ..."
+    DataError           here                    corpus, tokenizer, dataset   "data error: ..."
+    CheckpointError     training.checkpointing  an unusable checkpoint       "checkpoint error: ..."
+    LoadError           models                  a Hugging Face directory     "load error: ..."
+    FloatingPointError  (builtin)               a loss that became NaN/Inf   "numerical error: ..."
 
 Each message is one line naming the key or file. The entry points (``training/pretrain.py``,
 ``evaluate.py``, ``generate.py``) run their work inside ``exit_on_user_error()``, which prints

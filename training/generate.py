@@ -19,14 +19,13 @@ as one batch (``models.generate``: ragged prompts are left-padded, each row give
 gives alone). Greedy unless ``--temperature`` > 0 (then top-k, top-p sampling, seeded).
 Generation of a row ends at end-of-document or ``--max-new-tokens``; its text is then cut
 before the first ``--stop`` string in the generated part. stdout: the texts (several are
-separated by a line ``SEPARATOR``); stderr: ``N new tokens in T s (R tokens/s)``.
+separated by a line of 40 ``-``); stderr: ``N new tokens in T s (R tokens/s)``.
 Bad input (source, tokenizer missing or larger than the model's vocabulary) prints
 ``<kind> error: <one line naming the file>`` and exits 2 before the model is built.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -212,7 +211,8 @@ def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str
 
 
 def parse(argv: list[str] | None):
-    ap = argparse.ArgumentParser(prog="python training/generate.py", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python training/generate.py",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("source", help="checkpoint step dir, run dir, or Hugging Face dir")
     ap.add_argument("--prompt", action="append", help="text to continue (repeat for a batch; "
                     "default 'def ')")

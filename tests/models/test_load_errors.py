@@ -63,7 +63,8 @@ def test_missing_tensor_names_directory_and_tensor(tmp_path):
     tensors = {k: v.load() for k, v in read_checkpoint(d).items()}
     del tensors["model.norm.weight"]
     write_checkpoint(d, tensors)
-    with pytest.raises(LoadError, match=r"llama: checkpoint is missing tensor\(s\) 'model\.norm\.weight'"):
+    with pytest.raises(LoadError,
+                       match=r"llama: checkpoint is missing tensor\(s\) 'model\.norm\.weight'"):
         models.from_pretrained(d)
 
 
@@ -74,8 +75,8 @@ def test_nan_and_inf_weights_are_named(tmp_path):
     w[0, 0], w[1, 1] = np.nan, np.inf
     tensors["model.layers.0.mlp.down_proj.weight"] = w
     write_checkpoint(d, tensors)
-    with pytest.raises(LoadError, match=r"model\.safetensors: tensor "
-                                        r"'model\.layers\.0\.mlp\.down_proj\.weight' holds 2 NaN/Inf"):
+    with pytest.raises(LoadError, match=r"model\.safetensors: tensor 'model\.layers\.0\.mlp\."
+                                        r"down_proj\.weight' holds 2 NaN/Inf"):
         models.from_pretrained(d)
 
 
@@ -111,7 +112,7 @@ def test_garbage_safetensors_header_is_named(tmp_path):
     raw = f.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     f.write_bytes(raw[:8] + b"\x00garbage!" * (n // 9) + b"#" * (n % 9) + raw[8 + n:])
-    with pytest.raises(LoadError, match=r"model\.safetensors: safetensors header is not valid JSON"):
+    with pytest.raises(LoadError, match=r"model\.safetensors: safetensors header is not valid"):
         models.from_pretrained(d)
 
 

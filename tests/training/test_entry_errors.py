@@ -28,7 +28,8 @@ TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2", "m
         "logging.tensorboard=false", "logging.sample_tokens=0"]
 
 
-def entry(script: str, args: list[str], cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+def entry(script: str, args: list[str], cwd: Path,
+          timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, GLOG_v="3")
     return subprocess.run([sys.executable, str(REPO_ROOT / "training" / script), *args],
                           capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
@@ -69,9 +70,9 @@ def _args(work: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("override, kind, names", [
     ("data.corpus={w}/no_such_dir", "data", ["data.corpus=", "no_such_dir"]),
-    ("data.tokenizer={w}/missing_tokenizer.json", "data", ["data.tokenizer=", "missing_tokenizer.json"]),
-    ("checkpoint.load={w}/no_such_checkpoint", "checkpoint", ["checkpoint.load=", "no_such_checkpoint",
-                                                              "'none', 'auto'"]),
+    ("data.tokenizer={w}/missing_tok.json", "data", ["data.tokenizer=", "missing_tok.json"]),
+    ("checkpoint.load={w}/no_such_checkpoint", "checkpoint",
+     ["checkpoint.load=", "no_such_checkpoint", "'none', 'auto'"]),
     ("checkpoint.load=latest", "checkpoint", ["checkpoint.load='latest'", "'none', 'auto'"]),
     ("logging.output_dir={w}/a_file/run", "config", ["logging.output_dir=", "a_file"]),
     ("model.hf_path={w}/no_hf_dir", "config", ["model.hf_path=", "no_hf_dir", "config.json"]),
