@@ -7,8 +7,12 @@ With a tp group of size > 1 every rank reads only its shard of each tensor.
 With ``stage=StageSpec(pre_process, post_process, layer_range)`` the model is one pipeline
 stage (``models.gpt``) and reads only the tensors that stage holds (the tied head copy of a
 last stage from ``embed_tokens``); ``full_state`` then returns that stage's parameters.
-Errors: unknown ``model_type``, an override that is not a config key, a missing tensor or a
-shape mismatch each raise one error naming the key or tensor.
+Errors: unknown ``model_type``, an override that is not a config key, or a shape mismatch
+each raise one error naming the key or tensor. Faults of the files raise ``models.LoadError``
+naming the file and tensor: ``config.json`` missing, not JSON or lacking a required key; a bad
+safetensors header or index (``models.safetensors_io``); a tensor the model needs that is
+missing; tensors the model does not use (e.g. a config with fewer layers than the checkpoint;
+``strict=False`` ignores them); NaN or Inf in a weight.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import numpy as np
 
 from mcore.parallel_state import ParallelDims, ProcessGroup
 from models import glm, llama, qwen, telechat
+from models.errors import LoadError
 from models.gpt import GPTModel, StageSpec
 from models.safetensors_io import read_checkpoint, write_checkpoint
 from models.weights import split_dims, to_hf, to_local
@@ -75,24 +80,71 @@ def _tp_group(tp_group, dims) -> ProcessGroup:
     return tp_group or ProcessGroup.single("tp")
 
 
+def read_config(path: Path) -> dict:
+    """``path/config.json`` as a dict; ``LoadError`` naming the file if missing or not JSON."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise LoadError(f"{config_file}: missing (not a Hugging Face checkpoint directory?)")
+    try:
+        hf = json.loads(config_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoadError(f"{config_file}: not valid JSON ({exc})") from None
+    if not isinstance(hf, dict):
+        raise LoadError(f"{config_file}: not a JSON object")
+    return hf
+
+
 def from_pretrained(path, tp_group: ProcessGroup | None = None, dims: ParallelDims | None = None,
-                    stage: StageSpec | None = None, **overrides) -> GPTModel:
+                    stage: StageSpec | None = None, strict: bool = True, **overrides) -> GPTModel:
     """Load a HF checkpoint directory; ``overrides`` replace config.json keys; ``stage``: build
-    and load only that pipeline stage."""
+    and load only that pipeline stage; ``strict=False``: ignore checkpoint tensors the model does
+    not use (else ``LoadError`` listing them)."""
     path = Path(path)
     config_file = path / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(f"{config_file}: missing")
-    hf = json.loads(config_file.read_text())
+    hf = read_config(path)
     for key, value in overrides.items():
         if key not in hf and key not in _OPTIONAL_KEYS:
             raise KeyError(f"override {key!r} is not a key of {config_file}")
         hf[key] = value
     group = _tp_group(tp_group, dims)
-    model = build_from_config(hf, group, stage,
-                              embedding_group=dims.embedding if dims is not None else None)
-    load_weights(model, read_checkpoint(path))
+    tensors = read_checkpoint(path)  # headers only: file faults surface before the model is built
+    try:
+        model = build_from_config(hf, group, stage,
+                                  embedding_group=dims.embedding if dims is not None else None)
+    except KeyError as exc:
+        raise LoadError(f"{config_file}: missing required key {exc.args[0]!r}") from None
+    check_names(model, tensors, path, strict)
+    load_weights(model, tensors)
     return model
+
+
+# Checkpoint tensors that are buffers rather than weights (older transformers saved them).
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def _listing(names: list[str], limit: int = 5) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(repr(n) for n in names[:limit]) + more
+
+
+def check_names(model: GPTModel, tensors: dict, path: Path, strict: bool = True) -> None:
+    """``LoadError`` naming ``path`` if a tensor ``model``'s stage needs is missing, or (``strict``)
+    if the checkpoint holds tensors the full model does not use (another stage's are fine)."""
+    needed = {p.name for plist in stage_table(model).values() for p in plist}
+    missing = sorted(needed - set(tensors))
+    if missing:
+        raise LoadError(f"{path}: checkpoint is missing tensor(s) {_listing(missing)}")
+    if not strict:
+        return
+    used = {p.name for plist in model.hf.family.weight_table(model.config, model.hf.tie).values()
+            for p in plist}
+    if model.hf.tie:
+        used.add("lm_head.weight")  # a tied head saved anyway is the embedding again
+    unexpected = sorted(n for n in set(tensors) - used if not n.endswith(_IGNORED_SUFFIXES))
+    if unexpected:
+        raise LoadError(f"{path}: {len(unexpected)} tensor(s) the model does not use: "
+                        f"{_listing(unexpected)} (num_hidden_layers={model.config.num_layers}; "
+                        "from_pretrained(..., strict=False) ignores them)")
 
 
 def _stage_holds(model: GPTModel, name: str) -> bool:

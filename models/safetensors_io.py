@@ -4,6 +4,10 @@
 ``model.safetensors.index.json`` (``weight_map``), and returns ``{name: LazyTensor}`` so only
 the tensors a rank needs are read. bfloat16 is widened to float32 exactly (numpy has no bf16).
 ``write_checkpoint(dir, tensors, max_shard_bytes)`` writes one file or shards plus the index.
+Reading checks what it can before any tensor is read: the header is JSON with a ``dtype``,
+``shape`` and ``data_offsets`` per tensor, each tensor's byte range holds exactly
+``prod(shape) * itemsize`` bytes inside the file, and every shard the index lists exists.
+Each fault raises ``models.LoadError`` naming the file (and tensor).
 """
 from __future__ import annotations
 
@@ -15,9 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from models.errors import LoadError
+
 _DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "I64": np.int64,
            "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 _NAMES = {np.dtype(v): k for k, v in _DTYPES.items()}
+_ITEMSIZE = {**{k: np.dtype(v).itemsize for k, v in _DTYPES.items()}, "BF16": 2}
 
 
 @dataclass(frozen=True)
@@ -35,36 +42,64 @@ class LazyTensor:
             f.seek(self.start)
             raw = f.read(self.end - self.start)
         if len(raw) != self.end - self.start:
-            raise ValueError(f"{self.file}: truncated (tensor bytes {self.start}..{self.end})")
+            raise LoadError(f"{self.file}: truncated (tensor bytes {self.start}..{self.end})")
         if self.dtype == "BF16":
             bits = np.frombuffer(raw, np.uint16).astype(np.uint32) << 16
             return bits.view(np.float32).reshape(self.shape)
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"{self.file}: unsupported dtype {self.dtype}")
         return np.frombuffer(raw, _DTYPES[self.dtype]).reshape(self.shape).copy()
 
 
+def _entry(path: Path, name: str, info, data_start: int, size: int) -> LazyTensor:
+    """One header entry checked against the file: known dtype, integer shape, a byte range inside
+    the file whose length is ``prod(shape) * itemsize``."""
+    where = f"{path}: tensor {name!r}"
+    try:
+        dtype, shape = info["dtype"], tuple(int(d) for d in info["shape"])
+        start, end = (int(o) for o in info["data_offsets"])
+    except (TypeError, KeyError, ValueError):
+        raise LoadError(f"{where}: header entry {info!r} needs dtype, shape and data_offsets"
+                        ) from None
+    if dtype not in _ITEMSIZE:
+        raise LoadError(f"{where}: unsupported dtype {dtype!r} (supported: {sorted(_ITEMSIZE)})")
+    expected = int(np.prod(shape, dtype=np.int64)) * _ITEMSIZE[dtype]
+    if not 0 <= start <= end or end - start != expected:
+        raise LoadError(f"{where}: shape {list(shape)} of {dtype} needs {expected} bytes, the "
+                        f"header gives data_offsets [{start}, {end}]")
+    if data_start + end > size:
+        raise LoadError(f"{where}: runs past the end of the file (truncated?)")
+    return LazyTensor(Path(path), dtype, shape, data_start + start, data_start + end)
+
+
 def read_header(path: Path) -> dict[str, LazyTensor]:
-    """Tensors listed in one safetensors file's header."""
+    """Tensors listed in one safetensors file's header (checked, see the module docstring)."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
-            raise ValueError(f"{path}: not a safetensors file (too short)")
+            raise LoadError(f"{path}: not a safetensors file (too short)")
         (n,) = struct.unpack("<Q", head)
         if n > size - 8:
-            raise ValueError(f"{path}: header length {n} exceeds file size {size}")
-        header = json.loads(f.read(n))
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if 8 + n + end > size:
-            raise ValueError(f"{path}: tensor {name!r} runs past the end of the file (truncated?)")
-        out[name] = LazyTensor(Path(path), info["dtype"], tuple(info["shape"]), 8 + n + start,
-                               8 + n + end)
-    return out
+            raise LoadError(f"{path}: header length {n} exceeds file size {size} (not a "
+                            "safetensors file, or truncated)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise LoadError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise LoadError(f"{path}: safetensors header is not a JSON object")
+    return {name: _entry(Path(path), name, info, 8 + n, size)
+            for name, info in header.items() if name != "__metadata__"}
+
+
+def _index_files(index: Path) -> list[str]:
+    """Shard file names listed by ``model.safetensors.index.json``'s ``weight_map``."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise LoadError(f"{index}: not valid JSON ({exc})") from None
+    except (KeyError, TypeError, AttributeError):
+        raise LoadError(f"{index}: has no 'weight_map' object of tensor name -> file") from None
 
 
 def read_checkpoint(directory) -> dict[str, LazyTensor]:
@@ -72,16 +107,16 @@ def read_checkpoint(directory) -> dict[str, LazyTensor]:
     directory = Path(directory)
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = _index_files(index)
     else:
         files = sorted(p.name for p in directory.glob("*.safetensors"))
     if not files:
-        raise FileNotFoundError(f"{directory}: no *.safetensors files")
+        raise LoadError(f"{directory}: no *.safetensors files")
     tensors = {}
     for name in files:
         path = directory / name
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: listed in the index but missing")
+        if not path.is_file():
+            raise LoadError(f"{path}: listed in {index.name} but missing")
         tensors.update(read_header(path))
     return tensors
 

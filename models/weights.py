@@ -9,7 +9,8 @@ every other head of an interleaved k/v tensor). ``rows`` is the piece's row coun
 ``to_local`` builds this rank's parameter values (each piece is sharded separately along the
 parameter's tp split dim, then concatenated: the layout ``mcore`` layers expect);
 ``to_hf`` splits full (tp=1) parameter values back into HF tensors.
-Errors name the HF tensor or parameter at fault.
+Errors name the HF tensor or parameter at fault; a checkpoint that lacks a tensor, or holds
+NaN / Inf in one, raises ``models.LoadError`` naming the tensor and its file.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from mcore.tensor_parallel.sharding import shard
+from models.errors import LoadError
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,17 @@ def split_dims(model) -> dict[str, int | None]:
     return dims
 
 
+def _finite(name: str, tensor) -> np.ndarray:
+    """``tensor.load()`` as float32; ``LoadError`` naming the tensor (and file) if it holds NaN
+    or Inf."""
+    value = tensor.load().astype(np.float32)
+    bad = value.size - int(np.isfinite(value).sum())
+    if bad:
+        where = f"{tensor.file}: " if getattr(tensor, "file", None) else ""
+        raise LoadError(f"{where}tensor {name!r} holds {bad} NaN/Inf value(s)")
+    return value
+
+
 def to_local(table: dict, hf: dict, params: dict, dims: dict, tp: int, rank: int) -> dict:
     """``{param: np.ndarray}`` for this rank. ``hf``: name -> object with ``load()`` and ``shape``;
     ``params``: param name -> local shape."""
@@ -68,8 +81,8 @@ def to_local(table: dict, hf: dict, params: dict, dims: dict, tp: int, rank: int
         parts = []
         for piece in plist:
             if piece.name not in hf:
-                raise KeyError(f"checkpoint is missing tensor {piece.name!r} (for {pname})")
-            part = piece.take(hf[piece.name].load().astype(np.float32))
+                raise LoadError(f"checkpoint is missing tensor {piece.name!r} (for {pname})")
+            part = piece.take(_finite(piece.name, hf[piece.name]))
             if dim is not None:
                 try:
                     part = shard(part, tp, rank, dim)

@@ -9,7 +9,9 @@ valid checkpoint under ``checkpoint.dir`` / ``<logging.output_dir>/checkpoints``
 Launch with the same number of ranks and ``parallel`` layout (tp, pp, vpp, layers_per_stage) as
 the run that saved it (``msrun`` works as for pretrain.py; with pp > 1 the validation batches run
 forward-only through the pipeline schedule). Prints ``valid loss 4.1234 | ppl 61.80 | N tokens | <checkpoint>``
-on rank 0 and exits 0; a bad config exits 2 with one line naming the key.
+on rank 0 and exits 0. Bad input (a config key, a path, no checkpoint to evaluate, a checkpoint
+that does not fit) prints ``<kind> error: <one line naming the key or file>`` and exits 2; the
+checkpoint is looked up before the model is built.
 """
 from __future__ import annotations
 
@@ -21,21 +23,32 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from training.config import ConfigError
+from training.errors import exit_on_user_error
 from training.pretrain import build_dims, build_model, build_step, checkpoint_root, config_or_exit
 
 
-def load_weights(step_fn, cfg, dims) -> Path:
-    """Load the model part of ``checkpoint.load`` into the parameters of ``step_fn`` (a
-    ``TrainStep`` or ``PipelineTrainStep``: this rank's stage); return the checkpoint path."""
-    import mindspore as ms
-
-    from training.checkpointing import CheckpointError, load_checkpoint, resolve_load
+def checkpoint_path(cfg) -> Path:
+    """The checkpoint to evaluate: ``checkpoint.load``, or for ``none`` / ``auto`` the newest valid
+    one under the checkpoint root; ``CheckpointError`` naming the root if there is none."""
+    from training.checkpointing import CheckpointError, resolve_load
 
     load = "auto" if cfg.checkpoint.load in ("none", "auto") else cfg.checkpoint.load
     path = resolve_load(load, checkpoint_root(cfg))
     if path is None:
         raise CheckpointError(f"no valid checkpoint under '{checkpoint_root(cfg)}' "
                               "(set checkpoint.load=DIR)")
+    return path
+
+
+def load_weights(step_fn, cfg, dims, path: Path | None = None) -> Path:
+    """Load the model part of checkpoint ``path`` (default ``checkpoint_path(cfg)``) into the
+    parameters of ``step_fn`` (a ``TrainStep`` or ``PipelineTrainStep``: this rank's stage);
+    return the checkpoint path."""
+    import mindspore as ms
+
+    from training.checkpointing import load_checkpoint
+
+    path = path if path is not None else checkpoint_path(cfg)
     params = dict(step_fn.named)
     ck = load_checkpoint(path, rank=dims.global_rank, world_size=dims.world_size,
                          expected_shapes={n: tuple(p.shape) for n, p in params.items()},
@@ -49,12 +62,13 @@ def evaluate(cfg) -> dict:
     """``{"loss", "ppl", "tokens", "checkpoint", "rank"}`` of the checkpoint on the validation split."""
     from training.data.pipeline import build_data
 
+    path = checkpoint_path(cfg)
     dims = build_dims(cfg)
     data = build_data(cfg, rank=dims.global_rank, dp_rank=dims.dp.rank, log=lambda line: None)
     if data.eval_batches is None:
         raise ConfigError("data.valid_fraction=0: there is no validation split to evaluate")
     step_fn = build_step(cfg, build_model(cfg, dims), dims, grad_accum_steps=1)
-    path = load_weights(step_fn, cfg, dims)
+    load_weights(step_fn, cfg, dims, path)
     t = cfg.training
     n = t.eval_iters or len(data.valid) // (t.micro_batch_size * dims.dp.size)
     if cfg.parallel.vpp > 1:  # the interleaved schedule runs micro-batches in groups of pp
@@ -67,7 +81,9 @@ def evaluate(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    result = evaluate(config_or_exit(argv))
+    cfg = config_or_exit(argv)
+    with exit_on_user_error():
+        result = evaluate(cfg)
     if result["rank"] == 0:
         print(f"valid loss {result['loss']:.4f} | ppl {result['ppl']:.2f} | "
               f"{result['tokens']:,} tokens | {result['checkpoint']}", flush=True)

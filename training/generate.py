@@ -1,26 +1,44 @@
-"""Prompt in, text out, from a training checkpoint or a Hugging Face directory (one process).
+"""Prompts in, text out, from a training checkpoint or a Hugging Face directory (one process).
 
     python training/generate.py runs/tiny_llama_demo/checkpoints/step_000150 --prompt "def "
     python training/generate.py runs/tiny_llama_demo          # newest checkpoint of that run
     python training/generate.py path/to/hf_dir --prompt "Hello" --tokenizer path/tokenizer.json
+    python training/generate.py runs/tiny_llama_demo --prompt "def " --prompt "class " \
+        --temperature 0.8 --top-k 40 --stop "\n\n"      # two prompts in one batch
+    python training/generate.py runs/tiny_llama_demo --prompt-file prompts.txt   # one per line
 
 ``SOURCE`` is a checkpoint step directory (``meta.json``), a run directory or checkpoint root
 (its newest valid checkpoint), or a HF directory (``config.json`` + safetensors, read by
 ``models.from_pretrained``). Checkpoints saved with tp > 1 and / or pp > 1 are merged to one
 process (under msrun with pp, ``training/pretrain.py`` itself samples through the stages).
 The tokenizer: ``--tokenizer``, else the run's ``tokenizer.json`` (recorded in the checkpoint),
-else ``tokenizer.json`` in the HF directory. Greedy unless ``--temperature`` > 0.
+else ``tokenizer.json`` in the HF directory; it must fit the model's vocabulary.
+
+All prompts (every ``--prompt``, then each non-empty line of ``--prompt-file``) are generated
+as one batch (``models.generate``: ragged prompts are left-padded, each row gives what it
+gives alone). Greedy unless ``--temperature`` > 0 (then top-k, top-p sampling, seeded).
+Generation of a row ends at end-of-document or ``--max-new-tokens``; its text is then cut
+before the first ``--stop`` string in the generated part. stdout: the texts (several are
+separated by a line of 40 ``-``); stderr: ``N new tokens in T s (R tokens/s)``.
+Bad input (source, tokenizer missing or larger than the model's vocabulary) prints
+``<kind> error: <one line naming the file>`` and exits 2 before the model is built.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+
+from training.errors import DataError, exit_on_user_error
+
+SEPARATOR = "-" * 40
 
 
 def _checkpoint_dir(source: Path) -> Path | None:
@@ -84,62 +102,148 @@ def model_from_checkpoint(path: Path):
     return model, meta["meta"]
 
 
-def load(source: str, tokenizer: str | None = None):
-    """``(model, tokenizer)`` for ``source`` (see the module docstring)."""
-    import models
-    from training.data.tokenizer import load_tokenizer
+@dataclass
+class Source:
+    """What ``SOURCE`` is, found without building the model: a training ``checkpoint`` (step dir)
+    or an ``hf`` directory, its tokenizer file and the model's vocabulary size."""
+
+    kind: str
+    path: Path
+    tokenizer: Path
+    vocab_size: int
+    meta: dict | None = None
+
+
+def resolve(source: str, tokenizer: str | None = None) -> Source:
+    """``Source`` of ``source``: ``LoadError`` if it is no checkpoint / HF directory, ``DataError``
+    if the tokenizer file does not exist."""
+    from models.errors import LoadError
+    from models.hf import read_config
+    from training.checkpointing import read_meta
 
     src = Path(source)
     ckpt = _checkpoint_dir(src) if src.is_dir() else None
     if ckpt is not None:
-        model, meta = model_from_checkpoint(ckpt)
-        tok_file = tokenizer or meta.get("tokenizer")
+        meta = read_meta(ckpt)["meta"]
+        found = Source("checkpoint", ckpt, tokenizer or meta.get("tokenizer"),
+                       int(meta["config"]["model"]["vocab_size"]), meta)
+        where = f"the checkpoint's recorded tokenizer ({ckpt / 'meta.json'})"
     elif (src / "config.json").is_file():
-        model = models.from_pretrained(src)
-        tok_file = tokenizer or src / "tokenizer.json"
+        hf = read_config(src)
+        if "vocab_size" not in hf:
+            raise LoadError(f"{src / 'config.json'}: missing required key 'vocab_size'")
+        found = Source("hf", src, tokenizer or src / "tokenizer.json", int(hf["vocab_size"]))
+        where = f"'{src / 'tokenizer.json'}'"
     else:
-        raise FileNotFoundError(f"'{source}' is neither a training checkpoint (meta.json), a run "
-                                "directory with checkpoints, nor a Hugging Face directory (config.json)")
-    if tok_file is None or not Path(tok_file).is_file():
-        raise FileNotFoundError(f"tokenizer '{tok_file}' not found: pass --tokenizer FILE")
-    return model, load_tokenizer(tok_file)
+        raise LoadError(f"'{source}' is neither a training checkpoint (meta.json), a run "
+                        "directory with checkpoints, nor a Hugging Face directory (config.json)")
+    if tokenizer is not None:
+        where = "--tokenizer"
+    if found.tokenizer is None or not Path(found.tokenizer).is_file():
+        raise DataError(f"tokenizer '{found.tokenizer}' ({where}) not found: pass --tokenizer FILE")
+    found.tokenizer = Path(found.tokenizer)
+    return found
 
 
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int = 0) -> str:
-    """The prompt followed by up to ``max_new_tokens`` generated tokens (stops at end-of-document).
-    ``model``: a ``GPTModel``, or a ``PipelineModel`` of GPT stages (then every rank of the job
-    calls this and gets the same text)."""
+def load(source: str, tokenizer: str | None = None):
+    """``(model, tokenizer)`` for ``source`` (see the module docstring). The tokenizer is checked
+    (exists, fits the model's vocabulary) before the model is built."""
+    import models
+    from training.data.tokenizer import load_tokenizer
+
+    src = resolve(source, tokenizer)
+    tok = load_tokenizer(src.tokenizer)
+    if tok.vocab_size > src.vocab_size:
+        raise DataError(f"tokenizer '{src.tokenizer}' has {tok.vocab_size} tokens but the model's "
+                        f"vocabulary has {src.vocab_size} ({src.path}): pass the tokenizer the "
+                        "model was trained with")
+    if src.kind == "checkpoint":
+        model, _ = model_from_checkpoint(src.path)
+    else:
+        model = models.from_pretrained(src.path)
+    return model, tok
+
+
+def cut_at_stop(text: str, stop) -> str:
+    """``text`` up to (not including) the earliest occurrence of any ``stop`` string."""
+    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[:min(ends)] if ends else text
+
+
+def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                   stop=()) -> tuple[list[str], int]:
+    """``(texts, new_tokens)``: each prompt followed by its generated text (ended by end-of-
+    document or ``max_new_tokens``, then cut before the first ``stop`` string), and the number
+    of tokens generated over the batch. ``model``: a ``GPTModel``, or a ``PipelineModel`` of GPT
+    stages (then every rank of the job calls this and gets the same texts)."""
     import mindspore as ms
 
     import models
     from models.generate_pipeline import generate_pipeline
 
     ms.set_context(mode=ms.PYNATIVE_MODE)  # the KV-cache decoder runs eagerly
-    ids = tokenizer.encode(prompt)
+    ids = tokenizer.encode_batch(list(prompts))
     run = generate_pipeline if hasattr(model, "chunk_models") else models.generate
-    new = run(model, [ids], max_new_tokens, do_sample=temperature > 0,
-              temperature=temperature or 1.0, top_p=top_p, seed=seed,
-              stop_tokens=[tokenizer.eod_id])[0]
-    return prompt + tokenizer.decode(new)
+    new = run(model, ids, max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
+              top_k=top_k, top_p=top_p, seed=seed, stop_tokens=[tokenizer.eod_id])
+    texts = [p + cut_at_stop(tokenizer.decode(n), stop) for p, n in zip(prompts, new)]
+    return texts, sum(len(n) for n in new)
+
+
+def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0, top_k: int = 0, stop=()) -> str:
+    """``generate_texts`` for one prompt: the prompt followed by its generated text."""
+    texts, _ = generate_texts(model, tokenizer, [prompt], max_new_tokens, temperature, top_k,
+                              top_p, seed, stop)
+    return texts[0]
+
+
+def read_prompts(prompts: list[str] | None, prompt_file: str | None) -> list[str]:
+    """``--prompt`` values, then the non-empty lines of ``--prompt-file``; ``["def "]`` if none."""
+    out = list(prompts or [])
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        if not path.is_file():
+            raise DataError(f"--prompt-file '{prompt_file}': no such file")
+        out += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return out or ["def "]
+
+
+def parse(argv: list[str] | None):
+    ap = argparse.ArgumentParser(prog="python training/generate.py",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("source", help="checkpoint step dir, run dir, or Hugging Face dir")
+    ap.add_argument("--prompt", action="append", help="text to continue (repeat for a batch; "
+                    "default 'def ')")
+    ap.add_argument("--prompt-file", default=None, help="more prompts, one per non-empty line")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest (0: all)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--stop", action="append", default=[], help="cut the text before this string "
+                    "(repeatable)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
+    return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python training/generate.py", description=__doc__.split("\n")[0])
-    ap.add_argument("source", help="checkpoint step dir, run dir, or Hugging Face dir")
-    ap.add_argument("--prompt", default="def ", help="text to continue")
-    ap.add_argument("--max-new-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
-    ns = ap.parse_args(argv)
-    import mindspore as ms
+    ns = parse(argv)
+    with exit_on_user_error():
+        prompts = read_prompts(ns.prompt, ns.prompt_file)
+        resolve(ns.source, ns.tokenizer)  # source and tokenizer exist: fail before any work
+        import mindspore as ms
 
-    ms.set_device("CPU")
-    model, tok = load(ns.source, ns.tokenizer)
-    print(generate_text(model, tok, ns.prompt, ns.max_new_tokens, ns.temperature, ns.top_p, ns.seed),
-          flush=True)
+        ms.set_device("CPU")
+        model, tok = load(ns.source, ns.tokenizer)
+        t0 = time.perf_counter()
+        texts, n = generate_texts(model, tok, prompts, ns.max_new_tokens, ns.temperature,
+                                  ns.top_k, ns.top_p, ns.seed, ns.stop)
+        seconds = time.perf_counter() - t0
+    print(f"\n{SEPARATOR}\n".join(texts), flush=True)
+    print(f"{n} new tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s)",
+          file=sys.stderr, flush=True)
     return 0
 
 

@@ -15,7 +15,11 @@ final validation -> a generated sample (printed by rank 0).
 
 Outputs in ``logging.output_dir``: ``metrics.jsonl``, ``logs/rank_N.log``, ``tensorboard/``,
 ``checkpoints/step_NNNNNN/`` (atomic; model, Adam moments, sampler position, host RNG state).
-A bad config prints ``config error: <one line naming the key>`` and exits with status 2.
+Bad input stops the run with one line on stderr, ``<kind> error: <message naming the key or
+file>``, and exit status 2 (``training.errors``): a bad config key or value, and paths that
+cannot work (``data.corpus``, ``data.tokenizer``, ``checkpoint.load``, ``logging.output_dir``:
+``training.preflight``) before any work; a corpus too small for one global batch, a checkpoint
+that cannot be loaded, or a loss that becomes NaN / Inf when they are found.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import numpy as np
 
 from mcore.distributed_env import launched_world_size, requested_device
 from training.config import ConfigError, load_config, parse_cli
+from training.errors import exit_on_user_error
 
 # The sample printed at the end (nucleus sampling: greedy decoding of a small model loops).
 # (``logging.sample_tokens`` sets max_new_tokens.)
@@ -252,17 +257,20 @@ def run(cfg, stop_after: int | None = None) -> dict:
 
 
 def config_or_exit(argv: list[str] | None = None):
-    """``parse_args`` for an entry point's ``main``: a bad config prints ``config error: <one
-    line naming the key>`` and exits with status 2."""
-    try:
-        return parse_args(sys.argv[1:] if argv is None else argv)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+    """``parse_args`` + ``training.preflight.check_paths`` for an entry point's ``main``: a bad
+    config or path prints ``<kind> error: <one line naming the key>`` and exits with status 2."""
+    from training.preflight import check_paths
+
+    with exit_on_user_error():
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        check_paths(cfg)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
-    run(config_or_exit(argv))
+    cfg = config_or_exit(argv)
+    with exit_on_user_error():
+        run(cfg)
     return 0
 
 

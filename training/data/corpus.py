@@ -15,6 +15,8 @@ import os
 import sysconfig
 from pathlib import Path
 
+from training.errors import DataError
+
 # Directories that are tests, vendored third-party code, or generated data rather than prose-like code.
 EXCLUDED_DIRS = frozenset({
     "site-packages", "dist-packages", "test", "tests", "idle_test", "encodings", "idlelib",
@@ -43,12 +45,13 @@ def default_corpus_files(max_bytes: int = 4_000_000, max_file_bytes: int = 150_0
         files.append(p)
         total += size
     if not files:
-        raise FileNotFoundError(f"no Python sources found under '{root}' for the default corpus")
+        raise DataError(f"data.corpus='stdlib': no Python sources found under '{root}'")
     return files
 
 
 def corpus_files(corpus: str, max_bytes: int = 4_000_000) -> list[Path]:
-    """Resolve ``data.corpus``: ``'stdlib'``, a text file, or a directory (all files, sorted)."""
+    """Resolve ``data.corpus``: ``'stdlib'``, a text file, or a directory (all files, sorted);
+    ``DataError`` naming the key if there is nothing to read."""
     if corpus == "stdlib":
         return default_corpus_files(max_bytes)
     path = Path(corpus)
@@ -59,8 +62,9 @@ def corpus_files(corpus: str, max_bytes: int = 4_000_000) -> list[Path]:
                        key=lambda p: p.relative_to(path).as_posix())
         if files:
             return files
-        raise FileNotFoundError(f"data.corpus directory '{corpus}' holds no files")
-    raise FileNotFoundError(f"data.corpus '{corpus}' is neither 'stdlib', a file nor a directory")
+        raise DataError(f"data.corpus='{corpus}': the directory holds no files")
+    raise DataError(f"data.corpus='{corpus}': no such file or directory (use 'stdlib', a text "
+                    "file or a directory of text files)")
 
 
 def read_document(path: str | os.PathLike) -> str:

@@ -6,6 +6,8 @@ missing pieces are built once into ``data.cache_dir/<key>/`` (``tokenizer.json``
 everything they depend on (corpus files and sizes, vocabulary size, EOD setting, tokenizer file).
 Rank 0 builds (each file written under a temporary name and renamed); other ranks wait for the
 finished files, so no collective is needed.
+Data that cannot train (no corpus, a tokenizer larger than the model's vocabulary, a token
+stream too short for one global batch) raises ``training.errors.DataError`` naming the key.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from training.data.indexed_dataset import MMapIndexedDataset, idx_path
 from training.data.preprocess import preprocess
 from training.data.sampler import EvalBatches, GPTBatchSampler, GPTSampleDataset, split_samples
 from training.data.tokenizer import TextTokenizer, load_tokenizer, train_bpe
+from training.errors import DataError
 
 
 @dataclass
@@ -52,8 +55,8 @@ def prepare_dataset(cfg, rank: int = 0, timeout: float = 600.0, log=print) -> tu
     d, vocab = cfg.data, cfg.model.vocab_size
     if d.data_prefix is not None:
         if d.tokenizer is None:
-            raise ValueError("data.data_prefix is set but data.tokenizer is not: give the "
-                             "tokenizer.json the dataset was built with")
+            raise DataError("data.data_prefix is set but data.tokenizer is not: give the "
+                            "tokenizer.json the dataset was built with")
         return load_tokenizer(d.tokenizer), d.data_prefix
     files = corpus_files(d.corpus, d.corpus_max_bytes)
     key_src = {"files": [[str(f), f.stat().st_size] for f in files], "vocab": vocab,
@@ -87,13 +90,19 @@ def build_data(cfg, rank: int = 0, dp_rank: int = 0, consumed_samples: int = 0,
     """Everything the loop reads: tokenizer, train/valid samples, this dp rank's sampler."""
     tok, prefix = prepare_dataset(cfg, rank, timeout, log)
     if tok.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is "
-                         f"{cfg.model.vocab_size}")
+        raise DataError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is "
+                        f"{cfg.model.vocab_size}")
     if not idx_path(prefix).exists():
-        raise FileNotFoundError(f"indexed dataset '{idx_path(prefix)}' does not exist")
+        raise DataError(f"data.data_prefix: indexed dataset '{idx_path(prefix)}' does not exist")
     ds = MMapIndexedDataset(prefix)
     t, p = cfg.training, cfg.parallel
     train, valid = split_samples(ds.tokens, cfg.model.seq_length, cfg.data.valid_fraction)
+    if len(train) < t.global_batch_size:
+        source = cfg.data.data_prefix or cfg.data.corpus
+        raise DataError(f"data.corpus='{source}' gives {len(train)} training samples of "
+                        f"model.seq_length={cfg.model.seq_length} tokens ({len(ds.tokens):,} "
+                        f"tokens), fewer than one global batch (training.global_batch_size="
+                        f"{t.global_batch_size}): use more text or smaller batches")
     sampler = GPTBatchSampler(len(train), t.micro_batch_size, t.global_batch_size, dp_rank, p.dp,
                               seed=t.seed, consumed_samples=consumed_samples)
     evals = EvalBatches(len(valid), t.micro_batch_size, dp_rank, p.dp) if len(valid) else None

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from training.errors import DataError
+
 
 class GPTSampleDataset:
     """Fixed-length next-token samples over a flat token array (e.g. ``MMapIndexedDataset.tokens``)."""
@@ -61,8 +63,8 @@ def split_samples(tokens: np.ndarray, seq_length: int, valid_fraction: float
         n_valid = max(n_valid, 1)
     n_train = total - n_valid
     if n_train < 1:
-        raise ValueError(f"the token stream ({len(tokens)} tokens) is too short for seq_length "
-                         f"{seq_length} and valid_fraction {valid_fraction}")
+        raise DataError(f"the token stream ({len(tokens)} tokens) is too short for "
+                        f"model.seq_length={seq_length} and data.valid_fraction={valid_fraction}")
     return (GPTSampleDataset(tokens, seq_length, 0, n_train),
             GPTSampleDataset(tokens, seq_length, n_train, n_valid))
 
@@ -145,8 +147,9 @@ class EvalBatches:
 
     def __init__(self, num_samples: int, micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1):
         if num_samples < micro_batch_size * dp_size:
-            raise ValueError(f"{num_samples} validation samples cannot fill one micro-batch per dp rank "
-                             f"({micro_batch_size} x {dp_size})")
+            raise DataError(f"{num_samples} validation samples cannot fill one micro-batch per dp "
+                            f"rank (training.micro_batch_size={micro_batch_size} x dp {dp_size}): "
+                            "raise data.valid_fraction or use more text")
         self.num_samples, self.micro = num_samples, micro_batch_size
         self.dp_rank, self.dp_size = dp_rank, dp_size
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from training.errors import DataError
+
 EOD_TOKEN = "<|endoftext|>"
 
 
@@ -75,7 +77,15 @@ def train_bpe(files: list[str | os.PathLike], vocab_size: int,
 
 
 def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
-    """Load a ``tokenizer.json`` (ours, or any with an ``<|endoftext|>`` token)."""
+    """Load a ``tokenizer.json`` (ours, or any with an ``<|endoftext|>`` token); ``DataError``
+    naming the file if it is missing, unreadable or lacks that token."""
     if not Path(path).is_file():
-        raise FileNotFoundError(f"tokenizer file '{path}' does not exist")
-    return TextTokenizer(Tokenizer.from_file(str(path)))
+        raise DataError(f"tokenizer file '{path}' does not exist")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for bad files
+        raise DataError(f"tokenizer file '{path}' cannot be read: {exc}") from None
+    try:
+        return TextTokenizer(tok)
+    except ValueError as exc:
+        raise DataError(f"tokenizer file '{path}': {exc}") from None
