@@ -124,7 +124,11 @@ class AllToAllDispatcher(nn.Cell):
         real = local_idx[:-1]
         back[real] = np.arange(real.shape[0], dtype=np.int32)
         zero = ops.zeros((1, h), y_local.dtype)
-        y_last_zero = ops.cat([y_local[:-1], zero], 0)  # the dummy row is exactly zero
+        # the dummy last row made exactly zero by a mask (a slice would be empty when nothing
+        # arrived, and MindSpore's CPU slice gradient fails on empty slices)
+        keep = np.ones((local_idx.shape[0], 1), np.float32)
+        keep[-1] = 0.0
+        y_last_zero = y_local * ms.Tensor(keep, y_local.dtype)
         returned = self.a2a_backward(ops.gather(y_last_zero, ms.Tensor(back), 0))  # [P*pad, h]
         # sorted row i was sent as slot position send_pos[i]; dropped rows -> zero row
         send_pos = np.full(N, P * pad, np.int32)
