@@ -6,7 +6,8 @@
 - MoELayer with ep=2 equals the ep=1 layer on each rank's tokens, forward and backward
   (router and input gradients per rank; each expert's gradient = the sum of the ep=1
   gradients over both ranks' tokens), for both dispatchers, with capacity padding and with a
-  shared expert; the all-gather layer also under ``mindspore.jit``.
+  shared expert; the all-gather layer also under ``mindspore.jit``;
+- the expert-bias update counts the load over the whole group.
 
 Each rank draws every rank's input from a seed, so it computes the ep=1 references alone.
 """
@@ -120,11 +121,28 @@ def _check_layer(ctx, dims, name, tag, moe, jit=False):
         assert any(np.abs(v).max() > 0 for k, v in dw.items() if k.startswith("experts."))
 
 
+def _check_bias_update(ctx, dims):
+    import mindspore as ms
+
+    from mcore.moe.config import MoEConfig
+    from mcore.moe.router import TopKRouter, update_expert_bias
+
+    router = TopKRouter(H, MoEConfig(num_experts=E, top_k=1, expert_bias=True,
+                                     bias_update_rate=0.5))
+    local = [np.array([3.0, 0.0, 1.0, 0.0]), np.array([0.0, 0.0, 1.0, 3.0])][dims.ep.rank]
+    with ctx.check("bias_update_over_group"):
+        delta = update_expert_bias(router, ms.Tensor(local.astype(np.float32)), dims.ep)
+        # group load [3, 0, 2, 3], mean 2: over-loaded experts go down, the others up
+        np.testing.assert_allclose(delta.asnumpy(), [-0.5, 0.5, 0.0, -0.5])
+        np.testing.assert_allclose(router.expert_bias.asnumpy(), [-0.5, 0.5, 0.0, -0.5])
+
+
 def _worker(ctx):
     from mcore.moe.config import MoEConfig
     from mcore.parallel_state import ParallelDims
 
     dims = ParallelDims.build(ep=2)
+    _check_bias_update(ctx, dims)
     for name in DISPATCHERS:
         for scenario in ("uneven", "to_rank0"):
             _check_round_trip(ctx, dims, name, scenario)
@@ -159,6 +177,10 @@ def test_dispatch_combine_is_identity_on_two_ranks(job, name, scenario):
 @pytest.mark.parametrize("tag", ["dropless", "padded", "shared"])
 def test_ep2_layer_equals_ep1_forward_and_backward(job, name, tag):
     job.assert_ok(f"layer_{name}_{tag}")
+
+
+def test_expert_bias_update_counts_the_group_load(job):
+    job.assert_ok("bias_update_over_group")
 
 
 def test_ep2_allgather_layer_under_jit(job):
