@@ -197,3 +197,17 @@ def test_config_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=field) as err:
         MoEConfig(**kwargs)
     assert "\n" not in str(err.value)
+
+
+def test_topk_then_softmax_equals_softmax_topk_renormalised():
+    """The identity docs/moe.md states for Mixtral-style routing."""
+    import mindspore as ms
+
+    from mcore.moe.routing import topk_routing
+
+    logits = ms.Tensor(np.random.default_rng(4).standard_normal((9, 6)).astype(np.float32))
+    w1, e1 = topk_routing(logits, MoEConfig(num_experts=6, top_k=3))
+    w2, e2 = topk_routing(logits, MoEConfig(num_experts=6, top_k=3, pre_softmax=True,
+                                            normalize_topk=True))
+    np.testing.assert_array_equal(e1.asnumpy(), e2.asnumpy())
+    np.testing.assert_allclose(w1.asnumpy(), w2.asnumpy(), rtol=1e-6, atol=1e-7)
