@@ -5,8 +5,10 @@
 ``sum(c)`` (dropped pairs) give zeros. Experts with no rows are fine. Two portable forms, the
 same numbers, chosen by the type of ``tokens_per_expert``:
 
-- Python ints (list / tuple): split the rows by the counts, ``E`` small matmuls, concatenate.
-  Work ~ one matmul of ``N`` rows. Eager only (the counts are read on the host).
+- Python ints (list / tuple): the rows are gathered into ``[E, M, in]`` (``M`` = the largest
+  count, zero rows fill the rest), one batched matmul, and gathered back. Work ~ ``E * M``
+  rows (``N`` when the load is balanced); one op instead of ``E`` small matmuls, which are
+  slow in PyNative. Eager only (indices are built on the host from the counts).
 - a Tensor ``[E]``: every row is multiplied by every expert's weight at once
   (``[N, in] x [in, E*out]``) and each row keeps its own expert's block. Static shapes, so it
   compiles under ``mindspore.jit``; costs ``E`` times the work (tests, small expert counts).
@@ -17,23 +19,27 @@ Both are differentiable w.r.t. ``x`` and ``w``. A fused device kernel (Ascend
 from __future__ import annotations
 
 import mindspore as ms
+import numpy as np
 from mindspore import ops
 
 
-def _split_form(x, w, counts):
-    E, _, out = w.shape
-    total = sum(counts)
-    pieces, start = [], 0
-    for e in range(E):
-        n = counts[e]
-        if n:
-            pieces.append(ops.matmul(x[start:start + n], w[e]))  # [n, in] x [in, out]
+def _padded_form(x, w, counts):
+    """Rows gathered into ``[E, M, in]`` (M = the largest count, zero rows fill), one batched
+    matmul, rows gathered back. Indices are built on the host from the Python counts."""
+    E, n_in, out = w.shape
+    N = x.shape[0]
+    M = max(max(counts), 1)
+    slot = np.full((E, M), N, np.int32)  # row N = an appended zero row
+    start = 0
+    for e, n in enumerate(counts):
+        slot[e, :n] = np.arange(start, start + n)
         start += n
-    if total < x.shape[0]:
-        pieces.append(ops.zeros((x.shape[0] - total, out), x.dtype))
-    if not pieces:
-        return ops.zeros((x.shape[0], out), x.dtype)
-    return ops.cat(pieces, axis=0) if len(pieces) > 1 else pieces[0]
+    zero = ops.zeros((1, n_in), x.dtype)
+    blocks = ops.gather(ops.cat([x, zero], 0), ms.Tensor(slot.reshape(-1)), 0)  # [E*M, in]
+    y = ops.bmm(blocks.reshape(E, M, n_in), w).reshape(E * M, out)  # [E, M, in] x [E, in, out]
+    back = np.full(N, E * M, np.int32)  # rows past the counted ones -> the zero row
+    back[:start] = np.concatenate([e * M + np.arange(n) for e, n in enumerate(counts)])
+    return ops.gather(ops.cat([y, ops.zeros((1, out), y.dtype)], 0), ms.Tensor(back), 0)
 
 
 def row_expert(tokens_per_expert, num_rows: int):
@@ -61,5 +67,5 @@ def grouped_matmul(x, w, tokens_per_expert):
         if len(counts) != w.shape[0] or sum(counts) > x.shape[0] or min(counts, default=0) < 0:
             raise ValueError(f"grouped_matmul: tokens_per_expert {counts} must have {w.shape[0]} "
                              f"entries >= 0 summing to at most {x.shape[0]} rows")
-        return _split_form(x, w, counts)
+        return _padded_form(x, w, counts)
     return _dense_form(x, w, tokens_per_expert)
