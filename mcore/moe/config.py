@@ -40,8 +40,8 @@ class MoEConfig:
         token chooses among the experts of its best ``group_topk`` groups (0 = off).
     group_topk: groups kept per token when ``num_groups`` > 0.
     group_score: score of a group: "max" (its best expert) or "top2_sum" (its best two).
-    expert_bias: learnable-free per-expert bias added to the scores for SELECTION only
-        (aux-loss-free balancing); updated outside the step by ``update_expert_bias``.
+    expert_bias: a per-expert bias added to the scores for SELECTION only (aux-loss-free
+        balancing); not trained by gradients, moved by ``router.update_expert_bias``.
     bias_update_rate: step of that update: ``bias += rate * sign(mean_load - load)``.
     aux_loss_coeff: coefficient of the Switch load-balancing loss (0 = not computed).
     seq_aux_loss_coeff: coefficient of the sequence-level balancing loss (DeepSeek-V3).
