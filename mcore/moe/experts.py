@@ -1,0 +1,113 @@
+"""Routed experts of one rank: ``GroupedMLP`` (stacked weights, grouped matmul) and
+``SequentialMLP`` (a loop of the dense ``MLP``, the reference).
+
+Both hold the local experts ``first_expert .. first_expert + num_local - 1`` of ``num_experts``
+and map ``x_sorted [N, h]`` (rows grouped by local expert, see ``mcore.moe.permute``) and
+``tokens_per_expert`` (``[num_local]`` ints or Tensor) to ``[N, h]``; rows past the counted
+ones give zeros. Expert ``e``'s weights are drawn from a seed of its global index and layer,
+so any expert-parallel layout holds the same experts and both classes start equal.
+
+Activation as in ``mcore.transformer.mlp``: "swiglu" experts have ``fc1: h -> 2f`` with the
+``[gate | up]`` halves; the others ``fc1: h -> f``. Expert tensor parallelism (etp > 1) and
+expert biases are not implemented.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import Parameter, nn, ops
+
+from mcore.moe.grouped_matmul import grouped_matmul
+from mcore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from mcore.tensor_parallel.random import init_master, name_seed
+from mcore.transformer.config import TransformerConfig
+from mcore.transformer.mlp import MLP, MLPSubmodules, silu
+
+
+def expert_weights(config: TransformerConfig, ffn: int, expert: int, layer_number: int):
+    """Initial ``(fc1 [h, 2f or f], fc2 [f, h])`` float32 arrays of global expert ``expert``."""
+    h = config.hidden_size
+    width = 2 * ffn if config.activation == "swiglu" else ffn
+    prefix = f"layers.{layer_number}.experts.{expert}"
+    fc1 = init_master((width, h), name_seed(f"{prefix}.linear_fc1"))  # [out, in] like Linear
+    fc2 = init_master((h, ffn), name_seed(f"{prefix}.linear_fc2"))
+    return np.ascontiguousarray(fc1.T), np.ascontiguousarray(fc2.T)
+
+
+def _check(config: TransformerConfig, num_experts: int, first_expert: int, num_local: int):
+    if config.mlp_fc1_bias or config.mlp_fc2_bias:
+        raise ValueError("mlp_fc1_bias / mlp_fc2_bias: MoE experts have no biases yet")
+    if not (num_local > 0 and 0 <= first_expert and first_expert + num_local <= num_experts):
+        raise ValueError(f"local experts [{first_expert}, {first_expert + num_local}) are not "
+                         f"inside [0, {num_experts})")
+
+
+def activation(name: str, x):
+    """The non-gated activations of ``mcore.transformer.mlp``."""
+    if name == "gelu":
+        return ops.gelu(x, approximate="none")
+    if name == "gelu_tanh":
+        return ops.gelu(x, approximate="tanh")
+    if name == "relu":
+        return ops.relu(x)
+    return silu(x)
+
+
+class GroupedMLP(nn.Cell):
+    """Local experts as two stacked weights: ``fc1 [El, h, 2f|f]``, ``fc2 [El, f, h]``."""
+
+    def __init__(self, config: TransformerConfig, ffn_hidden_size: int, num_experts: int,
+                 first_expert: int = 0, num_local: int | None = None, layer_number: int = 0):
+        super().__init__()
+        num_local = num_experts if num_local is None else num_local
+        _check(config, num_experts, first_expert, num_local)
+        self.activation = config.activation
+        self.ffn = ffn_hidden_size
+        pairs = [expert_weights(config, ffn_hidden_size, e, layer_number)
+                 for e in range(first_expert, first_expert + num_local)]
+        dtype = getattr(ms, config.precision.params_dtype)
+        self.fc1 = Parameter(ms.Tensor(np.stack([p[0] for p in pairs]), dtype), name="fc1")
+        self.fc2 = Parameter(ms.Tensor(np.stack([p[1] for p in pairs]), dtype), name="fc2")
+        for p in (self.fc1, self.fc2):
+            p.expert = True  # for gradient finalisation: reduced over edp, not dp
+
+    def construct(self, x, tokens_per_expert):
+        y = grouped_matmul(x, self.fc1, tokens_per_expert)  # [N, h] -> [N, 2f] or [N, f]
+        if self.activation == "swiglu":
+            gate, up = ops.split(y, self.ffn, -1)  # [N, 2f] -> 2 x [N, f]
+            y = silu(gate) * up
+        else:
+            y = activation(self.activation, y)
+        return grouped_matmul(y, self.fc2, tokens_per_expert)  # [N, f] -> [N, h]
+
+
+class SequentialMLP(nn.Cell):
+    """Local experts as a list of dense ``MLP``s run one after the other (eager only)."""
+
+    def __init__(self, config: TransformerConfig, ffn_hidden_size: int, num_experts: int,
+                 first_expert: int = 0, num_local: int | None = None, layer_number: int = 0):
+        super().__init__()
+        num_local = num_experts if num_local is None else num_local
+        _check(config, num_experts, first_expert, num_local)
+        spec = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
+        self.local_experts = nn.CellList()
+        for e in range(first_expert, first_expert + num_local):
+            mlp = MLP(config, spec, ffn_hidden_size=ffn_hidden_size, layer_number=layer_number)
+            fc1, fc2 = expert_weights(config, ffn_hidden_size, e, layer_number)
+            mlp.linear_fc1.weight.set_data(ms.Tensor(fc1.T.copy(), mlp.linear_fc1.weight.dtype))
+            mlp.linear_fc2.weight.set_data(ms.Tensor(fc2.T.copy(), mlp.linear_fc2.weight.dtype))
+            for p in mlp.get_parameters():
+                p.expert = True
+            self.local_experts.append(mlp)
+
+    def construct(self, x, tokens_per_expert):
+        if not isinstance(tokens_per_expert, (list, tuple)):
+            tokens_per_expert = tokens_per_expert.asnumpy().astype(int).tolist()
+        pieces, start = [], 0
+        for mlp, n in zip(self.local_experts, tokens_per_expert):
+            if n:
+                pieces.append(mlp(x[start:start + n]))  # [n, h] -> [n, h]
+            start += n
+        if start < x.shape[0]:
+            pieces.append(ops.zeros((x.shape[0] - start, x.shape[1]), x.dtype))
+        return ops.cat(pieces, axis=0) if len(pieces) > 1 else pieces[0]

@@ -1,0 +1,118 @@
+"""MoELayer: router -> dispatch -> experts -> combine, plus optional shared experts.
+
+    weights, experts, aux, counts = router(x)                 # x [b, s, h]
+    y = combine(experts_module(dispatch(x, experts)), weights)
+    y = y + shared(x) [* sigmoid(x . w_gate)]                  # when a shared expert is set
+
+``MoELayer(x) -> (y [b, s, h], aux [3], counts [E])``: always these three. ``aux`` holds the
+coefficient-weighted router losses (``router.AUX_LOSS_NAMES``); the caller adds ``aux.sum()``
+to its loss. ``counts`` is the number of (kept) pairs this rank routed to each expert, the
+input of ``router.update_expert_bias``. Nothing is kept on the module between calls.
+
+Built like the dense MLP from a ``ModuleSpec`` (the mlp node of a layer spec)::
+
+    ModuleSpec(MoELayer, params={"moe": MoEConfig(...), "groups": MoEGroups.from_dims(dims)},
+               submodules=MoESubmodules(experts=GroupedMLP, dispatcher=AllToAllDispatcher))
+
+and accepts the arguments ``TransformerLayer`` passes its mlp (``config``, ``tp_group=``,
+``layer_number=``). Expert parallelism: ``groups.ep`` splits the experts; the router and the
+shared expert are replicated. ``tp`` / ``etp`` > 1 are not supported yet.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import mindspore as ms
+from mindspore import Parameter, nn, ops
+
+from mcore.moe.config import MoEConfig
+from mcore.moe.dispatcher import AllToAllDispatcher
+from mcore.moe.experts import GroupedMLP
+from mcore.moe.groups import MoEGroups
+from mcore.moe.permute import pad_to_capacity, unpad_from_capacity
+from mcore.moe.router import TopKRouter
+from mcore.parallel_state import ProcessGroup
+from mcore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from mcore.tensor_parallel.random import init_master, name_seed
+from mcore.transformer.config import TransformerConfig
+from mcore.transformer.mlp import MLP, MLPSubmodules
+from mcore.transformer.spec import ModuleSpec, build_module
+
+
+def _shared_spec():
+    return ModuleSpec(MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                    linear_fc2=RowParallelLinear))
+
+
+@dataclass
+class MoESubmodules:
+    """What to build: the routed ``experts`` (``GroupedMLP`` or ``SequentialMLP``), the token
+    ``dispatcher`` (``AllToAllDispatcher`` or ``AllGatherDispatcher``) and the shared expert
+    (an ``MLP`` spec; built only when ``moe.shared_ffn_hidden_size`` > 0)."""
+
+    experts: object = GroupedMLP
+    dispatcher: object = AllToAllDispatcher
+    shared_experts: object = field(default_factory=_shared_spec)
+
+
+class MoELayer(nn.Cell):
+    """See the module docstring."""
+
+    def __init__(self, config: TransformerConfig, submodules: MoESubmodules, moe: MoEConfig,
+                 groups: MoEGroups | None = None, tp_group: ProcessGroup | None = None,
+                 layer_number: int = 0):
+        super().__init__()
+        groups = groups or MoEGroups.single()
+        groups.check_supported()
+        if tp_group is not None and tp_group.size > 1:
+            raise NotImplementedError(f"MoELayer: tp_group size {tp_group.size} > 1 is not "
+                                      "supported yet")
+        if moe.ffn_hidden_size <= 0:
+            raise ValueError(f"moe.ffn_hidden_size={moe.ffn_hidden_size}: must be > 0 for MoELayer")
+        h, E = config.hidden_size, moe.num_experts
+        self.moe = moe
+        self.ep_size = groups.ep.size
+        self.router = TopKRouter(h, moe, name=f"layers.{layer_number}.router")
+        self.dispatcher = build_module(submodules.dispatcher, E, groups.ep)
+        num_local = E // groups.ep.size
+        self.experts = build_module(submodules.experts, config, ffn_hidden_size=moe.ffn_hidden_size,
+                                    num_experts=E, first_expert=groups.ep.rank * num_local,
+                                    num_local=num_local, layer_number=layer_number)
+        self.num_local = num_local
+        self.has_shared = moe.shared_ffn_hidden_size > 0
+        self.has_gate = self.has_shared and moe.shared_expert_gate
+        if self.has_shared:
+            self.shared_experts = build_module(submodules.shared_experts, config,
+                                               ffn_hidden_size=moe.shared_ffn_hidden_size,
+                                               layer_number=layer_number)
+        if self.has_gate:
+            seed = name_seed(f"layers.{layer_number}.shared_expert_gate")
+            self.shared_gate = Parameter(ms.Tensor(init_master((h, 1), seed)), name="shared_gate")
+
+    def _routed(self, tokens, weights, experts):
+        x_local, counts, handle = self.dispatcher.dispatch(tokens, experts)  # [n, h]
+        capacity = self.moe.capacity(tokens.shape[0])
+        if self.moe.pad_to_capacity:
+            # each source rank keeps <= capacity rows per expert: ep * capacity per expert
+            slots = self.ep_size * capacity
+            counts_t = counts if isinstance(counts, ms.Tensor) else ms.Tensor(counts, ms.int32)
+            padded = pad_to_capacity(x_local, counts_t, slots)  # [El * slots, h]
+            full = ops.fill(ms.int32, (self.num_local,), slots)
+            full = full if isinstance(counts, ms.Tensor) else [slots] * self.num_local
+            y_padded = self.experts(padded, full)
+            y_local = unpad_from_capacity(y_padded, counts_t, slots, x_local.shape[0])
+        else:
+            y_local = self.experts(x_local, counts)
+        return self.dispatcher.combine(y_local, weights, handle)  # [T, h]
+
+    def construct(self, x):
+        b, s, h = x.shape
+        weights, experts, aux, counts = self.router(x)
+        tokens = x.reshape(b * s, h)  # [b, s, h] -> [T, h]
+        y = self._routed(tokens, weights, experts).reshape(b, s, h)
+        if self.has_shared:
+            shared = self.shared_experts(x)  # [b, s, h]
+            if self.has_gate:
+                shared = shared * ops.sigmoid(ops.matmul(x, self.shared_gate.astype(x.dtype)))
+            y = y + shared
+        return y, aux, counts
