@@ -12,11 +12,20 @@ Saving writes everything into ``root/step_000010.tmp/``, fsyncs each file, and o
 the directory to ``step_000010`` (an atomic rename on POSIX) and fsyncs ``root``. A crash at any
 moment leaves either the complete new checkpoint or none, and the previous ones untouched.
 ``meta.json`` is the last file written, so a directory without a valid one is never loaded.
+Re-saving an existing step moves ``step_N`` to ``step_N.old`` and ``step_N.tmp`` to ``step_N``;
+``remove_incomplete`` (rank 0, at start-up) repairs a crash between those two renames by
+publishing whichever of the two verifies (the new one first). Weights or optimizer tensors with
+a NaN or an infinity are never written (``CheckpointError`` naming the tensor).
 
 With several ranks (a shared filesystem), every rank writes its two files and a small
 ``manifest_rank{r}.json`` into the temporary directory; rank 0 waits for all manifests (or the
 caller's ``barrier``), writes ``meta.json`` and renames. Call ``remove_incomplete(root)`` on rank
 0 at start-up (before other ranks save) to clear leftovers of a crashed save.
+
+Rotation (``keep_last``) deletes a checkpoint only when ``keep_last`` newer checkpoints have
+verified (sizes and SHA-256), so a damaged newest checkpoint never costs the valid older ones.
+``checkpoint.load=auto`` (``resolve_load``) reports every checkpoint it skips and why, and refuses
+(rather than silently starting at step 0) when checkpoints exist but none verifies.
 
 Loading checks the manifest before trusting any byte: every file must exist with the recorded
 size and SHA-256, and, when the caller passes expected shapes, every tensor must be present with
@@ -30,6 +39,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +104,20 @@ def _tensors(d: dict) -> dict[str, np.ndarray]:
     return {k: np.ascontiguousarray(np.asarray(v)) for k, v in d.items()}
 
 
+def _say(line: str) -> None:
+    """Default ``log`` of ``resolve_load`` / ``remove_incomplete``: one line on stderr."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def first_nonfinite(state: dict) -> str | None:
+    """Name of the first tensor of ``state`` (name -> array) holding a NaN or an infinity."""
+    for name in sorted(state):
+        arr = np.asarray(state[name])
+        if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+            return name
+    return None
+
+
 def save_checkpoint(root: str | os.PathLike, step: int, model_state: dict, optimizer_state: dict,
                     meta: dict, rank: int = 0, world_size: int = 1, keep_last: int = 0,
                     barrier: Callable[[], None] | None = None, timeout: float = 600.0,
@@ -102,15 +126,22 @@ def save_checkpoint(root: str | os.PathLike, step: int, model_state: dict, optim
 
     ``model_state`` / ``optimizer_state``: name -> numpy array. ``meta``: JSON-serialisable dict
     (config, RNG state, sampler state, optimizer scalars); rank 0's is the one kept.
-    ``keep_last > 0`` deletes older complete checkpoints beyond that many (never the new one).
+    ``keep_last > 0`` then rotates (``rotate``: only behind ``keep_last`` verified checkpoints).
+    A tensor with a NaN or an infinity raises ``CheckpointError`` naming it before anything is
+    written (with several ranks, agree on finiteness first, or the others wait for this rank).
     Ranks other than 0 return once their files are written (with ``barrier``: once rank 0 has
     published the checkpoint). ``fault_hook(phase)`` is called after each phase (``"model"``,
-    ``"optim"``, ``"manifest"``, ``"meta"``); tests raise from it to simulate a crash.
+    ``"optim"``, ``"manifest"``, ``"meta"``, and ``"swap"`` between the two renames of a
+    re-save); tests raise from it to simulate a crash.
     """
     root = Path(root)
     final = step_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
     hook = fault_hook or (lambda phase: None)
+    for kind, state in (("model", model_state), ("optimizer", optimizer_state)):
+        if (bad := first_nonfinite(state)) is not None:
+            raise CheckpointError(f"not saving step {step} to '{final}': {kind} tensor '{bad}' "
+                                  "has NaN or infinite values")
     if world_size == 1:  # nobody else writes here: drop leftovers of an interrupted save
         shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -146,6 +177,7 @@ def save_checkpoint(root: str | os.PathLike, step: int, model_state: dict, optim
             old = final.with_name(final.name + ".old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
+            hook("swap")  # a crash here leaves .old and .tmp: remove_incomplete recovers
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -210,31 +242,66 @@ def verify_files(path: str | os.PathLike, meta: dict | None = None, check_hashes
 
 
 def is_valid(path: str | os.PathLike, check_hashes: bool = False) -> bool:
+    return why_invalid(path, check_hashes) is None
+
+
+def why_invalid(path: str | os.PathLike, check_hashes: bool = True) -> str | None:
+    """Why the checkpoint in ``path`` cannot be used (a ``CheckpointError`` message), or ``None``."""
     try:
         verify_files(path, check_hashes=check_hashes)
-        return True
-    except CheckpointError:
-        return False
+        return None
+    except CheckpointError as exc:
+        return str(exc)
+
+
+def step_dirs(root: str | os.PathLike) -> list[Path]:
+    """Every ``step_N`` directory under ``root`` (with or without ``meta.json``), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def scan(root: str | os.PathLike, check_hashes: bool = True) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """``(newest checkpoint that verifies or None, [(newer checkpoint, why it fails), ...])``,
+    the skipped ones newest first."""
+    skipped = []
+    for p in reversed(step_dirs(root)):
+        why = why_invalid(p, check_hashes)
+        if why is None:
+            return p, skipped
+        skipped.append((p, why))
+    return None, skipped
 
 
 def find_latest_valid(root: str | os.PathLike, check_hashes: bool = True) -> Path | None:
     """The newest checkpoint under ``root`` whose files all verify, or ``None``."""
-    for p in reversed(list_checkpoints(root)):
-        if is_valid(p, check_hashes):
-            return p
-    return None
+    return scan(root, check_hashes)[0]
 
 
-def resolve_load(load: str, root: str | os.PathLike) -> Path | None:
-    """Interpret ``checkpoint.load``: ``'none'`` -> None, ``'auto'`` -> newest valid checkpoint
-    (or None), anything else -> that directory (which must exist)."""
+def resolve_load(load: str, root: str | os.PathLike,
+                 log: Callable[[str], None] | None = None) -> Path | None:
+    """Interpret ``checkpoint.load``: ``'none'`` -> None, anything else but ``'auto'`` -> that
+    directory (which must exist), ``'auto'`` -> the newest checkpoint under ``root`` that verifies
+    (sizes and SHA-256), or None when there is no ``step_N`` directory at all. ``auto`` calls
+    ``log`` with one line per newer checkpoint it skips (naming it and why) and raises
+    ``CheckpointError`` when checkpoints exist but none verifies."""
     if load == "none":
         return None
-    if load == "auto":
-        return find_latest_valid(root)
-    path = Path(load)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint.load='{load}' is not a checkpoint directory")
+    if load != "auto":
+        path = Path(load)
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoint.load='{load}' is not a checkpoint directory")
+        return path
+    path, skipped = scan(root)
+    for bad, why in skipped:
+        (log or _say)(f"checkpoint.load=auto: skipping '{bad}': {why}")
+    if path is None and skipped:
+        raise CheckpointError(
+            f"checkpoint.load=auto: none of the {len(skipped)} checkpoint(s) under '{root}' "
+            f"verifies (newest: {skipped[0][1]}); to train from step 0 deliberately, set "
+            f"checkpoint.load=none or move '{root}' away")
     return path
 
 
@@ -296,27 +363,44 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0, world_size: int | No
 
 
 def rotate(root: str | os.PathLike, keep_last: int) -> list[Path]:
-    """Delete complete checkpoints older than the newest ``keep_last``; the newest valid one is kept."""
-    ckpts = list_checkpoints(root)
-    newest_valid = find_latest_valid(root, check_hashes=False)
-    removed = []
-    for p in ckpts[:-keep_last] if keep_last > 0 else []:
-        if p != newest_valid:
+    """Delete each ``step_N`` directory (valid or not) behind the newest ``keep_last`` checkpoints
+    that verify (sizes and SHA-256, checked newest first); return what was deleted. Anything newer
+    than the oldest of those (a damaged newest checkpoint included) stays, and with fewer than
+    ``keep_last`` verified checkpoints nothing is deleted."""
+    verified, removed = 0, []
+    for p in reversed(step_dirs(root)) if keep_last > 0 else []:
+        if verified >= keep_last:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
+        elif why_invalid(p) is None:
+            verified += 1
     return removed
 
 
-def remove_incomplete(root: str | os.PathLike) -> list[Path]:
-    """Delete leftovers of interrupted saves (``*.tmp`` / ``*.old`` dirs). Call on rank 0 at start."""
+def remove_incomplete(root: str | os.PathLike, log: Callable[[str], None] | None = None) -> list[Path]:
+    """Repair, then delete, leftovers of interrupted saves (``step_N.tmp`` / ``step_N.old``);
+    return the directories deleted. Call on rank 0 at start-up, before any rank reads ``root``.
+
+    Where ``step_N`` is missing, a ``step_N.tmp`` that verifies (the crash came after its
+    ``meta.json``: just before the rename, or between the two renames of a re-save) is published
+    as ``step_N``; failing that a ``step_N.old`` that verifies is put back. ``log`` gets one line
+    per recovery."""
     root = Path(root)
     if not root.is_dir():
         return []
     junk = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-            and (p.name.endswith(".tmp") or p.name.endswith(".old"))]
+            and p.suffix in (".tmp", ".old")]
+    junk.sort(key=lambda p: (p.stem, p.suffix != ".tmp"))  # per step: the newer save first
     for p in junk:
+        final = root / p.stem
+        if not final.exists() and why_invalid(p) is None:
+            os.replace(p, final)
+            _fsync_dir(root)
+            (log or _say)(f"recovered checkpoint '{final}' from '{p.name}' (a save was interrupted)")
+    removed = [p for p in junk if p.exists()]
+    for p in removed:
         shutil.rmtree(p, ignore_errors=True)
-    return junk
+    return removed
 
 
 # ----------------------------------------------------------------------------- host RNG state

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from training.checkpointing import (CheckpointError, find_latest_valid, host_rng_state, list_checkpoints,
-                                    load_checkpoint, remove_incomplete, resolve_load, save_checkpoint,
-                                    set_host_rng_state, step_dir)
+                                    load_checkpoint, remove_incomplete, resolve_load, rotate,
+                                    save_checkpoint, set_host_rng_state, step_dir)
 from training.data.sampler import GPTBatchSampler
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,9 +60,48 @@ def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, phase):
     latest = find_latest_valid(tmp_path)
     assert latest == step_dir(tmp_path, 5) and list_checkpoints(tmp_path) == [latest]
     assert load_checkpoint(latest, expected_shapes=SHAPES).meta == {"step": 5}
-    assert remove_incomplete(tmp_path) == [tmp_path / "step_000010.tmp"]
+    if phase == "meta":  # everything was written and verifies: start-up publishes it
+        assert remove_incomplete(tmp_path, log=print) == []
+        assert load_checkpoint(find_latest_valid(tmp_path)).meta == {"step": 10}
+    else:
+        assert remove_incomplete(tmp_path) == [tmp_path / "step_000010.tmp"]
+        assert find_latest_valid(tmp_path) == step_dir(tmp_path, 5)
     save_checkpoint(tmp_path, 10, *_state(1, 10), {"step": 10})  # the next save succeeds
     assert find_latest_valid(tmp_path) == step_dir(tmp_path, 10)
+
+
+def _crash_at(phase):
+    def hook(at):
+        if at == phase:
+            raise KeyboardInterrupt(f"killed during {at}")
+    return hook
+
+
+def _flip_byte(path):
+    """Damage a file without changing its size (only the SHA-256 notices)."""
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage_new", [False, True])
+def test_crash_between_the_renames_of_a_resave_is_recovered(tmp_path, damage_new):
+    save_checkpoint(tmp_path, 3, *_state(0, 3), {"save": "first"})
+    save_checkpoint(tmp_path, 4, *_state(0, 4), {"save": "first"})
+    with pytest.raises(KeyboardInterrupt):  # step_4 moved to .old, the new one still .tmp
+        save_checkpoint(tmp_path, 4, *_state(1, 4), {"save": "second"}, fault_hook=_crash_at("swap"))
+    assert not step_dir(tmp_path, 4).exists()
+    assert (tmp_path / "step_000004.old").is_dir() and (tmp_path / "step_000004.tmp").is_dir()
+    if damage_new:
+        _flip_byte(tmp_path / "step_000004.tmp" / "model_rank0.safetensors")
+    lines = []
+    removed = remove_incomplete(tmp_path, log=lines.append)
+    ck = load_checkpoint(find_latest_valid(tmp_path), expected_shapes=SHAPES)
+    assert ck.step == 4 and ck.meta == {"save": "first" if damage_new else "second"}
+    assert removed == [tmp_path / ("step_000004.tmp" if damage_new else "step_000004.old")]
+    assert lines == [f"recovered checkpoint '{step_dir(tmp_path, 4)}' from "
+                     f"'step_000004.{'old' if damage_new else 'tmp'}' (a save was interrupted)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_000003", "step_000004"]
 
 
 CHILD = r"""
@@ -98,10 +137,7 @@ def test_truncated_file_is_refused_by_name(tmp_path):
 def test_corrupted_bytes_are_refused_by_name(tmp_path):
     older = save_checkpoint(tmp_path, 1, *_state(0), {})
     path = save_checkpoint(tmp_path, 2, *_state(0), {})
-    f = path / "optim_rank0.safetensors"
-    data = bytearray(f.read_bytes())
-    data[-3] ^= 0xFF
-    f.write_bytes(bytes(data))
+    _flip_byte(path / "optim_rank0.safetensors")
     with pytest.raises(CheckpointError, match=r"optim_rank0\.safetensors' is corrupted"):
         load_checkpoint(path)
     assert find_latest_valid(tmp_path) == older  # auto-resume skips the damaged one
@@ -136,6 +172,60 @@ def test_mismatched_model_is_refused_naming_the_tensor(tmp_path):
         load_checkpoint(path, world_size=2)
     with pytest.raises(CheckpointError, match="not a checkpoint directory"):
         resolve_load(str(tmp_path / "nope"), tmp_path)
+
+
+def test_auto_load_names_what_it_skips_and_refuses_when_nothing_verifies(tmp_path):
+    assert resolve_load("auto", tmp_path / "none_yet") is None  # a fresh run
+    older = save_checkpoint(tmp_path, 1, *_state(0), {})
+    newer = save_checkpoint(tmp_path, 2, *_state(0), {})
+    _flip_byte(newer / "model_rank0.safetensors")
+    (tmp_path / "step_000003").mkdir()  # a directory without meta.json
+    lines = []
+    assert resolve_load("auto", tmp_path, log=lines.append) == older
+    assert lines == [
+        f"checkpoint.load=auto: skipping '{tmp_path / 'step_000003'}': checkpoint "
+        f"'{tmp_path / 'step_000003'}' has no meta.json (incomplete save?)",
+        f"checkpoint.load=auto: skipping '{newer}': checkpoint file "
+        f"'{newer / 'model_rank0.safetensors'}' is corrupted: SHA-256 differs from meta.json"]
+    (older / "optim_rank0.safetensors").unlink()
+    lines.clear()
+    with pytest.raises(CheckpointError) as err:
+        resolve_load("auto", tmp_path, log=lines.append)
+    msg = str(err.value)
+    assert "\n" not in msg and len(lines) == 3 and "step_000001" in lines[-1]
+    assert msg == (f"checkpoint.load=auto: none of the 3 checkpoint(s) under '{tmp_path}' verifies "
+                   f"(newest: checkpoint '{tmp_path / 'step_000003'}' has no meta.json (incomplete "
+                   f"save?)); to train from step 0 deliberately, set checkpoint.load=none or move "
+                   f"'{tmp_path}' away")
+    assert resolve_load("none", tmp_path) is None  # the deliberate fresh start
+
+
+def test_rotation_keeps_the_verified_ones_behind_a_corrupt_newest(tmp_path):
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, *_state(step), {})
+    newest = save_checkpoint(tmp_path, 3, *_state(3), {})
+    _flip_byte(newest / "optim_rank0.safetensors")  # same size: only the hash tells
+    assert rotate(tmp_path, 1) == [step_dir(tmp_path, 1)]  # step 2 is the newest that verifies
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003"]
+    assert rotate(tmp_path, 2) == []  # only one verifies: nothing goes
+    save_checkpoint(tmp_path, 4, *_state(4), {}, keep_last=2)  # 4 and 2 verify; 3 is newer than 2
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000002", "step_000003", "step_000004"]
+    save_checkpoint(tmp_path, 5, *_state(5), {}, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000004", "step_000005"]
+
+
+def test_non_finite_tensors_are_never_saved(tmp_path):
+    good = save_checkpoint(tmp_path, 1, *_state(0), {})
+    model, optim = _state(1)
+    model["layers.0.mlp.w"][2, 3] = np.nan
+    with pytest.raises(CheckpointError, match=r"^not saving step 2 to '.*step_000002': model tensor "
+                                              r"'layers\.0\.mlp\.w' has NaN or infinite values$"):
+        save_checkpoint(tmp_path, 2, model, optim, {}, keep_last=1)
+    model, optim = _state(1)
+    optim["exp_avg.embed.weight"][0, 0] = np.inf
+    with pytest.raises(CheckpointError, match="optimizer tensor 'exp_avg.embed.weight'"):
+        save_checkpoint(tmp_path, 2, model, optim, {}, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name]
 
 
 def test_keep_last_rotation_keeps_newest(tmp_path):
