@@ -7,13 +7,20 @@
                     log_interval=cfg.logging.log_interval, tensorboard=cfg.logging.tensorboard)
     log.step(step, loss=..., lr=..., grad_norm=..., tokens=global_tokens_this_step, step_time=seconds)
     log.eval(step, val_loss)
+    log.resumed(step, checkpoint_path)    # after loading a checkpoint, before the next step
     log.close()
 
 Every rank appends its lines to ``output_dir/logs/rank_{r}.log``; rank 0 also prints them, writes
 one JSON object per step to ``output_dir/metrics.jsonl`` (``"kind": "train"``; validation results
 are lines with ``"kind": "valid"``) and scalars to TensorBoard event files in
 ``output_dir/tensorboard/`` (tags ``train/loss``, ``train/lr``, ``train/grad_norm``,
-``train/tokens_per_s``, ``train/mfu``, ``valid/loss``). A progress line::
+``train/tokens_per_s``, ``train/mfu``, ``valid/loss``).
+
+A resumed run continues the same files and each step stays recorded once: ``resumed(k, ckpt)``
+rewrites ``metrics.jsonl`` atomically without the records of steps after ``k`` (written by the
+interrupted run after its checkpoint) and appends ``{"kind": "resumed", "step": k,
+"checkpoint": ckpt}``; TensorBoard gets a writer with ``purge_step=k + 1``, whose first event
+makes TensorBoard drop the older events of steps ``> k``. A progress line::
 
     step   20/300 | loss 4.8123 | lr 2.00e-03 | grad 0.912 | 10,342 tok/s | MFU 1.9% | ETA 1m12s
 """
@@ -98,11 +105,46 @@ class RunLogger:
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         self._rank_log = open(self.out / "logs" / f"rank_{rank}.log", "a", encoding="utf-8")
         self._metrics = self._tb = None
+        self._tb_wanted = rank == 0 and tensorboard
         if rank == 0:
             self._metrics = open(self.out / "metrics.jsonl", "a", encoding="utf-8")
-            if tensorboard:
-                from tensorboardX import SummaryWriter
-                self._tb = SummaryWriter(logdir=str(self.out / "tensorboard"))
+
+    def _scalar(self, tag: str, value: float, step: int) -> None:
+        """A TensorBoard scalar (rank 0; the writer is made on first use, see ``resumed``)."""
+        if not self._tb_wanted:
+            return
+        if self._tb is None:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(logdir=str(self.out / "tensorboard"))
+        self._tb.add_scalar(tag, value, step)
+
+    def resumed(self, step: int, checkpoint: str) -> None:
+        """This run continues from ``checkpoint`` (saved after step ``step``): drop the records
+        of later steps (and any line a crash left unparsable) from ``metrics.jsonl`` by an atomic
+        rewrite, append a ``"resumed"`` record, and purge TensorBoard events of steps ``> step``.
+        Call before recording any step of this run."""
+        if self._metrics is not None:
+            self._metrics.close()
+            path = self.out / "metrics.jsonl"
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if (s := _step_of(line)) is not None and s <= step]
+            kept.append(json.dumps({"kind": "resumed", "step": int(step),
+                                    "checkpoint": str(checkpoint), "time": time.time()}))
+            tmp = path.with_name(path.name + ".tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.write("".join(line + "\n" for line in kept))
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+            self._metrics = open(path, "a", encoding="utf-8")
+        if self._tb_wanted:
+            from tensorboardX import SummaryWriter
+            if self._tb is not None:
+                self._tb.close()
+            # the suffix keeps a new file (names carry only the second) sorting after older ones
+            self._tb = SummaryWriter(logdir=str(self.out / "tensorboard"), purge_step=step + 1,
+                                     filename_suffix=f".resumed_{step}")
+        self.info(f"resumed after step {step} from '{checkpoint}'")
 
     def info(self, message: str) -> None:
         """A line for this rank's log file (and the console on rank 0)."""
@@ -134,10 +176,9 @@ class RunLogger:
         if self._metrics is not None:
             self._metrics.write(json.dumps(_finite(record)) + "\n")
             self._metrics.flush()
-        if self._tb is not None:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", *extra):
-                if record.get(key) is not None:
-                    self._tb.add_scalar(f"train/{key}", record[key], step)
+        for key in ("loss", "lr", "grad_norm", "tokens_per_s", "mfu", *extra):
+            if record.get(key) is not None:
+                self._scalar(f"train/{key}", record[key], step)
         if step % self.log_interval == 0 or step == self.total or step == 1:
             self.info(format_progress(step, self.total, loss, lr, grad_norm, tokens_per_s, mfu, eta))
         return record
@@ -150,8 +191,7 @@ class RunLogger:
                       "time": time.time()}
             self._metrics.write(json.dumps(_finite(record)) + "\n")
             self._metrics.flush()
-        if self._tb is not None:
-            self._tb.add_scalar("valid/loss", float(loss), step)
+        self._scalar("valid/loss", float(loss), step)
         self.info(f"validation at step {step}: loss {loss:.4f} | ppl {ppl:.2f}")
 
     def close(self) -> None:
@@ -166,6 +206,14 @@ class RunLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _step_of(line: str) -> int | None:
+    """The ``step`` of a ``metrics.jsonl`` line, or ``None`` if the line does not parse."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _finite(record: dict) -> dict:

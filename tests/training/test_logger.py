@@ -88,3 +88,49 @@ def test_flops_and_parameter_count():
     assert estimate_mfu(1e9, 100, 1e12) == pytest.approx(0.1)
     bench = load_config(str(Path(__file__).resolve().parents[2] / "configs/tiny_llama_bench.yaml")).model
     assert count_parameters(bench) == 4 * (2 * 512**2 + 2 * 512 * 128 + 3 * 512 * 1408 + 1024) + 2 * 32000 * 512 + 512
+
+
+def tensorboard_scalars(logdir):
+    """What TensorBoard shows: event files read in name order, and (its rule for files of
+    version ``brain.Event:2``) a ``SessionLog.START`` event at step ``s`` drops every event seen
+    so far with step >= ``s``. Returns ``{tag: [(step, value), ...]}``."""
+    events = []
+    for path in sorted(logdir.iterdir()):
+        for e in read_events(path):
+            if e.HasField("session_log") and e.session_log.status == e.session_log.START:
+                events = [old for old in events if old.step < e.step]
+            events.append(e)
+    scalars = {}
+    for e in events:
+        for v in e.summary.value:
+            scalars.setdefault(v.tag, []).append((e.step, v.simple_value))
+    return scalars
+
+
+def test_resumed_run_records_each_step_once(tmp_path):
+    """Run 1 records steps 1-6 (and a validation at 6) but its checkpoint is from step 4; run 2
+    resumes there and records 5-8: metrics.jsonl and TensorBoard hold each step once."""
+    with RunLogger(tmp_path, total_steps=8, stream=io.StringIO()) as log:
+        for step in range(1, 7):
+            log.step(step, loss=10.0 + step, lr=1e-3, grad_norm=1.0, tokens=10, step_time=0.1)
+        log.eval(4, 3.0)
+        log.eval(6, 2.0)
+    with open(tmp_path / "metrics.jsonl", "a") as fh:
+        fh.write('{"kind": "train", "step": 7, "lo')  # a crash in the middle of a line
+    out = io.StringIO()
+    with RunLogger(tmp_path, total_steps=8, stream=out) as log:
+        log.resumed(4, "ckpts/step_000004")
+        for step in range(5, 9):
+            log.step(step, loss=20.0 + step, lr=1e-3, grad_norm=1.0, tokens=10, step_time=0.1)
+    assert "resumed after step 4 from 'ckpts/step_000004'" in out.getvalue()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in records] == [
+        *[("train", s) for s in range(1, 5)], ("valid", 4), ("resumed", 4),
+        *[("train", s) for s in range(5, 9)]]
+    assert records[5]["checkpoint"] == "ckpts/step_000004"
+    assert [r["loss"] for r in records if r["kind"] == "train"] == [11, 12, 13, 14, 25, 26, 27, 28]
+    assert not (tmp_path / "metrics.jsonl.tmp").exists()
+    scalars = tensorboard_scalars(tmp_path / "tensorboard")
+    assert scalars["train/loss"] == [(1, 11), (2, 12), (3, 13), (4, 14), (5, 25), (6, 26), (7, 27),
+                                     (8, 28)]
+    assert scalars["valid/loss"] == [(4, 3.0)]
