@@ -42,12 +42,10 @@ def main(config: str, mode: str) -> None:
                for _ in range(t.grad_accum_steps)]
     print(f"ready {t.global_batch_size * cfg.model.seq_length} {model_flops_per_token(cfg.model)}",
           flush=True)
-    it = 0
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "step":
-            loss, _ = step(batches, 1e-4, it)
-            it += 1
+            loss, _ = step(batches, 1e-4)
             print(f"done {loss}", flush=True)
         elif cmd == "stats":
             print(f"rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}", flush=True)

@@ -109,6 +109,9 @@ class TrainingConfig:
         "fp32); bf16 is refused on CPU")
     loss_scale: float | None = _f(
         None, "static loss scale for the backward pass (null: 1024 with fp16, else 1)")
+    max_skipped_steps: int = _f(
+        5, "stop the run after this many consecutive steps whose update was skipped (loss or "
+        "gradient norm not finite; 0: never stop)")
 
 
 @dataclass

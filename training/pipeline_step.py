@@ -3,7 +3,7 @@
     pipeline = models.gpt_pipeline.build_gpt_pipeline(hf_cfg, dims, vpp, layers_per_stage)
     step = PipelineTrainStep(pipeline, dims, cfg.optimizer, grad_accum_steps, seq_length,
                              micro_batch_size)
-    loss, grad_norm = step(micro_batches, lr, it)     # micro_batches: [(inputs, labels), ...]
+    loss, grad_norm = step(micro_batches, lr)     # micro_batches: [(inputs, labels), ...]
 
 One optimizer step on each pipeline rank:
 
@@ -16,7 +16,8 @@ One optimizer step on each pipeline rank:
 3. The gradients go into fp32 buffers and ``AdamWUpdate`` (one compiled graph) does the rest,
    as for ``TrainStep``: dp mean; the global norm sums squares over tp (split parameters), over
    the stages (one pp all-reduce) and counts the tied weight once (the head copy is left out);
-   clip; AdamW.
+   clip; AdamW. Skipping a non-finite step and counting AdamW's steps is ``TrainState``'s
+   (``apply_update``), shared with ``TrainStep``.
 
 Parameter names are the full model's (``decoder.layers.<global index>...``), so per-stage
 checkpoints hold disjoint name sets and merge into the full model by union.
@@ -77,11 +78,11 @@ class PipelineTrainStep(TrainState):
         self.acc = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"grad_acc.{p.name}",
                                              requires_grad=False) for p in self.params])
         decay = [should_decay(n, len(p.shape)) for n, p in self.named]
-        update = AdamWUpdate(self.params, self.acc, decay, split, dims, opt_cfg,
-                             skip_nonfinite=bool(self.cast_cells) or self.loss_scale != 1.0,
-                             in_norm=in_norm)
-        self.update = update
-        self._update = ms.jit(update)
+        self.update = AdamWUpdate(self.params, self.acc, decay, split, dims, opt_cfg, in_norm=in_norm)
+        self._jit_update = ms.jit(self.update)
+
+    def _update(self, *args):  # the schedule runs in PyNative: compile the update explicitly
+        return self._jit_update(*args)
 
     def _run(self, batches, forward_only: bool):
         data = iter([(ms.Tensor(x, ms.int32), ms.Tensor(y, ms.int32)) for x, y in batches])
@@ -89,10 +90,10 @@ class PipelineTrainStep(TrainState):
                              seq_length=self.seq, micro_batch_size=self.mbs,
                              forward_only=forward_only)
 
-    def __call__(self, micro_batches, lr: float, step: int) -> tuple[float, float]:
-        """One optimizer step (``step`` 0-based). ``micro_batches``: ``n`` (inputs, labels) numpy
-        int32 pairs (only the first and last stage read them). Returns ``(loss, grad_norm)``:
-        loss averaged over micro-batches and dp, the same on every rank."""
+    def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
+        """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs (only
+        the first and last stage read them). Returns ``(loss, grad_norm)``: loss averaged over
+        micro-batches and dp, the same on every rank; non-finite: the update was skipped."""
         if len(micro_batches) != self.n_micro:
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
                              f"{self.n_micro}")
@@ -102,11 +103,7 @@ class PipelineTrainStep(TrainState):
         unscale = 1.0 / self.loss_scale
         for acc, g in zip(self.acc, grads):
             ops.assign(acc, g.astype(ms.float32) * unscale if unscale != 1.0 else g)
-        t = step + 1
-        bc1, bc2 = 1.0 - self.opt.beta1 ** t, 1.0 - self.opt.beta2 ** t
-        norm, loss = self._update(ms.Tensor(lr, ms.float32), ms.Tensor(bc1, ms.float32),
-                                  ms.Tensor(bc2, ms.float32), ms.Tensor(result.loss, ms.float32))
-        return float(loss.asnumpy()), float(norm.asnumpy())
+        return self.apply_update(lr, result.loss)
 
     def evaluate(self, batches) -> float:
         """Mean loss over ``batches`` (forward only through the pipeline), then over dp."""

@@ -19,7 +19,9 @@ Bad input stops the run with one line on stderr, ``<kind> error: <message naming
 file>``, and exit status 2 (``training.errors``): a bad config key or value, and paths that
 cannot work (``data.corpus``, ``data.tokenizer``, ``checkpoint.load``, ``logging.output_dir``:
 ``training.preflight``) before any work; a corpus too small for one global batch, a checkpoint
-that cannot be loaded, or a loss that becomes NaN / Inf when they are found.
+that cannot be loaded (``checkpoint.load=auto`` with none that verifies), or a run that
+diverges (``training.max_skipped_steps`` non-finite steps in a row, or a NaN tensor at a save:
+``numerical error``, checkpoints left as they were) when they are found.
 """
 from __future__ import annotations
 
@@ -141,33 +143,48 @@ def tokenizer_path(cfg) -> Path:
     return Path(cfg.logging.output_dir) / "tokenizer.json"
 
 
-def resume(cfg, step_fn, data, dims) -> int:
-    """Load ``checkpoint.load`` (if any) into model, optimizer, sampler and host RNG; return the
-    number of steps already done (0 for a fresh run)."""
+def resume(cfg, step_fn, data, dims, log) -> int:
+    """Load ``checkpoint.load`` (if any) into model, optimizer (moments and AdamW's update count),
+    sampler and host RNG, and continue the run's records there (``log.resumed``); return the
+    number of steps already done (0 for a fresh run). ``auto`` logs each checkpoint it skips and
+    refuses (``CheckpointError``) when checkpoints exist but none verifies."""
     from training.checkpointing import load_checkpoint, resolve_load, set_host_rng_state
 
-    path = resolve_load(cfg.checkpoint.load, checkpoint_root(cfg))
+    path = resolve_load(cfg.checkpoint.load, checkpoint_root(cfg), log=log.info)
     if path is None:
         return 0
     model_shapes, optim_shapes = step_fn.shapes()
     ck = load_checkpoint(path, rank=dims.global_rank, world_size=dims.world_size,
                          expected_shapes=model_shapes, expected_optimizer_shapes=optim_shapes,
                          expected_model_config=cfg.to_dict()["model"])
-    step_fn.load(ck.model, ck.optimizer)
+    step_fn.load(ck.model, ck.optimizer, ck.meta.get("optimizer", {"adam_steps": ck.step}))
     data.sampler.load_state_dict(ck.meta["sampler"])
     set_host_rng_state(ck.meta["rng"])
+    log.resumed(ck.step, str(path))
     return ck.step
 
 
 def save(cfg, step: int, step_fn, data, dims) -> Path:
-    """Every rank writes its shard; rank 0 publishes the checkpoint atomically."""
-    from mcore.comm import barrier
-    from training.checkpointing import host_rng_state, save_checkpoint
+    """Every rank writes its shard; rank 0 publishes the checkpoint atomically. If any rank holds
+    a NaN or an infinity (all ranks agree first), nothing is written: ``TrainingStopped``."""
+    import mindspore as ms
 
+    from mcore.comm import all_reduce, barrier
+    from training.checkpointing import first_nonfinite, host_rng_state, save_checkpoint
+    from training.step import TrainingStopped
+
+    model, optim = step_fn.model_state(), step_fn.state_dict()
+    bad = first_nonfinite(model) or first_nonfinite(optim)
+    if dims.world_size > 1:
+        ranks_bad = float(all_reduce(ms.Tensor(float(bad is not None), ms.float32), dims.world).asnumpy())
+        bad = bad or (f"(on {ranks_bad:.0f} other rank(s))" if ranks_bad > 0 else None)
+    if bad is not None:
+        raise TrainingStopped(f"not saving step {step}: tensor {bad} has NaN or infinite values; "
+                              f"the checkpoints in '{checkpoint_root(cfg)}' were left as they were")
     sync = (lambda: barrier(dims.world)) if dims.world_size > 1 else None
     meta = {"config": cfg.to_dict(), "sampler": data.sampler.state_dict(), "rng": host_rng_state(),
-            "tokenizer": str(tokenizer_path(cfg).resolve())}
-    return save_checkpoint(checkpoint_root(cfg), step, step_fn.model_state(), step_fn.state_dict(),
+            "optimizer": step_fn.scalars(), "tokenizer": str(tokenizer_path(cfg).resolve())}
+    return save_checkpoint(checkpoint_root(cfg), step, model, optim,
                            meta, rank=dims.global_rank, world_size=dims.world_size,
                            keep_last=cfg.checkpoint.keep_last, barrier=sync)
 
@@ -194,10 +211,12 @@ def run(cfg, stop_after: int | None = None) -> dict:
     there (a later ``checkpoint.load=auto`` run continues it exactly)."""
     import mindspore as ms
 
-    from training.checkpointing import remove_incomplete
+    from mcore.comm import barrier
+    from training.checkpointing import remove_incomplete, step_dir
     from training.data.pipeline import build_data
     from training.logger import RunLogger, model_flops_per_token
     from training.optim import lr_schedule
+    from training.step import TrainingStopped
 
     t = cfg.training
     dims = build_dims(cfg)
@@ -212,9 +231,11 @@ def run(cfg, stop_after: int | None = None) -> dict:
     dtype, loss_scale = precision(cfg)
     step_fn = build_step(cfg, model, dims, data.sampler.grad_accum_steps)
     if dims.global_rank == 0:
-        remove_incomplete(checkpoint_root(cfg))
+        remove_incomplete(checkpoint_root(cfg), log=log.info)
         data.tokenizer.save(tokenizer_path(cfg))
-    step = resume(cfg, step_fn, data, dims)
+    if dims.world_size > 1:  # every rank resumes from what rank 0 recovered
+        barrier(dims.world)
+    step = resume(cfg, step_fn, data, dims, log)
     log.info(f"world {dims.world_size} (tp {dims.tp.size} x pp {dims.pp.size}"
              + (f" x vpp {cfg.parallel.vpp}" if cfg.parallel.vpp > 1 else "")
              + f" x dp {dims.dp.size}), "
@@ -226,27 +247,38 @@ def run(cfg, stop_after: int | None = None) -> dict:
     schedule = lr_schedule(cfg.optimizer, t.train_iters)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     loss = valid_loss = None
+    saved, save_due = None, False  # a periodic save waits while updates are being skipped
     while step < t.train_iters:
         t0 = time.perf_counter()
         lr = schedule(step)
         micro = [data.train.batch(ids) for ids in data.sampler.next_step()]  # [(inputs, labels)]
-        loss, grad_norm = step_fn(micro, lr, step)
+        loss, grad_norm = step_fn(micro, lr)
         step += 1
         log.step(step, loss, lr, grad_norm, tokens=tokens_per_step, step_time=time.perf_counter() - t0)
-        if not np.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}: lower optimizer.lr?")
+        if skips := step_fn.skipped_in_a_row:
+            limit = t.max_skipped_steps
+            log.info(f"step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: update skipped "
+                     f"({skips} in a row, training.max_skipped_steps={limit})")
+            if 0 < limit <= skips:
+                log.close()
+                raise TrainingStopped(
+                    f"steps {step - skips + 1}-{step} were all skipped (loss or gradient norm not "
+                    f"finite; training.max_skipped_steps={limit}); the checkpoints in "
+                    f"'{checkpoint_root(cfg)}' were left as they were: lower optimizer.lr (or "
+                    "training.loss_scale with fp16), then resume with checkpoint.load=auto")
         if t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
             log.eval(step, validate(cfg, step_fn, data))
-        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
-            save(cfg, step, step_fn, data, dims)
+        save_due |= bool(cfg.checkpoint.save_interval) and step % cfg.checkpoint.save_interval == 0
+        if save_due and not skips:
+            saved, save_due = save(cfg, step, step_fn, data, dims), False
         if step == stop_after:
-            if not cfg.checkpoint.save_interval or step % cfg.checkpoint.save_interval:
+            if saved != step_dir(checkpoint_root(cfg), step):
                 save(cfg, step, step_fn, data, dims)
             log.close()
             return {"step": step, "loss": loss, "valid_loss": None, "sample": None}
     if (valid_loss := validate(cfg, step_fn, data)) is not None:
         log.eval(step, valid_loss)
-    if not cfg.checkpoint.save_interval or step % cfg.checkpoint.save_interval:
+    if saved != step_dir(checkpoint_root(cfg), step):
         save(cfg, step, step_fn, data, dims)
     text = None
     if cfg.logging.sample_tokens > 0:

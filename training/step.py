@@ -1,7 +1,7 @@
 """The compiled training step: forward + backward per micro-batch, then one AdamW update.
 
     step = TrainStep(model, dims, cfg.optimizer, grad_accum_steps)
-    loss, grad_norm = step(micro_batches, lr, it)     # micro_batches: [(inputs, labels), ...]
+    loss, grad_norm = step(micro_batches, lr)     # micro_batches: [(inputs, labels), ...]
 
 One optimizer step, for ``n`` micro-batches on each of ``D`` data-parallel ranks:
 
@@ -12,13 +12,20 @@ One optimizer step, for ``n`` micro-batches on each of ``D`` data-parallel ranks
    - ``norm = sqrt(all_reduce_sum(sum_sharded g^2, tp) + sum_replicated g^2)``: tp-split
      parameters contribute their shard's squares summed over tp; replicated ones (norm weights)
      count once. ``g *= min(1, clip / (norm + 1e-6))`` when ``clip > 0``.
-   - AdamW, for step ``t`` (1-based), decoupled decay (the ``should_decay`` mask)::
+   - AdamW, for update ``t`` (1-based), decoupled decay (the ``should_decay`` mask)::
 
          m = b1 m + (1 - b1) g          v = b2 v + (1 - b2) g^2
          w = w - lr wd w                (only where decay applies)
          w = w - lr (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
 
    - ``acc = 0``.
+
+Skipped steps, in every precision: when the loss or the global gradient norm is not finite (an
+fp16 overflow, or an fp32 run that diverges), the update leaves weights and moments unchanged
+and ``t`` (``TrainState.adam_steps``, the count of applied updates, saved with checkpoints) does
+not advance; the gradient buffers are still zeroed. ``TrainState.apply_update`` holds this
+bookkeeping for ``TrainStep`` and ``PipelineTrainStep``; ``skipped_in_a_row`` counts
+consecutive skips (the loop stops the run after ``training.max_skipped_steps``).
 
 Compute dtype (``training.dtype``, ``apply_compute_dtype``): parameters are always fp32 and are
 the master weights; AdamW runs on them in fp32. With ``fp16`` every tensor-parallel linear layer
@@ -27,8 +34,8 @@ and weight are cast on the way in); the residual stream, norms, attention scores
 the logits (cast back to fp32 by a forward hook on the head) and the cross-entropy stay fp32.
 fp16 uses a static loss scale ``S`` (``training.loss_scale``, default 1024): backward runs on
 ``S * loss`` and ``acc += d(S loss_k)/dw * (1 / (n S))``, so the gradients are unscaled before
-the dp all-reduce and the clipping; a step whose gradient norm is not finite (an fp16 overflow)
-leaves weights and moments unchanged (its norm, inf or nan, is returned). bf16 has no compute
+the dp all-reduce and the clipping; an overflowing step is skipped as above (its norm, inf or
+nan, is returned). bf16 has no compute
 kernels on CPU (``training/pretrain.py:check_supported`` refuses it there).
 ``mode``: ``set_mode("graph")`` compiles every Cell call (GRAPH_MODE, 3-5x faster than PyNative
 on CPU, first compile ~5-15 s); ``"pynative"`` runs eagerly for debugging. Same numbers either way
@@ -36,6 +43,8 @@ to fp32 rounding. MindSpore's own ``AdamWeightDecay`` is not used: it has no bia
 (docs/mindspore_cpu.md).
 """
 from __future__ import annotations
+
+import math
 
 import mindspore as ms
 import numpy as np
@@ -147,7 +156,8 @@ class AdamWUpdate(nn.Cell):
 
     ``construct(lr, bc1, bc2, loss)``: ``bc1 = 1 - b1^t``, ``bc2 = 1 - b2^t`` (bias corrections),
     ``loss``: this rank's loss (mean over its micro-batches). Returns ``(grad_norm, mean loss
-    over dp)`` as tensors. ``grad_norm`` is measured before clipping.
+    over dp)`` as tensors. ``grad_norm`` is measured before clipping. Unless both are finite
+    (``update_applied``), weights and moments keep their values.
 
     Pipeline parallelism (pp > 1): ``in_norm[i] = False`` leaves a parameter out of the norm
     (the last stage's copy of a tied embedding, so the tied weight counts once); the squared
@@ -157,13 +167,12 @@ class AdamWUpdate(nn.Cell):
     """
 
     def __init__(self, params, acc, decay: list[bool], tp_split: list[bool], dims: ParallelDims,
-                 opt_cfg, skip_nonfinite: bool = False, in_norm: list[bool] | None = None):
+                 opt_cfg, in_norm: list[bool] | None = None):
         super().__init__()
         self.params, self.acc = params, acc
         n = len(params)
         self.in_norm = tuple(in_norm) if in_norm is not None else (True,) * n
         self.pp = dims.pp
-        self.skip_nonfinite = bool(skip_nonfinite)
         self.m = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"adam_m.{p.name}")
                                  for p in params])
         self.v = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"adam_v.{p.name}")
@@ -201,7 +210,7 @@ class AdamWUpdate(nn.Cell):
         coef = ops.ones((), ms.float32)
         if self.clip > 0:
             coef = ops.minimum(coef, self.clip / (norm + 1e-6))
-        ok = ops.isfinite(norm)  # [] bool; used only with skip_nonfinite
+        ok = ops.logical_and(ops.isfinite(norm), ops.isfinite(loss))  # [] bool: update_applied
         for i in range(n):
             g = grads[i] * coef
             m = self.b1 * self.m[i] + (1.0 - self.b1) * g
@@ -210,10 +219,9 @@ class AdamWUpdate(nn.Cell):
             if self.decay[i]:
                 w = w - lr * self.wd * w
             w = w - lr * (m / bc1) / (ops.sqrt(v / bc2) + self.eps)
-            if self.skip_nonfinite:  # an overflowed step changes nothing
-                m = ops.select(ok, m, self.m[i])
-                v = ops.select(ok, v, self.v[i])
-                w = ops.select(ok, w, self.params[i])
+            m = ops.select(ok, m, self.m[i])  # a skipped step changes nothing
+            v = ops.select(ok, v, self.v[i])
+            w = ops.select(ok, w, self.params[i])
             ops.assign(self.m[i], m)
             ops.assign(self.v[i], v)
             ops.assign(self.params[i], w)
@@ -221,15 +229,55 @@ class AdamWUpdate(nn.Cell):
         return norm, loss
 
 
+class TrainingStopped(FloatingPointError):
+    """The loop stops a diverging run on purpose (``training.max_skipped_steps`` skipped steps
+    in a row, or a NaN tensor at a save); the message is one line for the user (a
+    ``FloatingPointError``: the entry points print ``numerical error: ...`` and exit 2,
+    ``training.errors``) and the checkpoints on disk are left as they were."""
+
+
+def update_applied(loss: float, grad_norm: float) -> bool:
+    """The skip rule (``AdamWUpdate`` applies the same one in its graph): an optimizer step
+    updates weights and moments only when the loss and the global gradient norm are finite."""
+    return math.isfinite(loss) and math.isfinite(grad_norm)
+
+
 class TrainState:
-    """Weights and Adam moments of ``self.named`` ((name, Parameter) pairs) and
-    ``self.update`` (an ``AdamWUpdate``), as numpy arrays for checkpoints: ``model_state()``,
-    ``state_dict()`` (moments named ``adam_m.<param>`` / ``adam_v.<param>``; the step count lives
-    with the caller), ``load(model_state, optimizer_state)`` (before the first step: compiled
-    graphs do not see ``set_data``), ``shapes()``."""
+    """What ``TrainStep`` and ``PipelineTrainStep`` share: the update bookkeeping
+    (``apply_update``: bias correction from ``adam_steps``, the skip rule, ``skipped_in_a_row``)
+    and the checkpoint state of ``self.named`` ((name, Parameter) pairs) and ``self.update`` (an
+    ``AdamWUpdate``, run through ``self._update``): ``model_state()``, ``state_dict()`` (moments
+    named ``adam_m.<param>`` / ``adam_v.<param>``), ``scalars()`` (``{"adam_steps": n}``, for the
+    checkpoint's meta), ``load(model_state, optimizer_state, scalars)`` (before the first step:
+    compiled graphs do not see ``set_data``), ``shapes()``."""
 
     named: list
     update: AdamWUpdate
+    opt: object  # OptimizerConfig: beta1, beta2
+    adam_steps: int = 0  # updates applied (AdamW's t for the next update is adam_steps + 1)
+    skipped_in_a_row: int = 0  # consecutive steps whose update was skipped
+
+    def _update(self, *args):
+        return self.update(*args)
+
+    def apply_update(self, lr: float, loss: float) -> tuple[float, float]:
+        """Run ``self.update`` on the accumulated gradients with AdamW step ``adam_steps + 1``;
+        count it as applied or skipped (``update_applied``). Returns ``(loss, grad_norm)``: the
+        loss averaged over dp, the norm before clipping (inf or nan for a skipped step)."""
+        t = self.adam_steps + 1
+        bc1, bc2 = 1.0 - self.opt.beta1 ** t, 1.0 - self.opt.beta2 ** t
+        norm, loss = self._update(ms.Tensor(lr, ms.float32), ms.Tensor(bc1, ms.float32),
+                                  ms.Tensor(bc2, ms.float32), ms.Tensor(loss, ms.float32))
+        loss, norm = float(loss.asnumpy()), float(norm.asnumpy())
+        if update_applied(loss, norm):
+            self.adam_steps, self.skipped_in_a_row = t, 0
+        else:
+            self.skipped_in_a_row += 1
+        return loss, norm
+
+    def scalars(self) -> dict:
+        """Optimizer scalars for a checkpoint's meta (``load`` takes them back)."""
+        return {"adam_steps": int(self.adam_steps)}
 
     def model_state(self) -> dict[str, np.ndarray]:
         return {n: p.asnumpy().copy() for n, p in self.named}  # asnumpy() aliases the buffer
@@ -240,8 +288,10 @@ class TrainState:
             out[f"adam_m.{n}"], out[f"adam_v.{n}"] = m.asnumpy().copy(), v.asnumpy().copy()
         return out
 
-    def load(self, model_state: dict, optimizer_state: dict) -> None:
-        """Restore weights and moments saved by ``model_state`` / ``state_dict``."""
+    def load(self, model_state: dict, optimizer_state: dict, scalars: dict) -> None:
+        """Restore weights, moments and the update count saved by ``model_state`` /
+        ``state_dict`` / ``scalars``."""
+        self.adam_steps, self.skipped_in_a_row = int(scalars["adam_steps"]), 0
         for (n, p), m, v in zip(self.named, self.update.m, self.update.v):
             p.set_data(ms.Tensor(model_state[n], ms.float32))
             m.set_data(ms.Tensor(optimizer_state[f"adam_m.{n}"], ms.float32))
@@ -274,12 +324,12 @@ class TrainStep(TrainState):
         self.forward_backward = ForwardBackward(self.loss_cell, self.params, self.acc,
                                                 self.loss_scale)
         self.update = AdamWUpdate(self.params, self.acc, decay, [n in split for n, _ in self.named],
-                                  dims, opt_cfg,
-                                  skip_nonfinite=bool(self.cast_cells) or self.loss_scale != 1.0)
+                                  dims, opt_cfg)
 
-    def __call__(self, micro_batches, lr: float, step: int) -> tuple[float, float]:
-        """One optimizer step (``step`` 0-based). ``micro_batches``: ``n`` (inputs, labels) numpy
-        int32 pairs. Returns ``(loss, grad_norm)``: loss averaged over micro-batches and dp."""
+    def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
+        """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs.
+        Returns ``(loss, grad_norm)``: loss averaged over micro-batches and dp; a non-finite
+        one of the two means the update was skipped (``TrainState.apply_update``)."""
         if len(micro_batches) != self.n_micro:
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
                              f"{self.n_micro}")
@@ -288,11 +338,7 @@ class TrainStep(TrainState):
         for inputs, labels in micro_batches:
             loss = self.forward_backward(ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32), scale)
             total += float(loss.asnumpy())
-        t = step + 1
-        bc1, bc2 = 1.0 - self.opt.beta1 ** t, 1.0 - self.opt.beta2 ** t
-        norm, loss = self.update(ms.Tensor(lr, ms.float32), ms.Tensor(bc1, ms.float32),
-                                 ms.Tensor(bc2, ms.float32), ms.Tensor(total / self.n_micro, ms.float32))
-        return float(loss.asnumpy()), float(norm.asnumpy())
+        return self.apply_update(lr, total / self.n_micro)
 
     def evaluate(self, batches) -> float:
         """Mean loss over ``batches`` ((inputs, labels) pairs) on this rank, then over dp."""

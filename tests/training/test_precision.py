@@ -37,7 +37,7 @@ def _train(dtype: str, batches, loss_scale: float, steps: int, hook=None):
     step = _build(dtype, len(batches), loss_scale)
     if hook is not None:
         hook(step.model)
-    losses = [step(batches, LR, it)[0] for it in range(steps)]
+    losses = [step(batches, LR)[0] for _ in range(steps)]
     return losses, step
 
 
@@ -85,12 +85,13 @@ def check_fp16(mode: str) -> None:
     # An overflowing backward (scale 1e30 makes the fp16 activation gradients inf) skips the step.
     big = _build("fp16", len(batches), 1e30)
     w0, s0 = big.model_state(), big.state_dict()
-    loss, norm = big(batches, LR, 0)
+    loss, norm = big(batches, LR)
     assert np.isfinite(loss) and not np.isfinite(norm), (loss, norm)
     w1, s1 = big.model_state(), big.state_dict()
     assert all(np.array_equal(w0[k], w1[k]) for k in w0), "an overflowed step changed the weights"
     assert all(np.array_equal(s0[k], s1[k]) for k in s0), "an overflowed step changed the moments"
     assert all(not a.asnumpy().any() for a in big.acc), "gradient buffers not zeroed"
+    assert (big.adam_steps, big.skipped_in_a_row) == (0, 1), "a skipped step advanced AdamW's t"
     print("PRECISION_OK")
 
 

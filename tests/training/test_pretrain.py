@@ -1,8 +1,11 @@
 """training/pretrain.py end to end on a tiny Llama and a slice of the bundled corpus.
 
 - bad configs stop with one line naming the key, exit status 2, before any work;
-- one process: the loss falls; 10 steps == 5 steps + stop + resume 5 (same losses, same
-  weights), and a half-written / corrupted newer checkpoint is skipped by ``load=auto``;
+- one process: the loss falls; 10 steps == 7 steps + stop + resume from step 5 (same losses,
+  same weights), a half-written / corrupted newer checkpoint is skipped by ``load=auto`` with a
+  line naming it, and metrics.jsonl / TensorBoard then hold each step once (+ a resumed record);
+- a diverging fp32 run skips its non-finite steps, stops with one line (exit status 2) after
+  ``training.max_skipped_steps`` of them and keeps its last good checkpoints;
   evaluate.py / generate.py read the checkpoint back (same validation loss, same sample);
 - real ranks (msrun): dp=2 and tp=2 give the single-process per-step losses (1e-5 relative).
 """
@@ -17,6 +20,7 @@ import pytest
 from tests.msrun_util import msrun_command, run_msrun, worker_logs
 from tests.fresh_process import run_python
 from tests.multirank import REPO_ROOT
+from tests.training.test_logger import tensorboard_scalars
 
 PRETRAIN = str(REPO_ROOT / "training" / "pretrain.py")
 TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
@@ -64,19 +68,37 @@ def check_single_process(tmp: str) -> None:
     assert losses[10] < losses[1] - 0.3, losses  # it learns
     assert full["valid_loss"] < losses[1] and isinstance(full["sample"], str)
 
-    args = _tiny(tmp, "resumed", "checkpoint.save_interval=0", "checkpoint.load=auto")
-    first = run(load_config(None, args), stop_after=5)
-    assert first["step"] == 5
+    args = _tiny(tmp, "resumed", "checkpoint.save_interval=5", "checkpoint.load=auto",
+                 "logging.tensorboard=true")
+    first = run(load_config(None, args), stop_after=7)  # saves at 5 and 7
+    assert first["step"] == 7
     ck_root = tmp / "resumed" / "checkpoints"
-    # A crash while saving step 7 and a corrupted step 9 must not hide step 5.
-    (ck_root / "step_000007.tmp").mkdir()
-    (ck_root / "step_000007.tmp" / "model_rank0.safetensors").write_bytes(b"partial")
+    # A crash while saving step 8, a corrupted step 7 and a truncated step 9 must not hide step 5.
+    (ck_root / "step_000008.tmp").mkdir()
+    (ck_root / "step_000008.tmp" / "model_rank0.safetensors").write_bytes(b"partial")
     shutil.copytree(ck_root / "step_000005", ck_root / "step_000009")
     with open(ck_root / "step_000009" / "model_rank0.safetensors", "r+b") as fh:
         fh.truncate(100)
+    with open(ck_root / "step_000007" / "optim_rank0.safetensors", "r+b") as fh:
+        fh.seek(-3, 2)
+        fh.write(b"\xff\xff\xff")
     second = run(load_config(None, args))
     assert second["step"] == 10
     assert _losses(tmp / "resumed") == losses  # steps 1-5 from the first run, 6-10 resumed
+    # Each step once in metrics.jsonl (6 and 7 of the first run dropped) and in TensorBoard.
+    rows = [json.loads(line) for line in (tmp / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"]) for r in rows] == [
+        *[("train", s) for s in range(1, 6)], ("resumed", 5), *[("train", s) for s in range(6, 11)],
+        ("valid", 10)]
+    assert rows[5]["checkpoint"] == str(ck_root / "step_000005")
+    tb = tensorboard_scalars(tmp / "resumed" / "tensorboard")
+    assert [s for s, _ in tb["train/loss"]] == list(range(1, 11))
+    np.testing.assert_allclose([v for _, v in tb["train/loss"]], [losses[s] for s in range(1, 11)],
+                               rtol=1e-6)
+    log = (tmp / "resumed" / "logs" / "rank_0.log").read_text()
+    for bad, why in (("step_000009", "is truncated"), ("step_000007", "is corrupted")):
+        assert f"checkpoint.load=auto: skipping '{ck_root / bad}': checkpoint file" in log
+        assert why in log.split(f"skipping '{ck_root / bad}'")[1].splitlines()[0]
     a = load_checkpoint(tmp / "full" / "checkpoints" / "step_000010")
     b = load_checkpoint(ck_root / "step_000010")
     assert sorted(a.model) == sorted(b.model)
@@ -84,7 +106,7 @@ def check_single_process(tmp: str) -> None:
         np.testing.assert_array_equal(a.model[name], b.model[name], err_msg=name)
     for name in a.optimizer:
         np.testing.assert_array_equal(a.optimizer[name], b.optimizer[name], err_msg=name)
-    assert not (ck_root / "step_000007.tmp").exists()
+    assert not (ck_root / "step_000008.tmp").exists()
     # evaluate.py and generate.py read the checkpoint back: same validation loss, same sample.
     from training.evaluate import evaluate
     from training.generate import generate_text, load
@@ -95,6 +117,37 @@ def check_single_process(tmp: str) -> None:
     model, tok = load(str(tmp / "full"))
     assert generate_text(model, tok, seed=1234, max_new_tokens=48, **SAMPLE) == full["sample"]
     print("SINGLE_OK")
+
+
+def test_diverging_run_skips_stops_in_one_line_and_keeps_good_checkpoints(tmp_path):
+    """optimizer.lr=1e6 in fp32: the gradient norm turns NaN at step 3; steps 3-5 are skipped
+    (logged), the run stops after training.max_skipped_steps=3 with one line and status 2, no
+    checkpoint is written from a skipped step, keep_last=2 keeps steps 1-2 (finite, verified)
+    and load=auto resumes from the newest of them."""
+    from training.checkpointing import load_checkpoint, resolve_load
+
+    out = tmp_path / "run"
+    res = subprocess.run([sys.executable, PRETRAIN, *_tiny(
+        tmp_path, "run", "optimizer.lr=1e6", "optimizer.warmup_iters=0", "checkpoint.save_interval=1",
+        "checkpoint.keep_last=2", "training.max_skipped_steps=3", "logging.log_interval=1",
+        "logging.sample_tokens=0")], capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stderr.strip().splitlines() == [
+        f"training stopped: steps 3-5 were all skipped (loss or gradient norm not finite; "
+        f"training.max_skipped_steps=3); the checkpoints in '{out / 'checkpoints'}' were left as "
+        "they were: lower optimizer.lr (or training.loss_scale with fp16), then resume with "
+        "checkpoint.load=auto"], res.stderr[-3000:]
+    for step, n in ((3, 1), (4, 2), (5, 3)):
+        assert f"step {step}: loss " in res.stdout
+        assert f"update skipped ({n} in a row, training.max_skipped_steps=3)" in res.stdout
+    grads = _losses(out, "grad_norm")
+    assert sorted(grads) == [1, 2, 3, 4, 5] and [grads[s] for s in (3, 4, 5)] == [None] * 3
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001", "step_000002"]
+    path = resolve_load("auto", out / "checkpoints")
+    assert path == out / "checkpoints" / "step_000002"
+    ck = load_checkpoint(path)
+    assert all(np.isfinite(v).all() for v in [*ck.model.values(), *ck.optimizer.values()])
+    assert ck.meta["optimizer"] == {"adam_steps": 2}
 
 
 @pytest.fixture(scope="module")

@@ -79,3 +79,79 @@ def test_adamw_step_matches_numpy(mode):
     res = run_python(f"from tests.training.test_step import check_adamw; check_adamw({mode!r})",
                      timeout=180)
     assert res.returncode == 0 and "ADAMW_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def test_skipped_update_does_not_advance_adamw():
+    """The bookkeeping TrainStep and PipelineTrainStep share (``TrainState.apply_update``): the
+    bias correction of the next update uses t = applied updates + 1, so a skipped step (loss or
+    norm not finite) leaves t where it was; ``skipped_in_a_row`` counts consecutive skips."""
+    import mindspore as ms
+
+    from training.config import load_config
+    from training.pipeline_step import PipelineTrainStep
+    from training.step import TrainState, TrainStep, update_applied
+
+    opt = load_config(None, ["optimizer.beta1=0.5", "optimizer.beta2=0.75"]).optimizer
+
+    class Recorder(TrainState):  # AdamWUpdate replaced by a stub returning chosen (norm, loss)
+        def __init__(self, results):
+            self.opt, self.results, self.seen = opt, iter(results), []
+
+        def _update(self, lr, bc1, bc2, loss):
+            self.seen.append((float(bc1.asnumpy()), float(bc2.asnumpy())))
+            norm, loss = next(self.results)
+            return ms.Tensor(norm, ms.float32), ms.Tensor(loss, ms.float32)
+
+    nan, inf = float("nan"), float("inf")
+    state = Recorder([(1.0, 2.0), (nan, 2.0), (2.0, inf), (3.0, 2.0), (inf, nan)])
+    counts = []
+    for _ in range(5):
+        loss, norm = state.apply_update(1e-3, 2.0)
+        counts.append((state.adam_steps, state.skipped_in_a_row, update_applied(loss, norm)))
+    assert counts == [(1, 0, True), (1, 1, False), (1, 2, False), (2, 0, True), (2, 1, False)]
+    t = [1, 2, 2, 2, 3]  # AdamW's step number handed to each update
+    np.testing.assert_allclose(state.seen, [(1 - 0.5 ** k, 1 - 0.75 ** k) for k in t], rtol=1e-6)
+    assert state.scalars() == {"adam_steps": 2}
+    # Both step classes use this one implementation.
+    for cls in (TrainStep, PipelineTrainStep):
+        assert cls.apply_update is TrainState.apply_update and cls.load is TrainState.load
+
+
+def check_fp32_skip(mode: str) -> None:
+    """A fp32 step whose loss and gradients are NaN (an inf weight) changes nothing and does not
+    advance AdamW's step count (the count loaded with the weights stays)."""
+    import mindspore as ms
+
+    import models
+    from mcore.parallel_state import ParallelDims
+    from training.config import load_config
+    from training.model_bridge import hf_config
+    from training.step import TrainStep, set_mode
+
+    ms.set_device("CPU")
+    set_mode(mode)
+    cfg = load_config(None, TINY)
+    rng = np.random.default_rng(0)
+    batches = [(rng.integers(0, 256, (2, 16)).astype(np.int32),
+                rng.integers(0, 256, (2, 16)).astype(np.int32)) for _ in range(2)]
+    step = TrainStep(models.build_from_config(hf_config(cfg.model)), ParallelDims.single(),
+                     cfg.optimizer, grad_accum_steps=2)
+    w0, s0 = step.model_state(), step.state_dict()
+    name = next(n for n in w0 if "embedding" in n)
+    w0[name][batches[0][0][0, 0]] = np.inf  # one token's embedding: NaN loss and gradients
+    step.load(w0, s0, {"adam_steps": 3})
+    loss, norm = step(batches, 1e-2)
+    assert not np.isfinite(norm), (loss, norm)
+    assert (step.adam_steps, step.skipped_in_a_row) == (3, 1)
+    w1, s1 = step.model_state(), step.state_dict()
+    assert all(np.array_equal(w0[k], w1[k], equal_nan=True) for k in w0), "a skipped step changed weights"
+    assert all(np.array_equal(s0[k], s1[k]) for k in s0), "a skipped step changed the moments"
+    assert all(not a.asnumpy().any() for a in step.acc), "gradient buffers not zeroed"
+    print("SKIP_OK")
+
+
+@pytest.mark.parametrize("mode", ["pynative", "graph"])
+def test_fp32_nonfinite_step_is_skipped(mode):
+    res = run_python(f"from tests.training.test_step import check_fp32_skip; check_fp32_skip({mode!r})",
+                     timeout=180)
+    assert res.returncode == 0 and "SKIP_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
