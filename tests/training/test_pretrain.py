@@ -123,7 +123,8 @@ def test_diverging_run_skips_stops_in_one_line_and_keeps_good_checkpoints(tmp_pa
     """optimizer.lr=1e6 in fp32: the gradient norm turns NaN at step 3; steps 3-5 are skipped
     (logged), the run stops after training.max_skipped_steps=3 with one line and status 2, no
     checkpoint is written from a skipped step, keep_last=2 keeps steps 1-2 (finite, verified)
-    and load=auto resumes from the newest of them."""
+    and load=auto resumes from the newest of them; with both damaged, load=auto refuses in one
+    line instead of starting again from step 0."""
     from training.checkpointing import load_checkpoint, resolve_load
 
     out = tmp_path / "run"
@@ -146,8 +147,24 @@ def test_diverging_run_skips_stops_in_one_line_and_keeps_good_checkpoints(tmp_pa
     path = resolve_load("auto", out / "checkpoints")
     assert path == out / "checkpoints" / "step_000002"
     ck = load_checkpoint(path)
+    ck_bytes = (path / "model_rank0.safetensors").stat().st_size
     assert all(np.isfinite(v).all() for v in [*ck.model.values(), *ck.optimizer.values()])
     assert ck.meta["optimizer"] == {"adam_steps": 2}
+    # With every checkpoint damaged, load=auto refuses in one line (no silent start from step 0).
+    for step in (1, 2):
+        with open(out / "checkpoints" / f"step_00000{step}" / "model_rank0.safetensors", "r+b") as fh:
+            fh.truncate(64)
+    res = subprocess.run([sys.executable, PRETRAIN, *_tiny(tmp_path, "run", "checkpoint.load=auto")],
+                         capture_output=True, text=True, timeout=240, cwd=tmp_path)
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
+    assert res.stderr.strip().splitlines() == [
+        f"checkpoint error: checkpoint.load=auto: none of the 2 checkpoint(s) under "
+        f"'{out / 'checkpoints'}' verifies (newest: checkpoint file "
+        f"'{out / 'checkpoints' / 'step_000002' / 'model_rank0.safetensors'}' is truncated or "
+        f"altered: 64 bytes, expected {ck_bytes}); to train from step 0 deliberately, set "
+        f"checkpoint.load=none or move '{out / 'checkpoints'}' away"], res.stderr[-3000:]
+    for step in (2, 1):
+        assert f"checkpoint.load=auto: skipping '{out / 'checkpoints' / f'step_00000{step}'}'" in res.stdout
 
 
 @pytest.fixture(scope="module")
