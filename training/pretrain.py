@@ -261,9 +261,10 @@ def run(cfg, stop_after: int | None = None) -> dict:
                      f"({skips} in a row, training.max_skipped_steps={limit})")
             if 0 < limit <= skips:
                 log.close()
+                span = f"steps {step - skips + 1}-{step} were all" if skips > 1 else f"step {step} was"
                 raise TrainingStopped(
-                    f"steps {step - skips + 1}-{step} were all skipped (loss or gradient norm not "
-                    f"finite; training.max_skipped_steps={limit}); the checkpoints in "
+                    f"{span} skipped (loss or gradient norm not finite; "
+                    f"training.max_skipped_steps={limit}); the checkpoints in "
                     f"'{checkpoint_root(cfg)}' were left as they were: lower optimizer.lr (or "
                     "training.loss_scale with fp16), then resume with checkpoint.load=auto")
         if t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:

@@ -4,7 +4,8 @@
 Path faults (data.corpus, data.tokenizer, checkpoint.load, logging.output_dir, model.hf_path;
 evaluate.py with no checkpoint) are found before any work (the output directory is not even created); a corpus
 too small for one global batch when the data is built; a checkpoint that does not fit and a
-loss that becomes NaN (``FloatingPointError``) when they happen.
+run whose loss turns NaN (``FloatingPointError``, after ``training.max_skipped_steps`` skipped
+steps) when they happen.
 """
 from __future__ import annotations
 
@@ -107,10 +108,12 @@ def test_checkpoint_error_during_resume(work):
 
 
 def test_nan_loss_stops_with_one_line(work):
-    # AdamW moves every weight by ~lr: the loss overflows to NaN at step 3 (one layer, one
-    # micro-batch per step keep the run short).
+    # AdamW moves every weight by ~lr: the gradient norm overflows to NaN at step 2 (one layer,
+    # one micro-batch per step keep the run short); steps 2 and 3 are skipped, then it stops.
     res = entry("pretrain.py", _args(work, "optimizer.lr=1e30", "optimizer.warmup_iters=0",
                                      "model.num_layers=1", "training.global_batch_size=4",
-                                     "training.train_iters=4", "checkpoint.load=none",
-                                     f"logging.output_dir={work / 'nan'}"), cwd=work)
-    assert_user_error(res, "numerical", "loss is nan", "optimizer.lr")
+                                     "training.train_iters=6", "training.max_skipped_steps=2",
+                                     "checkpoint.load=none", f"logging.output_dir={work / 'nan'}"),
+                cwd=work)
+    assert_user_error(res, "numerical", "steps 2-3 were all skipped", "not finite",
+                      "training.max_skipped_steps=2", "optimizer.lr")

@@ -134,7 +134,7 @@ def test_diverging_run_skips_stops_in_one_line_and_keeps_good_checkpoints(tmp_pa
         "logging.sample_tokens=0")], capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-3000:]
     assert res.stderr.strip().splitlines() == [
-        f"training stopped: steps 3-5 were all skipped (loss or gradient norm not finite; "
+        f"numerical error: steps 3-5 were all skipped (loss or gradient norm not finite; "
         f"training.max_skipped_steps=3); the checkpoints in '{out / 'checkpoints'}' were left as "
         "they were: lower optimizer.lr (or training.loss_scale with fp16), then resume with "
         "checkpoint.load=auto"], res.stderr[-3000:]
