@@ -43,7 +43,7 @@ def test_a_computing_process_is_busy_and_a_sleeping_one_is_not():
         activity = RankActivity([spin.pid, nap.pid], window=3.0)
         assert activity.cores(0) is None  # no verdict before half a window of history
         _sample_for(activity, 3.5)
-        assert activity.cores(0) > 0.1, activity.describe(0)
+        assert activity.cores(0) > MIN_BUSY_CORES, activity.describe(0)
         assert activity.cores(1) < MIN_BUSY_CORES, activity.describe(1)
         assert activity.busy(load=os.getloadavg()[0]) == [0]
     finally:
