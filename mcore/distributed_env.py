@@ -13,8 +13,8 @@ script, and the scheduler reads the variable in ``init()``.
 A long node timeout would also be how long msrun waits after a rank dies (msrun kills the other
 workers at once, then waits for the scheduler, which waits for the timeout). So the scheduler
 that msrun started also starts a small watchdog process: once every worker msrun started has
-exited, the scheduler gets ``SCHEDULER_GRACE_SECONDS`` to finish, then is ended (SIGTERM), so
-msrun exits non-zero within seconds of a death instead of ``MS_NODE_TIMEOUT`` later.
+exited, the scheduler gets ``SCHEDULER_GRACE_SECONDS`` to finish, then is ended (SIGTERM, then
+SIGKILL), so msrun exits non-zero within seconds of a death instead of ``MS_NODE_TIMEOUT`` later.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ def _live_children(parent: int, exclude: set[int]) -> list[int]:
 
 def watch_scheduler(scheduler: int, launcher: int, grace: float = SCHEDULER_GRACE_SECONDS) -> None:
     """Until ``scheduler`` exits: once the launcher's other children (the workers) have all
-    exited, give the scheduler ``grace`` seconds, then send it SIGTERM."""
+    exited, give the scheduler ``grace`` seconds, then send it SIGTERM (SIGKILL 5 s later)."""
     seen_workers, all_gone_at = False, None
     while (st := _proc_stat(scheduler)) is not None and st[0] != "Z":
         if _live_children(launcher, exclude={scheduler}):
@@ -108,6 +108,9 @@ def watch_scheduler(scheduler: int, launcher: int, grace: float = SCHEDULER_GRAC
             print(f"distributed_env watchdog: every worker has exited but the scheduler still "
                   f"waits after {grace:.0f} s; ending it", file=sys.stderr, flush=True)
             os.kill(scheduler, signal.SIGTERM)
+            time.sleep(5.0)
+            if _proc_stat(scheduler) is not None:
+                os.kill(scheduler, signal.SIGKILL)
             return
         time.sleep(1.0)
 

@@ -22,7 +22,7 @@ Slow is not stuck. Progress is a check starting or ending, a log line, OR a rank
 computing: it used a fair part of the CPU it could get over the last 10 s
 (``tests.rank_activity``; a long graph compile counts, ``time.sleep`` or a wait on a lock does
 not). All three limits are in idle-machine seconds: the clock that measures them runs slower
-while the load average says the machine is oversubscribed (at most 4x), so a loaded machine
+while the load average says the machine is oversubscribed (at most 8x), so a loaded machine
 stretches them instead of failing the job. A rank that dies is caught at once (its exit code),
 a rank that sleeps or waits forever after ``stall_timeout``, and a rank that spins forever
 without finishing by the stretched ``timeout``.
@@ -204,11 +204,13 @@ def run_ranks(nranks: int, target: str, args: tuple = (), timeout: float = 300.0
             why = ("timed out" if elapsed > timeout else
                    f"made no progress for {stall_timeout:.0f} s" if stalled else
                    f"did not finish init() within {init_timeout:.0f} s")
-            details = "\n".join(f"--- rank {r} ({activity.describe(r)}; {_heartbeat(workdir, r, now)})"
-                                f" log tail ({logs[r]}):\n{_tail(logs[r])}" for r in running)
+            details = "\n".join(f"--- rank {r} ({activity.describe(r)}; "
+                                f"{_heartbeat(workdir, r, now)}) log tail ({logs[r]}):\n"
+                                f"{_tail(logs[r])}" for r in running)
             busy_body = [r for r in running if not (workdir / f"result_{r}.pkl").exists()]
             raise RankFailure(f"{nranks}-rank job {target} {why} after {now - start:.0f} s "
-                              f"(load {load:.1f} on {ncpu} cores: limits stretched x{stretch:.1f}); "
+                              f"(load {load:.1f} on {ncpu} cores: limits stretched "
+                              f"x{stretch:.1f}); "
                               f"ranks still running: {running} (inside the test body: {busy_body})"
                               f"\n{details}")
         time.sleep(0.1)

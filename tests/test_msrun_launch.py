@@ -69,9 +69,10 @@ def test_a_killed_rank_ends_the_msrun_job_within_seconds(tmp_path):
     logs = worker_logs(tmp_path / "logs")
     assert res.returncode not in (0, 124), res.stdout[-2000:] + logs[-2000:]
     killed_at = float(re.search(r"KILLED_AT ([\d.]+)", logs).group(1))
-    # Measured from the death to the scheduler's exit: 34 s with MindSpore's defaults, 117 s with
-    # MS_NODE_TIMEOUT=120 alone, 11 s with the watchdog.
-    assert ended - killed_at < SCHEDULER_GRACE_SECONDS + 15, ended - killed_at
+    # From the death to the scheduler's exit (load ~12): 34 s with MindSpore's defaults, 117 s
+    # with MS_NODE_TIMEOUT=120 alone, 11 s with the watchdog. To msrun's exit at load 21: 32 s.
+    # Without the watchdog it would be at least NODE_TIMEOUT_SECONDS (180 s).
+    assert ended - killed_at < SCHEDULER_GRACE_SECONDS + 50, ended - killed_at
 
 
 def test_a_rank_frozen_longer_than_the_default_node_timeout_does_not_fail_the_job(tmp_path):
