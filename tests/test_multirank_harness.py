@@ -116,7 +116,7 @@ def test_a_hang_ends_at_the_stall_timeout():
     start = time.time()
     with pytest.raises(RankFailure, match=r"made no progress for 8 s.*inside the test body: \[0\]"):
         run_ranks(2, "tests.test_multirank_harness:_stall_worker", timeout=120, stall_timeout=8)
-    assert time.time() - start < 120  # the worker would sleep for 300 s
+    assert time.time() - start < 240  # the worker would sleep for 300 s (8 s stretch to <= 64 s)
 
 
 def test_a_rank_computing_longer_than_the_stall_timeout_is_not_a_hang():
