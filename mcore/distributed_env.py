@@ -18,6 +18,7 @@ SIGKILL), so msrun exits non-zero within seconds of a death instead of ``MS_NODE
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -107,9 +108,9 @@ def watch_scheduler(scheduler: int, launcher: int, grace: float = SCHEDULER_GRAC
         if all_gone_at is not None and time.time() - all_gone_at > grace:
             print(f"distributed_env watchdog: every worker has exited but the scheduler still "
                   f"waits after {grace:.0f} s; ending it", file=sys.stderr, flush=True)
-            os.kill(scheduler, signal.SIGTERM)
-            time.sleep(5.0)
-            if _proc_stat(scheduler) is not None:
+            with contextlib.suppress(ProcessLookupError):  # it may exit meanwhile
+                os.kill(scheduler, signal.SIGTERM)
+                time.sleep(5.0)
                 os.kill(scheduler, signal.SIGKILL)
             return
         time.sleep(1.0)
