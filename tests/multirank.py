@@ -13,9 +13,19 @@ into the cwd), and watches them:
   signal is kept in ``RankJob.teardown_signals`` and printed as a warning, never hidden;
 - a rank exits non-zero -> the others get a short grace period, are killed, and ``RankFailure``
   names the rank that failed FIRST and carries its traceback;
-- the ranks do not all finish ``init()`` within ``init_timeout`` s, or afterwards no rank makes
-  progress (a check starts or ends, a log line is written) for ``stall_timeout`` s, or the job
-  exceeds ``timeout`` s -> every process is killed and ``RankFailure`` says which ranks were still running, with their logs.
+- the ranks do not all finish ``init()`` within ``init_timeout`` s, or afterwards the job makes
+  no progress for ``stall_timeout`` s, or the job exceeds ``timeout`` s -> every process is
+  killed and ``RankFailure`` says which ranks were still running, where each one is (its
+  heartbeat, see ``tests.rank_worker``), how much CPU it used, and its log tail.
+
+Slow is not stuck. Progress is a check starting or ending, a log line, OR a rank that is busy
+computing: it used a fair part of the CPU it could get over the last 10 s
+(``tests.rank_activity``; a long graph compile counts, ``time.sleep`` or a wait on a lock does
+not). All three limits are in idle-machine seconds: the clock that measures them runs slower
+while the load average says the machine is oversubscribed (at most 8x), so a loaded machine
+stretches them instead of failing the job. A rank that dies is caught at once (its exit code),
+a rank that sleeps or waits forever after ``stall_timeout``, and a rank that spins forever
+without finishing by the stretched ``timeout``.
 
 Inside a worker, ``with ctx.check("name"):`` records one named check: an ``AssertionError``
 marks it failed and the worker goes on (so one launch reports many checks); any other exception
@@ -34,8 +44,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.rank_activity import RankActivity, load_average, slowdown
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GRACE_SECONDS = 5.0
+LOAD_EVERY = 2.0  # seconds between load-average / CPU samples
 
 
 class RankFailure(AssertionError):
@@ -149,9 +162,12 @@ def run_ranks(nranks: int, target: str, args: tuple = (), timeout: float = 300.0
     workers = procs[1:]
     ticks = [workdir / f"progress_{r}" for r in range(nranks)]
     progress = ticks + logs
+    activity = RankActivity([p.pid for p in workers])
+    ncpu = os.cpu_count() or 1
     initialised = False
-    start = last_progress = time.time()
-    last_stamp = 0.0
+    start = last_sample = last_tick = time.time()
+    elapsed = idle = 0.0  # idle-machine seconds since launch / since the last progress
+    last_stamp, load, stretch, busy = 0.0, 0.0, 1.0, []
     first_failure = None
     teardown: dict[int, int] = {}  # rank -> signal exit after a complete, successful body
     while True:
@@ -167,23 +183,35 @@ def run_ranks(nranks: int, target: str, args: tuple = (), timeout: float = 300.0
             break
         if first_failure and now - first_failure[2] > GRACE_SECONDS:
             break
+        if now - last_sample >= LOAD_EVERY:
+            activity.sample(now)
+            load = load_average()
+            stretch, busy = slowdown(load, ncpu, nranks), activity.busy(load)
+            last_sample = now
+        dt, last_tick = (now - last_tick) / stretch, now
+        elapsed += dt
+        idle += dt
         if not initialised and all(t.exists() for t in ticks):
-            initialised, last_progress = True, now
+            initialised, idle = True, 0.0
         stamp = _progress_stamp(progress)
-        if stamp != last_stamp:
-            last_stamp, last_progress = stamp, now
-        stalled = initialised and now - last_progress > stall_timeout
-        slow_init = not initialised and now - start > init_timeout
-        if now - start > timeout or stalled or slow_init:
+        if stamp != last_stamp or busy:
+            last_stamp, idle = stamp, 0.0
+        stalled = initialised and idle > stall_timeout
+        slow_init = not initialised and elapsed > init_timeout
+        if elapsed > timeout or stalled or slow_init:
             running = [r for r, c in enumerate(codes) if c is None]
             _kill(procs)
-            why = ("timed out" if now - start > timeout else
+            why = ("timed out" if elapsed > timeout else
                    f"made no progress for {stall_timeout:.0f} s" if stalled else
                    f"did not finish init() within {init_timeout:.0f} s")
-            details = "\n".join(f"--- rank {r} log tail ({logs[r]}):\n{_tail(logs[r])}" for r in running)
-            busy = [r for r in running if not (workdir / f"result_{r}.pkl").exists()]
-            raise RankFailure(f"{nranks}-rank job {target} {why} after {now - start:.0f} s; "
-                              f"ranks still running: {running} (inside the test body: {busy})"
+            details = "\n".join(f"--- rank {r} ({activity.describe(r)}; "
+                                f"{_heartbeat(workdir, r, now)}) log tail ({logs[r]}):\n"
+                                f"{_tail(logs[r])}" for r in running)
+            busy_body = [r for r in running if not (workdir / f"result_{r}.pkl").exists()]
+            raise RankFailure(f"{nranks}-rank job {target} {why} after {now - start:.0f} s "
+                              f"(load {load:.1f} on {ncpu} cores: limits stretched "
+                              f"x{stretch:.1f}); "
+                              f"ranks still running: {running} (inside the test body: {busy_body})"
                               f"\n{details}")
         time.sleep(0.1)
     _kill(procs)
@@ -206,6 +234,15 @@ def run_ranks(nranks: int, target: str, args: tuple = (), timeout: float = 300.0
         job.checks.append(result["checks"])
         job.values.append(result["values"])
     return job
+
+
+def _heartbeat(workdir: Path, rank: int, now: float) -> str:
+    """Where rank ``rank``'s main thread was at its last heartbeat, and how long ago."""
+    try:
+        stamp, where = (workdir / f"heartbeat_{rank}").read_text().split(" ", 1)
+    except (OSError, ValueError):
+        return "no heartbeat"
+    return f"heartbeat {now - float(stamp):.0f} s ago at {where}"
 
 
 def _finished_body(workdir: Path, rank: int) -> bool:

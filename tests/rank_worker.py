@@ -3,6 +3,13 @@
 ``python -m tests.rank_worker --scheduler`` runs the scheduler role;
 ``python -m tests.rank_worker module:function WORKDIR [ARGS...]`` runs one worker rank, calls
 ``function(ctx)`` and writes ``WORKDIR/result_<rank>.pkl`` (checks, values, traceback).
+
+From start-up to exit a worker also keeps ``WORKDIR/heartbeat_<rank>`` fresh: every second a
+daemon thread writes the time and the line the main thread is on. The harness shows it when a
+job hangs (where each rank is stuck). The thread cannot run while C code holds the GIL (a
+MindSpore graph compile holds it for up to ~4 s at a time, measured), so a stale heartbeat
+means "inside C", not "dead"; the harness judges busy vs stuck by CPU time instead
+(``tests.rank_activity``).
 """
 from __future__ import annotations
 
@@ -11,8 +18,12 @@ import importlib
 import os
 import pickle
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
+
+HEARTBEAT_SECONDS = 1.0
 
 
 class RankContext:
@@ -57,6 +68,29 @@ class RankContext:
         tmp.rename(self.workdir / f"result_{self.rank}.pkl")
 
 
+def start_heartbeat(path: Path, every: float = HEARTBEAT_SECONDS) -> threading.Thread:
+    """Start a daemon thread that writes ``"<unix time> <file>:<line> in <function>"`` (where the
+    main thread is) to ``path`` every ``every`` seconds, atomically."""
+    main_id = threading.main_thread().ident
+
+    def beat():
+        tmp = path.with_name(path.name + ".tmp")
+        while True:
+            frame = sys._current_frames().get(main_id)
+            where = (f"{frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}"
+                     if frame is not None else "(main thread gone)")
+            try:
+                tmp.write_text(f"{time.time():.1f} {where}")
+                tmp.replace(path)
+            except OSError:  # the harness removed the directory: nobody is watching
+                return
+            time.sleep(every)
+
+    thread = threading.Thread(target=beat, name="rank-heartbeat", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str]) -> int:
     from mcore.distributed_env import init_if_needed
 
@@ -64,6 +98,7 @@ def main(argv: list[str]) -> int:
         init_if_needed()
         return 0
     target, workdir, args = argv[0], Path(argv[1]), argv[2:]
+    start_heartbeat(workdir / f"heartbeat_{os.environ.get('MS_NODE_ID', 'unknown')}")
     module_name, func_name = target.split(":")
     func = getattr(importlib.import_module(module_name), func_name)
     world, rank = init_if_needed()

@@ -1,4 +1,5 @@
-"""msrun is the launcher: single node, two "nodes" on loopback, and a dying rank."""
+"""msrun is the launcher: single node, two "nodes" on loopback, a dying rank, and a rank whose
+heartbeats stop for longer than MindSpore's default node timeout (30 s) without dying."""
 from __future__ import annotations
 
 import re
@@ -7,6 +8,7 @@ import time
 
 import pytest
 
+from mcore.distributed_env import SCHEDULER_GRACE_SECONDS
 from tests.msrun_util import msrun_command, msrun_env, run_msrun, worker_logs
 from tests.multirank import REPO_ROOT, free_port
 from tests.tcp_forward import forward
@@ -57,3 +59,29 @@ def test_a_dying_rank_ends_the_msrun_job_non_zero_in_bounded_time(tmp_path):
     assert res.returncode != 124, "msrun hung until the outer timeout"
     assert "rank 1 dies on purpose" in worker_logs(tmp_path / "logs")
     assert elapsed < 120
+
+
+def test_a_killed_rank_ends_the_msrun_job_within_seconds(tmp_path):
+    """msrun kills the other workers at once; the scheduler would then wait out MS_NODE_TIMEOUT
+    (set long by mcore.distributed_env) but its watchdog ends it SCHEDULER_GRACE_SECONDS later."""
+    res = run_msrun(msrun_command(SCRIPT, ["--kill-rank", 1], workers=2), cwd=tmp_path, timeout=200)
+    ended = time.time()
+    logs = worker_logs(tmp_path / "logs")
+    assert res.returncode not in (0, 124), res.stdout[-2000:] + logs[-2000:]
+    killed_at = float(re.search(r"KILLED_AT ([\d.]+)", logs).group(1))
+    # From the death to the scheduler's exit (load ~12): 34 s with MindSpore's defaults, 117 s
+    # with MS_NODE_TIMEOUT=120 alone, 11 s with the watchdog. To msrun's exit at load 21: 32 s.
+    # Without the watchdog it would be at least NODE_TIMEOUT_SECONDS (180 s).
+    assert ended - killed_at < SCHEDULER_GRACE_SECONDS + 50, ended - killed_at
+
+
+def test_a_rank_frozen_longer_than_the_default_node_timeout_does_not_fail_the_job(tmp_path):
+    """A worker that gets no CPU at all for 45 s (SIGSTOP) sends no heartbeat; with MindSpore's
+    default MS_NODE_TIMEOUT (30 s) the scheduler declared it dead and msrun exited 1 after every
+    rank had computed its result. ``init_if_needed`` sets a longer one, from the script itself
+    (no msrun flag), so the job succeeds."""
+    args = ["--freeze-rank", 1, "--freeze-seconds", 45]
+    res = run_msrun(msrun_command(SCRIPT, args, workers=2), cwd=tmp_path, timeout=240)
+    logs = worker_logs(tmp_path / "logs")
+    assert res.returncode == 0, res.stdout[-2000:] + logs[-3000:]
+    assert _ok_ranks(logs) == [(0, 2), (1, 2)]

@@ -1,5 +1,6 @@
 """The multi-rank harness itself: results come back, failures name the first failing rank,
-hangs end within the stall timeout instead of waiting for MindSpore's own timeouts."""
+hangs end within the stall timeout instead of waiting for MindSpore's own timeouts, and a rank
+that computes for longer than the stall timeout (a long compile) is not taken for a hang."""
 from __future__ import annotations
 
 import os
@@ -61,6 +62,25 @@ def _stall_worker(ctx):
         time.sleep(300)
 
 
+def _long_compute_worker(ctx):
+    """Every rank computes, silently, for ``ctx.args[0]`` CPU-seconds in C calls that hold the
+    GIL (as a graph compile does), then all ranks meet in an all-reduce."""
+    import mindspore as ms
+    import numpy as np
+
+    from mcore import comm
+    from mcore.parallel_state import ParallelDims
+
+    dims = ParallelDims.build()
+    start, cpu = time.time(), time.thread_time()
+    while time.thread_time() - cpu < float(ctx.args[0]):
+        sum(range(5_000_000))
+    ctx.report("silent_seconds", time.time() - start)
+    with ctx.check("all_reduce_after_compute"):
+        got = comm.all_reduce(ms.Tensor(np.ones(1, np.float32)), dims.world)
+        assert float(got.asnumpy()[0]) == 2.0
+
+
 def test_results_and_checks_come_back_per_rank():
     job = run_ranks(2, "tests.test_multirank_harness:_sum_worker", timeout=120)
     job.assert_ok("world_size")
@@ -96,7 +116,15 @@ def test_a_hang_ends_at_the_stall_timeout():
     start = time.time()
     with pytest.raises(RankFailure, match=r"made no progress for 8 s.*inside the test body: \[0\]"):
         run_ranks(2, "tests.test_multirank_harness:_stall_worker", timeout=120, stall_timeout=8)
-    assert time.time() - start < 120  # the worker would sleep for 300 s
+    assert time.time() - start < 240  # the worker would sleep for 300 s (8 s stretch to <= 64 s)
+
+
+def test_a_rank_computing_longer_than_the_stall_timeout_is_not_a_hang():
+    job = run_ranks(2, "tests.test_multirank_harness:_long_compute_worker", args=(12,),
+                    timeout=150, stall_timeout=6)
+    job.assert_ok("all_reduce_after_compute")
+    # Both ranks were silent (no check, no log line) for twice the stall timeout or more.
+    assert min(job.value("silent_seconds", r) for r in range(2)) > 2 * 6
 
 
 def test_segfault_at_exit_after_a_complete_body_is_reported_not_failed():
