@@ -266,6 +266,8 @@ def _coerce(key: str, value: Any, tp) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2 ** 63:
+                raise ConfigError(f"{key}: {value} is out of range for an int")
             return value
     elif tp is float:
         number = None

@@ -65,8 +65,9 @@ def read_yaml(path: str) -> dict:
         raise ConfigError(f"config file '{path}' does not exist") from None
     except IsADirectoryError:
         raise ConfigError(f"config file '{path}' is a directory, not a YAML file") from None
-    except OSError as exc:
-        raise ConfigError(f"config file '{path}' cannot be read: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        raise ConfigError(f"config file {path!r} cannot be read: "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:

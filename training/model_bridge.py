@@ -156,16 +156,18 @@ def hf_dir_config(cfg):
     path = Path(cfg.model.hf_path) / "config.json"
     try:
         hf = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8 / JSON, NUL in name
         raise ConfigError(f"model.hf_path: cannot read '{path}': "
                           f"{getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"model.hf_path: '{path}' does not hold a JSON object")
     try:
         family = family_of(hf)
         base = family.config_from_hf(hf)
         attention = dataclasses.replace(base.attention, block_size=cfg.model.attention_block_size)
         tcfg = dataclasses.replace(base, attention=attention, **_knobs(cfg))
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"model.hf_path: '{path}': {exc}") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a config.json we cannot map
+        raise ConfigError(f"model.hf_path: '{path}': {type(exc).__name__} {exc}") from None
     return tcfg, family, hf
 
 

@@ -70,8 +70,12 @@ def check_tokenizer_file(cfg) -> None:
     path = cfg.data.tokenizer
     if path is None:
         return
-    if not Path(path).is_file():
-        raise ConfigError(f"data.tokenizer: '{path}' is not a file")
+    try:
+        is_file = Path(path).is_file()
+    except (OSError, ValueError):  # e.g. a NUL byte in the name
+        is_file = False
+    if not is_file:
+        raise ConfigError(f"data.tokenizer: {path!r} is not a file")
     from training.data.tokenizer import load_tokenizer
 
     try:
@@ -295,8 +299,9 @@ def run(cfg, stop_after: int | None = None) -> dict:
         log.step(step, loss, lr, grad_norm, tokens=tokens_per_step, step_time=time.perf_counter() - t0)
         if not np.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}: lower optimizer.lr?")
-        if t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
-            log.eval(step, validate(cfg, step_fn, data))
+        if t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters \
+                and (valid_loss := validate(cfg, step_fn, data)) is not None:
+            log.eval(step, valid_loss)
         if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
             save(cfg, step, step_fn, data, dims)
         if step == stop_after:
