@@ -1,6 +1,6 @@
 """Training-step speed and peak memory of configs/tiny_llama_bench.yaml, graph vs PyNative.
 
-The model of shared/notes/MINDSPORE_CPU.md: vocab 32000, hidden 512, 4 layers, 8 heads (2 kv),
+The model of docs/mindspore_cpu.md: vocab 32000, hidden 512, 4 layers, 8 heads (2 kv),
 ffn 1408, seq 256, micro-batch 4, fp32, forward + backward + AdamW (training/step.py). Each mode
 runs in its own worker process (``benchmarks/train_step_worker.py``; the mode is process-global);
 pytest-benchmark times one ``step`` command round trip (the pipe costs microseconds against
@@ -11,7 +11,7 @@ MindSpore's own 2048^2 matmul rate is printed as a second reference: on some CPU
 OpenBLAS picks a generic kernel (measured: numpy 25 vs MindSpore 80 GFLOP/s on an AVX-512 Xeon).
 The load average is printed too: on a loaded machine a 2-thread BLAS GEMM suffers more than the
 step does (its threads wait on each other), and MFU can even read above 100%; compare runs on an
-idle machine (shared/notes/MINDSPORE_CPU.md: graph 1.57 s/step, numpy 288-329 GFLOP/s).
+idle machine (docs/mindspore_cpu.md: graph 1.57 s/step, numpy 288-329 GFLOP/s).
 
     .venv/bin/python -m pytest benchmarks/bench_train_step.py --benchmark-enable -s
 """

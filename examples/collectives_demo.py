@@ -1,7 +1,13 @@
 """Run under msrun: build the parallel layout, then run each portable collective once.
 
-    msrun --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True \
-          --cluster_time_out=60 examples/collectives_demo.py
+From the repository root (msrun runs in a scratch directory, where MindSpore writes its
+``rank_N/`` folders, and starts its workers with the ``python`` on ``PATH``)::
+
+    (repo=$PWD; cd "$(mktemp -d)" && PATH="$repo/.venv/bin:$PATH" timeout 300 msrun \
+        --worker_num=2 --local_worker_num=2 --master_port=8118 --join=True \
+        --cluster_time_out=60 --log_dir=logs "$repo/examples/collectives_demo.py")
+
+Any even number of ranks works (tp=2, the rest is dp).
 """
 import os
 import sys

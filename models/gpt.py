@@ -14,10 +14,13 @@ pre_process=True, post_process=True, layer_range=None, embedding_group=None)``:
 
 ``model(input_ids [b, s])`` returns logits ``[b, s, V]`` (gathered over tp). With ``labels``
 ``[b, s]`` it returns the per-token vocab-parallel cross-entropy ``[b, s]`` instead (logits
-stay split over tp). ``position_ids [b, s]`` default to ``offset .. offset + s - 1`` with
-``offset`` the cache length; ``key_mask [b, t]`` marks real (1) vs padding (0) keys;
-``cache`` is a ``KVCache`` (PyNative) or ``StaticKVCache`` (also under jit); see
-``models.generate``.
+stay split over tp): ``loss[:, t]`` scores the logits at position ``t`` against
+``labels[:, t]``, with no shift inside the model. For next-token training pass the NEXT tokens,
+``input_ids = tokens[:, :-1]``, ``labels = tokens[:, 1:]`` (``training/data/sampler.py`` does);
+``labels == -100`` gives 0 at that position (``masked_mean`` skips it).
+``position_ids [b, s]`` default to ``offset .. offset + s - 1`` with ``offset`` the cache
+length; ``key_mask [b, t]`` marks real (1) vs padding (0) keys; ``cache`` is a ``KVCache``
+(PyNative) or ``StaticKVCache`` (also under jit); see ``models.generate``.
 
 **Pipeline stages** (see docs/pipeline_parallel.md, "GPTModel as stages"). A stage holds the
 layers ``layer_range`` (built with their GLOBAL ``layer_number``: same initial weights, same

@@ -30,5 +30,13 @@ else
      | grep --line-buffered -v -E "^\[(INFO|WARNING|DEBUG)\]|^$"
 fi
 echo "[demo] metrics: $out/metrics.jsonl   TensorBoard: tensorboard --logdir $out/tensorboard"
-echo "[demo] evaluate: .venv/bin/python training/evaluate.py --config configs/tiny_llama_demo.yaml logging.output_dir=$out data.cache_dir=runs/data_cache"
-echo "[demo] generate: .venv/bin/python training/generate.py $out --prompt 'def '"
+eval_args=$(printf ' %q' --config "$repo/configs/tiny_llama_demo.yaml" "logging.output_dir=$out" \
+            "data.cache_dir=$repo/runs/data_cache" "$@")
+if [[ "${DEMO_RANKS:-1}" == 1 ]]; then
+  echo "[demo] evaluate: $repo/.venv/bin/python $repo/training/evaluate.py$eval_args"
+else  # a checkpoint is evaluated on the layout that saved it: same ranks, same parallel.* keys
+  echo "[demo] evaluate (same layout; from a scratch dir): cd \$(mktemp -d) && timeout 600" \
+       "$repo/.venv/bin/msrun --worker_num=$DEMO_RANKS --local_worker_num=$DEMO_RANKS --join=True" \
+       "--cluster_time_out=60 --log_dir=logs $repo/training/evaluate.py$eval_args"
+fi
+echo "[demo] generate: $repo/.venv/bin/python $repo/training/generate.py $out --prompt 'def '"

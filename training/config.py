@@ -113,8 +113,8 @@ class TrainingConfig:
     global_batch_size: int = _f(8, "samples per optimizer step across all dp ranks")
     grad_accum_steps: int | None = _f(
         None, "micro-batches per step, derived: global_batch / (micro_batch * dp)", derived=True)
-    seed: int = _f(1234, "seed of the data order and MindSpore's RNG (initial weights are "
-                   "fixed by the parameter names, so every layout starts from the same model)")
+    seed: int = _f(1234, "order of the training samples and the end-of-run text sample "
+                   "(initial weights are seeded by parameter name, not by this)")
     eval_interval: int = _f(50, "steps between validation runs (0: never)")
     eval_iters: int = _f(5, "validation batches per validation run")
     mode: Literal["graph", "pynative"] = _f(

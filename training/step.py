@@ -32,8 +32,8 @@ leaves weights and moments unchanged (its norm, inf or nan, is returned). bf16 h
 kernels on CPU (``training/pretrain.py:check_supported`` refuses it there).
 ``mode``: ``set_mode("graph")`` compiles every Cell call (GRAPH_MODE, 3-5x faster than PyNative
 on CPU, first compile ~5-15 s); ``"pynative"`` runs eagerly for debugging. Same numbers either way
-to fp32 rounding. MindSpore's own ``AdamWeightDecay`` is not used: it does nothing in PyNative
-and has no bias correction (shared/notes/MINDSPORE_CPU.md).
+to fp32 rounding. MindSpore's own ``AdamWeightDecay`` is not used: it has no bias correction
+(docs/mindspore_cpu.md).
 """
 from __future__ import annotations
 

@@ -4,15 +4,21 @@ Every function returns its input unchanged (no communication) when the group has
 ``dim`` arguments name the tensor dimension that is gathered / scattered. Gradients: these are
 plain forward functions; the differentiable forms live in ``mcore.comm.autograd``.
 
-Compositions used where the device has no native kernel (``group.native`` is False; see
-``mcore.comm.backend``), each
-built on a SUM all-reduce over the group (``P`` = group size):
+Kernels: the SUM all-reduce is MindSpore's ``AllReduce`` on every device. Where the device
+has no native kernel (``group.native`` is False, e.g. CPU; see ``mcore.comm.backend``) these
+are composed from it (``P`` = group size):
 
 - all_gather: each rank writes its slice into a zero buffer of ``P`` slices, then SUM. Exact.
 - reduce_scatter: SUM, then each rank keeps its own slice.
 - all_to_all: all_gather of the whole input, then each rank picks the chunks addressed to it.
-- broadcast: non-source ranks contribute zeros. Exact.
+
+and with ``group.native`` these three use ``AllGather`` / ``ReduceScatter`` / ``AlltoAll``.
+Composed on EVERY device, native or not:
+
+- broadcast: non-source ranks contribute zeros to a SUM. Exact.
 - max / min: all_gather of the inputs stacked on a new axis, then a local max / min. Exact.
+- barrier: a SUM of one zero.
+- all_to_all_uneven: counts padded to the largest, then ``all_to_all``, then stripped.
 
 Integer tensors go through float32 on CPU (the SUM all-reduce kernel is float only), which is
 exact for magnitudes below 2**24.

@@ -1,7 +1,8 @@
 """Point-to-point exchange between two ranks, for pipeline neighbours.
 
 MindSpore 2.10 has no Send / Receive kernel on CPU (and ``mint.distributed.send`` only works in
-PyNative after a cache work-around), so a transfer is a SUM all-reduce over a two-rank group:
+PyNative after a cache work-around), so a transfer is a SUM all-reduce over a two-rank group, on
+every device (there is no native branch here):
 each rank writes what it sends into its own slot of a zero buffer and reads the peer's slot.
 One call therefore moves data in both directions at once (Megatron's
 ``send_forward_recv_backward``), and both ranks must make the matching call.

@@ -21,7 +21,9 @@ from mcore.tensor_parallel.sharding import pad, padded_size, shard
 class VocabParallelEmbedding(nn.Cell):
     """ids [b, s] (int) -> embeddings [b, s, h] replicated, or [b, s/P, h] with
     ``sequence_parallel``. ``weight``: this rank's rows of the padded table, [V_pad/P, h].
-    ``num_embeddings`` = V (real vocabulary), ``padded_vocab_size`` = V_pad."""
+    ``num_embeddings`` = V (real vocabulary), ``padded_vocab_size`` = V_pad. ``name`` seeds the
+    table (when ``seed`` is None) and names the parameter ``<name>.weight`` until a parent Cell
+    renames it after its attribute path (see ``mcore.tensor_parallel.layers``)."""
 
     shard_dims = {"weight": 0}
 
@@ -43,7 +45,7 @@ class VocabParallelEmbedding(nn.Cell):
         full = init_master((num_embeddings, embedding_dim), seed, init_method)  # [V, h]
         full = pad(full, self.padded_vocab_size, 0)  # [V_pad, h]
         self.weight = Parameter(ms.Tensor(shard(full, tp_group.size, tp_group.rank, 0),
-                                          params_dtype), name="weight")
+                                          params_dtype), name=f"{name}.weight")
         self.weight.sequence_parallel = False
         if sequence_parallel:
             self.reduce = ReduceScatterToSPRegion(tp_group)  # [b, s, h] -> [b, s/P, h]

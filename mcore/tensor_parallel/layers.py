@@ -12,10 +12,19 @@ the column layer all-gathers its input [b, s/P, h] -> [b, s, h] and the row laye
 reduce-scatters its output [b, s, h] -> [b, s/P, h] (same bytes as one all-reduce).
 The replicated bias of a sequence-parallel RowParallelLinear then receives only this rank's
 part of its gradient: it is marked ``param.sequence_parallel = True`` and its gradient must be
-summed over the tp group (the gradient sync does it; tests do it by hand).
+summed over the tp group by the caller (nothing in this repository does it yet: ``training/``
+refuses sequence parallelism; the tests sum it by hand).
 
 Parameters are initialised from the full master weight drawn from ``seed`` (see
 ``mcore.tensor_parallel.random``), so any tp size gives the same model at step 0.
+
+``name`` identifies a layer: it seeds the initial weight (when ``seed`` is None) and names the
+parameters ``<name>.weight`` / ``<name>.bias``, so standalone layers with distinct names can
+share one optimizer (MindSpore needs unique parameter names there). Inside a Cell tree,
+MindSpore renames every parameter after its attribute path
+(``decoder.layers.0.mlp.linear_fc1.weight``), whatever its initial name. Two layers built with
+the same ``name`` start from the same weights and clash in an optimizer: give each standalone
+layer its own name.
 """
 from __future__ import annotations
 
@@ -68,12 +77,12 @@ class _ParallelLinear(nn.Cell):
         seed = name_seed(name) if seed is None else seed
         self.weight = _param(init_shard((output_size, input_size), seed, group.size, group.rank,
                                         split_dim, init_method, partitions),
-                             "weight", False, params_dtype)
+                             f"{name}.weight", False, params_dtype)
         self.bias = None
         self.has_bias = bias
         if bias:
             n = output_size // group.size if bias_split else output_size
-            self.bias = _param(np.zeros(n, np.float32), "bias",
+            self.bias = _param(np.zeros(n, np.float32), f"{name}.bias",
                                sequence_parallel and not bias_split, params_dtype)
         self.matmul = ops.MatMul(transpose_b=True)
 

@@ -2,7 +2,9 @@
 
 Both take ``(hidden_size, eps)`` (plus ignored keyword arguments, so that specs can pass a
 config-derived superset) and map ``[..., h] -> [..., h]``. Parameter names follow Hugging Face:
-``weight`` (and ``bias`` for LayerNorm).
+``weight`` (and ``bias`` for LayerNorm) under the attribute path of a parent Cell. A standalone
+norm names them ``<name>.weight`` / ``<name>.bias``: give two standalone norms different
+``name``s to optimize them together (MindSpore needs unique parameter names).
 """
 from __future__ import annotations
 
@@ -14,10 +16,11 @@ from mindspore.common.initializer import initializer
 class RMSNorm(nn.Cell):
     """``y = x / sqrt(mean(x^2) + eps) * weight`` (statistics in fp32, output in x's dtype)."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype=ms.float32, **unused):
+    def __init__(self, hidden_size: int, eps: float = 1e-6, dtype=ms.float32,
+                 name: str = "rmsnorm", **unused):
         super().__init__()
         self.eps = float(eps)
-        self.weight = Parameter(initializer("ones", (hidden_size,), dtype), name="weight")
+        self.weight = Parameter(initializer("ones", (hidden_size,), dtype), name=f"{name}.weight")
 
     def construct(self, x):
         if x.dtype == ms.float32:
@@ -31,11 +34,12 @@ class RMSNorm(nn.Cell):
 class LayerNorm(nn.Cell):
     """``y = (x - mean) / sqrt(var + eps) * weight + bias`` over the last dim."""
 
-    def __init__(self, hidden_size: int, eps: float = 1e-5, dtype=ms.float32, **unused):
+    def __init__(self, hidden_size: int, eps: float = 1e-5, dtype=ms.float32,
+                 name: str = "layernorm", **unused):
         super().__init__()
         self.eps = float(eps)
-        self.weight = Parameter(initializer("ones", (hidden_size,), dtype), name="weight")
-        self.bias = Parameter(initializer("zeros", (hidden_size,), dtype), name="bias")
+        self.weight = Parameter(initializer("ones", (hidden_size,), dtype), name=f"{name}.weight")
+        self.bias = Parameter(initializer("zeros", (hidden_size,), dtype), name=f"{name}.bias")
 
     def construct(self, x):
         dtype = x.dtype
