@@ -122,3 +122,19 @@ def test_sizes_the_build_would_reject_name_the_keys(overrides, message):
     with pytest.raises(ConfigError) as info:
         transformer_config(load_config(None, overrides))
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_resume_may_change_the_execution_knobs(tmp_path):
+    """recompute / attention block size change how a step runs, not the weights: a checkpoint
+    saved without them (or with other values) resumes; a size change is still refused."""
+    from training.checkpointing import CheckpointError, load_checkpoint, save_checkpoint
+
+    saved = load_config(None, []).to_dict()["model"]
+    del saved["recompute_layers"], saved["attention_block_size"]  # a checkpoint from before
+    state = {"w": np.ones((2, 2), np.float32)}
+    path = save_checkpoint(tmp_path, 1, state, {"adam_m.w": state["w"]}, {"config": {"model": saved}})
+    now = load_config(None, ["model.recompute_layers=all", "model.attention_block_size=64"])
+    assert load_checkpoint(path, expected_model_config=now.to_dict()["model"]).step == 1
+    wider = load_config(None, ["model.hidden_size=256"]).to_dict()["model"]
+    with pytest.raises(CheckpointError, match="model.hidden_size"):
+        load_checkpoint(path, expected_model_config=wider)
