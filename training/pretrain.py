@@ -55,13 +55,25 @@ def check_supported(cfg) -> None:
 def check_model(cfg) -> None:
     """Build the run's ``TransformerConfig`` (no weights) so that a size the model would reject
     fails now, as a ``ConfigError`` naming the key."""
-    from training.model_bridge import config_error, transformer_config
+    from mcore.pipeline_parallel.stage import split_layers
+    from training.model_bridge import config_error, hf_dir_config, transformer_config
 
+    p = cfg.parallel
     tcfg = transformer_config(cfg)
     try:
-        tcfg.check_tp(cfg.parallel.tp)
+        tcfg.check_tp(p.tp)
     except ValueError as exc:
-        raise ConfigError(f"parallel.tp={cfg.parallel.tp}: {config_error(exc)}") from None
+        raise ConfigError(f"parallel.tp={p.tp}: {config_error(exc)}") from None
+    if cfg.model.hf_path:  # the directory's sizes were not seen by the config checks
+        vocab = hf_dir_config(cfg)[2].get("vocab_size")
+        if not isinstance(vocab, int) or vocab % p.tp:
+            raise ConfigError(f"model.hf_path: vocab_size={vocab!r} of its config.json is not "
+                              f"divisible by parallel.tp={p.tp}")
+        try:
+            split_layers(tcfg.num_layers, p.pp, p.vpp, p.layers_per_stage)
+        except ValueError as exc:
+            raise ConfigError(f"model.hf_path: its {tcfg.num_layers} layers vs parallel.pp="
+                              f"{p.pp}, parallel.vpp={p.vpp}: {exc}") from None
 
 
 def check_tokenizer_file(cfg) -> None:

@@ -3,6 +3,7 @@ every family config in configs/ the model equals the one the Hugging Face dict r
 (the old bridge, still what a HF directory written from a YAML run holds): same architecture,
 same parameter names, shapes and initial values, same logits. The YAML knobs reach the model."""
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -138,3 +139,45 @@ def test_resume_may_change_the_execution_knobs(tmp_path):
     wider = load_config(None, ["model.hidden_size=256"]).to_dict()["model"]
     with pytest.raises(CheckpointError, match="model.hidden_size"):
         load_checkpoint(path, expected_model_config=wider)
+
+
+def test_hf_path_gives_the_directorys_model_with_the_yaml_knobs(ms_cpu, tmp_path, monkeypatch):
+    """model.hf_path: architecture and weights of the directory (as models.from_pretrained),
+    the knobs and dtype of the YAML; its sizes are checked at parse time."""
+    import models
+    from models.hf import load_weights
+    from models.safetensors_io import read_checkpoint
+    from training.model_bridge import build_gpt
+    from training.pretrain import parse_args
+
+    fixture = ROOT / "tests" / "fixtures" / "hf" / "llama"
+    cfg = load_config(None, [f"model.hf_path={fixture}", "model.attention_block_size=8",
+                             "model.recompute_layers=all"])
+    model = build_gpt(cfg)
+    load_weights(model, read_checkpoint(fixture))
+    ref = models.from_pretrained(fixture)
+    assert model.config.attention.block_size == 8 and model.config.precision.recompute_layers == "all"
+    assert dataclasses.replace(model.config, attention=ref.config.attention,
+                               precision=ref.config.precision) == ref.config
+    ids = ms_cpu.Tensor(np.arange(10, dtype=np.int32).reshape(2, 5))
+    np.testing.assert_allclose(model(ids).asnumpy(), ref(ids).asnumpy(), rtol=1e-5, atol=1e-6)
+
+    monkeypatch.setenv("MS_WORKER_NUM", "3")  # 3 ranks: tp=3 splits nothing of the fixture
+    small = ["model.num_heads=3", "model.num_kv_heads=3", "model.hidden_size=48",
+             "model.ffn_hidden_size=48", "model.vocab_size=48", "training.global_batch_size=4"]
+    with pytest.raises(ConfigError, match=r"parallel.tp=3: model.num_heads=4: must be divisible"):
+        parse_args([f"model.hf_path={fixture}", "parallel.tp=3", *small])
+    monkeypatch.setenv("MS_WORKER_NUM", "2")
+    odd = tmp_path / "odd_vocab"
+    odd.mkdir()
+    hf = json.loads((fixture / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**hf, "vocab_size": 255}))
+    with pytest.raises(ConfigError, match=r"model.hf_path: vocab_size=255 .* parallel.tp=2"):
+        parse_args([f"model.hf_path={odd}", "parallel.tp=2"])
+    with pytest.raises(ConfigError, match=r"model.hf_path: its 2 layers vs parallel.pp=2, "
+                                          r"parallel.vpp=1"):
+        parse_args([f"model.hf_path={fixture}", "parallel.pp=2", "model.num_layers=4",
+                    "parallel.layers_per_stage=[3, 1]"])
+    monkeypatch.setenv("MS_WORKER_NUM", "1")
+    with pytest.raises(ConfigError, match="model.hf_path: cannot read"):
+        parse_args([f"model.hf_path={tmp_path}"])
