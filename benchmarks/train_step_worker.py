@@ -22,19 +22,19 @@ def main(config: str, mode: str) -> None:
     import mindspore as ms
     import numpy as np
 
-    import models
     from mcore.parallel_state import ParallelDims
     from training.config import load_config
     from training.logger import model_flops_per_token
-    from training.model_bridge import hf_config
+    from training.model_bridge import build_gpt
     from training.step import TrainStep, set_mode
 
     ms.set_device("CPU")
     set_mode(mode)
     cfg = load_config(config, [f"training.mode={mode}"])
-    model = models.build_from_config(hf_config(cfg.model))
+    model = build_gpt(cfg)  # the YAML's TransformerConfig, as training/pretrain.py builds it
     t = cfg.training
-    step = TrainStep(model, ParallelDims.single(), cfg.optimizer, t.grad_accum_steps)
+    step = TrainStep(model, ParallelDims.single(), cfg.optimizer, t.grad_accum_steps,
+                     dtype=model.config.precision.compute_dtype)
     rng = np.random.default_rng(0)
     shape = (t.micro_batch_size, cfg.model.seq_length)
     batches = [(rng.integers(0, cfg.model.vocab_size, shape).astype(np.int32),

@@ -26,6 +26,8 @@ hf_path=None) -> GPTPipelineModel`` (a ``mcore.pipeline_parallel.stage.PipelineM
 - Initial weights equal the full model's (``build_from_config`` with the same config), or
   with ``hf_path`` are read from that Hugging Face directory: each chunk reads only its tensors
   (``hf_config`` None: the directory's config.json).
+- ``build_pipeline(make_stage, num_layers, dims, ...)`` is the same without a HF config: each
+  chunk is ``make_stage(StageSpec)`` (e.g. a ``GPTModel`` of a ``TransformerConfig``).
 - Tied embeddings (``tie_word_embeddings``, pp > 1): the first and the last stage each hold a
   copy named ``embedding.weight`` marked ``shared_embedding``; ``sync_embedding_grads(grads)``
   sums their gradients over ``dims.embedding`` (call it on every rank, every step, before the
@@ -48,7 +50,7 @@ from models.hf import build_from_config, family_of, load_weights
 from models.safetensors_io import read_checkpoint
 
 __all__ = ["StageSpec", "GPTStage", "VocabParallelMeanLoss", "GPTPipelineModel",
-           "stage_specs", "build_gpt_pipeline"]
+           "stage_specs", "build_gpt_pipeline", "build_pipeline"]
 
 
 class GPTStage(nn.Cell):
@@ -112,13 +114,26 @@ def build_gpt_pipeline(hf_config: dict | None, dims: ParallelDims, vpp: int = 1,
             raise ValueError("build_gpt_pipeline: pass hf_config or hf_path")
         hf_config = json.loads((Path(hf_path) / "config.json").read_text())
     num_layers = family_of(hf_config).config_from_hf(hf_config).num_layers
+    tensors = read_checkpoint(hf_path) if hf_path is not None else None
+
+    def make_stage(spec: StageSpec) -> GPTModel:
+        return build_from_config(hf_config, dims.tp, spec, embedding_group=dims.embedding)
+
+    return build_pipeline(make_stage, num_layers, dims, vpp, layers_per_stage, jit, tensors)
+
+
+def build_pipeline(make_stage, num_layers: int, dims: ParallelDims, vpp: int = 1,
+                   layers_per_stage=None, jit: bool = True, tensors=None) -> GPTPipelineModel:
+    """This rank's chunks, each ``make_stage(spec) -> GPTModel`` for its ``StageSpec`` (built
+    with ``dims.tp`` and ``embedding_group=dims.embedding``; e.g. from a ``TransformerConfig``,
+    as ``training.model_bridge.build_gpt`` does); ``tensors``: HF tensors to load (None: keep
+    the initial weights)."""
     pp, rank = dims.pp.size, dims.pp_stage
     specs = stage_specs(num_layers, pp, vpp, layers_per_stage)
-    tensors = read_checkpoint(hf_path) if hf_path is not None else None
     chunks, models, mine, names = [], [], [], []
     for c in range(vpp):
         spec = specs[c * pp + rank]
-        model = build_from_config(hf_config, dims.tp, spec, embedding_group=dims.embedding)
+        model = make_stage(spec)
         if tensors is not None:
             load_weights(model, tensors)
         loss = VocabParallelMeanLoss(dims.tp) if spec.post_process else None

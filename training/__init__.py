@@ -6,7 +6,8 @@ Read in this order:
                         logging) loaded into dataclasses, with ``section.key=value`` overrides;
                         a bad key or size fails before any work with one line naming the key
                         (checks in ``config_validate.py``).
-- ``model_bridge.py``   the ``model`` section as a Hugging Face config dict for ``models/``.
+- ``model_bridge.py``   the ``model`` section as a ``TransformerConfig`` and a ``GPTModel``.
+- ``config_yaml.py``    strict YAML reading (duplicate keys, directories, non-UTF-8 refused).
 - ``data/``             tokenizer (Hugging Face ``tokenizers`` byte-level BPE), the bundled
                         default corpus, a Megatron-compatible ``.bin``/``.idx`` indexed dataset,
                         the preprocessing command, and a deterministic, resumable, dp-split sampler.
@@ -15,7 +16,8 @@ Read in this order:
 - ``logger.py``         progress line, ``metrics.jsonl``, per-rank log files, TensorBoard, MFU.
 
 ``tests/training/test_infra_loop.py`` wires all of them into a toy numpy loop (train, crash,
-resume exactly): the template for ``pretrain.py``. None of the modules above imports MindSpore:
+resume exactly): the template for ``pretrain.py``. None of the modules above imports MindSpore
+(``model_bridge.py`` does, when it builds a config or model):
 they work on numpy arrays and plain Python values, so they are tested in a single process in
 seconds.
 

@@ -51,6 +51,8 @@ from safetensors.numpy import load_file, save_file
 FORMAT_VERSION = 1
 STEP_DIR = re.compile(r"^step_(\d{6,})$")
 INIT_ONLY_KEYS = frozenset({"hf_path"})  # model keys that only matter before the first step
+# model keys that change how a step runs, not the weights: a resume may change them
+EXECUTION_KEYS = frozenset({"attention_block_size", "recompute_layers"})
 
 
 class CheckpointError(RuntimeError):
@@ -344,7 +346,8 @@ def load_checkpoint(path: str | os.PathLike, rank: int = 0, world_size: int | No
     if expected_model_config is not None:
         saved = (meta["meta"].get("config") or {}).get("model")
         if saved is not None:
-            for key in sorted((set(saved) | set(expected_model_config)) - INIT_ONLY_KEYS):
+            for key in sorted((set(saved) | set(expected_model_config)) - INIT_ONLY_KEYS
+                              - EXECUTION_KEYS):
                 if saved.get(key) != expected_model_config.get(key):
                     raise CheckpointError(
                         f"checkpoint file '{path / 'meta.json'}' is for model.{key}={saved.get(key)!r}, "

@@ -9,8 +9,8 @@ The file has one mapping per section (``model``, ``parallel``, ``data``, ``train
 ``optimizer``, ``checkpoint``, ``logging``); a missing key keeps its default. An override is
 ``section.key=value`` where ``value`` is read with ``yaml.safe_load`` (``2``, ``true``, ``null``,
 ``3e-4`` all do what they look like). Every problem -- an unknown key, a value of the wrong type,
-sizes that do not divide -- raises ``ConfigError`` with one line that names the key, before any
-work starts. Each field's documentation lives in its ``doc`` metadata, so ``schema_rows()`` (and
+sizes that do not divide, a key written twice, a file that is a directory or not UTF-8 --
+raises ``ConfigError`` with one line that names the key or file, before any work starts. Each field's documentation lives in its ``doc`` metadata, so ``schema_rows()`` (and
 the table in docs/training_infra.md) is generated from the code.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 
 from training.config_validate import ConfigError, validate
+from training.config_yaml import loads_strict, read_yaml
 
 __all__ = ["Config", "ConfigError", "load_config", "config_from_dict", "parse_cli", "schema_rows",
            "schema_markdown"]
@@ -36,11 +37,16 @@ def _f(default, doc: str, derived: bool = False):
 
 @dataclass
 class ModelConfig:
-    """Architecture of a dense decoder-only (Llama-style) model."""
+    """Architecture of a dense decoder-only model; ``training.model_bridge.transformer_config``
+    turns it (with ``training.dtype`` and ``parallel.sp``) into the ``TransformerConfig``."""
 
     family: Literal["llama", "llama3_1", "qwen2_5", "qwen3", "glm4", "telechat2"] = _f(
-        "llama", "model family: selects the layer spec and Hugging Face weight mapping in models/")
-    hf_path: str | None = _f(None, "Hugging Face checkpoint directory to start from (null: random init)")
+        "llama", "model family: fixes the architecture choices the sizes below do not (qkv bias, "
+        "qk-norm, partial/interleaved rotary, sandwich norms, output biases; "
+        "training/model_bridge.py FAMILIES) and the Hugging Face weight names")
+    hf_path: str | None = _f(None, "Hugging Face checkpoint directory to start from: its config.json sets the "
+                          "architecture (the size keys below are then not used for the model) and "
+                          "its weights the initial values (null: random init from this section)")
     vocab_size: int = _f(2048, "vocabulary size (>= the tokenizer's; divisible by parallel.tp)")
     hidden_size: int = _f(128, "width of the residual stream")
     num_layers: int = _f(2, "number of transformer layers")
@@ -48,10 +54,19 @@ class ModelConfig:
     num_kv_heads: int = _f(4, "key/value heads (GQA when < num_heads)")
     ffn_hidden_size: int = _f(352, "inner width of the SwiGLU MLP")
     seq_length: int = _f(128, "tokens per training sample")
-    max_position_embeddings: int = _f(128, "longest sequence the rotary tables cover (>= seq_length)")
+    max_position_embeddings: int = _f(128, "longest sequence the model is meant for: model.seq_length may not "
+                                        "exceed it; a saved Hugging Face config.json carries it")
     rope_theta: float = _f(10000.0, "rotary embedding base")
     norm_eps: float = _f(1e-5, "RMSNorm epsilon")
     tie_word_embeddings: bool = _f(False, "share the input embedding with the output head")
+    head_dim: int | None = _f(None, "width of one attention head (null: hidden_size / num_heads; "
+                              "Qwen3-style models set it independently)")
+    attention_block_size: int = _f(
+        1024, "core attention handles at most this many query rows at a time (bounds the "
+        "[heads, block, seq] score memory of long sequences)")
+    recompute_layers: list[int] | Literal["all"] | None = _f(
+        None, "layers whose activations are recomputed in the backward pass instead of kept: "
+        "a list of layer indices or 'all' (null: none)")
 
 
 @dataclass
@@ -64,8 +79,8 @@ class ParallelConfig:
     layers_per_stage: list[int] | None = _f(
         None, "layers of each virtual pipeline stage, e.g. [3, 1] (null: model.num_layers split "
         "evenly over pp*vpp)")
-    ep: int = _f(1, "expert-parallel size (MoE layers only)")
-    cp: int = _f(1, "context-parallel size")
+    ep: int = _f(1, "expert-parallel size (MoE layers only; training/pretrain.py refuses != 1)")
+    cp: int = _f(1, "context-parallel size (training/pretrain.py refuses != 1 for now)")
     sp: bool = _f(False, "sequence parallelism inside the tp group")
     order: str = _f("tp-cp-ep-dp-pp", "rank order of the axes, first varies fastest")
     dp: int | None = _f(None, "data-parallel size, derived: world / (tp * cp * pp)", derived=True)
@@ -233,16 +248,29 @@ def _coerce(key: str, value: Any, tp) -> Any:
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} "
                               f"{value!r}")
         return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
-    if args:  # X | None
+    if args:  # X | Y | None: the first alternative that accepts the value
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0]) if len(inner) == 1 else value
+        for alternative in inner[:-1]:
+            try:
+                return _coerce(key, value, alternative)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(key, value, inner[-1])
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {type(value).__name__} "
+                          f"{value!r}")
     if tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2 ** 63:
+                raise ConfigError(f"{key}: {value} is out of range for an int")
             return value
     elif tp is float:
         number = None
@@ -271,7 +299,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
     key, raw = item.split("=", 1)
     key = key.strip()
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = loads_strict(raw) if raw.strip() else None
     except yaml.YAMLError:
         raise ConfigError(f"{key}: cannot parse value {raw!r}") from None
     return key, value
@@ -325,17 +353,7 @@ def load_config(path: str | None, overrides: list[str] | tuple[str, ...] = (),
     ``world_size`` is the number of ranks of the launch; ``parallel.dp`` and
     ``training.grad_accum_steps`` are derived from it.
     """
-    raw: dict = {}
-    if path is not None:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                raw = yaml.safe_load(fh) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file '{path}' does not exist") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file '{path}' must hold a mapping of sections")
+    raw = read_yaml(path) if path is not None else {}
     for item in overrides:
         key, value = _parse_override(item)
         _set(raw, key, value)

@@ -36,9 +36,11 @@ def validate(cfg, world_size: int = 1) -> None:
                     "model.max_position_embeddings", "parallel.tp", "parallel.pp", "parallel.vpp",
                     "parallel.ep", "parallel.cp", "training.train_iters", "training.micro_batch_size",
                     "training.global_batch_size", "training.eval_iters", "data.corpus_max_bytes",
-                    "logging.log_interval", "optimizer.decay_iters"])
+                    "logging.log_interval", "optimizer.decay_iters", "model.head_dim",
+                    "model.attention_block_size"])
     _positive(cfg, ["training.seed", "training.eval_interval", "optimizer.warmup_iters",
-                    "checkpoint.save_interval", "checkpoint.keep_last", "logging.sample_tokens"],
+                    "checkpoint.save_interval", "checkpoint.keep_last", "logging.sample_tokens",
+                    "training.max_skipped_steps"],
               minimum=0)
     for key, v in [("model.rope_theta", m.rope_theta), ("model.norm_eps", m.norm_eps),
                    ("optimizer.eps", o.eps), ("logging.peak_tflops", cfg.logging.peak_tflops)]:
@@ -63,7 +65,14 @@ def validate(cfg, world_size: int = 1) -> None:
                           "joined by '-'")
 
     # model shape
-    _divides("model.hidden_size", m.hidden_size, "model.num_heads", m.num_heads)
+    if m.head_dim is None:
+        _divides("model.hidden_size", m.hidden_size, "model.num_heads (or set model.head_dim)",
+                 m.num_heads)
+    if isinstance(m.recompute_layers, list):
+        bad = [i for i in m.recompute_layers if not 0 <= i < m.num_layers]
+        if bad or len(set(m.recompute_layers)) != len(m.recompute_layers):
+            raise ConfigError(f"model.recompute_layers={m.recompute_layers} must list distinct "
+                              f"layer indices in [0, model.num_layers={m.num_layers})")
     _divides("model.num_heads", m.num_heads, "model.num_kv_heads", m.num_kv_heads)
     if m.seq_length > m.max_position_embeddings:
         raise ConfigError(f"model.seq_length={m.seq_length} exceeds model.max_position_embeddings="

@@ -1,27 +1,201 @@
-"""``model`` section -> a Hugging Face style ``config.json`` dict for ``models.build_from_config``.
+"""The run's ``Config`` -> a ``TransformerConfig`` and a ``GPTModel``, without a detour through a
+Hugging Face dict.
 
-The family files in ``models/`` build a model from a HF config (they know each family's
-architecture: Qwen2.5's qkv bias, Qwen3's qk-norm, GLM-4's partial rotary and sandwich norms,
-TeleChat2's key names). This module writes that dict from our small ``ModelConfig``, so a run can
-train any dense family from scratch with the sizes of its YAML file:
+    tcfg = transformer_config(cfg)                          # ConfigError naming the YAML key
+    model = build_gpt(cfg, tp_group=dims.tp)                # a fresh GPTModel (or one stage)
 
-    model = models.build_from_config(hf_config(cfg.model), tp_group=dims.tp)
+``transformer_config`` reads every architecture field of the ``model`` section, the family's
+fixed choices (``FAMILIES``: Qwen2.5's qkv bias, Qwen3's qk-norm, GLM-4's interleaved
+half-rotary and sandwich norms, Llama 3.1's rotary bands, TeleChat2's output biases), the
+knobs (``model.head_dim``, ``model.attention_block_size``, ``model.recompute_layers``), the
+compute dtype (``training.dtype`` -> ``precision.compute_dtype``; parameters stay fp32) and
+``parallel.sp`` (``parallel.sequence_parallel``). With ``model.hf_path`` the architecture comes
+from that directory's ``config.json`` (a Hugging Face directory is what the HF dict is for) and
+the knobs, dtype and sp still come from the YAML.
 
-With ``model.hf_path`` set, the loop loads ``models.from_pretrained(hf_path)`` instead.
+``hf_config(model_section)`` is the other direction, used only to write a Hugging Face
+directory (``model.save_pretrained``) of a model trained from YAML: its ``config.json`` maps
+back, through the family file, to the same ``TransformerConfig`` (tests/training/
+test_model_bridge.py checks it for every family config in ``configs/``).
 """
 from __future__ import annotations
 
-# model.family -> HF model_type
-MODEL_TYPES = {"llama": "llama", "llama3_1": "llama", "qwen2_5": "qwen2", "qwen3": "qwen3",
-               "glm4": "glm4", "telechat2": "telechat"}
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from training.config_validate import ConfigError
+
+__all__ = ["Family", "FAMILIES", "MODEL_TYPES", "LLAMA3_ROPE_SCALING", "transformer_config",
+           "hf_dir_config", "build_gpt", "hf_config"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a ``model.family`` fixes beyond the YAML sizes. ``model_type``: the family file in
+    ``models/`` that names its weights (``models.hf.FAMILIES``)."""
+
+    model_type: str
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: bool = False
+    rotary_fraction: float = 1.0
+    rotary_interleaved: bool = False
+    llama3_rope: bool = False
+    sandwich_norm: bool = False
+    mlp_fc2_bias: bool = False
+    head_dim_key: bool = True  # its config.json can carry an explicit head_dim
+
+
+FAMILIES = {
+    "llama": Family("llama"),
+    "llama3_1": Family("llama", llama3_rope=True),
+    "qwen2_5": Family("qwen2", qkv_bias=True),
+    "qwen3": Family("qwen3", qk_norm=True),
+    "glm4": Family("glm4", qkv_bias=True, rotary_fraction=0.5, rotary_interleaved=True,
+                   sandwich_norm=True),
+    "telechat2": Family("telechat", out_bias=True, mlp_fc2_bias=True, head_dim_key=False),
+}
+MODEL_TYPES = {name: fam.model_type for name, fam in FAMILIES.items()}
 
 # Llama 3.1's rotary frequency bands (as in its published config.json).
 LLAMA3_ROPE_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
+_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# TransformerConfig field -> the YAML key that sets it (for error messages).
+_KEYS = {"num_layers": "model.num_layers", "hidden_size": "model.hidden_size",
+         "num_attention_heads": "model.num_heads", "num_query_groups": "model.num_kv_heads",
+         "ffn_hidden_size": "model.ffn_hidden_size", "head_dim": "model.head_dim",
+         "norm_eps": "model.norm_eps", "rotary.base": "model.rope_theta",
+         "attention.block_size": "model.attention_block_size",
+         "precision.recompute_layers": "model.recompute_layers",
+         "precision.compute_dtype": "training.dtype"}
+
+
+def _family(cfg) -> Family:
+    if cfg.model.family not in FAMILIES:
+        raise ConfigError(f"model.family={cfg.model.family!r} is not one of {sorted(FAMILIES)}")
+    return FAMILIES[cfg.model.family]
+
+
+def _knobs(cfg) -> dict:
+    """The TransformerConfig parts the YAML sets for every family (and for ``hf_path``)."""
+    from mcore.transformer.config import ParallelConfig, PrecisionConfig
+
+    m = cfg.model
+    recompute = m.recompute_layers if m.recompute_layers is not None else ()
+    precision = PrecisionConfig(params_dtype="float32",
+                                compute_dtype=_DTYPES.get(cfg.training.dtype, cfg.training.dtype),
+                                recompute_layers=recompute if recompute == "all" else tuple(recompute))
+    return {"precision": precision, "parallel": ParallelConfig(sequence_parallel=cfg.parallel.sp)}
+
+
+def _rotary_check(cfg, fam: Family) -> None:
+    """An odd rotary width fails deep inside the build; say which YAML keys make it."""
+    m = cfg.model
+    head_dim = m.head_dim or m.hidden_size // m.num_heads
+    rot = head_dim * fam.rotary_fraction
+    if rot != int(rot) or int(rot) % 2 or rot <= 0:
+        source = (f"model.head_dim={m.head_dim}" if m.head_dim else
+                  f"model.hidden_size={m.hidden_size} / model.num_heads={m.num_heads}")
+        raise ConfigError(f"{source} gives head_dim {head_dim}, whose rotary part ({head_dim} * "
+                          f"{fam.rotary_fraction} for model.family={m.family}) must be a positive "
+                          "even number of dims")
+
+
+def config_error(exc: ValueError) -> ConfigError:
+    """A TransformerConfig ``ValueError`` ("field=value: why") as a ConfigError naming YAML keys."""
+    text = str(exc)
+    field, _, rest = text.partition("=")
+    if field in _KEYS:
+        return ConfigError(f"{_KEYS[field]}={rest}")
+    return ConfigError(f"model section: {text}")
+
+
+def transformer_config(cfg):
+    """``TransformerConfig`` of a validated run ``Config`` (see the module docstring); every
+    rejection is a ``ConfigError`` naming the YAML key. Imports MindSpore (``mcore.transformer``)."""
+    from mcore.transformer.config import AttentionConfig, RotaryConfig, TransformerConfig
+
+    if cfg.model.hf_path:
+        return hf_dir_config(cfg)[0]
+    m, fam = cfg.model, _family(cfg)
+    if m.head_dim is not None and not fam.head_dim_key:
+        raise ConfigError(f"model.head_dim={m.head_dim}: model.family={m.family} has no separate "
+                          "head width (set it to null)")
+    _rotary_check(cfg, fam)
+    if fam.llama3_rope:
+        s = LLAMA3_ROPE_SCALING
+        rotary = dict(scaling="llama3", factor=s["factor"], low_freq_factor=s["low_freq_factor"],
+                      high_freq_factor=s["high_freq_factor"],
+                      original_max_position=s["original_max_position_embeddings"])
+    else:
+        rotary = dict(original_max_position=m.max_position_embeddings)
+    try:
+        return TransformerConfig(
+            num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_heads,
+            ffn_hidden_size=m.ffn_hidden_size, num_query_groups=m.num_kv_heads,
+            head_dim=m.head_dim, activation="swiglu", norm="rmsnorm", norm_eps=m.norm_eps,
+            sandwich_norm=fam.sandwich_norm, mlp_fc2_bias=fam.mlp_fc2_bias,
+            rotary=RotaryConfig(base=m.rope_theta, fraction=fam.rotary_fraction,
+                                interleaved=fam.rotary_interleaved, **rotary),
+            attention=AttentionConfig(qkv_bias=fam.qkv_bias, out_bias=fam.out_bias,
+                                      qk_norm=fam.qk_norm, block_size=m.attention_block_size),
+            **_knobs(cfg))
+    except ValueError as exc:
+        raise config_error(exc) from None
+
+
+def hf_dir_config(cfg):
+    """``(TransformerConfig, family module, config.json dict)`` of ``model.hf_path``, with the
+    YAML's knobs, dtype and sp applied."""
+    from models.hf import family_of
+
+    path = Path(cfg.model.hf_path) / "config.json"
+    try:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:  # missing, unreadable, not UTF-8 / JSON, NUL in name
+        raise ConfigError(f"model.hf_path: cannot read '{path}': "
+                          f"{getattr(exc, 'strerror', None) or exc}") from None
+    if not isinstance(hf, dict):
+        raise ConfigError(f"model.hf_path: '{path}' does not hold a JSON object")
+    try:
+        family = family_of(hf)
+        base = family.config_from_hf(hf)
+        attention = dataclasses.replace(base.attention, block_size=cfg.model.attention_block_size)
+        tcfg = dataclasses.replace(base, attention=attention, **_knobs(cfg))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:  # a config.json we cannot map
+        raise ConfigError(f"model.hf_path: '{path}': {type(exc).__name__} {exc}") from None
+    return tcfg, family, hf
+
+
+def build_gpt(cfg, tp_group=None, stage=None, embedding_group=None):
+    """A randomly initialised ``GPTModel`` (or pipeline ``stage``, a ``models.StageSpec``) of
+    ``transformer_config(cfg)``, tagged with its Hugging Face identity (``model.hf``) so that
+    ``save_pretrained`` and the family's weight table work. Weights of ``model.hf_path`` are
+    not read here (``models.hf.load_weights``)."""
+    from models.gpt import GPTModel, StageSpec
+    from models.hf import FAMILIES as FAMILY_FILES, HFInfo
+
+    if cfg.model.hf_path:
+        tcfg, family, hf = hf_dir_config(cfg)
+        vocab, tie = hf["vocab_size"], bool(hf.get("tie_word_embeddings", family.TIE_DEFAULT))
+    else:
+        tcfg, hf = transformer_config(cfg), hf_config(cfg.model)
+        family, vocab, tie = FAMILY_FILES[hf["model_type"]], cfg.model.vocab_size, \
+            cfg.model.tie_word_embeddings
+    stage = stage or StageSpec.full(tcfg.num_layers)
+    model = GPTModel(tcfg, family.layer_spec(tcfg), vocab, tie_embeddings=tie, tp_group=tp_group,
+                     pre_process=stage.pre_process, post_process=stage.post_process,
+                     layer_range=stage.layer_range, embedding_group=embedding_group)
+    model.hf = HFInfo(family, dict(hf), tie)
+    return model
+
 
 def hf_config(model) -> dict:
-    """HF ``config.json`` contents for a ``ModelConfig`` (SwiGLU, RMSNorm, rotary)."""
+    """Hugging Face ``config.json`` contents for a ``ModelConfig`` (for writing a HF directory)."""
     family = model.family
     if family not in MODEL_TYPES:
         raise ValueError(f"model.family={family!r} has no Hugging Face mapping "
@@ -35,6 +209,8 @@ def hf_config(model) -> dict:
                 "ffn_hidden_size": model.ffn_hidden_size, "layer_norm_epsilon": model.norm_eps}
     out = {**common, "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_heads,
            "intermediate_size": model.ffn_hidden_size, "rms_norm_eps": model.norm_eps}
+    if getattr(model, "head_dim", None) is not None:
+        out["head_dim"] = model.head_dim
     if family == "llama3_1":
         out["rope_scaling"] = dict(LLAMA3_ROPE_SCALING)
     if family == "glm4":

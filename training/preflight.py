@@ -59,7 +59,10 @@ def check_load(load: str) -> None:
     if not Path(load).is_dir():
         raise CheckpointError(f"checkpoint.load='{load}': no such directory (accepted: "
                               f"{LOAD_VALUES})")
-    read_meta(load)  # CheckpointError naming the file if it is not a checkpoint
+    try:
+        read_meta(load)
+    except CheckpointError as exc:  # name the key as well as the file
+        raise CheckpointError(f"checkpoint.load='{load}': {exc}") from None
 
 
 def check_paths(cfg) -> None:

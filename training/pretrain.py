@@ -44,7 +44,8 @@ SAMPLE = {"prompt": "def ", "temperature": 0.8, "top_p": 0.9}
 
 
 def check_supported(cfg) -> None:
-    """Refuse what this loop does not implement yet, naming the key (a ``ConfigError``)."""
+    """Refuse what this loop does not implement yet, and any size the model build would reject
+    later (``training.model_bridge.transformer_config``), naming the key (a ``ConfigError``)."""
     p = cfg.parallel
     for key, value in (("cp", p.cp), ("ep", p.ep)):
         if value != 1:
@@ -54,6 +55,70 @@ def check_supported(cfg) -> None:
         raise ConfigError("parallel.sp=true: sequence parallelism is not wired into "
                           "training/pretrain.py yet (set it to false)")
     precision(cfg)
+    check_model(cfg)
+    check_tokenizer_file(cfg)
+
+
+def check_model(cfg) -> None:
+    """Build the run's ``TransformerConfig`` (no weights) so that a size the model would reject
+    fails now, as a ``ConfigError`` naming the key."""
+    from mcore.pipeline_parallel.stage import split_layers
+    from training.model_bridge import config_error, hf_dir_config, transformer_config
+
+    p = cfg.parallel
+    tcfg = transformer_config(cfg)
+    try:
+        tcfg.check_tp(p.tp)
+    except ValueError as exc:
+        raise ConfigError(f"parallel.tp={p.tp}: {config_error(exc)}") from None
+    if cfg.model.hf_path:  # the directory's sizes were not seen by the config checks
+        vocab = hf_dir_config(cfg)[2].get("vocab_size")
+        if not isinstance(vocab, int) or vocab % p.tp:
+            raise ConfigError(f"model.hf_path: vocab_size={vocab!r} of its config.json is not "
+                              f"divisible by parallel.tp={p.tp}")
+        try:
+            split_layers(tcfg.num_layers, p.pp, p.vpp, p.layers_per_stage)
+        except ValueError as exc:
+            raise ConfigError(f"model.hf_path: its {tcfg.num_layers} layers vs parallel.pp="
+                              f"{p.pp}, parallel.vpp={p.vpp}: {exc}") from None
+
+
+def check_tokenizer_file(cfg) -> None:
+    """With ``data.tokenizer`` given, refuse a file that is missing or has more tokens than
+    ``model.vocab_size`` now, before any data or model work (``ConfigError`` naming the key)."""
+    path = cfg.data.tokenizer
+    if path is None:
+        return
+    try:
+        is_file = Path(path).is_file()
+    except (OSError, ValueError):  # e.g. a NUL byte in the name
+        is_file = False
+    if not is_file:
+        raise ConfigError(f"data.tokenizer: {path!r} is not a file")
+    from training.data.tokenizer import load_tokenizer
+
+    try:
+        size = load_tokenizer(path).vocab_size
+    except Exception as exc:  # the tokenizers library raises its own exception types
+        raise ConfigError(f"data.tokenizer: '{path}' is not a tokenizer.json "
+                          f"({type(exc).__name__})") from None
+    check_vocab(cfg, size, path)
+
+
+def check_vocab(cfg, tokenizer_size: int, source: str = "the tokenizer") -> None:
+    """``model.vocab_size`` must hold every token id of the tokenizer (``ConfigError``)."""
+    if tokenizer_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than {source}'s "
+                          f"{tokenizer_size} tokens")
+
+
+def check_data(cfg, data, log) -> None:
+    """Right after the data is loaded, before the model is built: the tokenizer fits
+    ``model.vocab_size`` (``ConfigError``), and say so when validation is off."""
+    check_vocab(cfg, data.tokenizer.vocab_size, cfg.data.tokenizer or "the trained tokenizer")
+    if data.eval_batches is None:
+        log(f"data.valid_fraction={cfg.data.valid_fraction:g}: no validation samples, "
+            "validation is off")
 
 
 def precision(cfg, device: str | None = None) -> tuple[str, float]:
@@ -91,23 +156,37 @@ class _Array:
 
 
 def build_model(cfg, dims):
-    """A fresh model from the ``model`` section, or ``model.hf_path``'s weights. A fresh model
-    is the same model for every tp and pp size (layers initialise their master weights from
-    seeds). pp > 1: this rank's ``PipelineModel`` (``models.gpt_pipeline.build_gpt_pipeline``),
-    else a ``GPTModel``."""
-    import models
-    from training.model_bridge import hf_config
+    """The model of the ``model`` section (``training.model_bridge.build_gpt``: a
+    ``TransformerConfig`` straight from the YAML, or ``model.hf_path``'s architecture and
+    weights). A fresh model is the same model for every tp and pp size (layers initialise their
+    master weights from seeds). pp > 1: this rank's ``PipelineModel``
+    (``models.gpt_pipeline.build_pipeline``), else a ``GPTModel``."""
+    from models.hf import load_weights
+    from models.safetensors_io import read_checkpoint
+    from training.model_bridge import build_gpt, transformer_config
 
+    tensors = read_checkpoint(cfg.model.hf_path) if cfg.model.hf_path else None
     if dims.pp.size > 1:
-        from models.gpt_pipeline import build_gpt_pipeline
+        from models.gpt_pipeline import build_pipeline
 
         p = cfg.parallel
-        return build_gpt_pipeline(hf_config(cfg.model), dims, vpp=p.vpp,
-                                  layers_per_stage=p.layers_per_stage,
-                                  jit=cfg.training.mode == "graph", hf_path=cfg.model.hf_path)
-    if cfg.model.hf_path:
-        return models.from_pretrained(cfg.model.hf_path, tp_group=dims.tp)
-    return models.build_from_config(hf_config(cfg.model), tp_group=dims.tp)
+
+        def make_stage(spec):
+            return build_gpt(cfg, dims.tp, spec, embedding_group=dims.embedding)
+
+        return build_pipeline(make_stage, transformer_config(cfg).num_layers, dims, vpp=p.vpp,
+                              layers_per_stage=p.layers_per_stage,
+                              jit=cfg.training.mode == "graph", tensors=tensors)
+    model = build_gpt(cfg, dims.tp)
+    if tensors is not None:
+        load_weights(model, tensors)
+    return model
+
+
+def compute_dtype(model) -> str:
+    """The compute dtype the model was built with (``TransformerConfig.precision``)."""
+    first = model.chunk_models[0] if hasattr(model, "chunk_models") else model
+    return first.config.precision.compute_dtype
 
 
 def build_dims(cfg):
@@ -121,7 +200,8 @@ def build_step(cfg, model, dims, grad_accum_steps: int):
     """``TrainStep`` for a ``GPTModel``, ``PipelineTrainStep`` for a pipeline (pp > 1)."""
     from training.step import TrainStep, set_mode
 
-    dtype, loss_scale = precision(cfg)
+    _, loss_scale = precision(cfg)
+    dtype = compute_dtype(model)  # training.dtype, as the model's TransformerConfig holds it
     t = cfg.training
     if dims.pp.size == 1:
         set_mode(t.mode)
@@ -227,6 +307,7 @@ def run(cfg, stop_after: int | None = None) -> dict:
                     peak_flops=cfg.logging.peak_tflops * 1e12, log_interval=cfg.logging.log_interval,
                     tensorboard=cfg.logging.tensorboard)
     data = build_data(cfg, rank=dims.global_rank, dp_rank=dims.dp.rank, log=log.info)
+    check_data(cfg, data, log.info)
     model = build_model(cfg, dims)
     dtype, loss_scale = precision(cfg)
     step_fn = build_step(cfg, model, dims, data.sampler.grad_accum_steps)
@@ -267,8 +348,9 @@ def run(cfg, stop_after: int | None = None) -> dict:
                     f"training.max_skipped_steps={limit}); the checkpoints in "
                     f"'{checkpoint_root(cfg)}' were left as they were: lower optimizer.lr (or "
                     "training.loss_scale with fp16), then resume with checkpoint.load=auto")
-        if t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters:
-            log.eval(step, validate(cfg, step_fn, data))
+        if t.eval_interval and step % t.eval_interval == 0 and step < t.train_iters \
+                and (valid_loss := validate(cfg, step_fn, data)) is not None:
+            log.eval(step, valid_loss)
         save_due |= bool(cfg.checkpoint.save_interval) and step % cfg.checkpoint.save_interval == 0
         if save_due and not skips:
             saved, save_due = save(cfg, step, step_fn, data, dims), False

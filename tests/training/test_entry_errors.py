@@ -71,12 +71,12 @@ def _args(work: Path, *extra: str) -> list[str]:
 
 @pytest.mark.parametrize("override, kind, names", [
     ("data.corpus={w}/no_such_dir", "data", ["data.corpus=", "no_such_dir"]),
-    ("data.tokenizer={w}/missing_tok.json", "data", ["data.tokenizer=", "missing_tok.json"]),
+    ("data.tokenizer={w}/missing_tok.json", "config", ["data.tokenizer", "missing_tok.json"]),
     ("checkpoint.load={w}/no_such_checkpoint", "checkpoint",
      ["checkpoint.load=", "no_such_checkpoint", "'none', 'auto'"]),
     ("checkpoint.load=latest", "checkpoint", ["checkpoint.load='latest'", "'none', 'auto'"]),
     ("logging.output_dir={w}/a_file/run", "config", ["logging.output_dir=", "a_file"]),
-    ("model.hf_path={w}/no_hf_dir", "config", ["model.hf_path=", "no_hf_dir", "config.json"]),
+    ("model.hf_path={w}/no_hf_dir", "config", ["model.hf_path", "no_hf_dir", "config.json"]),
 ])
 def test_bad_path_fails_in_one_line_before_work(work, override, kind, names):
     res = entry("pretrain.py", _args(work, override.format(w=work)), cwd=work, timeout=60)

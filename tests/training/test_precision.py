@@ -20,16 +20,19 @@ STEPS, LR = 6, 1e-2  # graph mode; PyNative runs 2
 
 
 def _build(dtype: str, n_micro: int, loss_scale: float):
-    import models
+    """The model of ``training.dtype=dtype``; the step takes the dtype from the model's
+    ``TransformerConfig.precision.compute_dtype``, as ``training.pretrain.build_step`` does."""
     from mcore.parallel_state import ParallelDims
     from training.config import load_config
-    from training.model_bridge import hf_config
+    from training.model_bridge import build_gpt
+    from training.pretrain import compute_dtype
     from training.step import TrainStep
 
-    cfg = load_config(None, TINY)
-    model = models.build_from_config(hf_config(cfg.model))
+    cfg = load_config(None, TINY + [f"training.dtype={dtype}"])
+    model = build_gpt(cfg)
+    assert compute_dtype(model) == {"fp32": "float32", "fp16": "float16"}[dtype]
     return TrainStep(model, ParallelDims.single(), cfg.optimizer, grad_accum_steps=n_micro,
-                     dtype=dtype, loss_scale=loss_scale)
+                     dtype=compute_dtype(model), loss_scale=loss_scale)
 
 
 def _train(dtype: str, batches, loss_scale: float, steps: int, hook=None):
