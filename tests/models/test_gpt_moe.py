@@ -160,3 +160,13 @@ def test_transformer_config_rejects_a_bad_moe_in_one_line():
     with pytest.raises(ValueError, match="moe.top_k"):
         TransformerConfig(num_layers=1, hidden_size=8, num_attention_heads=2, ffn_hidden_size=8,
                           moe=MoEConfig(num_experts=2, top_k=3, ffn_hidden_size=4))
+
+
+def test_recompute_of_moe_layers_keeps_loss_and_gradients():
+    ids, labels = batch(4)
+    plain = loss_and_grads(moe_model(moe_config()), ids, labels)
+    cfg = dataclasses.replace(moe_config(), precision=PrecisionConfig(recompute_layers="all"))
+    again = loss_and_grads(moe_model(cfg), ids, labels)
+    np.testing.assert_allclose(again[0], plain[0], rtol=1e-6)
+    for name, grad in plain[4].items():
+        np.testing.assert_allclose(again[4][name], grad, rtol=1e-5, atol=1e-7, err_msg=name)
