@@ -15,7 +15,9 @@ Mixture-of-experts families (``mixtral``, ``qwen3_moe``): 4 experts, top-2; qwen
 layer 0 dense (``mlp_only_layers=[0]``) and does not renormalise the top-k weights. Their
 router logits over the whole greedy sequence are checked too: the gap between the k-th and
 the (k+1)-th expert of every token must exceed the same bound, so a 1e-4 difference cannot
-change which experts a token reaches. ``--only mixtral qwen3_moe`` writes just those.
+change which experts a token reaches. Their ``reference.npz`` also holds ``aux_loss``:
+transformers' load-balancing loss on ``input_ids`` (``output_router_logits=True``, before
+``router_aux_loss_coef``). ``--only mixtral qwen3_moe`` writes just those.
 
 TeleChat2 has no transformers implementation: its reference is a Llama model with biases only
 on o_proj and down_proj (TeleChat2's architecture), saved under TeleChat2's weight names.
@@ -155,8 +157,12 @@ def make(family: str, out: Path, seed: int) -> dict:
         top2 = np.sort(full, -1)[..., -2:]
         gap = float((top2[..., 1] - top2[..., 0]).min())
         router_gap = router_topk_gap(ref_model, gen, cfg) if family in MOE else None
+        extra = {}
+        if family in MOE:  # transformers' Switch loss (before router_aux_loss_coef) on input_ids
+            extra["aux_loss"] = np.float32(
+                ref_model(torch.from_numpy(ids), output_router_logits=True).aux_loss)
     np.savez(target / "reference.npz", input_ids=ids.astype(np.int32), logits=logits,
-             greedy=greedy.astype(np.int32))
+             greedy=greedy.astype(np.int32), **extra)
     return {"family": family, "min_top2_gap": gap, "min_router_gap": router_gap,
             "bytes": sum(f.stat().st_size for f in target.iterdir())}
 
