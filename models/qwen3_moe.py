@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from mcore.moe.config import MoEConfig
 from mcore.transformer.config import AttentionConfig, TransformerConfig
-from mcore.transformer.layer_specs import gpt_layer_spec
+from mcore.transformer.layer_specs import gpt_layer_specs
 from models.common import (activation_from_hf, aux_loss_coeff_from_hf, moe_decoder_table,
                            rope_from_hf)
 
@@ -68,7 +68,8 @@ def config_from_hf(hf: dict) -> TransformerConfig:
 
 
 def layer_spec(cfg: TransformerConfig):
-    return gpt_layer_spec(cfg)
+    """One spec per layer: the standard layer, with a ``MoELayer`` mlp where ``cfg.moe`` says."""
+    return gpt_layer_specs(cfg)
 
 
 def weight_table(cfg: TransformerConfig, tie: bool) -> dict:
