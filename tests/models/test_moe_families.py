@@ -40,7 +40,8 @@ def test_moe_layers_are_where_the_checkpoint_has_experts(loaded):
     family, model, _, _ = loaded
     assert list(model.moe_layers) == ([0, 1] if family == "mixtral" else [1])
     params = dict(model.parameters_and_names())
-    assert params["decoder.layers.1.mlp.experts.fc1"].shape == (4, 64, 2 * (64 if family == "mixtral" else 32))
+    ffn = 64 if family == "mixtral" else 32
+    assert params["decoder.layers.1.mlp.experts.fc1"].shape == (4, 64, 2 * ffn)
     if family == "qwen3_moe":  # layer 0 is dense
         assert params["decoder.layers.0.mlp.linear_fc1.weight"].shape == (2 * 128, 64)
 
