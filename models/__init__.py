@@ -1,6 +1,6 @@
 """Model families built from ``mcore``: GPTModel, Hugging Face loading/saving, generation.
 
-    model = models.from_pretrained("path/to/hf_dir")        # Llama, Qwen2.5, Qwen3, GLM4, TeleChat2
+    model = models.from_pretrained("path/to/hf_dir")  # a family of models.FAMILIES
     logits = model(input_ids)                                 # [b, s, V]
     tokens = models.generate(model, [[1, 2, 3]], max_new_tokens=16)
     model.save_pretrained("out_dir")                          # loadable by transformers

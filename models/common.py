@@ -1,11 +1,12 @@
 """Shared pieces of the family files: HF config fields -> mcore configs, and the weight table of
 a Llama-style checkpoint (``model.layers.N.self_attn.q_proj`` ...), which most families reuse
-with a few switches.
+with a few switches; ``moe_decoder_table`` swaps the MLP of the MoE layers for a router and
+per-expert tensors (Mixtral, Qwen3-MoE).
 """
 from __future__ import annotations
 
 from mcore.transformer.config import RotaryConfig, TransformerConfig
-from models.weights import Piece, pieces
+from models.weights import NOT_STORED, ExpertStack, Piece, pieces
 
 _ROPE_TYPES = {"default": "none", "linear": "linear", "llama3": "llama3", "yarn": "yarn"}
 
@@ -79,4 +80,51 @@ def decoder_table(cfg: TransformerConfig, tie: bool, prefix: str = "model", qkv_
         if sandwich:
             table[f"{me}.post_attn_norm.weight"] = pieces(f"{hf}.post_self_attn_layernorm.weight")
             table[f"{me}.post_mlp_norm.weight"] = pieces(f"{hf}.post_mlp_layernorm.weight")
+    return table
+
+
+def aux_loss_coeff_from_hf(hf: dict, top_k: int, num_moe_layers: int) -> float:
+    """``MoEConfig.aux_loss_coeff`` for a HF MoE config: 0 unless ``output_router_logits``
+    (transformers adds the loss only then), else ``router_aux_loss_coef * top_k /
+    num_moe_layers``. transformers' Switch loss is ``E * sum_i (c_i / T) P_i``, ``top_k`` times
+    mcore's ``E / (T k) * sum_i c_i P_i``, and pools the counts and probabilities of all layers
+    into ONE loss, where mcore adds one loss per MoE layer: with a single MoE layer (or layers
+    that route alike) the summed ``aux`` equals transformers' ``router_aux_loss_coef *
+    aux_loss``."""
+    if not hf.get("output_router_logits", False):
+        return 0.0
+    return float(hf.get("router_aux_loss_coef", 0.001)) * top_k / num_moe_layers
+
+
+def expert_entries(me: str, hf: str, num_experts: int, ffn: int,
+                   names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")) -> dict:
+    """Weight-table entries of one MoE mlp: parameters under ``me`` (``decoder.layers.N``), HF
+    tensors under ``hf`` (``model.layers.N.mlp``): ``gate.weight`` [E, h] is the router, expert
+    ``e``'s ``experts.e.<gate|up|down>.weight`` (``names``) stack into ``fc1`` / ``fc2``. The
+    router's expert bias (aux-loss-free balancing) is not part of HF checkpoints."""
+    gate, up, down = names
+    fc1 = ExpertStack(tuple((Piece(f"{hf}.experts.{e}.{gate}.weight", ffn),
+                             Piece(f"{hf}.experts.{e}.{up}.weight", ffn))
+                            for e in range(num_experts)))
+    fc2 = ExpertStack(tuple(pieces(f"{hf}.experts.{e}.{down}.weight")
+                            for e in range(num_experts)))
+    return {f"{me}.mlp.router.weight": pieces(f"{hf}.gate.weight"),
+            f"{me}.mlp.router.expert_bias": NOT_STORED,
+            f"{me}.mlp.experts.fc1": fc1, f"{me}.mlp.experts.fc2": fc2}
+
+
+def moe_decoder_table(cfg: TransformerConfig, tie: bool, moe_module: str = "mlp",
+                      expert_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
+                      **switches) -> dict:
+    """``decoder_table(cfg, tie, **switches)`` with the MLP of every MoE layer
+    (``cfg.is_moe_layer``) replaced by ``expert_entries`` under ``model.layers.N.<moe_module>``
+    (Mixtral: ``block_sparse_moe`` with ``w1 / w3 / w2``)."""
+    table = decoder_table(cfg, tie, **switches)
+    for i in range(cfg.num_layers):
+        if not cfg.is_moe_layer(i):
+            continue
+        me = f"decoder.layers.{i}"
+        del table[f"{me}.mlp.linear_fc1.weight"], table[f"{me}.mlp.linear_fc2.weight"]
+        table.update(expert_entries(me, f"model.layers.{i}.{moe_module}", cfg.moe.num_experts,
+                                    cfg.moe.ffn_hidden_size, expert_names))
     return table

@@ -3,7 +3,9 @@
 A directory holds ``config.json`` and ``model.safetensors`` (or shards with
 ``model.safetensors.index.json``). ``model_type`` picks the family file (``FAMILIES``); the
 family maps the config to a ``TransformerConfig`` and names the weights (``models.weights``).
-With a tp group of size > 1 every rank reads only its shard of each tensor.
+With a tp group of size > 1 every rank reads only its shard of each tensor; with an ep group
+of size > 1 (``groups.ep``, MoE families) every rank reads only its experts' tensors, and
+``save_pretrained`` gathers the experts back over ep.
 With ``stage=StageSpec(pre_process, post_process, layer_range)`` the model is one pipeline
 stage (``models.gpt``) and reads only the tensors that stage holds (the tied head copy of a
 last stage from ``embed_tokens``); ``full_state`` then returns that stage's parameters.
@@ -25,17 +27,19 @@ import mindspore as ms
 import numpy as np
 
 from mcore.parallel_state import ModelGroups, ParallelDims, ProcessGroup
-from models import glm, llama, qwen, telechat
+from models import glm, llama, mixtral, qwen, qwen3_moe, telechat
 from models.errors import LoadError
 from models.gpt import GPTModel, StageSpec
 from models.safetensors_io import read_checkpoint, write_checkpoint
 from models.weights import split_dims, to_hf, to_local
 
-FAMILIES: dict[str, ModuleType] = {t: fam for fam in (llama, qwen, glm, telechat)
+FAMILIES: dict[str, ModuleType] = {t: fam for fam in (llama, qwen, glm, telechat, mixtral,
+                                                        qwen3_moe)
                                    for t in fam.MODEL_TYPES}
 # Keys an override may add although config.json does not have them.
 _OPTIONAL_KEYS = {"rope_scaling", "rope_parameters", "head_dim", "tie_word_embeddings",
-                  "partial_rotary_factor", "attention_bias"}
+                  "partial_rotary_factor", "attention_bias", "output_router_logits",
+                  "router_aux_loss_coef"}
 
 
 @dataclass
@@ -171,13 +175,13 @@ def stage_table(model: GPTModel) -> dict:
 
 
 def load_weights(model: GPTModel, tensors: dict) -> None:
-    """Set every parameter from HF ``tensors`` (name -> LazyTensor) on this tp rank; only the
-    tensors of the model's stage are read."""
+    """Set every parameter from HF ``tensors`` (name -> LazyTensor) on this tp / ep rank; only
+    the tensors of the model's stage (and of this ep rank's experts) are read."""
     params = dict(model.parameters_and_names())
     table = stage_table(model)
     group = model.tp_group
     values = to_local(table, tensors, {n: tuple(p.shape) for n, p in params.items()},
-                      split_dims(model), group.size, group.rank)
+                      split_dims(model), group.size, group.rank, ep_rank=model.groups.ep.rank)
     for name, value in values.items():
         params[name].set_data(ms.Tensor(value, params[name].dtype))
 
@@ -185,22 +189,25 @@ def load_weights(model: GPTModel, tensors: dict) -> None:
 def full_state(model: GPTModel) -> dict[str, np.ndarray]:
     """Every parameter at full size: split parameters are gathered over the tp group (rank
     shards concatenated along their split dim; fused q/k/v and gate/up are reordered by
-    ``models.weights.to_hf``)."""
+    ``models.weights.to_hf``), expert parameters (``param.expert``) over the ep group (all
+    experts, in global order). Collective over both groups."""
     from mcore.comm import all_gather
 
-    dims, group, out = split_dims(model), model.tp_group, {}
+    dims, group, ep, out = split_dims(model), model.tp_group, model.groups.ep, {}
     for name, param in model.parameters_and_names():
         dim = dims.get(name)
         value = param.value()
         if dim is not None and group.size > 1:
             value = all_gather(value, group, dim)  # [.., n/tp, ..] -> [.., n, ..]
+        if getattr(param, "expert", False) and ep.size > 1:
+            value = all_gather(value, ep, 0)  # [E/ep, in, out] -> [E, in, out]
         out[name] = value.asnumpy()
     return out
 
 
 def save_pretrained(model: GPTModel, path, max_shard_bytes: int | None = None) -> None:
     """Write ``model`` as a HF directory (float32 safetensors + config.json) that transformers
-    loads. Collective over the tp group; tp rank 0 writes."""
+    loads. Collective over the tp and ep groups; the rank that is 0 in both writes."""
     info = getattr(model, "hf", None)
     if info is None:
         raise ValueError("save_pretrained: model has no Hugging Face config (build it with "
@@ -211,7 +218,7 @@ def save_pretrained(model: GPTModel, path, max_shard_bytes: int | None = None) -
                          f"{model.pre_process}, post_process={model.post_process}, layer_range="
                          f"{model.layer_range}); merge the stages' full_state first")
     state = full_state(model)
-    if model.tp_group.rank != 0:
+    if model.tp_group.rank != 0 or model.groups.ep.rank != 0:
         return
     tensors = to_hf(info.family.weight_table(model.config, info.tie), state, split_dims(model),
                     model.tp_group.size)

@@ -6,9 +6,17 @@ tensor, or a strided part of one: its rows viewed as ``[groups, count, rows / (g
 keeping ``index`` of ``count`` (``count=2, index=1`` = second half; ``groups=n_kv, count=2`` =
 every other head of an interleaved k/v tensor). ``rows`` is the piece's row count at tp=1.
 
+Mixture-of-experts layers store their experts stacked (``GroupedMLP``: ``fc1 [El, h, 2f]``,
+``fc2 [El, f, h]``) while HF checkpoints hold one Linear weight ``[out, in]`` per expert. An
+``ExpertStack`` entry lists, per GLOBAL expert, the pieces of that expert's ``[out, in]``
+matrix (gate and up for fc1, down for fc2); the parameter is their transposes stacked in
+expert order. An empty entry ``()`` (``NOT_STORED``) marks a parameter HF checkpoints do not
+hold (e.g. the unused expert bias of a router): it keeps its initial value and is not written.
+
 ``to_local`` builds this rank's parameter values (each piece is sharded separately along the
-parameter's tp split dim, then concatenated: the layout ``mcore`` layers expect);
-``to_hf`` splits full (tp=1) parameter values back into HF tensors.
+parameter's tp split dim, then concatenated: the layout ``mcore`` layers expect; an
+``ExpertStack`` reads only the experts of its expert-parallel rank, never tp-split);
+``to_hf`` splits full (tp=1, all experts) parameter values back into HF tensors.
 Errors name the HF tensor or parameter at fault; a checkpoint that lacks a tensor, or holds
 NaN / Inf in one, raises ``models.LoadError`` naming the tensor and its file.
 """
@@ -47,6 +55,45 @@ def pieces(*names: str) -> tuple[Piece, ...]:
     return tuple(Piece(n) for n in names)
 
 
+NOT_STORED: tuple = ()
+
+
+@dataclass(frozen=True)
+class ExpertStack:
+    """A stacked expert parameter ``[E, in, out]``: ``experts[e]`` are the pieces (rows
+    concatenated) of global expert ``e``'s HF matrix ``[out, in]``. Iterating yields every
+    piece of every expert (the HF tensor names the full parameter uses)."""
+
+    experts: tuple[tuple[Piece, ...], ...]
+
+    def __iter__(self):
+        for plist in self.experts:
+            yield from plist
+
+    def local(self, hf: dict, shape: tuple, ep_rank: int, pname: str) -> np.ndarray:
+        """This expert-parallel rank's block ``[El, in, out]`` (``El = shape[0]``): experts
+        ``[ep_rank El, (ep_rank + 1) El)``, and only their tensors are read."""
+        n_local, total = shape[0], len(self.experts)
+        if total % n_local or not 0 <= ep_rank < total // n_local:
+            raise ValueError(f"parameter {pname}: {n_local} local experts of {total} do not fit "
+                             f"expert-parallel rank {ep_rank}")
+        blocks = []
+        for e in range(ep_rank * n_local, (ep_rank + 1) * n_local):
+            parts = []
+            for piece in self.experts[e]:
+                if piece.name not in hf:
+                    raise LoadError(f"checkpoint is missing tensor {piece.name!r} (for {pname})")
+                parts.append(piece.take(_finite(piece.name, hf[piece.name])))
+            blocks.append(np.concatenate(parts, 0).T)  # [out, in] -> [in, out]
+        value = np.stack(blocks)  # El x [in, out] -> [El, in, out]
+        if tuple(value.shape) != tuple(shape):
+            names = ", ".join(p.name for p in self.experts[ep_rank * n_local])
+            raise ValueError(f"shape mismatch for expert tensors {names}: checkpoint gives "
+                             f"{value.shape[1:]} per expert, parameter {pname} is "
+                             f"{tuple(shape)}")
+        return value
+
+
 def split_dims(model) -> dict[str, int | None]:
     """Parameter name -> tp split dim (None = replicated), from each Cell's ``shard_dims``."""
     dims = {}
@@ -67,9 +114,11 @@ def _finite(name: str, tensor) -> np.ndarray:
     return value
 
 
-def to_local(table: dict, hf: dict, params: dict, dims: dict, tp: int, rank: int) -> dict:
-    """``{param: np.ndarray}`` for this rank. ``hf``: name -> object with ``load()`` and ``shape``;
-    ``params``: param name -> local shape."""
+def to_local(table: dict, hf: dict, params: dict, dims: dict, tp: int, rank: int,
+             ep_rank: int = 0) -> dict:
+    """``{param: np.ndarray}`` for this rank (tp ``rank``, expert-parallel ``ep_rank``). ``hf``:
+    name -> object with ``load()`` and ``shape``; ``params``: param name -> local shape.
+    ``NOT_STORED`` parameters are absent from the result."""
     missing_params = sorted(set(params) - set(table))
     if missing_params:
         raise KeyError(f"no Hugging Face mapping for parameter(s) {missing_params}")
@@ -77,6 +126,11 @@ def to_local(table: dict, hf: dict, params: dict, dims: dict, tp: int, rank: int
     for pname, plist in table.items():
         if pname not in params:
             raise KeyError(f"weight table names parameter {pname!r}, which the model does not have")
+        if isinstance(plist, ExpertStack):
+            out[pname] = plist.local(hf, params[pname], ep_rank, pname)
+            continue
+        if not plist:
+            continue
         dim = dims.get(pname)
         parts = []
         for piece in plist:
@@ -109,10 +163,20 @@ def _unshard_fused(value: np.ndarray, rows: list, tp: int) -> np.ndarray:
 
 def to_hf(table: dict, full: dict, dims: dict | None = None, tp: int = 1) -> dict:
     """HF tensors from full parameter values ``{param: np.ndarray}``: tp=1 values, or (with
-    ``tp`` > 1) the rank shards concatenated along each parameter's split dim ``dims``."""
+    ``tp`` > 1) the rank shards concatenated along each parameter's split dim ``dims``. Expert
+    stacks must hold every expert (``[E, in, out]``, gathered over expert parallel)."""
     out, strided = {}, {}
     for pname, plist in table.items():
+        if not isinstance(plist, ExpertStack) and not plist:
+            continue  # NOT_STORED
         value = full[pname]
+        if isinstance(plist, ExpertStack):
+            if value.shape[0] != len(plist.experts):
+                raise ValueError(f"parameter {pname}: {value.shape[0]} experts given, the table "
+                                 f"names {len(plist.experts)} (gather expert parallel first)")
+            for e, expert in enumerate(plist.experts):
+                out.update(to_hf({pname: expert}, {pname: np.ascontiguousarray(value[e].T)}))
+            continue
         if tp > 1 and len(plist) > 1 and (dims or {}).get(pname) == 0:
             value = _unshard_fused(value, [p.rows for p in plist], tp)
         if len(plist) == 1 and plist[0].count == 1 and plist[0].groups == 1:

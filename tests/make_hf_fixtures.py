@@ -11,6 +11,14 @@ bfloat16 safetensors (qwen3 as 3 shards + index), reloads it in float32 and reco
 (8 greedy tokens from ``model.generate``). Seeds are fixed; top-2 logit gaps of the greedy
 steps are checked so that a 1e-4 difference cannot flip a token.
 
+Mixture-of-experts families (``mixtral``, ``qwen3_moe``): 4 experts, top-2; qwen3_moe keeps
+layer 0 dense (``mlp_only_layers=[0]``) and does not renormalise the top-k weights. Their
+router logits over the whole greedy sequence are checked too: the gap between the k-th and
+the (k+1)-th expert of every token must exceed the same bound, so a 1e-4 difference cannot
+change which experts a token reaches. Their ``reference.npz`` also holds ``aux_loss``:
+transformers' load-balancing loss on ``input_ids`` (``output_router_logits=True``, before
+``router_aux_loss_coef``). ``--only mixtral qwen3_moe`` writes just those.
+
 TeleChat2 has no transformers implementation: its reference is a Llama model with biases only
 on o_proj and down_proj (TeleChat2's architecture), saved under TeleChat2's weight names.
 """
@@ -48,7 +56,15 @@ FAMILIES = {
     "telechat": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
         attention_bias=True, mlp_bias=True, rope_parameters=dict(rope_type="default",
                                                                  rope_theta=10000.0))),
+    "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM, dict(
+        intermediate_size=64, num_local_experts=4, num_experts_per_tok=2,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6))),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM, dict(
+        head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[0],
+        rope_parameters=dict(rope_type="default", rope_theta=1e6))),
 }
+MOE = ("mixtral", "qwen3_moe")
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -140,22 +156,46 @@ def make(family: str, out: Path, seed: int) -> dict:
         full = ref_model(gen).logits.float().numpy()[:, ids.shape[1] - 1:-1]
         top2 = np.sort(full, -1)[..., -2:]
         gap = float((top2[..., 1] - top2[..., 0]).min())
+        router_gap = router_topk_gap(ref_model, gen, cfg) if family in MOE else None
+        extra = {}
+        if family in MOE:  # transformers' Switch loss (before router_aux_loss_coef) on input_ids
+            extra["aux_loss"] = np.float32(
+                ref_model(torch.from_numpy(ids), output_router_logits=True).aux_loss)
     np.savez(target / "reference.npz", input_ids=ids.astype(np.int32), logits=logits,
-             greedy=greedy.astype(np.int32))
-    return {"family": family, "min_top2_gap": gap,
+             greedy=greedy.astype(np.int32), **extra)
+    return {"family": family, "min_top2_gap": gap, "min_router_gap": router_gap,
             "bytes": sum(f.stat().st_size for f in target.iterdir())}
+
+
+def router_topk_gap(model, tokens, cfg) -> float:
+    """Smallest gap, over every MoE layer and token of ``tokens``, between the router logits of
+    the k-th and (k+1)-th expert (softmax is monotone, so this bounds the selection)."""
+    k = cfg.num_experts_per_tok
+    out = model(tokens, output_router_logits=True)
+    gaps = []
+    for layer_logits in out.router_logits:  # one [b*s, E] per MoE layer
+        ranked = np.sort(layer_logits.float().numpy(), -1)[:, ::-1]
+        gaps.append(float((ranked[:, k - 1] - ranked[:, k]).min()))
+    if not gaps:
+        raise SystemExit("no router logits returned: is this a mixture-of-experts model?")
+    return min(gaps)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(Path(__file__).parent / "fixtures" / "hf"))
+    parser.add_argument("--only", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
+                        help="families to (re)write; the others are left untouched")
     args = parser.parse_args()
     out = Path(args.out)
-    for i, family in enumerate(FAMILIES):
-        info = make(family, out, seed=100 + i)
+    for family in args.only:
+        info = make(family, out, seed=100 + list(FAMILIES).index(family))
         print(info)
         if info["min_top2_gap"] < 1e-3:
             raise SystemExit(f"{family}: greedy top-2 gap {info['min_top2_gap']} too small; "
+                             "change the seed")
+        if info["min_router_gap"] is not None and info["min_router_gap"] < 1e-3:
+            raise SystemExit(f"{family}: router top-k gap {info['min_router_gap']} too small; "
                              "change the seed")
     print("transformers", transformers.__version__, "torch", torch.__version__)
 

@@ -1,0 +1,114 @@
+"""Mixtral and Qwen3-MoE at ep=2 on two real ranks (one launch for every check).
+
+Rank ``r`` loads a copy of each fixture in which the experts of the OTHER rank hold NaN: a
+load that read them would fail (``LoadError``: NaN), so a successful load shows that the rank
+read only its own experts ``[2r, 2r + 2)``. It then checks logits against transformers and the
+ep=1 model, the greedy continuation, and ``save_pretrained`` (experts gathered over ep, ep
+rank 0 writes): the written checkpoint equals the original fixture, names and values, so the
+NaN tensors were never used.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.multirank import run_ranks
+
+
+FAMILIES = ["mixtral", "qwen3_moe"]
+
+
+def _poisoned_copy(src, dst, rank: int, num_experts: int, ep: int):
+    """``src`` written to ``dst`` (float32) with NaN in every expert tensor not on ``rank``."""
+    import re
+    import shutil
+
+    from models.safetensors_io import read_checkpoint, write_checkpoint
+
+    per = num_experts // ep
+    tensors = {}
+    for name, lazy in read_checkpoint(src).items():
+        value = lazy.load()
+        match = re.search(r"\.experts\.(\d+)\.", name)
+        if match and int(match.group(1)) // per != rank:
+            value = np.full_like(value, np.nan)
+        tensors[name] = value
+    dst.mkdir(parents=True)
+    write_checkpoint(dst, tensors)
+    shutil.copy(src / "config.json", dst / "config.json")
+
+
+def _worker(ctx):
+    import tempfile
+    from pathlib import Path
+
+    import mindspore as ms
+
+    import models
+    from mcore.parallel_state import ParallelDims
+    from models.safetensors_io import read_checkpoint
+
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures" / "hf"
+    dims = ParallelDims.build(ep=2)
+    rank = dims.ep.rank
+    for family in FAMILIES:
+        ref = np.load(fixtures / family / "reference.npz")
+        ids = ms.Tensor(ref["input_ids"])
+        poisoned = Path(tempfile.mkdtemp(prefix=f"ep2_{family}_")) / "hf"
+        _poisoned_copy(fixtures / family, poisoned, rank, 4, 2)
+        one = models.from_pretrained(fixtures / family)
+        two = models.from_pretrained(poisoned, dims=dims)
+        with ctx.check(f"{family}_reads_only_local_experts"):
+            params = dict(two.parameters_and_names())
+            full = dict(one.parameters_and_names())
+            name = "decoder.layers.1.mlp.experts.fc1"
+            assert params[name].shape[0] == 2, params[name].shape
+            np.testing.assert_array_equal(params[name].asnumpy(),
+                                          full[name].asnumpy()[2 * rank:2 * rank + 2])
+        want = one(ids).asnumpy()
+        with ctx.check(f"{family}_logits"):
+            got = two(ids).asnumpy()
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+            np.testing.assert_allclose(got, ref["logits"], rtol=0, atol=1e-4)
+        with ctx.check(f"{family}_greedy"):
+            got = models.generate(two, ref["input_ids"], max_new_tokens=8)
+            np.testing.assert_array_equal(np.array(got), ref["greedy"])
+        with ctx.check(f"{family}_save_pretrained_gathers_experts"):
+            out = Path(tempfile.mkdtemp(prefix=f"ep2_save_{family}_"))
+            two.save_pretrained(out)
+            if rank == 0:
+                original, saved = read_checkpoint(fixtures / family), read_checkpoint(out)
+                assert set(saved) == set(original)
+                for name, lazy in saved.items():
+                    np.testing.assert_array_equal(lazy.load(), original[name].load(), name)
+            else:
+                assert not list(out.iterdir()), "only ep rank 0 writes"
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_poisoned_copy_is_refused_where_all_experts_are_read(tmp_path, rank):
+    """The NaN experts of ``_poisoned_copy`` are caught by a load that reads them (ep=1), so the
+    ep=2 load succeeding means it did not read them."""
+    from pathlib import Path
+
+    import mindspore as ms
+    ms.set_device("CPU")
+    import models
+
+    fixtures = Path(__file__).resolve().parent.parent / "fixtures" / "hf"
+    _poisoned_copy(fixtures / "mixtral", tmp_path / "hf", rank, 4, 2)
+    other = 2 * (1 - rank)
+    with pytest.raises(models.LoadError, match=rf"experts\.{other}\.w1\.weight' holds \d+ NaN"):
+        models.from_pretrained(tmp_path / "hf")
+
+
+@pytest.fixture(scope="module")
+def job():
+    return run_ranks(2, "tests.models.test_moe_ep_parity:_worker", timeout=400,
+                     stall_timeout=90)
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ep2_matches_transformers_and_reads_only_local_experts(job, family):
+    job.assert_ok(f"{family}_")
