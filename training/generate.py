@@ -74,19 +74,18 @@ def model_from_checkpoint(path: Path):
     """A one-process model with the weights of training checkpoint ``path`` (tp shards merged,
     pipeline stages joined: each stage holds its own layers under their global names);
     returns ``(model, meta)``."""
-    import models
     from models.hf import load_weights
     from models.weights import split_dims, to_hf
     from training.checkpointing import load_checkpoint, read_meta
     from training.config import config_from_dict
-    from training.model_bridge import hf_config
+    from training.model_bridge import build_gpt
     from training.pretrain import _Array
 
     meta = read_meta(path)
     saved = meta["meta"]["config"]
     tp = int(saved["parallel"]["tp"])
     cfg = config_from_dict(saved, world_size=meta["world_size"])
-    model = models.build_from_config(hf_config(cfg.model))
+    model = build_gpt(cfg)  # the saved YAML's TransformerConfig, as training built it
     split = {n: d for n, d in split_dims(model).items() if d is not None}
     full = {}
     for ranks in shard_ranks(saved["parallel"], meta["world_size"]):
