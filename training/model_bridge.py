@@ -28,7 +28,7 @@ from pathlib import Path
 from training.config_validate import ConfigError
 
 __all__ = ["Family", "FAMILIES", "MODEL_TYPES", "LLAMA3_ROPE_SCALING", "transformer_config",
-           "hf_dir_config", "build_gpt", "hf_config"]
+           "hf_dir_config", "build_gpt", "hf_config", "moe_config"]
 
 
 @dataclass(frozen=True)
@@ -217,3 +217,25 @@ def hf_config(model) -> dict:
         out["partial_rotary_factor"] = 0.5
         out["attention_bias"] = True
     return out
+
+
+def moe_config(cfg):
+    """``model.moe`` -> ``mcore.moe.config.MoEConfig``, or ``None`` for a dense model
+    (``num_experts: 0``). The expert width defaults to ``model.ffn_hidden_size``. A value the
+    MoEConfig rejects is a ``ConfigError`` naming ``model.moe.<key>``. (``dispatcher`` and
+    ``first_k_dense`` are layer choices, not MoEConfig fields: read them from the section.)"""
+    from mcore.moe.config import MoEConfig
+
+    s = cfg.model.moe
+    if s.num_experts == 0:
+        return None
+    try:
+        return MoEConfig(num_experts=s.num_experts, top_k=s.top_k,
+                         ffn_hidden_size=s.ffn_hidden_size or cfg.model.ffn_hidden_size,
+                         shared_ffn_hidden_size=s.shared_ffn_hidden_size,
+                         score_function=s.score_function, normalize_topk=s.normalize_topk,
+                         num_groups=s.num_groups, group_topk=s.group_topk,
+                         aux_loss_coeff=s.aux_loss_coeff, z_loss_coeff=s.z_loss_coeff,
+                         capacity_factor=s.capacity_factor)
+    except ValueError as exc:  # "moe.<field>=<value>: why"
+        raise ConfigError(f"model.{' '.join(str(exc).split())}") from None

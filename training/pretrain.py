@@ -3,8 +3,8 @@
 On several ranks: ``msrun --worker_num=2 --local_worker_num=2 training/pretrain.py --config FILE
 parallel.tp=2`` (dp is what is left: world / (tp * pp)). Supported layouts: tp x pp x dp, with
 ``parallel.vpp`` virtual stages per pipeline rank and ``parallel.layers_per_stage`` for uneven
-splits (``parallel.cp``, ``ep``, ``sp`` are not wired into this loop yet and are refused before
-any work). With pp > 1 the step is ``training.pipeline_step.PipelineTrainStep`` (1F1B or
+splits (``parallel.cp``, ``etp``, ``sp`` and MoE layers (``model.moe.num_experts`` > 0, hence
+``parallel.ep`` > 1) are not wired into this loop yet and are refused before any work). With pp > 1 the step is ``training.pipeline_step.PipelineTrainStep`` (1F1B or
 interleaved 1F1B), every rank saves its own stage's shard, and the sample is generated through
 the stages (``models.generate_pipeline``).
 
@@ -47,10 +47,15 @@ def check_supported(cfg) -> None:
     """Refuse what this loop does not implement yet, and any size the model build would reject
     later (``training.model_bridge.transformer_config``), naming the key (a ``ConfigError``)."""
     p = cfg.parallel
-    for key, value in (("cp", p.cp), ("ep", p.ep)):
-        if value != 1:
-            raise ConfigError(f"parallel.{key}={value}: training/pretrain.py supports tp, pp and "
-                              "dp only for now (set it to 1)")
+    if p.cp != 1:
+        raise ConfigError(f"parallel.cp={p.cp}: training/pretrain.py supports tp, pp, ep and dp "
+                          "only for now (set it to 1)")
+    if p.etp != 1:
+        raise ConfigError(f"parallel.etp={p.etp}: expert tensor parallelism is not implemented "
+                          "(set it to 1)")
+    if cfg.model.moe.num_experts:
+        raise ConfigError(f"model.moe.num_experts={cfg.model.moe.num_experts}: MoE layers are "
+                          "not wired into the model yet (set it to 0)")
     if p.sp:
         raise ConfigError("parallel.sp=true: sequence parallelism is not wired into "
                           "training/pretrain.py yet (set it to false)")
@@ -193,7 +198,8 @@ def build_dims(cfg):
     """``ParallelDims`` of the ``parallel`` section (initialises communication on many ranks)."""
     from mcore.parallel_state import ParallelDims
 
-    return ParallelDims.build(tp=cfg.parallel.tp, pp=cfg.parallel.pp, order=cfg.parallel.order)
+    p = cfg.parallel
+    return ParallelDims.build(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, order=p.order)
 
 
 def build_step(cfg, model, dims, grad_accum_steps: int):
