@@ -146,3 +146,46 @@ class ParallelDims:
     def single(cls) -> "ParallelDims":
         """A world of one rank: all groups have size one."""
         return cls.from_layout(RankLayout(world=1), 0)
+
+
+def _single(kind: str):
+    return field(default_factory=lambda: ProcessGroup.single(kind))
+
+
+@dataclass(frozen=True)
+class ModelGroups:
+    """The process groups a model's layers use, as one object passed down the model stack
+    (``GPTModel -> TransformerBlock -> TransformerLayer -> attention / MLP / MoELayer``).
+
+    ``tp``: tensor parallel (attention heads, MLP hidden, vocabulary); ``cp``: context parallel
+    (not used by the layers yet); ``ep``: ranks that split the routed experts of a MoE layer
+    (tokens are exchanged over it); ``etp``: ranks that split each expert's weights. Every
+    field defaults to a size-one group, so ``ModelGroups()`` is a single-process model and
+    ``ModelGroups(tp=group)`` only tensor parallel. A new axis is one new field here.
+    """
+
+    tp: ProcessGroup = _single("tp")
+    cp: ProcessGroup = _single("cp")
+    ep: ProcessGroup = _single("ep")
+    etp: ProcessGroup = _single("etp")
+
+    @classmethod
+    def single(cls) -> "ModelGroups":
+        """Every group of size one: a plain single-process model."""
+        return cls()
+
+    @classmethod
+    def from_dims(cls, dims: ParallelDims) -> "ModelGroups":
+        """This rank's groups of ``dims`` (``dims.tp``, ``dims.cp``, ``dims.ep``, ``dims.etp``)."""
+        return cls(tp=dims.tp, cp=dims.cp, ep=dims.ep, etp=dims.etp)
+
+    @classmethod
+    def resolve(cls, groups: "ModelGroups | None", tp_group: ProcessGroup | None,
+                where: str) -> "ModelGroups":
+        """``groups``, or the compatibility form ``tp_group=`` as ``ModelGroups(tp=tp_group)``,
+        or single groups; ``ValueError`` naming ``where`` if both are given."""
+        if groups is not None and tp_group is not None:
+            raise ValueError(f"{where}: pass groups= or tp_group=, not both")
+        if groups is not None:
+            return groups
+        return cls(tp=tp_group) if tp_group is not None else cls()

@@ -1,8 +1,14 @@
 """GPTModel: token embedding -> TransformerBlock -> final norm -> output head, whole or as one
 pipeline stage.
 
-``GPTModel(config, layer_spec, vocab_size, tie_embeddings=False, tp_group=None,
-pre_process=True, post_process=True, layer_range=None, embedding_group=None)``:
+``GPTModel(config, layer_spec, vocab_size, tie_embeddings=False, groups=None,
+pre_process=True, post_process=True, layer_range=None, embedding_group=None, tp_group=None)``:
+
+- ``groups``: the ``mcore.parallel_state.ModelGroups`` every layer uses (``tp``, ``cp``, ``ep``,
+  ``etp``; None = single process; ``ModelGroups.from_dims(dims)`` on a job).
+  ``tp_group=`` is the older spelling of ``groups=ModelGroups(tp=tp_group)`` (not both).
+  ``model.groups`` and ``model.tp_group`` (= ``groups.tp``) record them.
+- Parameters are created in ``config.precision.params_dtype`` (router weights stay float32).
 
 - ``embedding``: ``VocabParallelEmbedding`` ``[V/tp, h]`` (only with ``pre_process``).
 - ``rotary``: ``RotaryEmbedding`` from ``config.rotary`` (cos/sin computed once per forward,
@@ -21,6 +27,23 @@ stay split over tp): ``loss[:, t]`` scores the logits at position ``t`` against
 ``position_ids [b, s]`` default to ``offset .. offset + s - 1`` with ``offset`` the cache
 length; ``key_mask [b, t]`` marks real (1) vs padding (0) keys; ``cache`` is a ``KVCache``
 (PyNative) or ``StaticKVCache`` (also under jit); see ``models.generate``.
+
+**Mixture of experts** (``config.moe.num_experts > 0``; ``layer_spec`` from
+``mcore.transformer.gpt_layer_specs(config)`` or a family's ``moe_layer_specs``):
+``model.moe_layers`` lists the global indices of this model's (stage's) MoE layers. The router
+losses come back through an explicit channel, never stored on a module:
+
+- ``loss_with_aux(input_ids, labels, position_ids=None, key_mask=None) -> (loss [],
+  lm_loss [], aux [L, 3], counts [L, E])``: ``lm_loss = model(input_ids, labels=labels).mean()``
+  (the training LossCell's number), ``loss = lm_loss + aux.sum()``; ``aux[i]`` holds the
+  coefficient-weighted router losses of layer ``moe_layers[i]`` (columns
+  ``mcore.moe.AUX_LOSS_NAMES``), ``counts[i]`` the tokens each expert received on this rank
+  (input of ``mcore.moe.update_expert_bias``; for logging).
+- ``forward_with_aux(input_ids, position_ids=None, key_mask=None, labels=None) -> (out, aux,
+  counts)``: ``out`` is what ``construct`` returns; ``stage_forward_with_aux`` likewise for a
+  pipeline stage.
+- ``construct`` / ``stage_forward`` return the same as for a dense model (router losses
+  dropped: generation). A model without MoE layers returns ``aux``/``counts`` as one zero row.
 
 **Pipeline stages** (see docs/pipeline_parallel.md, "GPTModel as stages"). A stage holds the
 layers ``layer_range`` (built with their GLOBAL ``layer_number``: same initial weights, same
@@ -52,7 +75,7 @@ from dataclasses import dataclass
 import mindspore as ms
 from mindspore import nn, ops
 
-from mcore.parallel_state import ProcessGroup
+from mcore.parallel_state import ModelGroups, ProcessGroup
 from mcore.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from mcore.tensor_parallel.embedding import VocabParallelEmbedding
 from mcore.tensor_parallel.layers import ColumnParallelLinear
@@ -83,18 +106,22 @@ class GPTModel(nn.Cell):
     """Decoder-only language model; see the module docstring for the contract."""
 
     def __init__(self, config: TransformerConfig, layer_spec, vocab_size: int,
-                 tie_embeddings: bool = False, tp_group: ProcessGroup | None = None,
+                 tie_embeddings: bool = False, groups: ModelGroups | None = None,
                  pre_process: bool = True, post_process: bool = True,
-                 layer_range: range | None = None, embedding_group: ProcessGroup | None = None):
+                 layer_range: range | None = None, embedding_group: ProcessGroup | None = None,
+                 tp_group: ProcessGroup | None = None):
         super().__init__()
-        tp_group = tp_group or ProcessGroup.single("tp")
+        groups = ModelGroups.resolve(groups, tp_group, "GPTModel")
+        tp_group = groups.tp
         if vocab_size % tp_group.size:
             raise ValueError(f"vocab_size={vocab_size}: must be divisible by tensor parallel "
                              f"size {tp_group.size}")
         if config.parallel.sequence_parallel:
             raise NotImplementedError("parallel.sequence_parallel=True: GPTModel does not split "
                                       "the sequence yet (the layers support it)")
-        self.config, self.vocab_size, self.tp_group = config, vocab_size, tp_group
+        self.config, self.vocab_size = config, vocab_size
+        self.groups, self.tp_group = groups, tp_group
+        dtype = config.params_dtype
         self.tie_embeddings = tie_embeddings
         self.pre_process, self.post_process = bool(pre_process), bool(post_process)
         self.layer_range = check_layer_range(layer_range, config.num_layers)
@@ -102,19 +129,22 @@ class GPTModel(nn.Cell):
         # The head's copy of a tied table lives on the last stage under the same name.
         self.embedding = None
         if self.pre_process or (self.post_process and tie_embeddings):
-            self.embedding = VocabParallelEmbedding(vocab_size, config.hidden_size, tp_group)
+            self.embedding = VocabParallelEmbedding(vocab_size, config.hidden_size, tp_group,
+                                                    params_dtype=dtype)
             if tie_embeddings and self.pre_process != self.post_process:
                 self.embedding.weight.shared_embedding = True
         self.rotary = RotaryEmbedding(config.rotary, config.rotary_dim)
-        self.decoder = TransformerBlock(config, layer_spec, tp_group=tp_group,
+        self.decoder = TransformerBlock(config, layer_spec, groups=groups,
                                         layer_range=self.layer_range,
                                         post_process=self.post_process)
+        self.moe_layers = self.decoder.moe_layers
         self.output_layer = None
         if self.post_process and tie_embeddings:
             self.enter_head = CopyToTPRegion(tp_group)
         elif self.post_process:
             self.output_layer = ColumnParallelLinear(config.hidden_size, vocab_size, tp_group,
-                                                     bias=False, name="output_layer")
+                                                     bias=False, name="output_layer",
+                                                     params_dtype=dtype)
         self.gather_logits = GatherFromTPRegion(tp_group)
         self.matmul_t = ops.MatMul(transpose_b=True)
 
@@ -145,6 +175,22 @@ class GPTModel(nn.Cell):
     def stage_forward(self, x, position_ids=None, key_mask=None, cache=None):
         """Token ids ``[b, s]`` (``pre_process``) or hidden state ``[b, s, h]`` -> hidden state
         ``[b, s, h]``, or tp-local logits ``[b, s, V/tp]`` with ``post_process``."""
+        x, cos, sin = self._enter(x, position_ids, cache)
+        x = self.decoder(x, cos, sin, key_mask, cache)  # [b, s, h]
+        if self.post_process:
+            x = self._head(x)  # [b, s, h] -> [b, s, V/tp]
+        return x
+
+    def stage_forward_with_aux(self, x, position_ids=None, key_mask=None):
+        """``stage_forward`` plus the router losses: ``-> (out, aux [L, 3], counts [L, E])``."""
+        x, cos, sin = self._enter(x, position_ids, None)
+        x, aux, counts = self.decoder.forward_with_aux(x, cos, sin, key_mask)
+        if self.post_process:
+            x = self._head(x)  # [b, s, h] -> [b, s, V/tp]
+        return x, aux, counts
+
+    def _enter(self, x, position_ids, cache):
+        """Embedded input (``pre_process``) and the rotary ``cos, sin`` ``[b, 1, s, r]``."""
         b, s = x.shape[0], x.shape[1]
         if position_ids is None:
             offset = 0 if cache is None else cache.length
@@ -153,17 +199,31 @@ class GPTModel(nn.Cell):
         if self.pre_process:
             x = self.embedding(x)  # [b, s] -> [b, s, h]
         cos, sin = self.rotary(position_ids)  # [b, 1, s, r] each
-        x = self.decoder(x, cos, sin, key_mask, cache)  # [b, s, h]
-        if self.post_process:
-            x = self._head(x)  # [b, s, h] -> [b, s, V/tp]
-        return x
+        return x, cos, sin
 
-    def construct(self, input_ids, position_ids=None, key_mask=None, labels=None, cache=None):
-        if labels is not None and not self.post_process:
-            raise ValueError("GPTModel: labels given to a stage without post_process (no head)")
-        x = self.stage_forward(input_ids, position_ids, key_mask, cache)
+    def _finish(self, x, labels):
         if not self.post_process:
             return x  # [b, s, h]
         if labels is not None:
             return vocab_parallel_cross_entropy(x, labels, self.tp_group)  # [b, s]
         return self.gather_logits(x)  # [b, s, V/tp] -> [b, s, V]
+
+    def construct(self, input_ids, position_ids=None, key_mask=None, labels=None, cache=None):
+        if labels is not None and not self.post_process:
+            raise ValueError("GPTModel: labels given to a stage without post_process (no head)")
+        return self._finish(self.stage_forward(input_ids, position_ids, key_mask, cache), labels)
+
+    def forward_with_aux(self, input_ids, position_ids=None, key_mask=None, labels=None):
+        """``construct``'s output plus the router losses: ``-> (out, aux [L, 3], counts [L, E])``
+        (see the module docstring)."""
+        if labels is not None and not self.post_process:
+            raise ValueError("GPTModel: labels given to a stage without post_process (no head)")
+        x, aux, counts = self.stage_forward_with_aux(input_ids, position_ids, key_mask)
+        return self._finish(x, labels), aux, counts
+
+    def loss_with_aux(self, input_ids, labels, position_ids=None, key_mask=None):
+        """``-> (loss [], lm_loss [], aux [L, 3], counts [L, E])`` with ``lm_loss`` the mean token
+        cross-entropy and ``loss = lm_loss + aux.sum()`` (see the module docstring)."""
+        token_loss, aux, counts = self.forward_with_aux(input_ids, position_ids, key_mask, labels)
+        lm_loss = token_loss.mean()  # [b, s] -> []
+        return lm_loss + aux.sum(), lm_loss, aux, counts

@@ -15,7 +15,7 @@ hf_path=None) -> GPTPipelineModel`` (a ``mcore.pipeline_parallel.stage.PipelineM
   0 embeds token ids (``pre_process``), the last one (``pp * vpp - 1``) runs the final norm,
   the head and the loss (``post_process``). Each chunk is a ``StageRunner`` over a
   ``PipelineStage`` of one ``GPTStage`` Cell, i.e. one ``GPTModel`` stage instance
-  (``chunk_models[c]``), built with the tp group ``dims.tp``.
+  (``chunk_models[c]``), built with ``ModelGroups.from_dims(dims)``.
 - Loss (last virtual stage): mean token cross-entropy, vocab-parallel over tp: the same number
   as ``model(x, labels=labels).mean()`` of the full model (``training.step.LossCell``).
 - Activations between stages: ``[micro_batch, seq, hidden]`` float32.
@@ -41,7 +41,7 @@ from pathlib import Path
 
 from mindspore import nn
 
-from mcore.parallel_state import ParallelDims, ProcessGroup
+from mcore.parallel_state import ModelGroups, ParallelDims, ProcessGroup
 from mcore.pipeline_parallel.stage import (PipelineModel, PipelineStage, StageRunner,
                                            split_layers, sync_embedding_grads)
 from mcore.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
@@ -117,7 +117,8 @@ def build_gpt_pipeline(hf_config: dict | None, dims: ParallelDims, vpp: int = 1,
     tensors = read_checkpoint(hf_path) if hf_path is not None else None
 
     def make_stage(spec: StageSpec) -> GPTModel:
-        return build_from_config(hf_config, dims.tp, spec, embedding_group=dims.embedding)
+        return build_from_config(hf_config, stage=spec, groups=ModelGroups.from_dims(dims),
+                                 embedding_group=dims.embedding)
 
     return build_pipeline(make_stage, num_layers, dims, vpp, layers_per_stage, jit, tensors)
 
@@ -125,7 +126,7 @@ def build_gpt_pipeline(hf_config: dict | None, dims: ParallelDims, vpp: int = 1,
 def build_pipeline(make_stage, num_layers: int, dims: ParallelDims, vpp: int = 1,
                    layers_per_stage=None, jit: bool = True, tensors=None) -> GPTPipelineModel:
     """This rank's chunks, each ``make_stage(spec) -> GPTModel`` for its ``StageSpec`` (built
-    with ``dims.tp`` and ``embedding_group=dims.embedding``; e.g. from a ``TransformerConfig``,
+    with ``ModelGroups.from_dims(dims)`` and ``embedding_group=dims.embedding``; e.g. from a ``TransformerConfig``,
     as ``training.model_bridge.build_gpt`` does); ``tensors``: HF tensors to load (None: keep
     the initial weights)."""
     pp, rank = dims.pp.size, dims.pp_stage

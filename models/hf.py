@@ -24,7 +24,7 @@ from types import ModuleType
 import mindspore as ms
 import numpy as np
 
-from mcore.parallel_state import ParallelDims, ProcessGroup
+from mcore.parallel_state import ModelGroups, ParallelDims, ProcessGroup
 from models import glm, llama, qwen, telechat
 from models.errors import LoadError
 from models.gpt import GPTModel, StageSpec
@@ -56,28 +56,33 @@ def family_of(hf: dict) -> ModuleType:
 
 def build_from_config(hf: dict, tp_group: ProcessGroup | None = None,
                       stage: StageSpec | None = None, *,
-                      embedding_group: ProcessGroup | None = None) -> GPTModel:
+                      embedding_group: ProcessGroup | None = None,
+                      groups: ModelGroups | None = None) -> GPTModel:
     """A randomly initialised ``GPTModel`` for a HF config dict (no weights read); with
     ``stage``, only that pipeline stage (``embedding_group``: ``dims.embedding``, recorded on
-    the model for the tied-embedding gradient sum)."""
+    the model for the tied-embedding gradient sum). ``groups``: the model's ``ModelGroups``
+    (``tp_group=`` is the older spelling of ``groups=ModelGroups(tp=tp_group)``)."""
+    groups = ModelGroups.resolve(groups, tp_group, "build_from_config")
     family = family_of(hf)
     cfg = family.config_from_hf(hf)
     tie = bool(hf.get("tie_word_embeddings", family.TIE_DEFAULT))
     stage = stage or StageSpec.full(cfg.num_layers)
     model = GPTModel(cfg, family.layer_spec(cfg), hf["vocab_size"], tie_embeddings=tie,
-                     tp_group=tp_group, pre_process=stage.pre_process,
+                     groups=groups, pre_process=stage.pre_process,
                      post_process=stage.post_process, layer_range=stage.layer_range,
                      embedding_group=embedding_group)
     model.hf = HFInfo(family, dict(hf), tie)
     return model
 
 
-def _tp_group(tp_group, dims) -> ProcessGroup:
-    if tp_group is not None and dims is not None:
-        raise ValueError("from_pretrained: pass tp_group or dims, not both")
+def _groups(tp_group, dims, groups) -> ModelGroups:
+    given = [n for n, v in (("tp_group", tp_group), ("dims", dims), ("groups", groups))
+             if v is not None]
+    if len(given) > 1:
+        raise ValueError(f"from_pretrained: pass one of tp_group, dims, groups (got {given})")
     if dims is not None:
-        return dims.tp
-    return tp_group or ProcessGroup.single("tp")
+        return ModelGroups.from_dims(dims)
+    return ModelGroups.resolve(groups, tp_group, "from_pretrained")
 
 
 def read_config(path: Path) -> dict:
@@ -95,10 +100,12 @@ def read_config(path: Path) -> dict:
 
 
 def from_pretrained(path, tp_group: ProcessGroup | None = None, dims: ParallelDims | None = None,
-                    stage: StageSpec | None = None, strict: bool = True, **overrides) -> GPTModel:
+                    stage: StageSpec | None = None, strict: bool = True, *,
+                    groups: ModelGroups | None = None, **overrides) -> GPTModel:
     """Load a HF checkpoint directory; ``overrides`` replace config.json keys; ``stage``: build
     and load only that pipeline stage; ``strict=False``: ignore checkpoint tensors the model does
-    not use (else ``LoadError`` listing them)."""
+    not use (else ``LoadError`` listing them). Groups: one of ``dims`` (its
+    ``ModelGroups.from_dims``), ``groups`` or the older ``tp_group``; none = single process."""
     path = Path(path)
     config_file = path / "config.json"
     hf = read_config(path)
@@ -106,10 +113,10 @@ def from_pretrained(path, tp_group: ProcessGroup | None = None, dims: ParallelDi
         if key not in hf and key not in _OPTIONAL_KEYS:
             raise KeyError(f"override {key!r} is not a key of {config_file}")
         hf[key] = value
-    group = _tp_group(tp_group, dims)
+    model_groups = _groups(tp_group, dims, groups)
     tensors = read_checkpoint(path)  # headers only: file faults surface before the model is built
     try:
-        model = build_from_config(hf, group, stage,
+        model = build_from_config(hf, stage=stage, groups=model_groups,
                                   embedding_group=dims.embedding if dims is not None else None)
     except KeyError as exc:
         raise LoadError(f"{config_file}: missing required key {exc.args[0]!r}") from None

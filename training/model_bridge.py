@@ -171,9 +171,10 @@ def hf_dir_config(cfg):
     return tcfg, family, hf
 
 
-def build_gpt(cfg, tp_group=None, stage=None, embedding_group=None):
+def build_gpt(cfg, tp_group=None, stage=None, embedding_group=None, groups=None):
     """A randomly initialised ``GPTModel`` (or pipeline ``stage``, a ``models.StageSpec``) of
-    ``transformer_config(cfg)``, tagged with its Hugging Face identity (``model.hf``) so that
+    ``transformer_config(cfg)`` over ``groups`` (a ``ModelGroups``; or the older ``tp_group``),
+    tagged with its Hugging Face identity (``model.hf``) so that
     ``save_pretrained`` and the family's weight table work. Weights of ``model.hf_path`` are
     not read here (``models.hf.load_weights``)."""
     from models.gpt import GPTModel, StageSpec
@@ -187,9 +188,10 @@ def build_gpt(cfg, tp_group=None, stage=None, embedding_group=None):
         family, vocab, tie = FAMILY_FILES[hf["model_type"]], cfg.model.vocab_size, \
             cfg.model.tie_word_embeddings
     stage = stage or StageSpec.full(tcfg.num_layers)
-    model = GPTModel(tcfg, family.layer_spec(tcfg), vocab, tie_embeddings=tie, tp_group=tp_group,
-                     pre_process=stage.pre_process, post_process=stage.post_process,
-                     layer_range=stage.layer_range, embedding_group=embedding_group)
+    model = GPTModel(tcfg, family.layer_spec(tcfg), vocab, tie_embeddings=tie, groups=groups,
+                     tp_group=tp_group, pre_process=stage.pre_process,
+                     post_process=stage.post_process, layer_range=stage.layer_range,
+                     embedding_group=embedding_group)
     model.hf = HFInfo(family, dict(hf), tie)
     return model
 

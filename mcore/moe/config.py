@@ -1,8 +1,8 @@
 """MoEConfig: how tokens are routed to experts, how the router is balanced, what is dropped.
 
-This is the routing-side configuration of ``mcore.moe``. ``TransformerConfig.moe``
-(``mcore/transformer/config.py``) still holds the four size fields used by the dense model
-path; joining the two is part of the layer-spec integration (see docs/moe.md).
+The one MoE configuration: ``TransformerConfig.moe`` is a ``MoEConfig`` (default
+``num_experts=0``: a dense model, nothing else is read). Which layers are MoE is decided here
+too (``first_k_dense``, ``layer_freq`` or an explicit ``moe_layers``; ``is_moe_layer``).
 Every bad value raises a one-line ``ValueError`` naming the field.
 """
 from __future__ import annotations
@@ -22,9 +22,16 @@ def _require(ok: bool, name: str, value, why: str) -> None:
 
 @dataclass(frozen=True)
 class MoEConfig:
-    """Mixture-of-experts routing and expert sizes.
+    """Mixture-of-experts routing, expert sizes and which layers are MoE.
 
-    num_experts: routed experts per layer (E).
+    num_experts: routed experts per MoE layer (E); 0 = a dense model (the default).
+    first_k_dense: layers ``0 .. first_k_dense - 1`` keep the dense MLP (DeepSeek's
+        ``first_k_dense_replace``).
+    layer_freq: of the remaining layers, layer ``i`` is MoE when ``i % layer_freq == 0``
+        (1 = all of them).
+    moe_layers: explicit global indices of the MoE layers (then ``first_k_dense`` and
+        ``layer_freq`` must keep their defaults); checked against ``num_layers`` by
+        ``TransformerConfig``.
     top_k: experts chosen per token (k).
     ffn_hidden_size: hidden size of one routed expert.
     shared_ffn_hidden_size: hidden size of the shared expert that every token passes
@@ -54,7 +61,10 @@ class MoEConfig:
         (zero rows fill the gap), so expert shapes are static.
     """
 
-    num_experts: int
+    num_experts: int = 0
+    first_k_dense: int = 0
+    layer_freq: int = 1
+    moe_layers: tuple | None = None
     top_k: int = 2
     ffn_hidden_size: int = 0
     shared_ffn_hidden_size: int = 0
@@ -77,7 +87,19 @@ class MoEConfig:
 
     def __post_init__(self):
         E = self.num_experts
-        _require(E > 0, "num_experts", E, "must be > 0")
+        _require(isinstance(E, int) and E >= 0, "num_experts", E, "must be an int >= 0")
+        _require(self.first_k_dense >= 0, "first_k_dense", self.first_k_dense, "must be >= 0")
+        _require(self.layer_freq >= 1, "layer_freq", self.layer_freq, "must be >= 1")
+        if self.moe_layers is not None:
+            layers = tuple(self.moe_layers)
+            _require(all(isinstance(i, int) and i >= 0 for i in layers)
+                     and len(set(layers)) == len(layers), "moe_layers", self.moe_layers,
+                     "must be distinct layer indices >= 0")
+            _require(self.first_k_dense == 0 and self.layer_freq == 1, "moe_layers",
+                     self.moe_layers, "set either moe_layers or first_k_dense / layer_freq")
+            object.__setattr__(self, "moe_layers", tuple(sorted(layers)))
+        if E == 0:
+            return  # dense: the routing fields are not read
         _require(0 < self.top_k <= E, "top_k", self.top_k, f"must be in [1, num_experts={E}]")
         _require(self.ffn_hidden_size >= 0, "ffn_hidden_size", self.ffn_hidden_size, "must be >= 0")
         _require(self.shared_ffn_hidden_size >= 0, "shared_ffn_hidden_size",
@@ -105,6 +127,24 @@ class MoEConfig:
                  f"must be one of {DROP_POLICIES}")
         _require(not self.pad_to_capacity or self.capacity_factor is not None, "pad_to_capacity",
                  self.pad_to_capacity, "needs a capacity_factor")
+
+    def is_moe_layer(self, layer_number: int) -> bool:
+        """Whether global layer ``layer_number`` (0-based) has a MoE mlp (never when dense)."""
+        if self.num_experts == 0:
+            return False
+        if self.moe_layers is not None:
+            return layer_number in self.moe_layers
+        return layer_number >= self.first_k_dense and layer_number % self.layer_freq == 0
+
+    def check_layers(self, num_layers: int) -> None:
+        """``ValueError`` naming the field if the MoE layer choice does not fit ``num_layers``."""
+        if self.moe_layers is not None and self.moe_layers:
+            _require(self.moe_layers[-1] < num_layers, "moe_layers", self.moe_layers,
+                     f"indices must be < num_layers={num_layers}")
+        if self.num_experts:
+            _require(any(self.is_moe_layer(i) for i in range(num_layers)), "first_k_dense",
+                     self.first_k_dense, f"leaves no MoE layer among num_layers={num_layers} "
+                     f"(layer_freq={self.layer_freq}, moe_layers={self.moe_layers})")
 
     def capacity(self, num_tokens: int) -> int | None:
         """Rows an expert may take from ``num_tokens`` local tokens (None = dropless)."""

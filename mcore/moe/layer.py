@@ -9,14 +9,18 @@ coefficient-weighted router losses (``router.AUX_LOSS_NAMES``); the caller adds 
 to its loss. ``counts`` is the number of (kept) pairs this rank routed to each expert, the
 input of ``router.update_expert_bias``. Nothing is kept on the module between calls.
 
-Built like the dense MLP from a ``ModuleSpec`` (the mlp node of a layer spec)::
+Built like the dense MLP from a ``ModuleSpec`` (the mlp node of a layer spec, see
+``mcore.transformer.layer_specs.moe_mlp_spec``)::
 
-    ModuleSpec(MoELayer, params={"moe": MoEConfig(...), "groups": MoEGroups.from_dims(dims)},
-               submodules=MoESubmodules(experts=GroupedMLP, dispatcher=AllToAllDispatcher))
+    ModuleSpec(MoELayer, submodules=MoESubmodules(experts=GroupedMLP,
+                                                  dispatcher=AllToAllDispatcher))
 
-and accepts the arguments ``TransformerLayer`` passes its mlp (``config``, ``tp_group=``,
-``layer_number=``). Expert parallelism: ``groups.ep`` splits the experts; the router and the
-shared expert are replicated. ``tp`` / ``etp`` > 1 are not supported yet.
+with the arguments ``TransformerLayer`` passes its mlp (``config``, ``groups=`` a
+``ModelGroups``, ``layer_number=``); ``moe`` defaults to ``config.moe``. ``returns_aux = True``
+tells ``TransformerLayer`` that this mlp returns ``(y, aux, counts)``. Expert parallelism:
+``groups.ep`` splits the experts; the router and the shared expert are replicated. ``tp`` /
+``etp`` > 1 are not supported yet. Expert weights are created in ``config.params_dtype`` and
+carry ``param.expert = True``; the router weight stays float32.
 """
 from __future__ import annotations
 
@@ -28,10 +32,10 @@ from mindspore import Parameter, nn, ops
 from mcore.moe.config import MoEConfig
 from mcore.moe.dispatcher import AllToAllDispatcher
 from mcore.moe.experts import GroupedMLP
-from mcore.moe.groups import MoEGroups
+from mcore.moe.groups import check_supported
 from mcore.moe.permute import pad_to_capacity, unpad_from_capacity
 from mcore.moe.router import TopKRouter
-from mcore.parallel_state import ProcessGroup
+from mcore.parallel_state import ModelGroups
 from mcore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from mcore.tensor_parallel.random import init_master, name_seed
 from mcore.transformer.config import TransformerConfig
@@ -58,15 +62,17 @@ class MoESubmodules:
 class MoELayer(nn.Cell):
     """See the module docstring."""
 
-    def __init__(self, config: TransformerConfig, submodules: MoESubmodules, moe: MoEConfig,
-                 groups: MoEGroups | None = None, tp_group: ProcessGroup | None = None,
+    returns_aux = True
+
+    def __init__(self, config: TransformerConfig, submodules: MoESubmodules,
+                 moe: MoEConfig | None = None, groups: ModelGroups | None = None,
                  layer_number: int = 0):
         super().__init__()
-        groups = groups or MoEGroups.single()
-        groups.check_supported()
-        if tp_group is not None and tp_group.size > 1:
-            raise NotImplementedError(f"MoELayer: tp_group size {tp_group.size} > 1 is not "
-                                      "supported yet")
+        groups = groups or ModelGroups()
+        check_supported(groups)
+        moe = config.moe if moe is None else moe
+        if moe.num_experts <= 0:
+            raise ValueError(f"moe.num_experts={moe.num_experts}: must be > 0 for MoELayer")
         if moe.ffn_hidden_size <= 0:
             raise ValueError(f"moe.ffn_hidden_size={moe.ffn_hidden_size}: must be > 0 for MoELayer")
         h, E = config.hidden_size, moe.num_experts
@@ -87,7 +93,8 @@ class MoELayer(nn.Cell):
                                                layer_number=layer_number)
         if self.has_gate:
             seed = name_seed(f"layers.{layer_number}.shared_expert_gate")
-            self.shared_gate = Parameter(ms.Tensor(init_master((h, 1), seed)), name="shared_gate")
+            self.shared_gate = Parameter(ms.Tensor(init_master((h, 1), seed), config.params_dtype),
+                                         name="shared_gate")
 
     def _routed(self, tokens, weights, experts):
         x_local, counts, handle = self.dispatcher.dispatch(tokens, experts)  # [n, h]

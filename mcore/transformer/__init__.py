@@ -6,7 +6,8 @@ from mcore.transformer.config import (AttentionConfig, MoEConfig, ParallelConfig
 from mcore.transformer.kv_cache import KVCache
 from mcore.transformer.static_kv_cache import StaticKVCache
 from mcore.transformer.layer import TransformerLayer, TransformerLayerSubmodules
-from mcore.transformer.layer_specs import gpt_layer_spec
+from mcore.transformer.layer_specs import (gpt_layer_spec, gpt_layer_specs, moe_layer_specs,
+                                           moe_mlp_spec)
 from mcore.transformer.mlp import MLP, MLPSubmodules
 from mcore.transformer.norm import LayerNorm, RMSNorm
 from mcore.transformer.rotary import RotaryEmbedding, apply_rotary
@@ -17,5 +18,6 @@ __all__ = [
     "PrecisionConfig", "ModuleSpec", "build_module", "IdentityOp", "RMSNorm", "LayerNorm",
     "RotaryEmbedding", "apply_rotary", "SelfAttention", "SelfAttentionSubmodules", "MLP",
     "MLPSubmodules", "TransformerLayer", "TransformerLayerSubmodules", "TransformerBlock",
-    "KVCache", "StaticKVCache", "gpt_layer_spec",
+    "KVCache", "StaticKVCache", "gpt_layer_spec", "gpt_layer_specs", "moe_layer_specs",
+    "moe_mlp_spec",
 ]

@@ -11,6 +11,9 @@ Submodules (``SelfAttentionSubmodules``, built with ``build_module``):
 - ``core_attention``: ``mcore.fusions.attention.CoreAttention`` (fused where the device has it).
 - ``linear_proj``: row-parallel output projection ``n d -> h``.
 
+Groups: ``groups.tp`` (``ModelGroups``; None = single process). Parameters are created in
+``config.params_dtype``.
+
 Forward: ``x [b, s, h]``, rotary ``cos, sin [b, 1, s, r]``, optional ``key_mask [b, t]``
 and ``cache`` (``KVCache`` in PyNative, ``StaticKVCache`` also under jit) -> ``[b, s, h]``.
 """
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 
 from mindspore import nn, ops
 
-from mcore.parallel_state import ProcessGroup
+from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
 from mcore.transformer.rotary import apply_rotary
 from mcore.transformer.spec import IdentityOp, build_module
@@ -39,9 +42,10 @@ class SelfAttention(nn.Cell):
     """Multi-head self-attention; see the module docstring for shapes and weight layout."""
 
     def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules,
-                 layer_number: int = 0, tp_group: ProcessGroup | None = None):
+                 layer_number: int = 0, groups: ModelGroups | None = None):
         super().__init__()
-        tp_group = tp_group or ProcessGroup.single("tp")
+        tp_group = (groups or ModelGroups()).tp
+        dtype = config.params_dtype
         config.check_tp(tp_group.size)
         self.layer_number = layer_number
         self.head_dim = config.head_dim
@@ -57,16 +61,18 @@ class SelfAttention(nn.Cell):
                                        partitions=(config.num_attention_heads * d,
                                                    config.num_query_groups * d,
                                                    config.num_query_groups * d),
-                                       name=f"layers.{layer_number}.linear_qkv")
-        self.q_layernorm = build_module(submodules.q_layernorm, d, eps=config.norm_eps)
-        self.k_layernorm = build_module(submodules.k_layernorm, d, eps=config.norm_eps)
+                                       name=f"layers.{layer_number}.linear_qkv",
+                                       params_dtype=dtype)
+        self.q_layernorm = build_module(submodules.q_layernorm, d, eps=config.norm_eps, dtype=dtype)
+        self.k_layernorm = build_module(submodules.k_layernorm, d, eps=config.norm_eps, dtype=dtype)
         self.core_attention = build_module(submodules.core_attention, self.num_heads,
                                            config.softmax_scale,
                                            block_size=config.attention.block_size)
         self.linear_proj = build_module(submodules.linear_proj, config.num_attention_heads * d, h,
                                         tp_group=tp_group, bias=config.attention.out_bias,
                                         input_is_parallel=True, sequence_parallel=sp,
-                                        name=f"layers.{layer_number}.linear_proj")
+                                        name=f"layers.{layer_number}.linear_proj",
+                                        params_dtype=dtype)
 
     def construct(self, x, cos, sin, key_mask=None, cache=None):
         n, n_kv, d = self.num_heads, self.num_kv, self.head_dim

@@ -11,13 +11,22 @@ Pipeline stages: ``layer_range`` (a ``range`` of GLOBAL layer indices, default a
 (``layers.<global i>.*``) are those of the same layer in the full stack. ``post_process=False``
 drops the final norm (a stage that is not the last one).
 Shapes: ``[b, s, h] -> [b, s, h]``; rotary ``cos, sin`` and ``key_mask`` / ``cache`` are passed
-to every layer unchanged.
+to every layer unchanged; ``groups`` (a ``ModelGroups``) to every layer's constructor.
+
+Mixture of experts (``config.moe``): ``moe_layers`` lists the global indices of this block's MoE
+layers (``TransformerLayer.is_moe``). ``forward_with_aux(x, cos, sin, key_mask, cache) ->
+(x [b, s, h], aux [L, 3], counts [L, E])`` returns, besides the output, each MoE layer's
+coefficient-weighted router losses (columns ``mcore.moe.AUX_LOSS_NAMES``) and its per-expert
+token counts, row ``i`` for layer ``moe_layers[i]``. A block without MoE layers returns one row
+of zeros (``L = 1``, ``E`` = max(num_experts, 1); counts are float32 like the router's; zero-size tensors are unreliable in PyNative on
+CPU), so the sum is right either way. ``construct`` returns only ``x``.
 """
 from __future__ import annotations
 
-from mindspore import nn
+import mindspore as ms
+from mindspore import nn, ops
 
-from mcore.parallel_state import ProcessGroup
+from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
 from mcore.transformer.norm import norm_class
 from mcore.transformer.spec import build_module
@@ -59,7 +68,7 @@ class TransformerBlock(nn.Cell):
     """Layers ``layer_range`` (default all) from ``layer_spec`` plus ``final_norm`` (None: the
     config's norm; built only with ``post_process``)."""
 
-    def __init__(self, config: TransformerConfig, layer_spec, tp_group: ProcessGroup | None = None,
+    def __init__(self, config: TransformerConfig, layer_spec, groups: ModelGroups | None = None,
                  final_norm=None, layer_range: range | None = None, post_process: bool = True):
         super().__init__()
         n = config.num_layers
@@ -67,17 +76,29 @@ class TransformerBlock(nn.Cell):
         if len(specs) != n:
             raise ValueError(f"layer_spec: got {len(specs)} specs for num_layers={n}")
         self.layer_range = check_layer_range(layer_range, n)
-        self.layers = LayerList([build_module(specs[i], config, layer_number=i, tp_group=tp_group)
+        self.layers = LayerList([build_module(specs[i], config, layer_number=i, groups=groups)
                                  for i in self.layer_range], self.layer_range)
+        self.moe_layers = tuple(i for i, layer in zip(self.layer_range, self.layers)
+                                if getattr(layer, "is_moe", False))
+        for i, layer in zip(self.layer_range, self.layers):
+            if config.is_moe_layer(i) != getattr(layer, "is_moe", False):
+                raise ValueError(f"layer_spec: layer {i} must {'' if config.is_moe_layer(i) else 'not '}"
+                                 f"have a MoE mlp per config.moe (use gpt_layer_specs / "
+                                 f"moe_layer_specs for a MoE config)")
+        self.num_experts = max(config.moe.num_experts, 1)
         recompute = config.precision.recompute_layers
         for i, layer in zip(self.layer_range, self.layers):
             if recompute == "all" or i in recompute:
-                layer.recompute()
+                if i in self.moe_layers:
+                    layer.recompute_parts()
+                else:
+                    layer.recompute()
         self.post_process = post_process
         self.final_norm = None
         if post_process:
             self.final_norm = build_module(final_norm or norm_class(config.norm),
-                                           config.hidden_size, eps=config.norm_eps)
+                                           config.hidden_size, eps=config.norm_eps,
+                                           dtype=config.params_dtype)
 
     def construct(self, x, cos, sin, key_mask=None, cache=None):
         for layer in self.layers:
@@ -85,3 +106,19 @@ class TransformerBlock(nn.Cell):
         if self.post_process:
             x = self.final_norm(x)
         return x
+
+    def forward_with_aux(self, x, cos, sin, key_mask=None, cache=None):
+        """``-> (x [b, s, h], aux [L, 3], counts [L, E])``; see the module docstring."""
+        auxes, counts = (), ()
+        for layer in self.layers:
+            if layer.is_moe:
+                x, aux, count = layer.forward_with_aux(x, cos, sin, key_mask, cache)
+                auxes += (aux,)
+                counts += (count,)
+            else:
+                x = layer(x, cos, sin, key_mask, cache)
+        if self.post_process:
+            x = self.final_norm(x)
+        if not auxes:
+            return x, ops.zeros((1, 3), ms.float32), ops.zeros((1, self.num_experts), ms.float32)
+        return x, ops.stack(auxes), ops.stack(counts)  # L x [3] -> [L, 3]; L x [E] -> [L, E]

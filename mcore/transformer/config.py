@@ -4,7 +4,8 @@
 
 - ``RotaryConfig`` (``config.rotary``): rotary position embedding variant and scaling.
 - ``AttentionConfig`` (``config.attention``): biases, QK-norm, softmax scale, core-attention chunking.
-- ``MoEConfig`` (``config.moe``): mixture-of-experts sizes (0 experts = dense MLP).
+- ``MoEConfig`` (``config.moe``, the class of ``mcore.moe.config``): experts, routing and
+  which layers are MoE (default ``num_experts=0``: dense).
 - ``ParallelConfig`` (``config.parallel``): sequence parallelism (group sizes come from ParallelDims).
 - ``PrecisionConfig`` (``config.precision``): parameter / compute dtypes and recompute.
 
@@ -14,6 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+
+from mcore.moe.config import MoEConfig
 
 ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
 ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu", "silu")
@@ -97,28 +100,6 @@ class AttentionConfig:
 
 
 @dataclass
-class MoEConfig:
-    """Mixture of experts (0 experts = dense MLP; the MoE layer lives in ``mcore.moe``).
-
-    num_experts: routed experts per layer. top_k: experts per token.
-    ffn_hidden_size: hidden size of one expert. shared_ffn_hidden_size: shared expert (0 = none).
-    """
-
-    num_experts: int = 0
-    top_k: int = 2
-    ffn_hidden_size: int = 0
-    shared_ffn_hidden_size: int = 0
-
-    def __post_init__(self):
-        _require(self.num_experts >= 0, "moe.num_experts", self.num_experts, "must be >= 0")
-        if self.num_experts:
-            _require(0 < self.top_k <= self.num_experts, "moe.top_k", self.top_k,
-                     f"must be in [1, num_experts={self.num_experts}]")
-            _require(self.ffn_hidden_size > 0, "moe.ffn_hidden_size", self.ffn_hidden_size,
-                     "must be > 0 when num_experts > 0")
-
-
-@dataclass
 class ParallelConfig:
     """Parallel behaviour that is not a group size (sizes come from ``ParallelDims``).
 
@@ -132,7 +113,8 @@ class ParallelConfig:
 class PrecisionConfig:
     """Dtypes and activation recompute.
 
-    params_dtype: dtype of parameters. compute_dtype: dtype of matmuls and activations.
+    params_dtype: dtype in which attention, MLP, experts, norms, embedding and head create
+        their parameters (the router weight stays float32). compute_dtype: dtype of matmuls and activations.
     recompute_layers: indices of layers whose activations are recomputed in backward
         (``"all"`` for every layer).
     """
@@ -160,6 +142,8 @@ class TransformerConfig:
     norm: "rmsnorm" or "layernorm"; norm_eps: its epsilon.
     sandwich_norm: extra norms on the attention and MLP outputs before the residual add (GLM-4-0414).
     mlp_fc1_bias / mlp_fc2_bias: biases on the MLP input (gate/up) / output (down) projections.
+    moe: ``mcore.moe.config.MoEConfig``; layers it marks (``is_moe_layer``) get a ``MoELayer``
+        as their mlp (``gpt_layer_specs``).
     """
 
     num_layers: int
@@ -203,6 +187,22 @@ class TransformerConfig:
         _require(abs(rot - round(rot)) < 1e-6 and round(rot) % 2 == 0 and rot > 0,
                  "rotary.fraction", self.rotary.fraction,
                  f"head_dim * fraction = {rot} must be a positive even integer")
+        if self.moe.num_experts:
+            _require(self.moe.ffn_hidden_size > 0, "moe.ffn_hidden_size", self.moe.ffn_hidden_size,
+                     "must be > 0 when num_experts > 0")
+            self.moe.check_layers(self.num_layers)
+
+    def is_moe_layer(self, layer_number: int) -> bool:
+        """Whether global layer ``layer_number`` has a MoE mlp (``moe.is_moe_layer``)."""
+        return self.moe.is_moe_layer(layer_number)
+
+    @property
+    def params_dtype(self):
+        """``precision.params_dtype`` as a MindSpore dtype: every layer built from this config
+        creates its parameters in it."""
+        import mindspore as ms
+
+        return getattr(ms, self.precision.params_dtype)
 
     @property
     def rotary_dim(self) -> int:

@@ -5,6 +5,13 @@
 
 ``post_attn_norm`` / ``post_mlp_norm`` are ``IdentityOp`` unless the architecture uses
 "sandwich" norms (GLM-4-0414). Shapes: ``[b, s, h] -> [b, s, h]``.
+
+Groups: ``groups`` (a ``ModelGroups``; None = single process) is passed unchanged to the
+attention and the mlp. Mixture of experts: when the mlp declares ``returns_aux`` (a
+``mcore.moe.MoELayer``) it returns ``(y, aux [3], counts [E])``; the layer is then a MoE layer
+(``is_moe``): ``construct`` still returns only ``[b, s, h]`` (inference, where the router losses
+are not needed) and ``forward_with_aux`` returns ``(out [b, s, h], aux [3], counts [E])``, the
+explicit channel ``TransformerBlock.forward_with_aux`` collects. Nothing is stored between calls.
 """
 from __future__ import annotations
 
@@ -12,7 +19,7 @@ from dataclasses import dataclass
 
 from mindspore import nn
 
-from mcore.parallel_state import ProcessGroup
+from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
 from mcore.transformer.spec import IdentityOp, build_module
 
@@ -28,22 +35,41 @@ class TransformerLayerSubmodules:
 
 
 class TransformerLayer(nn.Cell):
-    """One decoder layer; ``layer_number`` (0-based) indexes the KV cache."""
+    """One decoder layer; ``layer_number`` (0-based, global) indexes the KV cache."""
 
     def __init__(self, config: TransformerConfig, submodules: TransformerLayerSubmodules,
-                 layer_number: int = 0, tp_group: ProcessGroup | None = None):
+                 layer_number: int = 0, groups: ModelGroups | None = None):
         super().__init__()
-        h, eps = config.hidden_size, config.norm_eps
+        h, eps, dtype = config.hidden_size, config.norm_eps, config.params_dtype
         self.layer_number = layer_number
-        self.input_norm = build_module(submodules.input_norm, h, eps=eps)
+        self.input_norm = build_module(submodules.input_norm, h, eps=eps, dtype=dtype)
         self.self_attention = build_module(submodules.self_attention, config,
-                                           layer_number=layer_number, tp_group=tp_group)
-        self.post_attn_norm = build_module(submodules.post_attn_norm, h, eps=eps)
-        self.pre_mlp_norm = build_module(submodules.pre_mlp_norm, h, eps=eps)
-        self.mlp = build_module(submodules.mlp, config, tp_group=tp_group, layer_number=layer_number)
-        self.post_mlp_norm = build_module(submodules.post_mlp_norm, h, eps=eps)
+                                           layer_number=layer_number, groups=groups)
+        self.post_attn_norm = build_module(submodules.post_attn_norm, h, eps=eps, dtype=dtype)
+        self.pre_mlp_norm = build_module(submodules.pre_mlp_norm, h, eps=eps, dtype=dtype)
+        self.mlp = build_module(submodules.mlp, config, groups=groups, layer_number=layer_number)
+        self.post_mlp_norm = build_module(submodules.post_mlp_norm, h, eps=eps, dtype=dtype)
+        self.is_moe = bool(getattr(self.mlp, "returns_aux", False))
+
+    def recompute_parts(self) -> None:
+        """Recompute attention and mlp in the backward pass (``TransformerBlock`` uses this for
+        MoE layers, whose ``forward_with_aux`` bypasses ``construct`` and so ``Cell.recompute``)."""
+        self.self_attention.recompute()
+        self.mlp.recompute()
+
+    def _attention(self, x, cos, sin, key_mask, cache):
+        return x + self.post_attn_norm(self.self_attention(self.input_norm(x), cos, sin, key_mask,
+                                                           cache))
 
     def construct(self, x, cos, sin, key_mask=None, cache=None):
-        h = x + self.post_attn_norm(self.self_attention(self.input_norm(x), cos, sin, key_mask,
-                                                        cache))
+        """``[b, s, h] -> [b, s, h]`` (a MoE layer's router losses are dropped here)."""
+        if self.is_moe:
+            return self.forward_with_aux(x, cos, sin, key_mask, cache)[0]
+        h = self._attention(x, cos, sin, key_mask, cache)
         return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
+
+    def forward_with_aux(self, x, cos, sin, key_mask=None, cache=None):
+        """MoE layers only: ``-> (out [b, s, h], aux [3], counts [E])`` (see the module docstring)."""
+        h = self._attention(x, cos, sin, key_mask, cache)
+        y, aux, counts = self.mlp(self.pre_mlp_norm(h))
+        return h + self.post_mlp_norm(y), aux, counts

@@ -3,7 +3,9 @@
 Gated: ``linear_fc1`` projects ``h -> 2 f`` and its local weight on rank r is ``[gate_r; up_r]``
 (rows ``f / tp`` each; loaders shard gate and up separately); the output is
 ``fc2(silu(gate) * up)``. Ungated (gelu, gelu_tanh, relu, silu): ``fc1: h -> f``.
-``linear_fc1`` is column-parallel, ``linear_fc2`` row-parallel. ``[b, s, h] -> [b, s, h]``.
+``linear_fc1`` is column-parallel, ``linear_fc2`` row-parallel over ``groups.tp``
+(``ModelGroups``; None = single process); parameters in ``config.params_dtype``.
+``[b, s, h] -> [b, s, h]``.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from dataclasses import dataclass
 
 from mindspore import nn, ops
 
-from mcore.parallel_state import ProcessGroup
+from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
 from mcore.transformer.spec import build_module
 
@@ -31,10 +33,10 @@ class MLP(nn.Cell):
     ``layer_number`` names the linear layers (and so seeds their initialisation)."""
 
     def __init__(self, config: TransformerConfig, submodules: MLPSubmodules,
-                 tp_group: ProcessGroup | None = None, ffn_hidden_size: int | None = None,
+                 groups: ModelGroups | None = None, ffn_hidden_size: int | None = None,
                  layer_number: int = 0):
         super().__init__()
-        tp_group = tp_group or ProcessGroup.single("tp")
+        tp_group = (groups or ModelGroups()).tp
         ffn = ffn_hidden_size or config.ffn_hidden_size
         self.activation = config.activation
         self.gated = config.activation == "swiglu"
@@ -45,11 +47,13 @@ class MLP(nn.Cell):
                                        bias=config.mlp_fc1_bias, gather_output=False,
                                        sequence_parallel=sp,
                                        partitions=(ffn, ffn) if self.gated else None,
-                                       name=f"layers.{layer_number}.linear_fc1")
+                                       name=f"layers.{layer_number}.linear_fc1",
+                                       params_dtype=config.params_dtype)
         self.linear_fc2 = build_module(submodules.linear_fc2, ffn, config.hidden_size,
                                        tp_group=tp_group, bias=config.mlp_fc2_bias,
                                        input_is_parallel=True, sequence_parallel=sp,
-                                       name=f"layers.{layer_number}.linear_fc2")
+                                       name=f"layers.{layer_number}.linear_fc2",
+                                       params_dtype=config.params_dtype)
 
     def _act(self, x):
         if self.activation == "gelu":

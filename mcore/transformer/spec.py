@@ -6,7 +6,7 @@ of its submodules (``submodules``, any object the class understands, usually a s
 
     spec = ModuleSpec(TransformerLayer, submodules=TransformerLayerSubmodules(
         input_norm=ModuleSpec(RMSNorm), self_attention=ModuleSpec(SelfAttention, ...), ...))
-    layer = build_module(spec, config, layer_number=0, tp_group=group)
+    layer = build_module(spec, config, layer_number=0, groups=ModelGroups(tp=group))
 
 Swapping a submodule (a custom attention, another norm) means replacing one node of the tree;
 ``spec.replace(...)`` / ``dataclasses.replace`` on the submodules make that a one-liner.

@@ -182,14 +182,13 @@ def test_builds_from_a_module_spec_with_transformer_layer_arguments():
     import mindspore as ms
 
     from mcore.moe.dispatcher import AllGatherDispatcher
-    from mcore.moe.groups import MoEGroups
     from mcore.moe.layer import MoELayer, MoESubmodules
-    from mcore.parallel_state import ProcessGroup
+    from mcore.parallel_state import ModelGroups
     from mcore.transformer.spec import ModuleSpec, build_module
 
-    spec = ModuleSpec(MoELayer, params={"moe": _moe(), "groups": MoEGroups.single()},
+    spec = ModuleSpec(MoELayer, params={"moe": _moe()},
                       submodules=MoESubmodules(dispatcher=AllGatherDispatcher))
-    layer = build_module(spec, _config(), tp_group=ProcessGroup.single("tp"), layer_number=1)
+    layer = build_module(spec, _config(), groups=ModelGroups.single(), layer_number=1)
     y, aux, counts = layer(ms.Tensor(_x()))
     assert y.shape == (2, 5, H) and aux.shape == (3,) and counts.shape == (4,)
     assert int(counts.asnumpy().sum()) == 2 * 5 * 2

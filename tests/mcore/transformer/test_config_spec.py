@@ -53,9 +53,10 @@ def test_defaults_and_derived_fields():
 
 
 class ScaledNorm(nn.Cell):
-    """A custom norm a user might plug in: x * scale (no subclassing of mcore classes)."""
+    """A custom norm a user might plug in: x * scale (no subclassing of mcore classes). A norm
+    node is built as ``(hidden_size, eps=, dtype=)`` (dtype: ``config.params_dtype``)."""
 
-    def __init__(self, hidden_size, eps=1e-6, scale=2.0):
+    def __init__(self, hidden_size, eps=1e-6, dtype=None, scale=2.0):
         super().__init__()
         self.scale = scale
 
