@@ -55,8 +55,9 @@ class MoESection:
     z_loss_coeff: float = _f(0.0, "coefficient of the router z-loss")
     capacity_factor: float | None = _f(None, "expert capacity per token share (null: dropless); "
                                        "over-full experts drop tokens")
-    dispatcher: Literal["alltoall", "allgather"] = _f("alltoall", "how tokens reach the expert "
-                                                      "parallel ranks")
+    dispatcher: Literal["allgather", "alltoall"] = _f(
+        "allgather", "how tokens reach the expert-parallel ranks (alltoall runs eagerly only: "
+        "training.mode=pynative)")
     first_k_dense: int = _f(0, "the first k layers keep a dense MLP")
 
 

@@ -298,14 +298,26 @@ class TrainStep(TrainState):
         plans = grad_plans(self.named, tp_split_names(model), dims)
         decay = [should_decay(n, len(p.shape)) for n, p in self.named]
         self.loss_cell = LossCell(model)
-        self.forward_backward = ForwardBackward(self.loss_cell, self.params, self.acc,
-                                                self.loss_scale)
+        self.moe_layers = tuple(getattr(model, "moe_layers", ()))
+        if self.moe_layers:  # the loss includes the router losses (training/moe_step.py)
+            from training.moe_step import MoEForwardBackward, MoELossCell, MoEStats
+
+            self.moe_stats, self.moe_top_k = MoEStats(), model.config.moe.top_k
+            self.forward_backward = MoEForwardBackward(MoELossCell(model, self.loss_scale),
+                                                       self.params, self.acc)
+        else:
+            self.forward_backward = ForwardBackward(self.loss_cell, self.params, self.acc,
+                                                    self.loss_scale)
+        self.last_moe_metrics = None  # MoE: training.logger.moe_metrics of the last step
         self.update = AdamWUpdate(self.params, self.acc, decay, plans, dims, opt_cfg)
 
     def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
         """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs.
         Returns ``(loss, grad_norm)``: loss averaged over micro-batches and dp; a non-finite
-        one of the two means the update was skipped (``TrainState.apply_update``)."""
+        one of the two means the update was skipped (``TrainState.apply_update``). A MoE model
+        (``model.moe_layers``) trains on ``loss + router losses`` and reports the language-model
+        loss; ``last_moe_metrics`` then holds the step's routing statistics
+        (``training/moe_step.py``)."""
         if len(micro_batches) != self.n_micro:
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
                              f"{self.n_micro}")
@@ -313,8 +325,14 @@ class TrainStep(TrainState):
         total = 0.0
         for inputs, labels in micro_batches:
             loss = self.forward_backward(ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32), scale)
+            if self.moe_layers:  # (lm_loss, aux [L, 3], counts [L, E])
+                loss, aux, counts = loss
+                self.moe_stats.add(aux, counts, inputs.size * self.moe_top_k * len(self.moe_layers))
             total += float(loss.asnumpy())
-        return self.apply_update(lr, total / self.n_micro)
+        out = self.apply_update(lr, total / self.n_micro)
+        if self.moe_layers:
+            self.last_moe_metrics = self.moe_stats.finish(self.dims.dp)
+        return out
 
     def evaluate(self, batches) -> float:
         """Mean loss over ``batches`` ((inputs, labels) pairs) on this rank, then over dp."""

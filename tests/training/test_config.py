@@ -124,7 +124,7 @@ MOE = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_moe_demo.yaml"
     (["model.moe.first_k_dense=4"], 1, "model.moe.first_k_dense=4 exceeds model.num_layers=3"),
     (["model.moe.topk=1"], 1, "unknown key 'model.moe.topk' (did you mean 'model.moe.top_k'?)"),
     (["model.moe=3"], 1, "key 'model.moe' must be a mapping of fields, got int"),
-    (["model.moe.dispatcher=mpi"], 1, "model.moe.dispatcher: expected one of alltoall|allgather"),
+    (["model.moe.dispatcher=mpi"], 1, "model.moe.dispatcher: expected one of allgather|alltoall"),
     (["model.moe.num_experts=0", "parallel.ep=2"], 2, "expert parallelism needs MoE layers"),
 ])
 def test_moe_section_and_expert_parallel_errors_are_one_line(overrides, world, expect):
