@@ -131,6 +131,8 @@ def test_expert_parallel_matches_one_process(reference, workers):
             assert abs(b - a) <= 1e-5 * abs(a), (step, key, a, b)
         for key in ("moe_tokens_min", "moe_tokens_max", "moe_dropped_share"):
             assert many[step][key] == one[step][key], (step, key)
+    # Weights after 6 AdamW steps: an element whose gradient is ~0 gets an update of up to lr
+    # from rounding-level gradient differences (m / sqrt(v)), hence the absolute tolerance.
     ref = load_checkpoint(tmp / "full" / "checkpoints" / f"step_{STEPS:06d}")
     ck = run_dir / "checkpoints" / f"step_{STEPS:06d}"
     for rank in range(workers):
@@ -140,4 +142,4 @@ def test_expert_parallel_matches_one_process(reference, workers):
             half = ref.model[name].shape[0] // 2
             np.testing.assert_allclose(shard.model[name],
                                        ref.model[name][ep_rank * half:(ep_rank + 1) * half],
-                                       rtol=1e-4, atol=1e-6, err_msg=f"rank {rank}: {name}")
+                                       rtol=1e-4, atol=2e-5, err_msg=f"rank {rank}: {name}")
