@@ -133,6 +133,7 @@ def transformer_config(cfg):
                       original_max_position=s["original_max_position_embeddings"])
     else:
         rotary = dict(original_max_position=m.max_position_embeddings)
+    moe = _moe_kwargs(cfg)  # its own ConfigError names model.moe.<key>
     try:
         return TransformerConfig(
             num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_heads,
@@ -143,7 +144,7 @@ def transformer_config(cfg):
                                 interleaved=fam.rotary_interleaved, **rotary),
             attention=AttentionConfig(qkv_bias=fam.qkv_bias, out_bias=fam.out_bias,
                                       qk_norm=fam.qk_norm, block_size=m.attention_block_size),
-            **_moe_kwargs(cfg), **_knobs(cfg))
+            **moe, **_knobs(cfg))
     except ValueError as exc:
         raise config_error(exc) from None
 
