@@ -36,6 +36,32 @@ def _f(default, doc: str, derived: bool = False):
 
 
 @dataclass
+class MoESection:
+    """``model.moe``: mixture-of-experts MLPs (``mcore.moe.config.MoEConfig``, mapped by
+    ``training.model_bridge.moe_config``). ``num_experts: 0`` keeps every MLP dense."""
+
+    num_experts: int = _f(0, "routed experts per MoE layer (0: dense model, the other moe keys "
+                          "are not used)")
+    top_k: int = _f(2, "experts chosen per token")
+    ffn_hidden_size: int | None = _f(None, "inner width of one expert's SwiGLU MLP (null: "
+                                     "model.ffn_hidden_size)")
+    shared_ffn_hidden_size: int = _f(0, "inner width of the shared expert every token passes "
+                                     "through (0: none)")
+    score_function: Literal["softmax", "sigmoid"] = _f("softmax", "router score function")
+    normalize_topk: bool = _f(False, "divide the k chosen weights by their sum")
+    num_groups: int = _f(0, "group-limited routing: expert groups (0: off)")
+    group_topk: int = _f(0, "groups a token may choose from when num_groups > 0")
+    aux_loss_coeff: float = _f(0.01, "coefficient of the load-balancing loss added to the loss")
+    z_loss_coeff: float = _f(0.0, "coefficient of the router z-loss")
+    capacity_factor: float | None = _f(None, "expert capacity per token share (null: dropless); "
+                                       "over-full experts drop tokens")
+    dispatcher: Literal["allgather", "alltoall"] = _f(
+        "allgather", "how tokens reach the expert-parallel ranks (alltoall runs eagerly only: "
+        "training.mode=pynative)")
+    first_k_dense: int = _f(0, "the first k layers keep a dense MLP")
+
+
+@dataclass
 class ModelConfig:
     """Architecture of a dense decoder-only model; ``training.model_bridge.transformer_config``
     turns it (with ``training.dtype`` and ``parallel.sp``) into the ``TransformerConfig``."""
@@ -67,6 +93,8 @@ class ModelConfig:
     recompute_layers: list[int] | Literal["all"] | None = _f(
         None, "layers whose activations are recomputed in the backward pass instead of kept: "
         "a list of layer indices or 'all' (null: none)")
+    moe: MoESection = field(default_factory=MoESection, metadata={
+        "doc": "mixture of experts (model.moe.*)", "derived": False})
 
 
 @dataclass
@@ -79,7 +107,8 @@ class ParallelConfig:
     layers_per_stage: list[int] | None = _f(
         None, "layers of each virtual pipeline stage, e.g. [3, 1] (null: model.num_layers split "
         "evenly over pp*vpp)")
-    ep: int = _f(1, "expert-parallel size (MoE layers only; training/pretrain.py refuses != 1)")
+    ep: int = _f(1, "expert-parallel size: ranks that split the experts of each MoE layer")
+    etp: int = _f(1, "expert tensor-parallel size (only 1 is implemented)")
     cp: int = _f(1, "context-parallel size (training/pretrain.py refuses != 1 for now)")
     sp: bool = _f(False, "sequence parallelism inside the tp group")
     order: str = _f("tp-cp-ep-dp-pp", "rank order of the axes, first varies fastest")
@@ -203,9 +232,20 @@ def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
+def _leaves(prefix: str, cls):
+    """``(dotted key, field, annotation)`` of every leaf field of ``cls`` (nested dataclass
+    fields, e.g. ``model.moe``, are expanded)."""
+    hints = _hints(cls)
+    for n, f in _fields(cls).items():
+        if dataclasses.is_dataclass(hints[n]):
+            yield from _leaves(f"{prefix}.{n}", hints[n])
+        else:
+            yield f"{prefix}.{n}", f, hints[n]
+
+
 def all_keys() -> list[str]:
-    """Every valid dotted key, e.g. ``'training.train_iters'``."""
-    return [f"{s}.{n}" for s, cls in SECTIONS.items() for n in _fields(cls)]
+    """Every valid dotted key, e.g. ``'training.train_iters'``, ``'model.moe.top_k'``."""
+    return [k for s, cls in SECTIONS.items() for k, _, _ in _leaves(s, cls)]
 
 
 def _type_name(tp) -> str:
@@ -223,10 +263,9 @@ def schema_rows() -> list[tuple[str, str, str, str]]:
     """``(key, type, default, doc)`` for every field; the docs table is generated from this."""
     rows = []
     for s, cls in SECTIONS.items():
-        hints = _hints(cls)
-        for n, f in _fields(cls).items():
+        for key, f, tp in _leaves(s, cls):
             default = "null" if f.default is None else yaml.safe_dump(f.default).splitlines()[0]
-            rows.append((f"{s}.{n}", _type_name(hints[n]), default, f.metadata["doc"]))
+            rows.append((key, _type_name(tp), default, f.metadata["doc"]))
     return rows
 
 
@@ -239,6 +278,8 @@ def _unknown(key: str) -> ConfigError:
 def _coerce(key: str, value: Any, tp) -> Any:
     """Check ``value`` against annotation ``tp``; return it (ints widen to float). Raise naming key."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(key, value, tp)
     if origin is Literal:
         if value in args and isinstance(value, str):
             return value
@@ -305,8 +346,37 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+def _build(where: str, body: Any, cls):
+    """``cls(**body)`` with every value checked (``_coerce``) and unknown keys refused; ``where``
+    names the mapping (``model``, ``model.moe``) in errors."""
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise ConfigError(f"key '{where}' must be a mapping of fields, got {type(body).__name__}")
+    hints, fields = _hints(cls), _fields(cls)
+    kwargs = {}
+    for k, v in body.items():
+        key = f"{where}.{k}"
+        if k not in fields:
+            raise _unknown(key)
+        kwargs[k] = _coerce(key, v, hints[k])
+    return cls(**kwargs)
+
+
 def _set(raw: dict, key: str, value: Any) -> None:
     parts = key.split(".")
+    if len(parts) == 3 and parts[0] in SECTIONS and key in all_keys():  # e.g. model.moe.top_k
+        section = raw.get(parts[0])
+        if section is None:
+            section = raw[parts[0]] = {}
+        if not isinstance(section, dict):
+            raise ConfigError(f"key '{parts[0]}' must be a mapping of fields")
+        if section.get(parts[1]) is None:
+            section[parts[1]] = {}
+        if not isinstance(section[parts[1]], dict):
+            raise ConfigError(f"key '{parts[0]}.{parts[1]}' must be a mapping of fields")
+        section[parts[1]][parts[2]] = value
+        return
     if len(parts) != 2 or parts[0] not in SECTIONS:
         if parts[0] in SECTIONS and len(parts) == 1:
             first = next(iter(_fields(SECTIONS[key])))
@@ -329,18 +399,7 @@ def config_from_dict(raw: dict, world_size: int = 1) -> Config:
     for name, body in raw.items():
         if name not in SECTIONS:
             raise _unknown(str(name))
-        if body is None:
-            body = {}
-        if not isinstance(body, dict):
-            raise ConfigError(f"key '{name}' must be a mapping of fields, got {type(body).__name__}")
-        cls, hints, fields = SECTIONS[name], _hints(SECTIONS[name]), _fields(SECTIONS[name])
-        kwargs = {}
-        for k, v in body.items():
-            key = f"{name}.{k}"
-            if k not in fields:
-                raise _unknown(key)
-            kwargs[k] = _coerce(key, v, hints[k])
-        sections[name] = cls(**kwargs)
+        sections[name] = _build(str(name), body, SECTIONS[name])
     cfg = Config(**sections)
     validate(cfg, world_size)
     return cfg

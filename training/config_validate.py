@@ -34,7 +34,7 @@ def validate(cfg, world_size: int = 1) -> None:
     _positive(cfg, ["model.vocab_size", "model.hidden_size", "model.num_layers", "model.num_heads",
                     "model.num_kv_heads", "model.ffn_hidden_size", "model.seq_length",
                     "model.max_position_embeddings", "parallel.tp", "parallel.pp", "parallel.vpp",
-                    "parallel.ep", "parallel.cp", "training.train_iters", "training.micro_batch_size",
+                    "parallel.ep", "parallel.etp", "parallel.cp", "training.train_iters", "training.micro_batch_size",
                     "training.global_batch_size", "training.eval_iters", "data.corpus_max_bytes",
                     "logging.log_interval", "optimizer.decay_iters", "model.head_dim",
                     "model.attention_block_size"])
@@ -83,9 +83,9 @@ def validate(cfg, world_size: int = 1) -> None:
     if world_size % mp:
         raise ConfigError(f"world size {world_size} is not divisible by "
                           f"parallel.tp*parallel.cp*parallel.pp={p.tp}*{p.cp}*{p.pp}={mp}")
-    if world_size % (p.tp * p.ep * p.pp):
-        raise ConfigError(f"world size {world_size} is not divisible by parallel.tp*parallel.ep*"
-                          f"parallel.pp={p.tp}*{p.ep}*{p.pp}={p.tp * p.ep * p.pp}")
+    if world_size % (p.etp * p.ep * p.pp):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.etp*parallel.ep*"
+                          f"parallel.pp={p.etp}*{p.ep}*{p.pp}={p.etp * p.ep * p.pp}")
     dp = world_size // mp
     if p.dp is not None and p.dp != dp:
         raise ConfigError(f"parallel.dp={p.dp} is derived and must be world/(tp*cp*pp)={dp} "
@@ -114,6 +114,8 @@ def validate(cfg, world_size: int = 1) -> None:
     if p.cp > 1:
         _divides("model.seq_length", m.seq_length, "2*parallel.cp", 2 * p.cp)
 
+    _validate_moe(m.moe, p, m.num_layers)
+
     # batch
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
@@ -136,3 +138,37 @@ def validate(cfg, world_size: int = 1) -> None:
     if o.decay_iters is not None and o.decay_iters < o.warmup_iters:
         raise ConfigError(f"optimizer.decay_iters={o.decay_iters} is less than "
                           f"optimizer.warmup_iters={o.warmup_iters}")
+
+
+def _validate_moe(moe, p, num_layers: int) -> None:
+    """``model.moe`` against itself and ``parallel.ep`` / ``parallel.etp``."""
+    _positive_moe = [("num_experts", 0), ("top_k", 1), ("shared_ffn_hidden_size", 0),
+                     ("num_groups", 0), ("group_topk", 0), ("first_k_dense", 0)]
+    for name, minimum in _positive_moe:
+        if getattr(moe, name) < minimum:
+            raise ConfigError(f"model.moe.{name} must be >= {minimum}, got {getattr(moe, name)}")
+    for name in ("aux_loss_coeff", "z_loss_coeff"):
+        if getattr(moe, name) < 0:
+            raise ConfigError(f"model.moe.{name} must be >= 0, got {getattr(moe, name)}")
+    if moe.ffn_hidden_size is not None and moe.ffn_hidden_size < 1:
+        raise ConfigError(f"model.moe.ffn_hidden_size must be >= 1, got {moe.ffn_hidden_size}")
+    if moe.capacity_factor is not None and moe.capacity_factor <= 0:
+        raise ConfigError(f"model.moe.capacity_factor must be > 0 (or null: dropless), got "
+                          f"{moe.capacity_factor}")
+    E = moe.num_experts
+    if E == 0:
+        if p.ep > 1 or p.etp > 1:
+            raise ConfigError(f"parallel.ep={p.ep}, parallel.etp={p.etp}: expert parallelism "
+                              "needs MoE layers (set model.moe.num_experts)")
+        return
+    if moe.first_k_dense > num_layers:
+        raise ConfigError(f"model.moe.first_k_dense={moe.first_k_dense} exceeds model.num_layers="
+                          f"{num_layers}")
+    if moe.top_k > E:
+        raise ConfigError(f"model.moe.top_k={moe.top_k} exceeds model.moe.num_experts={E}")
+    _divides("model.moe.num_experts", E, "parallel.ep", p.ep)
+    if moe.num_groups:
+        _divides("model.moe.num_experts", E, "model.moe.num_groups", moe.num_groups)
+        if not 1 <= moe.group_topk <= moe.num_groups:
+            raise ConfigError(f"model.moe.group_topk={moe.group_topk} must be in [1, "
+                              f"model.moe.num_groups={moe.num_groups}]")

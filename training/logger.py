@@ -23,6 +23,11 @@ interrupted run after its checkpoint) and appends ``{"kind": "resumed", "step": 
 makes TensorBoard drop the older events of steps ``> k``. A progress line::
 
     step   20/300 | loss 4.8123 | lr 2.00e-03 | grad 0.912 | 10,342 tok/s | MFU 1.9% | ETA 1m12s
+
+and for a mixture-of-experts model (``moe_metrics``' entries passed to ``step``), after ``grad``:
+``aux 0.0102 | experts 181/331/52.4 (min/max/std) | dropped 0.0%`` (the balancing loss, tokens
+routed per expert over every MoE layer, the share of assignments dropped over capacity); they
+are also in metrics.jsonl and TensorBoard (``train/moe_aux_loss``, ``train/moe_tokens_min``...).
 """
 from __future__ import annotations
 
@@ -76,13 +81,39 @@ def format_duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+MOE_KEYS = ("moe_aux_loss", "moe_tokens_min", "moe_tokens_max", "moe_tokens_std",
+            "moe_dropped_share")
+
+
+def moe_metrics(aux_loss: float, tokens_per_expert, dropped: float, routed: float) -> dict:
+    """The MoE entries of a step record: ``moe_aux_loss`` (the balancing losses added to the
+    loss), ``moe_tokens_{min,max,std}`` over ``tokens_per_expert`` (counts of token-expert
+    assignments, any shape, e.g. ``[layers, experts]``: every (layer, expert) entry is one
+    sample) and ``moe_dropped_share`` = ``dropped / routed`` (assignments over capacity, 0 when
+    dropless). Pass them to ``RunLogger.step(..., **moe_metrics(...))``."""
+    import numpy as np
+
+    counts = np.asarray(tokens_per_expert, np.float64).reshape(-1)  # [layers * experts]
+    if counts.size == 0:
+        raise ValueError("moe_metrics: tokens_per_expert is empty")
+    return {"moe_aux_loss": float(aux_loss), "moe_tokens_min": float(counts.min()),
+            "moe_tokens_max": float(counts.max()), "moe_tokens_std": float(counts.std()),
+            "moe_dropped_share": float(dropped) / float(routed) if routed else 0.0}
+
+
 def format_progress(step: int, total: int, loss: float, lr: float, grad_norm: float | None,
-                    tokens_per_s: float, mfu: float | None, eta_s: float) -> str:
-    """One progress line (see the module docstring)."""
+                    tokens_per_s: float, mfu: float | None, eta_s: float,
+                    moe: dict | None = None) -> str:
+    """One progress line (see the module docstring); ``moe``: ``moe_metrics``' entries."""
     width = len(str(total))
     parts = [f"step {step:>{width}}/{total}", f"loss {loss:.4f}", f"lr {lr:.2e}"]
     if grad_norm is not None:
         parts.append(f"grad {grad_norm:.3f}")
+    if moe:
+        parts.append(f"aux {moe['moe_aux_loss']:.4f}")
+        parts.append(f"experts {moe['moe_tokens_min']:.0f}/{moe['moe_tokens_max']:.0f}"
+                     f"/{moe['moe_tokens_std']:.1f} (min/max/std)")
+        parts.append(f"dropped {100 * moe['moe_dropped_share']:.1f}%")
     parts.append(f"{tokens_per_s:,.0f} tok/s")
     if mfu is not None and math.isfinite(mfu):
         parts.append(f"MFU {100 * mfu:.1f}%")
@@ -180,7 +211,9 @@ class RunLogger:
             if record.get(key) is not None:
                 self._scalar(f"train/{key}", record[key], step)
         if step % self.log_interval == 0 or step == self.total or step == 1:
-            self.info(format_progress(step, self.total, loss, lr, grad_norm, tokens_per_s, mfu, eta))
+            moe = {k: record[k] for k in MOE_KEYS} if all(k in extra for k in MOE_KEYS) else None
+            self.info(format_progress(step, self.total, loss, lr, grad_norm, tokens_per_s, mfu, eta,
+                                      moe))
         return record
 
     def eval(self, step: int, loss: float) -> None:

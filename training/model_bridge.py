@@ -28,7 +28,7 @@ from pathlib import Path
 from training.config_validate import ConfigError
 
 __all__ = ["Family", "FAMILIES", "MODEL_TYPES", "LLAMA3_ROPE_SCALING", "transformer_config",
-           "hf_dir_config", "build_gpt", "hf_config"]
+           "hf_dir_config", "build_gpt", "hf_config", "moe_config"]
 
 
 @dataclass(frozen=True)
@@ -133,6 +133,7 @@ def transformer_config(cfg):
                       original_max_position=s["original_max_position_embeddings"])
     else:
         rotary = dict(original_max_position=m.max_position_embeddings)
+    moe = _moe_kwargs(cfg)  # its own ConfigError names model.moe.<key>
     try:
         return TransformerConfig(
             num_layers=m.num_layers, hidden_size=m.hidden_size, num_attention_heads=m.num_heads,
@@ -143,7 +144,7 @@ def transformer_config(cfg):
                                 interleaved=fam.rotary_interleaved, **rotary),
             attention=AttentionConfig(qkv_bias=fam.qkv_bias, out_bias=fam.out_bias,
                                       qk_norm=fam.qk_norm, block_size=m.attention_block_size),
-            **_knobs(cfg))
+            **moe, **_knobs(cfg))
     except ValueError as exc:
         raise config_error(exc) from None
 
@@ -188,7 +189,13 @@ def build_gpt(cfg, tp_group=None, stage=None, embedding_group=None, groups=None)
         family, vocab, tie = FAMILY_FILES[hf["model_type"]], cfg.model.vocab_size, \
             cfg.model.tie_word_embeddings
     stage = stage or StageSpec.full(tcfg.num_layers)
-    model = GPTModel(tcfg, family.layer_spec(tcfg), vocab, tie_embeddings=tie, groups=groups,
+    spec = family.layer_spec(tcfg)
+    if tcfg.moe.num_experts and not isinstance(spec, (list, tuple)):
+        from mcore.transformer.layer_specs import moe_layer_specs, moe_mlp_spec
+
+        dispatcher = DISPATCHERS[cfg.model.moe.dispatcher]
+        spec = moe_layer_specs(tcfg, spec, moe_mlp_spec(dispatcher=dispatcher))
+    model = GPTModel(tcfg, spec, vocab, tie_embeddings=tie, groups=groups,
                      tp_group=tp_group, pre_process=stage.pre_process,
                      post_process=stage.post_process, layer_range=stage.layer_range,
                      embedding_group=embedding_group)
@@ -219,3 +226,34 @@ def hf_config(model) -> dict:
         out["partial_rotary_factor"] = 0.5
         out["attention_bias"] = True
     return out
+
+
+DISPATCHERS = {"alltoall": "AllToAllDispatcher", "allgather": "AllGatherDispatcher"}
+
+
+def _moe_kwargs(cfg) -> dict:
+    moe = moe_config(cfg)
+    return {} if moe is None else {"moe": moe}
+
+
+def moe_config(cfg):
+    """``model.moe`` -> ``mcore.moe.config.MoEConfig`` (``TransformerConfig.moe``), or ``None``
+    for a dense model (``num_experts: 0``). The expert width defaults to
+    ``model.ffn_hidden_size``. A value the MoEConfig rejects is a ``ConfigError`` naming
+    ``model.moe.<key>``. (``dispatcher`` is a layer choice, ``DISPATCHERS``, read by
+    ``build_gpt``.)"""
+    from mcore.moe.config import MoEConfig
+
+    s = cfg.model.moe
+    if s.num_experts == 0:
+        return None
+    try:
+        return MoEConfig(num_experts=s.num_experts, top_k=s.top_k,
+                         ffn_hidden_size=s.ffn_hidden_size or cfg.model.ffn_hidden_size,
+                         shared_ffn_hidden_size=s.shared_ffn_hidden_size,
+                         score_function=s.score_function, normalize_topk=s.normalize_topk,
+                         num_groups=s.num_groups, group_topk=s.group_topk,
+                         aux_loss_coeff=s.aux_loss_coeff, z_loss_coeff=s.z_loss_coeff,
+                         capacity_factor=s.capacity_factor, first_k_dense=s.first_k_dense)
+    except ValueError as exc:  # "moe.<field>=<value>: why"
+        raise ConfigError(f"model.{' '.join(str(exc).split())}") from None

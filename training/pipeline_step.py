@@ -12,11 +12,11 @@ One optimizer step on each pipeline rank:
    micro-batches, the same on every pp rank) and, per chunk, the gradients of that mean loss.
 2. A tied embedding's two copies (first stage's embedding, last stage's head:
    ``param.shared_embedding``) get their gradients summed over the embedding group
-   (``sync_embedding_grads``, eagerly, so both apply the same update).
+   (``mcore.distributed.finalize.sum_tied_grads``, eagerly, so both apply the same update).
 3. The gradients go into fp32 buffers and ``AdamWUpdate`` (one compiled graph) does the rest,
-   as for ``TrainStep``: dp mean; the global norm sums squares over tp (split parameters), over
-   the stages (one pp all-reduce) and counts the tied weight once (the head copy is left out);
-   clip; AdamW. Skipping a non-finite step and counting AdamW's steps is ``TrainState``'s
+   as for ``TrainStep``, through the same ``GradFinalizer``: dp (experts: edp) mean; the global
+   norm sums squares over tp (split parameters), over the stages (one pp all-reduce) and counts
+   the tied weight once (the head copy is left out); clip; AdamW. Skipping a non-finite step and counting AdamW's steps is ``TrainState``'s
    (``apply_update``), shared with ``TrainStep``.
 
 Parameter names are the full model's (``decoder.layers.<global index>...``), so per-stage
@@ -31,9 +31,9 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, ops
 
 from mcore.comm.collectives import all_reduce
+from mcore.distributed.finalize import grad_plans, sum_tied_grads
 from mcore.parallel_state import ParallelDims
 from mcore.pipeline_parallel.schedules import get_forward_backward_func
-from mcore.pipeline_parallel.stage import sync_embedding_grads
 from training.optim import should_decay
 from training.step import AdamWUpdate, TrainState, apply_compute_dtype, tp_split_names
 
@@ -63,14 +63,13 @@ class PipelineTrainStep(TrainState):
         self.schedule = get_forward_backward_func(dims.pp.size, len(pipeline.chunks))
         self.cast_cells = [c for m in pipeline.chunk_models for c in apply_compute_dtype(m, dtype)]
         names = _names(pipeline)
-        self.named, in_norm, split = [], [], []
+        self.named, split = [], set()
         for runner, model, chunk_names in zip(pipeline.chunks, pipeline.chunk_models, names):
-            tp_split = tp_split_names(model)
+            chunk_split = tp_split_names(model)
             for name, p in zip(chunk_names, runner.params):
-                tied = bool(getattr(p, "shared_embedding", False))
                 self.named.append((name, p))
-                in_norm.append(not (tied and not runner.stage.is_first))  # tied weight once
-                split.append(name in tp_split)
+                if name in chunk_split:
+                    split.add(name)
         if len({n for n, _ in self.named}) != len(self.named):
             raise ValueError("pipeline chunks share parameter names: build each chunk's layers "
                              "with their global layer numbers")
@@ -78,7 +77,8 @@ class PipelineTrainStep(TrainState):
         self.acc = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"grad_acc.{p.name}",
                                              requires_grad=False) for p in self.params])
         decay = [should_decay(n, len(p.shape)) for n, p in self.named]
-        self.update = AdamWUpdate(self.params, self.acc, decay, split, dims, opt_cfg, in_norm=in_norm)
+        self.plans = grad_plans(self.named, split, dims)
+        self.update = AdamWUpdate(self.params, self.acc, decay, self.plans, dims, opt_cfg)
         self._jit_update = ms.jit(self.update)
 
     def _update(self, *args):  # the schedule runs in PyNative: compile the update explicitly
@@ -98,8 +98,7 @@ class PipelineTrainStep(TrainState):
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
                              f"{self.n_micro}")
         result = self._run(micro_batches, forward_only=False)
-        grads = [g for runner, chunk in zip(self.pipeline.chunks, result.grads)
-                 for g in sync_embedding_grads(chunk, self.dims, runner.params)]
+        grads = sum_tied_grads([g for chunk in result.grads for g in chunk], self.plans, self.dims)
         unscale = 1.0 / self.loss_scale
         for acc, g in zip(self.acc, grads):
             ops.assign(acc, g.astype(ms.float32) * unscale if unscale != 1.0 else g)

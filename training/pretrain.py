@@ -3,8 +3,10 @@
 On several ranks: ``msrun --worker_num=2 --local_worker_num=2 training/pretrain.py --config FILE
 parallel.tp=2`` (dp is what is left: world / (tp * pp)). Supported layouts: tp x pp x dp, with
 ``parallel.vpp`` virtual stages per pipeline rank and ``parallel.layers_per_stage`` for uneven
-splits (``parallel.cp``, ``ep``, ``sp`` are not wired into this loop yet and are refused before
-any work). With pp > 1 the step is ``training.pipeline_step.PipelineTrainStep`` (1F1B or
+splits (``parallel.cp``, ``etp`` and ``sp`` are not wired into this loop yet and are refused before
+any work). Mixture of experts (``model.moe.num_experts`` > 0): ep x dp (tp = pp = 1); the
+progress line, metrics.jsonl and TensorBoard add the router loss, tokens per expert and the
+dropped share (``training.moe_step``). With pp > 1 the step is ``training.pipeline_step.PipelineTrainStep`` (1F1B or
 interleaved 1F1B), every rank saves its own stage's shard, and the sample is generated through
 the stages (``models.generate_pipeline``).
 
@@ -47,10 +49,21 @@ def check_supported(cfg) -> None:
     """Refuse what this loop does not implement yet, and any size the model build would reject
     later (``training.model_bridge.transformer_config``), naming the key (a ``ConfigError``)."""
     p = cfg.parallel
-    for key, value in (("cp", p.cp), ("ep", p.ep)):
-        if value != 1:
-            raise ConfigError(f"parallel.{key}={value}: training/pretrain.py supports tp, pp and "
-                              "dp only for now (set it to 1)")
+    if p.cp != 1:
+        raise ConfigError(f"parallel.cp={p.cp}: training/pretrain.py supports tp, pp, ep and dp "
+                          "only for now (set it to 1)")
+    if p.etp != 1:
+        raise ConfigError(f"parallel.etp={p.etp}: expert tensor parallelism is not implemented "
+                          "(set it to 1)")
+    if cfg.model.moe.num_experts:
+        for key, value in (("tp", p.tp), ("pp", p.pp)):
+            if value != 1:
+                raise ConfigError(f"parallel.{key}={value}: training/pretrain.py trains MoE "
+                                  "models (model.moe.num_experts > 0) with ep and dp only for now "
+                                  "(set it to 1)")
+        if cfg.model.moe.dispatcher == "alltoall" and cfg.training.mode == "graph":
+            raise ConfigError("model.moe.dispatcher=alltoall runs eagerly only: use allgather "
+                              "with training.mode=graph, or training.mode=pynative")
     if p.sp:
         raise ConfigError("parallel.sp=true: sequence parallelism is not wired into "
                           "training/pretrain.py yet (set it to false)")
@@ -177,7 +190,9 @@ def build_model(cfg, dims):
         return build_pipeline(make_stage, transformer_config(cfg).num_layers, dims, vpp=p.vpp,
                               layers_per_stage=p.layers_per_stage,
                               jit=cfg.training.mode == "graph", tensors=tensors)
-    model = build_gpt(cfg, dims.tp)
+    from mcore.parallel_state import ModelGroups
+
+    model = build_gpt(cfg, groups=ModelGroups.from_dims(dims))
     if tensors is not None:
         load_weights(model, tensors)
     return model
@@ -193,7 +208,8 @@ def build_dims(cfg):
     """``ParallelDims`` of the ``parallel`` section (initialises communication on many ranks)."""
     from mcore.parallel_state import ParallelDims
 
-    return ParallelDims.build(tp=cfg.parallel.tp, pp=cfg.parallel.pp, order=cfg.parallel.order)
+    p = cfg.parallel
+    return ParallelDims.build(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, order=p.order)
 
 
 def build_step(cfg, model, dims, grad_accum_steps: int):
@@ -319,6 +335,7 @@ def run(cfg, stop_after: int | None = None) -> dict:
     step = resume(cfg, step_fn, data, dims, log)
     log.info(f"world {dims.world_size} (tp {dims.tp.size} x pp {dims.pp.size}"
              + (f" x vpp {cfg.parallel.vpp}" if cfg.parallel.vpp > 1 else "")
+             + (f" x ep {dims.ep.size}" if dims.ep.size > 1 else "")
              + f" x dp {dims.dp.size}), "
              f"{sum(int(np.prod(p.shape)) for _, p in step_fn.named):,} parameters on this rank, "
              f"{t.grad_accum_steps} micro-batch(es) of {t.micro_batch_size} per step, "
@@ -335,7 +352,8 @@ def run(cfg, stop_after: int | None = None) -> dict:
         micro = [data.train.batch(ids) for ids in data.sampler.next_step()]  # [(inputs, labels)]
         loss, grad_norm = step_fn(micro, lr)
         step += 1
-        log.step(step, loss, lr, grad_norm, tokens=tokens_per_step, step_time=time.perf_counter() - t0)
+        log.step(step, loss, lr, grad_norm, tokens=tokens_per_step, step_time=time.perf_counter() - t0,
+                 **(getattr(step_fn, "last_moe_metrics", None) or {}))
         if skips := step_fn.skipped_in_a_row:
             limit = t.max_skipped_steps
             log.info(f"step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: update skipped "

@@ -8,10 +8,11 @@ One optimizer step, for ``n`` micro-batches on each of ``D`` data-parallel ranks
 1. ``ForwardBackward`` (one compiled graph, run ``n`` times): ``loss_k = mean over tokens of
    model(inputs, labels=labels)`` and ``acc += d(loss_k / n)/dw`` into fp32 buffers.
 2. ``AdamWUpdate`` (one compiled graph):
-   - ``g = all_reduce_sum(acc, dp) / D``   (the gradient of the mean loss over the global batch)
-   - ``norm = sqrt(all_reduce_sum(sum_sharded g^2, tp) + sum_replicated g^2)``: tp-split
-     parameters contribute their shard's squares summed over tp; replicated ones (norm weights)
-     count once. ``g *= min(1, clip / (norm + 1e-6))`` when ``clip > 0``.
+   - ``g, norm = GradFinalizer(acc)`` (``mcore.distributed.finalize``, driven by what each
+     parameter carries): ``g = all_reduce_sum(acc, dp) / D`` (the gradient of the mean loss over
+     the global batch; expert parameters: summed over edp, ``/ D``); the global norm counts
+     every parameter once (tp-split shards' squares summed over tp, experts' over ep,
+     replicated ones as they are). ``g *= min(1, clip / (norm + 1e-6))`` when ``clip > 0``.
    - AdamW, for update ``t`` (1-based), decoupled decay (the ``should_decay`` mask)::
 
          m = b1 m + (1 - b1) g          v = b2 v + (1 - b2) g^2
@@ -51,6 +52,7 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, nn, ops
 
 from mcore.comm.collectives import all_reduce
+from mcore.distributed.finalize import GradFinalizer, grad_plans
 from mcore.parallel_state import ParallelDims
 from training.optim import should_decay
 
@@ -152,61 +154,36 @@ class ForwardBackward(nn.Cell):
 
 
 class AdamWUpdate(nn.Cell):
-    """dp-average the accumulated gradients, clip by global norm, AdamW, zero the buffers.
+    """Finalise the accumulated gradients (``mcore.distributed.finalize.GradFinalizer``: dp /
+    edp mean, sequence-parallel sums, global norm), clip by global norm, AdamW, zero the buffers.
 
     ``construct(lr, bc1, bc2, loss)``: ``bc1 = 1 - b1^t``, ``bc2 = 1 - b2^t`` (bias corrections),
     ``loss``: this rank's loss (mean over its micro-batches). Returns ``(grad_norm, mean loss
     over dp)`` as tensors. ``grad_norm`` is measured before clipping. Unless both are finite
     (``update_applied``), weights and moments keep their values.
 
-    Pipeline parallelism (pp > 1): ``in_norm[i] = False`` leaves a parameter out of the norm
-    (the last stage's copy of a tied embedding, so the tied weight counts once); the squared
-    norm is summed over the pp group (the only collective across stages: stages compile
-    different graphs, whose collectives on a shared group could otherwise run in different
-    orders).
+    ``plans``: one ``GradPlan`` per parameter (``mcore.distributed.finalize.grad_plans``); a
+    tied embedding's sum over stages runs eagerly before (``sum_tied_grads``, pipeline only).
     """
 
-    def __init__(self, params, acc, decay: list[bool], tp_split: list[bool], dims: ParallelDims,
-                 opt_cfg, in_norm: list[bool] | None = None):
+    def __init__(self, params, acc, decay: list[bool], plans: list, dims: ParallelDims, opt_cfg):
         super().__init__()
         self.params, self.acc = params, acc
-        n = len(params)
-        self.in_norm = tuple(in_norm) if in_norm is not None else (True,) * n
-        self.pp = dims.pp
         self.m = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"adam_m.{p.name}")
                                  for p in params])
         self.v = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"adam_v.{p.name}")
                                  for p in params])
-        self.decay, self.tp_split = tuple(decay), tuple(tp_split)
-        self.dp, self.tp = dims.dp, dims.tp
+        self.decay = tuple(decay)
+        self.finalize = GradFinalizer(plans, dims)
+        self.dp = dims.dp
         self.b1, self.b2, self.eps = float(opt_cfg.beta1), float(opt_cfg.beta2), float(opt_cfg.eps)
         self.wd, self.clip = float(opt_cfg.weight_decay), float(opt_cfg.clip_grad)
 
     def construct(self, lr, bc1, bc2, loss):
         n = len(self.params)
-        grads = []
-        for i in range(n):
-            g = self.acc[i]
-            if self.dp.size > 1:
-                g = all_reduce(g, self.dp) / self.dp.size
-            grads.append(g)
+        grads, norm = self.finalize(self.acc)
         if self.dp.size > 1:
             loss = all_reduce(loss, self.dp) / self.dp.size
-        sq_split = ops.zeros((), ms.float32)
-        sq_repl = ops.zeros((), ms.float32)
-        for i in range(n):
-            if not self.in_norm[i]:
-                continue
-            if self.tp_split[i]:
-                sq_split = sq_split + (grads[i] * grads[i]).sum()
-            else:
-                sq_repl = sq_repl + (grads[i] * grads[i]).sum()
-        if self.tp.size > 1:
-            sq_split = all_reduce(sq_split, self.tp)
-        sq = sq_split + sq_repl
-        if self.pp.size > 1:
-            sq = all_reduce(sq, self.pp)
-        norm = ops.sqrt(sq)
         coef = ops.ones((), ms.float32)
         if self.clip > 0:
             coef = ops.minimum(coef, self.clip / (norm + 1e-6))
@@ -318,18 +295,29 @@ class TrainStep(TrainState):
         self.params = ParameterTuple([p for _, p in self.named])
         self.acc = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"grad_acc.{p.name}",
                                              requires_grad=False) for p in self.params])
-        split = tp_split_names(model)
+        plans = grad_plans(self.named, tp_split_names(model), dims)
         decay = [should_decay(n, len(p.shape)) for n, p in self.named]
         self.loss_cell = LossCell(model)
-        self.forward_backward = ForwardBackward(self.loss_cell, self.params, self.acc,
-                                                self.loss_scale)
-        self.update = AdamWUpdate(self.params, self.acc, decay, [n in split for n, _ in self.named],
-                                  dims, opt_cfg)
+        self.moe_layers = tuple(getattr(model, "moe_layers", ()))
+        if self.moe_layers:  # the loss includes the router losses (training/moe_step.py)
+            from training.moe_step import MoEForwardBackward, MoELossCell, MoEStats
+
+            self.moe_stats, self.moe_top_k = MoEStats(), model.config.moe.top_k
+            self.forward_backward = MoEForwardBackward(MoELossCell(model, self.loss_scale),
+                                                       self.params, self.acc)
+        else:
+            self.forward_backward = ForwardBackward(self.loss_cell, self.params, self.acc,
+                                                    self.loss_scale)
+        self.last_moe_metrics = None  # MoE: training.logger.moe_metrics of the last step
+        self.update = AdamWUpdate(self.params, self.acc, decay, plans, dims, opt_cfg)
 
     def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
         """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs.
         Returns ``(loss, grad_norm)``: loss averaged over micro-batches and dp; a non-finite
-        one of the two means the update was skipped (``TrainState.apply_update``)."""
+        one of the two means the update was skipped (``TrainState.apply_update``). A MoE model
+        (``model.moe_layers``) trains on ``loss + router losses`` and reports the language-model
+        loss; ``last_moe_metrics`` then holds the step's routing statistics
+        (``training/moe_step.py``)."""
         if len(micro_batches) != self.n_micro:
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
                              f"{self.n_micro}")
@@ -337,8 +325,14 @@ class TrainStep(TrainState):
         total = 0.0
         for inputs, labels in micro_batches:
             loss = self.forward_backward(ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32), scale)
+            if self.moe_layers:  # (lm_loss, aux [L, 3], counts [L, E])
+                loss, aux, counts = loss
+                self.moe_stats.add(aux, counts, inputs.size * self.moe_top_k * len(self.moe_layers))
             total += float(loss.asnumpy())
-        return self.apply_update(lr, total / self.n_micro)
+        out = self.apply_update(lr, total / self.n_micro)
+        if self.moe_layers:
+            self.last_moe_metrics = self.moe_stats.finish(self.dims.dp)
+        return out
 
     def evaluate(self, batches) -> float:
         """Mean loss over ``batches`` ((inputs, labels) pairs) on this rank, then over dp."""

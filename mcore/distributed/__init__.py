@@ -1,3 +1,5 @@
-"""Gradient synchronisation across data-parallel ranks and the distributed optimizer (ZeRO-1).
-Not built here yet: the training step (``training/step.py``) all-reduces gradients over
-``dims.dp`` itself."""
+"""Gradient synchronisation across data-parallel ranks: ``finalize`` (every parameter's gradient
+reduced as what it carries says: dense over dp, experts over edp, sequence-parallel ones over
+tp, tied embeddings over the embedding group) and ``grad_norm`` (the global norm, each
+parameter counted once). Used by ``training.step.TrainStep`` and
+``training.pipeline_step.PipelineTrainStep``. Not built yet: the distributed optimizer (ZeRO-1)."""

@@ -106,6 +106,47 @@ def test_sizes_that_do_not_divide_name_the_key(overrides, world, key):
     assert key in _error(overrides, world_size=world)
 
 
+MOE = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_moe_demo.yaml")
+
+
+@pytest.mark.parametrize("overrides,world,expect", [
+    (["parallel.ep=3"], 3, "model.moe.num_experts=4 is not divisible by parallel.ep=3"),
+    (["model.moe.top_k=5"], 1, "model.moe.top_k=5 exceeds model.moe.num_experts=4"),
+    (["model.moe.num_groups=2", "model.moe.group_topk=3"], 1,
+     "model.moe.group_topk=3 must be in [1, model.moe.num_groups=2]"),
+    (["model.moe.num_groups=3", "model.moe.group_topk=1"], 1,
+     "model.moe.num_experts=4 is not divisible by model.moe.num_groups=3"),
+    (["parallel.ep=2", "parallel.pp=2"], 2,
+     "world size 2 is not divisible by parallel.etp*parallel.ep*parallel.pp=1*2*2=4"),
+    (["parallel.ep=2", "parallel.etp=2"], 2, "parallel.etp*parallel.ep*parallel.pp=2*2*1=4"),
+    (["model.moe.capacity_factor=0"], 1, "model.moe.capacity_factor must be > 0"),
+    (["model.moe.capacity_factor=-1.5"], 1, "model.moe.capacity_factor must be > 0"),
+    (["model.moe.first_k_dense=4"], 1, "model.moe.first_k_dense=4 exceeds model.num_layers=3"),
+    (["model.moe.topk=1"], 1, "unknown key 'model.moe.topk' (did you mean 'model.moe.top_k'?)"),
+    (["model.moe=3"], 1, "key 'model.moe' must be a mapping of fields, got int"),
+    (["model.moe.dispatcher=mpi"], 1, "model.moe.dispatcher: expected one of allgather|alltoall"),
+    (["model.moe.num_experts=0", "parallel.ep=2"], 2, "expert parallelism needs MoE layers"),
+])
+def test_moe_section_and_expert_parallel_errors_are_one_line(overrides, world, expect):
+    msg = _error(overrides, path=MOE, world_size=world)
+    assert expect in msg and "\n" not in msg
+
+
+def test_moe_section_maps_onto_moe_config():
+    from training.model_bridge import moe_config
+
+    cfg = load_config(MOE, ["parallel.ep=2", "model.moe.capacity_factor=1.5",
+                           "training.micro_batch_size=4"], world_size=4)
+    assert (cfg.parallel.ep, cfg.parallel.etp, cfg.parallel.dp) == (2, 1, 4)
+    moe = moe_config(cfg)
+    assert (moe.num_experts, moe.top_k, moe.ffn_hidden_size) == (4, 2, 128)
+    assert (moe.aux_loss_coeff, moe.capacity_factor) == (0.01, 1.5)
+    dense = load_config(MOE, ["model.moe.num_experts=0"])
+    assert moe_config(dense) is None
+    width = load_config(MOE, ["model.moe.ffn_hidden_size=null"])
+    assert moe_config(width).ffn_hidden_size == width.model.ffn_hidden_size == 256
+
+
 @pytest.mark.parametrize("override,key,expect", [
     ("training.train_iters=abc", "training.train_iters", "int"),
     ("training.train_iters=2.5", "training.train_iters", "int"),

@@ -4,6 +4,7 @@ import json
 import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tensorboardX.proto.event_pb2 import Event
 
@@ -59,6 +60,27 @@ def test_run_logger_writes_everything(tmp_path):
         assert tag in scalars, tag
     assert [s for s, _ in scalars["train/loss"]] == list(range(1, 7))
     assert scalars["train/lr"][2][1] == pytest.approx(3e-3)
+
+
+def test_moe_metrics_in_line_jsonl_and_tensorboard(tmp_path):
+    from training.logger import moe_metrics
+
+    counts = np.array([[3, 5, 0, 8], [4, 4, 4, 4]])  # [layers, experts]
+    moe = moe_metrics(0.0125, counts, dropped=2, routed=32)
+    assert moe["moe_tokens_min"] == 0 and moe["moe_tokens_max"] == 8
+    assert moe["moe_tokens_std"] == pytest.approx(float(np.std(counts)))
+    assert moe["moe_dropped_share"] == 2 / 32 and moe["moe_aux_loss"] == 0.0125
+    assert moe_metrics(0.0, [1, 1], 0, 0)["moe_dropped_share"] == 0.0
+    out = io.StringIO()
+    with RunLogger(tmp_path, total_steps=2, stream=out) as log:
+        log.step(1, 1.0, 1e-3, 0.5, 10, 0.1, **moe)
+    line = out.getvalue().splitlines()[0]
+    assert "| grad 0.500 | aux 0.0125 | experts 0/8/2.1 (min/max/std) | dropped 6.2% |" in line
+    (record,) = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {k: record[k] for k in moe} == moe
+    (event_file,) = (tmp_path / "tensorboard").iterdir()
+    tags = {v.tag for e in read_events(event_file) for v in e.summary.value}
+    assert {f"train/{k}" for k in moe} <= tags
 
 
 def test_non_zero_rank_writes_only_its_log(tmp_path):

@@ -13,7 +13,11 @@ from training.config import ConfigError, load_config
 from training.model_bridge import FAMILIES, MODEL_TYPES, hf_config, transformer_config
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+# MoE configs (model.moe.num_experts > 0) have no Hugging Face dict form yet: the dense family
+# files do not map model.moe (the Mixtral / Qwen3-MoE families will). Their model build is
+# tested by tests/training/test_pretrain_moe.py; the check below keeps this list honest.
+MOE_CONFIGS = ["tiny_moe_demo.yaml"]
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name not in MOE_CONFIGS)
 # Smaller layers keep the big bench config quick; the family choices are what is compared.
 SHRINK = {"tiny_llama_bench.yaml": ["model.vocab_size=512", "model.hidden_size=64",
                                     "model.ffn_hidden_size=128", "model.seq_length=64"]}
@@ -33,6 +37,13 @@ def ms_cpu():
 
     ms.set_device("CPU")
     return ms
+
+
+def test_only_moe_configs_are_left_out_of_the_hf_comparison():
+    for name in MOE_CONFIGS:
+        assert load_config(str(ROOT / "configs" / name)).model.moe.num_experts > 0, name
+    for path in CONFIGS:
+        assert load_config(str(path), SHRINK.get(path.name, [])).model.moe.num_experts == 0, path
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])

@@ -1,0 +1,97 @@
+"""The pieces of ``TrainStep`` that differ for a mixture-of-experts model (``model.moe_layers``
+non-empty): the loss includes the router losses, and each step's routing statistics are kept
+for the logger.
+
+- ``MoELossCell(model, loss_scale)``: ``(inputs, labels) -> (S * loss, lm_loss, aux [L, 3],
+  counts [L, E])`` with ``loss = lm_loss + aux.sum()`` (``GPTModel.loss_with_aux``);
+- ``MoEForwardBackward``: like ``training.step.ForwardBackward`` (adds ``scale * dloss/dw``
+  to the fp32 buffers) but differentiates the first output only (``value_and_grad`` with
+  ``has_aux``, inside the compiled construct) and returns ``(lm_loss, aux, counts)``;
+- ``MoEStats``: per step, the router losses (mean over micro-batches and dp) and the tokens
+  per expert (summed over micro-batches and dp), turned into ``training.logger.moe_metrics``.
+
+The loss a step reports (and the skip rule reads) is the language-model loss ``lm_loss``, so a
+MoE run's curve compares with a dense one; the router losses are ``moe_aux_loss``. Expert
+parameters carry ``param.expert`` and are reduced over edp by the shared gradient finaliser
+(``mcore.distributed.finalize``).
+"""
+from __future__ import annotations
+
+import mindspore as ms
+import numpy as np
+from mindspore import nn, ops
+
+from mcore.comm.collectives import all_reduce
+from training.logger import moe_metrics
+
+
+class MoELossCell(nn.Cell):
+    """``(inputs [b, s] int32, labels [b, s] int32) -> (S * loss, lm_loss, aux, counts)``."""
+
+    def __init__(self, model, loss_scale: float = 1.0):
+        super().__init__()
+        self.model, self.loss_scale = model, float(loss_scale)
+
+    def construct(self, inputs, labels):
+        loss, lm_loss, aux, counts = self.model.loss_with_aux(inputs, labels)
+        if self.loss_scale != 1.0:
+            loss = loss * self.loss_scale
+        return loss, lm_loss, aux, counts
+
+
+class MoEForwardBackward(nn.Cell):
+    """``construct(inputs, labels, scale) -> (lm_loss, aux [L, 3], counts [L, E])`` and
+    ``acc += scale / S * d(S loss)/dw``."""
+
+    def __init__(self, loss_cell: MoELossCell, params, acc):
+        super().__init__()
+        self.params, self.acc = params, acc
+        self.unscale = 1.0 / loss_cell.loss_scale
+        self.value_and_grad = ms.value_and_grad(loss_cell, None, params, has_aux=True)
+
+    def construct(self, inputs, labels, scale):
+        (_, lm_loss, aux, counts), grads = self.value_and_grad(inputs, labels)
+        if self.unscale != 1.0:
+            scale = scale * self.unscale
+        for i in range(len(self.acc)):
+            ops.assign_add(self.acc[i], grads[i] * scale)
+        return lm_loss, aux, counts
+
+
+class MoEStats:
+    """Routing statistics of one optimizer step. ``add(aux, counts, routed)`` per micro-batch
+    (numpy or tensors; ``routed``: the token-expert assignments it made on this rank, ``tokens *
+    top_k * MoE layers``, of which the counts miss the ones dropped over capacity), then
+    ``finish(dp_group)`` -> ``training.logger.moe_metrics`` of the step: the router losses
+    averaged over micro-batches and dp, counts summed over both (eager all-reduces, to run on
+    every rank)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.aux, self.counts, self.micro, self.routed = 0.0, None, 0, 0.0
+
+    def add(self, aux, counts, routed: float) -> None:
+        aux = np.asarray(aux.asnumpy() if hasattr(aux, "asnumpy") else aux, np.float64)
+        counts = np.asarray(counts.asnumpy() if hasattr(counts, "asnumpy") else counts, np.float64)
+        self.aux += float(aux.sum())
+        self.counts = counts if self.counts is None else self.counts + counts  # [L, E]
+        self.micro += 1
+        self.routed += float(routed)
+
+    def finish(self, dp_group) -> dict:
+        """This step's ``moe_metrics`` (see the class docstring); then ``reset``."""
+        if self.micro == 0:
+            raise ValueError("MoEStats.finish: no micro-batch was added")
+        aux = np.array([self.aux / self.micro, self.routed], np.float32)
+        counts = self.counts.astype(np.float32)  # [L, E]
+        if dp_group.size > 1:
+            aux = all_reduce(ms.Tensor(aux), dp_group).asnumpy()
+            aux[0] /= dp_group.size
+            counts = all_reduce(ms.Tensor(counts), dp_group).asnumpy()
+        routed = float(aux[1])
+        out = moe_metrics(float(aux[0]), counts, dropped=max(routed - float(counts.sum()), 0.0),
+                          routed=routed)
+        self.reset()
+        return out
