@@ -1,4 +1,4 @@
-"""Every family against transformers' own outputs, without torch.
+"""Every family (dense and mixture-of-experts) against transformers' own outputs, without torch.
 
 The fixtures under tests/fixtures/hf/<family>/ were written once by tests/make_hf_fixtures.py
 (tiny random checkpoints in bf16 + transformers' fp32 logits and greedy tokens). Checks:
@@ -19,7 +19,7 @@ import models  # noqa: E402
 from models.safetensors_io import read_checkpoint  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "hf"
-FAMILIES = ["llama", "qwen2", "qwen3", "glm", "glm4", "telechat"]
+FAMILIES = ["llama", "qwen2", "qwen3", "glm", "glm4", "telechat", "mixtral", "qwen3_moe"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
