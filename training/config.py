@@ -59,6 +59,10 @@ class MoESection:
         "allgather", "how tokens reach the expert-parallel ranks (alltoall runs eagerly only: "
         "training.mode=pynative)")
     first_k_dense: int = _f(0, "the first k layers keep a dense MLP")
+    expert_bias: bool = _f(False, "aux-loss-free balancing: a per-expert bias added to the scores "
+                           "for selection only, moved after each applied step by "
+                           "bias_update_rate * sign(mean load - load) (load over the global batch)")
+    bias_update_rate: float = _f(1e-3, "step of the expert-bias update")
 
 
 @dataclass

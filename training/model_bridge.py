@@ -254,6 +254,7 @@ def moe_config(cfg):
                          score_function=s.score_function, normalize_topk=s.normalize_topk,
                          num_groups=s.num_groups, group_topk=s.group_topk,
                          aux_loss_coeff=s.aux_loss_coeff, z_loss_coeff=s.z_loss_coeff,
-                         capacity_factor=s.capacity_factor, first_k_dense=s.first_k_dense)
+                         capacity_factor=s.capacity_factor, first_k_dense=s.first_k_dense,
+                         expert_bias=s.expert_bias, bias_update_rate=s.bias_update_rate)
     except ValueError as exc:  # "moe.<field>=<value>: why"
         raise ConfigError(f"model.{' '.join(str(exc).split())}") from None

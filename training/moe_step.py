@@ -8,7 +8,17 @@ for the logger.
   to the fp32 buffers) but differentiates the first output only (``value_and_grad`` with
   ``has_aux``, inside the compiled construct) and returns ``(lm_loss, aux, counts)``;
 - ``MoEStats``: per step, the router losses (mean over micro-batches and dp) and the tokens
-  per expert (summed over micro-batches and dp), turned into ``training.logger.moe_metrics``.
+  per expert (summed over micro-batches and dp), turned into ``training.logger.moe_metrics``;
+- ``bias_routers(model)`` / ``update_expert_biases``: aux-loss-free balancing. After each
+  APPLIED optimizer step (a skipped one leaves the bias alone), every router with
+  ``expert_bias`` on gets ``bias += rate * sign(mean(load) - load)`` where ``load`` [E] is its
+  layer's row of the step's counts summed over micro-batches and the dp group. The dp group is
+  the one that holds all different tokens of the global batch: ``dp = world / (tp cp pp)``, and
+  expert parallelism is carved out of it (``ep`` x ``edp`` = ``dp`` for ``etp = tp = 1``), so the
+  ranks of an ep group are dp ranks with their own tokens; tp ranks share tokens and pp/cp are
+  refused for MoE by ``training/pretrain.py``. The same all-reduce serves the log and the
+  update. The bias is a ``requires_grad=False`` Parameter: not in the optimizer nor the
+  gradient norm; ``TrainStep`` saves it with the model state.
 
 The loss a step reports (and the skip rule reads) is the language-model loss ``lm_loss``, so a
 MoE run's curve compares with a dense one; the router losses are ``moe_aux_loss``. Expert
@@ -22,6 +32,8 @@ import numpy as np
 from mindspore import nn, ops
 
 from mcore.comm.collectives import all_reduce
+from mcore.moe.router import update_expert_bias
+from mcore.parallel_state import ProcessGroup
 from training.logger import moe_metrics
 
 
@@ -62,9 +74,9 @@ class MoEStats:
     """Routing statistics of one optimizer step. ``add(aux, counts, routed)`` per micro-batch
     (numpy or tensors; ``routed``: the token-expert assignments it made on this rank, ``tokens *
     top_k * MoE layers``, of which the counts miss the ones dropped over capacity), then
-    ``finish(dp_group)`` -> ``training.logger.moe_metrics`` of the step: the router losses
-    averaged over micro-batches and dp, counts summed over both (eager all-reduces, to run on
-    every rank)."""
+    ``finish(dp_group)`` -> ``(training.logger.moe_metrics of the step, counts [L, E] float32)``:
+    the router losses averaged over micro-batches and dp, counts summed over both (eager
+    all-reduces, to run on every rank)."""
 
     def __init__(self):
         self.reset()
@@ -80,8 +92,8 @@ class MoEStats:
         self.micro += 1
         self.routed += float(routed)
 
-    def finish(self, dp_group) -> dict:
-        """This step's ``moe_metrics`` (see the class docstring); then ``reset``."""
+    def finish(self, dp_group) -> tuple[dict, np.ndarray]:
+        """This step's ``(moe_metrics, counts)`` (see the class docstring); then ``reset``."""
         if self.micro == 0:
             raise ValueError("MoEStats.finish: no micro-batch was added")
         aux = np.array([self.aux / self.micro, self.routed], np.float32)
@@ -94,4 +106,26 @@ class MoEStats:
         out = moe_metrics(float(aux[0]), counts, dropped=max(routed - float(counts.sum()), 0.0),
                           routed=routed)
         self.reset()
-        return out
+        return out, counts
+
+
+def bias_routers(model) -> list:
+    """``[(row, router)]``: the routers of ``model.moe_layers`` (row ``i`` of the counts is layer
+    ``moe_layers[i]``) whose ``expert_bias`` is on."""
+    block = model.decoder
+    first = block.layer_range[0]
+    out = []
+    for row, index in enumerate(model.moe_layers):
+        router = block.layers[index - first].mlp.router
+        if router.use_bias:
+            out.append((row, router))
+    return out
+
+
+def update_expert_biases(routers, counts) -> None:
+    """``update_expert_bias`` for each ``(row, router)`` of ``bias_routers`` with ``counts
+    [L, E]`` already summed over the global batch (``MoEStats.finish``), hence the one-rank
+    group here."""
+    alone = ProcessGroup.single()
+    for row, router in routers:
+        update_expert_bias(router, ms.Tensor(counts[row], ms.float32), alone)

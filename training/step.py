@@ -229,6 +229,7 @@ class TrainState:
     compiled graphs do not see ``set_data``), ``shapes()``."""
 
     named: list
+    buffers: tuple = ()  # (name, Parameter) pairs saved with the model but not trained (expert bias)
     update: AdamWUpdate
     opt: object  # OptimizerConfig: beta1, beta2
     adam_steps: int = 0  # updates applied (AdamW's t for the next update is adam_steps + 1)
@@ -257,7 +258,8 @@ class TrainState:
         return {"adam_steps": int(self.adam_steps)}
 
     def model_state(self) -> dict[str, np.ndarray]:
-        return {n: p.asnumpy().copy() for n, p in self.named}  # asnumpy() aliases the buffer
+        """Trained parameters and ``buffers`` by name."""
+        return {n: p.asnumpy().copy() for n, p in [*self.named, *self.buffers]}  # asnumpy() aliases
 
     def state_dict(self) -> dict[str, np.ndarray]:
         out = {}
@@ -273,11 +275,14 @@ class TrainState:
             p.set_data(ms.Tensor(model_state[n], ms.float32))
             m.set_data(ms.Tensor(optimizer_state[f"adam_m.{n}"], ms.float32))
             v.set_data(ms.Tensor(optimizer_state[f"adam_v.{n}"], ms.float32))
+        for n, p in self.buffers:
+            p.set_data(ms.Tensor(model_state[n], ms.float32))
 
     def shapes(self) -> tuple[dict, dict]:
         """Expected ``(model, optimizer)`` tensor shapes for ``load_checkpoint``."""
         model = {n: tuple(p.shape) for n, p in self.named}
         optim = {f"adam_{k}.{n}": s for n, s in model.items() for k in ("m", "v")}
+        model.update({n: tuple(p.shape) for n, p in self.buffers})
         return model, optim
 
 
@@ -300,15 +305,19 @@ class TrainStep(TrainState):
         self.loss_cell = LossCell(model)
         self.moe_layers = tuple(getattr(model, "moe_layers", ()))
         if self.moe_layers:  # the loss includes the router losses (training/moe_step.py)
-            from training.moe_step import MoEForwardBackward, MoELossCell, MoEStats
+            from training.moe_step import MoEForwardBackward, MoELossCell, MoEStats, bias_routers
 
             self.moe_stats, self.moe_top_k = MoEStats(), model.config.moe.top_k
+            self.bias_routers = bias_routers(model)  # [(row, router)] with expert_bias on
+            ids = {id(r.expert_bias) for _, r in self.bias_routers}
+            self.buffers = tuple((n, p) for n, p in model.parameters_and_names() if id(p) in ids)
             self.forward_backward = MoEForwardBackward(MoELossCell(model, self.loss_scale),
                                                        self.params, self.acc)
         else:
             self.forward_backward = ForwardBackward(self.loss_cell, self.params, self.acc,
                                                     self.loss_scale)
         self.last_moe_metrics = None  # MoE: training.logger.moe_metrics of the last step
+        self.last_moe_counts = None  # MoE: tokens per expert [L, E] of the last step, global batch
         self.update = AdamWUpdate(self.params, self.acc, decay, plans, dims, opt_cfg)
 
     def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
@@ -316,8 +325,8 @@ class TrainStep(TrainState):
         Returns ``(loss, grad_norm)``: loss averaged over micro-batches and dp; a non-finite
         one of the two means the update was skipped (``TrainState.apply_update``). A MoE model
         (``model.moe_layers``) trains on ``loss + router losses`` and reports the language-model
-        loss; ``last_moe_metrics`` then holds the step's routing statistics
-        (``training/moe_step.py``)."""
+        loss; ``last_moe_metrics`` and ``last_moe_counts`` then hold the step's routing statistics,
+        and an applied step moves the routers' expert biases (``training/moe_step.py``)."""
         if len(micro_batches) != self.n_micro:
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
                              f"{self.n_micro}")
@@ -329,9 +338,14 @@ class TrainStep(TrainState):
                 loss, aux, counts = loss
                 self.moe_stats.add(aux, counts, inputs.size * self.moe_top_k * len(self.moe_layers))
             total += float(loss.asnumpy())
+        applied_before = self.adam_steps
         out = self.apply_update(lr, total / self.n_micro)
         if self.moe_layers:
-            self.last_moe_metrics = self.moe_stats.finish(self.dims.dp)
+            self.last_moe_metrics, self.last_moe_counts = self.moe_stats.finish(self.dims.dp)
+            if self.bias_routers and self.adam_steps > applied_before:  # not on a skipped step
+                from training.moe_step import update_expert_biases
+
+                update_expert_biases(self.bias_routers, self.last_moe_counts)
         return out
 
     def evaluate(self, batches) -> float:

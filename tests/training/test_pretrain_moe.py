@@ -1,5 +1,9 @@
 """training/pretrain.py with a tiny mixture-of-experts model (configs/tiny_moe_demo.yaml, shrunk),
-dropless, all-gather dispatcher, graph mode, 6 steps.
+dropless, all-gather dispatcher, aux-loss-free expert bias on, graph mode, 6 steps.
+
+- the expert bias (one fresh process, TrainStep on random tokens): after each applied step it
+  equals a numpy replay of ``bias += rate * sign(mean(load) - load)`` from the step's returned
+  counts (exact); a skipped step (NaN gradient) leaves it; the compiled step routes with it;
 
 - one process: the loss falls; 6 steps == 3 steps + stop + resume (same losses, experts and
   Adam moments restored); metrics.jsonl carries the router loss, tokens per expert and the
@@ -7,7 +11,7 @@ dropless, all-gather dispatcher, graph mode, 6 steps.
 - real ranks (msrun): ep=2 (2 ranks, dp=2, edp=1) and ep=2 x dp=2 (4 ranks, edp=2) give the
   one-process loss and gradient norm per step (1e-5 relative) and the same tokens per expert;
   each ep rank's checkpoint holds its half of every expert tensor, equal to the matching rows
-  of the one-process checkpoint.
+  of the one-process checkpoint, and the one-process expert biases (exactly).
 """
 import json
 import subprocess
@@ -30,8 +34,10 @@ TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.num_heads=4", "mo
         "training.micro_batch_size=2", "training.global_batch_size=8",
         f"training.train_iters={STEPS}", "training.eval_interval=0", "training.eval_iters=2",
         "optimizer.lr=1e-2", "optimizer.min_lr=1e-3", "optimizer.warmup_iters=2",
-        "logging.log_interval=1", "logging.tensorboard=false", "logging.sample_tokens=0"]
+        "logging.log_interval=1", "logging.tensorboard=false", "logging.sample_tokens=0",
+        "model.moe.expert_bias=true", "model.moe.bias_update_rate=0.01"]
 EXPERTS = [f"decoder.layers.{i}.mlp.experts.{w}" for i in (1, 2) for w in ("fc1", "fc2")]
+BIASES = [f"decoder.layers.{i}.mlp.router.expert_bias" for i in (1, 2)]
 
 
 def _args(tmp: Path, run: str, *extra) -> list[str]:
@@ -71,12 +77,67 @@ def check_single_process(tmp: str) -> None:
     assert {s: r["loss"] for s, r in again.items()} == {s: r["loss"] for s, r in full.items()}
     a = load_checkpoint(tmp / "full" / "checkpoints" / f"step_{STEPS:06d}")
     b = load_checkpoint(tmp / "resumed" / "checkpoints" / f"step_{STEPS:06d}")
-    assert set(EXPERTS) <= set(a.model) and sorted(a.model) == sorted(b.model)
+    assert set(EXPERTS + BIASES) <= set(a.model) and sorted(a.model) == sorted(b.model)
+    assert not any(n.startswith("adam_") and "expert_bias" in n for n in a.optimizer)
+    assert all(np.abs(a.model[n]).max() > 0 for n in BIASES)  # it moved
     for name in a.model:
         np.testing.assert_array_equal(a.model[name], b.model[name], err_msg=name)
     for name in a.optimizer:
         np.testing.assert_array_equal(a.optimizer[name], b.optimizer[name], err_msg=name)
     print("SINGLE_OK")
+
+
+def check_bias_replay(tmp: str) -> None:
+    """TrainStep of the shrunk config on random tokens (a fresh process: graph mode)."""
+    import mindspore as ms
+    from mindspore import ops
+
+    from mcore.parallel_state import ParallelDims
+    from training.config import load_config, parse_cli
+    from training.pretrain import build_model, build_step
+
+    path, overrides = parse_cli(_args(Path(tmp), "unused"))
+    cfg = load_config(path, overrides)
+    dims = ParallelDims.single()
+    model = build_model(cfg, dims)
+    step = build_step(cfg, model, dims, grad_accum_steps=2)
+    names = [n for n, _ in step.buffers]
+    assert names == BIASES, names
+    assert not any("expert_bias" in n for n, _ in step.named)  # neither optimised nor in the norm
+    rate = np.float32(0.01)
+    expect = np.zeros((2, 4), np.float32)  # [MoE layers, experts]
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        micro = [(rng.integers(0, 512, (2, 32)).astype(np.int32),
+                  rng.integers(0, 512, (2, 32)).astype(np.int32)) for _ in range(2)]
+        skip = i == 2
+        if skip:  # a NaN gradient: the update is skipped
+            ops.assign(step.acc[0], ops.fill(ms.float32, step.acc[0].shape, float("nan")))
+        before = step.adam_steps
+        loss, norm = step(micro, 1e-2)
+        counts = step.last_moe_counts  # [L, E], summed over both micro-batches
+        assert counts.shape == (2, 4) and counts.sum() == 2 * 2 * 32 * 2 * 2, counts
+        assert (step.adam_steps == before) == skip and np.isfinite(norm) != skip, (i, norm)
+        if not skip:
+            load = counts.astype(np.float32)
+            expect = expect + rate * np.sign(load.mean(1, keepdims=True) - load)
+        got = np.stack([p.asnumpy() for _, p in step.buffers])
+        np.testing.assert_array_equal(got, expect, err_msg=f"step {i}")
+    assert np.abs(expect).max() > 0
+    # The compiled step reads the bias as updated in place: a huge bias on expert 0 of the first
+    # MoE layer sends every token there.
+    router = step.bias_routers[0][1]
+    ops.assign(router.expert_bias, ms.Tensor([100.0, 0, 0, 0], ms.float32))
+    _, _, counts = step.forward_backward(ms.Tensor(micro[0][0]), ms.Tensor(micro[0][1]),
+                                         ms.Tensor(0.0, ms.float32))
+    assert counts.asnumpy()[0, 0] == 2 * 32, counts
+    print("BIAS_OK")
+
+
+def test_expert_bias_update_equals_numpy_and_skips(tmp_path):
+    res = run_python(f"from tests.training.test_pretrain_moe import check_bias_replay; "
+                     f"check_bias_replay({str(tmp_path)!r})", cwd=tmp_path, timeout=600)
+    assert res.returncode == 0 and "BIAS_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +204,6 @@ def test_expert_parallel_matches_one_process(reference, workers):
             np.testing.assert_allclose(shard.model[name],
                                        ref.model[name][ep_rank * half:(ep_rank + 1) * half],
                                        rtol=1e-4, atol=2e-5, err_msg=f"rank {rank}: {name}")
+        for name in BIASES:  # same counts every step, so the same signs
+            np.testing.assert_array_equal(shard.model[name], ref.model[name],
+                                          err_msg=f"rank {rank}: {name}")
