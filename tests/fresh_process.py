@@ -14,3 +14,11 @@ def run_python(code: str, cwd: Path = REPO_ROOT, timeout: float = 240) -> subpro
     prelude = f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
                           timeout=timeout, cwd=cwd)
+
+
+def assert_check_passes(module: str, function: str, *args, marker: str, timeout: float = 180) -> None:
+    """Run ``module.function(*args)`` (reprs as literals) in a fresh interpreter; fail unless it
+    exits 0 and prints ``marker`` (the check's last line), showing the output's tail if not."""
+    call = f"from {module} import {function}; {function}({', '.join(map(repr, args))})"
+    res = run_python(call, timeout=timeout)
+    assert res.returncode == 0 and marker in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.fresh_process import run_python
+from tests.fresh_process import assert_check_passes
 from tests.multirank import REPO_ROOT
 
 PRETRAIN = str(REPO_ROOT / "training" / "pretrain.py")
@@ -101,9 +101,7 @@ def check_fp16(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 def test_fp16_tracks_fp32(mode):
     # A fresh process per mode: the execution mode is process-global.
-    res = run_python(f"from tests.training.test_precision import check_fp16; check_fp16({mode!r})",
-                     timeout=180)
-    assert res.returncode == 0 and "PRECISION_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_check_passes("tests.training.test_precision", "check_fp16", mode, marker="PRECISION_OK")
 
 
 def test_precision_resolution():

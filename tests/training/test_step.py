@@ -4,7 +4,7 @@ decay with the should_decay mask, global-norm clipping), in PyNative and graph m
 import numpy as np
 import pytest
 
-from tests.fresh_process import run_python
+from tests.fresh_process import assert_check_passes
 
 TINY = ["model.vocab_size=256", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=2", "model.ffn_hidden_size=64", "model.seq_length=16",
@@ -76,9 +76,7 @@ def check_adamw(mode: str) -> None:
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 def test_adamw_step_matches_numpy(mode):
     # A fresh process per mode: the execution mode is process-global.
-    res = run_python(f"from tests.training.test_step import check_adamw; check_adamw({mode!r})",
-                     timeout=180)
-    assert res.returncode == 0 and "ADAMW_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_check_passes("tests.training.test_step", "check_adamw", mode, marker="ADAMW_OK")
 
 
 def test_skipped_update_does_not_advance_adamw():
@@ -152,6 +150,4 @@ def check_fp32_skip(mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["pynative", "graph"])
 def test_fp32_nonfinite_step_is_skipped(mode):
-    res = run_python(f"from tests.training.test_step import check_fp32_skip; check_fp32_skip({mode!r})",
-                     timeout=180)
-    assert res.returncode == 0 and "SKIP_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_check_passes("tests.training.test_step", "check_fp32_skip", mode, marker="SKIP_OK")
