@@ -126,9 +126,9 @@ def check_vocab(cfg, tokenizer_size: int, source: str = "the tokenizer") -> None
 
 
 def check_data(cfg, data, log) -> None:
-    """Right after the data is loaded, before the model is built: the tokenizer fits
-    ``model.vocab_size`` (``ConfigError``), and say so when validation is off."""
-    check_vocab(cfg, data.tokenizer.vocab_size, cfg.data.tokenizer or "the trained tokenizer")
+    """Right after the data is loaded: say so when validation is off. (That the tokenizer fits
+    ``model.vocab_size`` is checked by ``check_tokenizer_file`` at parse time for a given file,
+    and by ``training.data.pipeline.build_data`` for a tokenizer trained by the run.)"""
     if data.eval_batches is None:
         log(f"data.valid_fraction={cfg.data.valid_fraction:g}: no validation samples, "
             "validation is off")
