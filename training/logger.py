@@ -54,17 +54,29 @@ def count_parameters(model) -> int:
 
 
 def model_flops_per_token(model, seq_length: int | None = None) -> float:
-    """Training FLOPs per token: ``6 N + 12 L h S`` (forward + backward, PaLM's convention).
+    """Training FLOPs per token: ``6 N + 12 L S n d`` (forward + backward, PaLM's convention).
 
-    ``N`` counts the weights used in matmuls (layers and output head, not the embedding lookup or
-    norms); ``12 L h S`` is the attention score and value products (``Q K^T`` and ``A V``, each
-    ``2 S h`` per token forward, times 3 for forward + backward), not halved for the causal mask.
+    ``N`` counts the weights one token passes through in matmuls (not the embedding lookup or
+    norms): per layer the q / o projections ``2 h n d`` and k / v ``2 h g d`` (``n`` heads,
+    ``g`` kv heads, ``d`` = ``model.head_dim`` or ``h / n``), the MLP, then the output head
+    ``V h``. The MLP of a dense layer is the SwiGLU ``3 h f``; of a mixture-of-experts layer
+    (``model.moe.num_experts`` > 0, every layer from ``model.moe.first_k_dense`` on) the
+    *active* weights: the router ``h E``, ``top_k`` experts of ``3 h f_e`` (``f_e`` =
+    ``moe.ffn_hidden_size`` or ``f``) and the shared expert ``3 h f_s``. ``12 L S n d`` is the
+    attention score and value products (``Q K^T`` and ``A V``, each ``2 S n d`` per token
+    forward, times 3 for forward + backward), not halved for the causal mask.
     """
     s = seq_length if seq_length is not None else model.seq_length
     h, f, v = model.hidden_size, model.ffn_hidden_size, model.vocab_size
-    kv_dim = model.num_kv_heads * (h // model.num_heads)
-    matmul = model.num_layers * (2 * h * h + 2 * h * kv_dim + 3 * h * f) + v * h
-    return 6.0 * matmul + 12.0 * model.num_layers * h * s
+    d = model.head_dim or h // model.num_heads
+    attention = 2 * h * model.num_heads * d + 2 * h * model.num_kv_heads * d
+    moe = model.moe
+    moe_layers = max(model.num_layers - moe.first_k_dense, 0) if moe.num_experts else 0
+    expert = 3 * h * (moe.ffn_hidden_size or f)
+    moe_mlp = h * moe.num_experts + moe.top_k * expert + 3 * h * moe.shared_ffn_hidden_size
+    mlp = (model.num_layers - moe_layers) * 3 * h * f + moe_layers * moe_mlp
+    matmul = model.num_layers * attention + mlp + v * h
+    return 6.0 * matmul + 12.0 * model.num_layers * model.num_heads * d * s
 
 
 def estimate_mfu(flops_per_token: float, tokens_per_s: float, peak_flops: float) -> float:

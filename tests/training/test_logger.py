@@ -112,6 +112,30 @@ def test_flops_and_parameter_count():
     assert count_parameters(bench) == 4 * (2 * 512**2 + 2 * 512 * 128 + 3 * 512 * 1408 + 1024) + 2 * 32000 * 512 + 512
 
 
+def test_flops_count_the_active_experts_of_moe_layers():
+    """3 layers, the first dense: 2 MoE layers of router + top-2 of 4 experts + a shared expert."""
+    base = ["model.vocab_size=100", "model.hidden_size=8", "model.num_layers=3",
+            "model.num_heads=2", "model.num_kv_heads=1", "model.ffn_hidden_size=16",
+            "model.seq_length=4", "model.max_position_embeddings=4"]
+    moe = ["model.moe.num_experts=4", "model.moe.top_k=2", "model.moe.ffn_hidden_size=6",
+           "model.moe.shared_ffn_hidden_size=5", "model.moe.first_k_dense=1"]
+    attention = 2 * 8 * 8 + 2 * 8 * 4  # q, o: 8 x 8; k, v: 8 x (1 kv head * 4)
+    dense_mlp = 3 * 8 * 16
+    moe_mlp = 8 * 4 + 2 * (3 * 8 * 6) + 3 * 8 * 5  # router, 2 active experts, shared
+    matmul = 3 * attention + dense_mlp + 2 * moe_mlp + 100 * 8
+    m = load_config(None, base + moe).model
+    assert model_flops_per_token(m) == 6 * matmul + 12 * 3 * 8 * 4
+    # the expert width defaults to model.ffn_hidden_size; no shared expert; every layer MoE
+    m = load_config(None, base + ["model.moe.num_experts=4", "model.moe.top_k=1"]).model
+    matmul = 3 * (attention + 8 * 4 + 1 * 3 * 8 * 16) + 100 * 8
+    assert model_flops_per_token(m) == 6 * matmul + 12 * 3 * 8 * 4
+    # head_dim set apart from hidden / heads (Qwen3): projections and scores use heads * head_dim
+    m = load_config(None, base + ["model.head_dim=6"]).model
+    attention = 2 * 8 * 2 * 6 + 2 * 8 * 1 * 6
+    matmul = 3 * (attention + dense_mlp) + 100 * 8
+    assert model_flops_per_token(m) == 6 * matmul + 12 * 3 * 2 * 6 * 4
+
+
 def tensorboard_scalars(logdir):
     """What TensorBoard shows: event files read in name order, and (its rule for files of
     version ``brain.Event:2``) a ``SessionLog.START`` event at step ``s`` drops every event seen
