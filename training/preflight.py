@@ -1,11 +1,14 @@
 """Checks of a run's paths before any heavy work (no MindSpore, no model, no data read).
 
-``check_paths(cfg)`` raises the user error of the first path that cannot work,
-naming its key: ``data.corpus`` / ``data.tokenizer`` / ``data.data_prefix`` that do not exist
-(``DataError``); ``checkpoint.load`` that is neither ``none``, ``auto`` nor a checkpoint
-directory (``CheckpointError`` listing the accepted values); ``model.hf_path`` without a
-``config.json``, ``logging.output_dir``,
-``checkpoint.dir`` or ``data.cache_dir`` that cannot be created or written (``ConfigError``).
+``check_paths(cfg)`` raises the user error of the first path that cannot work, naming its
+key: ``data.corpus`` / ``data.data_prefix`` that do not exist (``DataError``);
+``checkpoint.load`` that is neither ``none``, ``auto`` nor a checkpoint directory
+(``CheckpointError`` listing the accepted values); ``model.hf_path`` without a
+``config.json``, ``logging.output_dir``, ``checkpoint.dir`` or ``data.cache_dir`` that cannot
+be created or written (``ConfigError``). ``data.tokenizer`` is not checked here:
+``training.pretrain.check_tokenizer_file`` refuses a missing file, one that is not a
+tokenizer and one larger than ``model.vocab_size`` when the config is parsed, before these
+checks run (``ConfigError``).
 """
 from __future__ import annotations
 
@@ -32,10 +35,9 @@ def check_writable_dir(key: str, value: str) -> None:
 
 
 def check_data(cfg) -> None:
-    """``DataError`` naming the ``data`` key whose file or directory does not exist."""
+    """``DataError`` naming the ``data`` key whose file or directory does not exist
+    (``data.tokenizer``: see the module docstring)."""
     d = cfg.data
-    if d.tokenizer is not None and not Path(d.tokenizer).is_file():
-        raise DataError(f"data.tokenizer='{d.tokenizer}': no such file")
     if d.data_prefix is not None:
         for suffix in (".bin", ".idx"):
             if not Path(d.data_prefix + suffix).is_file():

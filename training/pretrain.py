@@ -19,8 +19,8 @@ Outputs in ``logging.output_dir``: ``metrics.jsonl``, ``logs/rank_N.log``, ``ten
 ``checkpoints/step_NNNNNN/`` (atomic; model, Adam moments, sampler position, host RNG state).
 Bad input stops the run with one line on stderr, ``<kind> error: <message naming the key or
 file>``, and exit status 2 (``training.errors``): a bad config key or value, and paths that
-cannot work (``data.corpus``, ``data.tokenizer``, ``checkpoint.load``, ``logging.output_dir``:
-``training.preflight``) before any work; a corpus too small for one global batch, a checkpoint
+cannot work (``data.tokenizer``: ``check_tokenizer_file`` at parse time; ``data.corpus``,
+``checkpoint.load``, ``logging.output_dir``: ``training.preflight``) before any work; a corpus too small for one global batch, a checkpoint
 that cannot be loaded (``checkpoint.load=auto`` with none that verifies), or a run that
 diverges (``training.max_skipped_steps`` non-finite steps in a row, or a NaN tensor at a save:
 ``numerical error``, checkpoints left as they were) when they are found.
@@ -97,10 +97,18 @@ def check_model(cfg) -> None:
 
 
 def check_tokenizer_file(cfg) -> None:
-    """With ``data.tokenizer`` given, refuse a file that is missing or has more tokens than
-    ``model.vocab_size`` now, before any data or model work (``ConfigError`` naming the key)."""
+    """The one check of the run's tokenizer, before any data or model work (``ConfigError``
+    naming the key): a given ``data.tokenizer`` must be a tokenizer.json with no more tokens
+    than ``model.vocab_size``; without one the run trains a byte-level BPE of
+    ``model.vocab_size`` tokens (never more), which needs at least ``MIN_BPE_VOCAB``."""
     path = cfg.data.tokenizer
     if path is None:
+        from training.data.tokenizer import MIN_BPE_VOCAB
+
+        vocab = cfg.model.vocab_size
+        if cfg.data.data_prefix is None and vocab < MIN_BPE_VOCAB:
+            raise ConfigError(f"model.vocab_size={vocab}: without data.tokenizer the run trains a "
+                              f"byte-level BPE tokenizer, which needs >= {MIN_BPE_VOCAB} tokens")
         return
     try:
         is_file = Path(path).is_file()
@@ -127,8 +135,9 @@ def check_vocab(cfg, tokenizer_size: int, source: str = "the tokenizer") -> None
 
 def check_data(cfg, data, log) -> None:
     """Right after the data is loaded: say so when validation is off. (That the tokenizer fits
-    ``model.vocab_size`` is checked by ``check_tokenizer_file`` at parse time for a given file,
-    and by ``training.data.pipeline.build_data`` for a tokenizer trained by the run.)"""
+    ``model.vocab_size`` is checked by ``check_tokenizer_file`` at parse time; a tokenizer
+    trained by the run has at most ``model.vocab_size`` tokens, and
+    ``training.data.pipeline.build_data`` checks the fit again for its other callers.)"""
     if data.eval_batches is None:
         log(f"data.valid_fraction={cfg.data.valid_fraction:g}: no validation samples, "
             "validation is off")

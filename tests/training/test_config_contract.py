@@ -166,6 +166,13 @@ def test_tokenizer_larger_than_vocab_is_refused_at_parse_time(tmp_path):
     refused([f"data.tokenizer={tmp_path / 'junk.json'}"], "data.tokenizer", "junk.json")
 
 
+def test_vocab_too_small_for_the_tokenizer_the_run_trains_is_refused_at_parse_time():
+    """Without data.tokenizer the run trains a byte-level BPE of model.vocab_size tokens: never
+    more than that, but it needs 258 (EOD, 256 bytes, one merge)."""
+    refused(["model.vocab_size=256"], "model.vocab_size=256", "data.tokenizer", ">= 258")
+    assert outcome(["model.vocab_size=258"])[0] == "ok"
+
+
 def test_zero_valid_fraction_logs_that_validation_is_off():
     from types import SimpleNamespace
 

@@ -151,6 +151,24 @@ def test_build_data_pipeline_caches(corpus, tmp_path):
             "".join(p.read_text() for p in sorted(corpus.iterdir())))
 
 
+def test_build_data_refuses_a_tokenizer_larger_than_the_model_vocab(corpus, tokenizer, tmp_path):
+    """build_data's own check (for callers that skip training.pretrain's parse-time one), and
+    a tokenizer the run trains never exceeds model.vocab_size."""
+    from training.errors import DataError
+
+    tok, path = tokenizer
+    small = tok.vocab_size - 1
+    common = [f"data.corpus={corpus}", f"data.cache_dir={tmp_path}", "model.seq_length=16",
+              "model.max_position_embeddings=16", "training.micro_batch_size=1",
+              "training.global_batch_size=1"]
+    cfg = load_config(None, common + [f"data.tokenizer={path}", f"model.vocab_size={small}"])
+    with pytest.raises(DataError, match=rf"tokenizer has {tok.vocab_size} tokens but "
+                                        rf"model.vocab_size is {small}"):
+        build_data(cfg, log=lambda line: None)
+    trained = build_data(load_config(None, common + ["model.vocab_size=300"]), log=lambda line: None)
+    assert trained.tokenizer.vocab_size <= 300
+
+
 def test_other_ranks_wait_for_rank_zero(corpus, tmp_path):
     import threading
     import time

@@ -54,6 +54,9 @@ class TextTokenizer:
         os.replace(tmp, path)
 
 
+MIN_BPE_VOCAB = 258  # the end-of-document token, 256 byte symbols and one merge
+
+
 def train_bpe(files: list[str | os.PathLike], vocab_size: int,
               save_path: str | os.PathLike | None = None, min_frequency: int = 2) -> TextTokenizer:
     """Train a byte-level BPE of at most ``vocab_size`` tokens on text ``files``.
@@ -61,8 +64,9 @@ def train_bpe(files: list[str | os.PathLike], vocab_size: int,
     The vocabulary holds the end-of-document token, the 256 byte symbols and the learned merges;
     a small corpus may stop short of ``vocab_size``. Deterministic for the same files.
     """
-    if vocab_size < 257 + 1:
-        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE (needs >= 258)")
+    if vocab_size < MIN_BPE_VOCAB:
+        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level BPE "
+                         f"(needs >= {MIN_BPE_VOCAB})")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
