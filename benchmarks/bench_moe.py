@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -168,8 +169,6 @@ def job(tmp_path_factory):
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=IDS)
 def test_moe_layer_fwd_bwd_2_ranks(benchmark, job, index):
-    import time
-
     dims, runners = job
     row, mode, _, _, _, reference = CASES[index]
     reference_seconds = []
