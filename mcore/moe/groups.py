@@ -17,11 +17,13 @@ rank thus dispatches distinct tokens (no expert work is repeated), and every etp
 expert sees all of that expert's tokens. When the etp group is the tp group (``etp == tp``
 and the default order), split + gather is the identity and reduce-scatter + gather an
 all-reduce: ``enter`` is Megatron's ``f`` (identity, backward all-reduce over tp) and ``exit``
-its ``g`` (all-reduce over tp, backward identity). ``T`` must be divisible by tp.
+its ``g`` (all-reduce over tp, backward identity). When ``T`` is not a multiple of tp (e.g. one
+token per step in generation) ``enter`` appends zero tokens routed to the "dropped" expert id
+``E`` (they reach no expert and are not counted) and ``exit`` removes them.
 """
 from __future__ import annotations
 
-from mindspore import nn
+from mindspore import nn, ops
 
 from mcore.comm import (DifferentiableAllGather, DifferentiableReduceScatter, DifferentiableSplit,
                         all_gather, narrow)
@@ -44,13 +46,14 @@ def _maybe(cell_cls, group, *args):
 
 class ExpertRegion(nn.Cell):
     """``enter(tokens [T, h], weights [T, k], experts [T, k])`` -> the same three with
-    ``T' = T / tp * etp`` rows (``T' = T`` when etp is the tp group); ``exit(y [T', h])`` ->
-    ``[T, h]`` summed over etp and replicated on tp. See the module docstring."""
+    ``T' = ceil(T / tp) * etp`` rows (``T' = T`` when etp is the tp group);
+    ``exit(y [T', h], T)`` -> ``[T, h]`` summed over etp and replicated on tp. See the module
+    docstring. ``num_experts``: the id of a dropped pair."""
 
-    def __init__(self, groups: ModelGroups):
+    def __init__(self, groups: ModelGroups, num_experts: int):
         super().__init__()
         tp, etp = groups.tp, groups.etp
-        self.tp, self.etp = tp, etp
+        self.tp, self.etp, self.num_experts = tp, etp, num_experts
         self.same = tp.size > 1 and tp.ranks == etp.ranks
         self.gather_factor = 1 if self.same else etp.size  # token slices per dispatch source
         if self.same:
@@ -64,17 +67,17 @@ class ExpertRegion(nn.Cell):
         self.scatter_y = _maybe(DifferentiableReduceScatter, etp, 0)
         self.gather_y = _maybe(GatherSliceBackward, tp, 0)
 
-    def check_tokens(self, num_tokens: int) -> None:
-        """``ValueError`` if ``num_tokens`` (``b * s``) cannot be split over tp."""
-        if num_tokens % self.tp.size:
-            raise ValueError(f"MoELayer: b * s = {num_tokens} tokens are not divisible by the "
-                             f"tp group size {self.tp.size} (the tokens are split over tp for "
-                             "dispatch)")
-
     def enter(self, tokens, weights, experts):
         if self.same:
             return self.copy_x(tokens), self.copy_w(weights), experts
         if self.split_x is not None:
+            pad = -tokens.shape[0] % self.tp.size
+            if pad:  # [T, .] -> [T + pad, .]: zero tokens, routed nowhere
+                k = experts.shape[1]
+                tokens = ops.cat([tokens, ops.zeros((pad, tokens.shape[1]), tokens.dtype)], 0)
+                weights = ops.cat([weights, ops.zeros((pad, k), weights.dtype)], 0)
+                experts = ops.cat([experts, ops.fill(experts.dtype, (pad, k), self.num_experts)],
+                                  0)
             n = tokens.shape[0] // self.tp.size
             tokens, weights = self.split_x(tokens), self.split_w(weights)  # [T, .] -> [T/tp, .]
             experts = narrow(experts, 0, self.tp.rank * n, n)
@@ -83,11 +86,13 @@ class ExpertRegion(nn.Cell):
             experts = all_gather(experts, self.etp, 0)
         return tokens, weights, experts
 
-    def exit(self, y):
+    def exit(self, y, num_tokens: int):
         if self.same:
             return self.reduce_y(y)
         if self.scatter_y is not None:
             y = self.scatter_y(y)  # [etp*T/tp, h] partial -> [T/tp, h] summed over etp
         if self.gather_y is not None:
-            y = self.gather_y(y)  # [T/tp, h] -> [T, h]
+            y = self.gather_y(y)  # [T/tp, h] -> [T (+ pad), h]
+            if y.shape[0] != num_tokens:
+                y = narrow(y, 0, 0, num_tokens)  # drop the padding: [T + pad, h] -> [T, h]
         return y

@@ -24,7 +24,7 @@ tells ``TransformerLayer`` that this mlp returns ``(y, aux, counts)``. Paralleli
 ``groups.ep`` splits the experts (the dispatcher moves tokens over it); each expert's weights
 are split over ``groups.etp`` (``GroupedMLP``); the partial outputs are reduce-scattered over
 etp and all-gathered over tp. The shared expert is a tensor-parallel ``MLP`` over ``groups.tp``.
-``T`` must be divisible by tp; ``moe.ffn_hidden_size`` by etp. Expert weights are created in
+``moe.ffn_hidden_size`` must be divisible by etp (``T`` need not be by tp: see ``ExpertRegion``). Expert weights are created in
 ``config.params_dtype`` and carry ``param.expert = True``; the router weight stays float32.
 """
 from __future__ import annotations
@@ -86,7 +86,7 @@ class MoELayer(nn.Cell):
         if config.parallel.sequence_parallel and groups.tp.size > 1:
             raise NotImplementedError("MoELayer: sequence_parallel with tp > 1 is not supported")
         self.router = TopKRouter(h, moe, name=f"layers.{layer_number}.router")
-        self.region = ExpertRegion(groups)
+        self.region = ExpertRegion(groups, E)
         self.dispatcher = build_module(submodules.dispatcher, E, groups.ep)
         num_local = E // groups.ep.size
         self.experts = build_module(submodules.experts, config, ffn_hidden_size=moe.ffn_hidden_size,
@@ -124,13 +124,12 @@ class MoELayer(nn.Cell):
 
     def construct(self, x):
         b, s, h = x.shape
-        self.region.check_tokens(b * s)
         weights, experts, aux, counts = self.router(x)  # all T tokens, on every tp rank
         tokens = x.reshape(b * s, h)  # [b, s, h] -> [T, h]
         # [T, .] -> [T / tp * etp, .]: own tp slice, gathered over etp
         tokens, weights, experts = self.region.enter(tokens, weights, experts)
         y = self._routed(tokens, weights, experts, self.moe.capacity(b * s))
-        y = self.region.exit(y).reshape(b, s, h)  # [T / tp * etp, h] -> [T, h] -> [b, s, h]
+        y = self.region.exit(y, b * s).reshape(b, s, h)  # [T / tp * etp, h] -> [T, h] -> [b, s, h]
         if self.has_shared:
             shared = self.shared_experts(x)  # [b, s, h]
             if self.has_gate:

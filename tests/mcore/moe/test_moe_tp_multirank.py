@@ -9,7 +9,8 @@ backward against the one-process layer on the same tokens:
 - ``tp2_ep2``: tp = 2 and ep = 2 on the same ranks, etp = 1.
 
 Each dropless (all router losses on) and with capacity padding (all-to-all dispatcher), and
-with a sigmoid-gated shared expert (a tp MLP; all-gather dispatcher); two scenarios also
+with a sigmoid-gated shared expert (a tp MLP; all-gather dispatcher; 5 tokens, not a multiple
+of tp); two scenarios also
 dropless with the all-gather dispatcher under ``mindspore.jit``. Checked:
 outputs, input gradients, router / shared expert / gate gradients (tp shards: this rank's
 slice), expert gradients (this rank's ep and etp slice of the sum over every token batch that
@@ -94,8 +95,9 @@ def _check(ctx, world, scenario, name, tag, jit=False):
 
     groups, edp, d = _groups(world, scenario)
     data = [0, 1] if scenario == "etp2" else [0]  # the token batches held by the ranks
-    xs = {q: _x(q, (2, 4, H), salt=4) for q in data}
-    gs = {q: _x(q, (2, 4, H), salt=5) for q in data}
+    shape = (1, 5, H) if tag == "shared" else (2, 4, H)  # 5 tokens: padded to split over tp
+    xs = {q: _x(q, shape, salt=4) for q in data}
+    gs = {q: _x(q, shape, salt=5) for q in data}
     moe = _moe(tag)
     single = _layer(moe, MoEGroups.single(), name)
     refs = {q: _value_and_grads(single, xs[q], gs[q]) for q in data}
