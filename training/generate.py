@@ -10,7 +10,8 @@
 ``SOURCE`` is a checkpoint step directory (``meta.json``), a run directory or checkpoint root
 (its newest valid checkpoint), or a HF directory (``config.json`` + safetensors, read by
 ``models.from_pretrained``). Checkpoints saved with tp > 1 and / or pp > 1 (MoE: ep, etp > 1)
-are merged to one process (under msrun with pp, ``training/pretrain.py`` itself samples through the stages).
+are merged to one process (under msrun with pp, ``training/pretrain.py`` itself samples
+through the stages).
 The tokenizer: ``--tokenizer``, else the run's ``tokenizer.json`` (recorded in the checkpoint),
 else ``tokenizer.json`` in the HF directory; it must fit the model's vocabulary.
 

@@ -24,8 +24,9 @@ tells ``TransformerLayer`` that this mlp returns ``(y, aux, counts)``. Paralleli
 ``groups.ep`` splits the experts (the dispatcher moves tokens over it); each expert's weights
 are split over ``groups.etp`` (``GroupedMLP``); the partial outputs are reduce-scattered over
 etp and all-gathered over tp. The shared expert is a tensor-parallel ``MLP`` over ``groups.tp``.
-``moe.ffn_hidden_size`` must be divisible by etp (``T`` need not be by tp: see ``ExpertRegion``). Expert weights are created in
-``config.params_dtype`` and carry ``param.expert = True``; the router weight stays float32.
+``moe.ffn_hidden_size`` must be divisible by etp (``T`` need not be by tp: see
+``ExpertRegion``). Expert weights are created in ``config.params_dtype`` and carry
+``param.expert = True``; the router weight stays float32.
 """
 from __future__ import annotations
 

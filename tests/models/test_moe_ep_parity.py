@@ -8,9 +8,9 @@ ep=1 model, the greedy continuation, and ``save_pretrained`` (experts gathered o
 rank 0 writes): the written checkpoint equals the original fixture, names and values, so the
 NaN tensors were never used.
 
-At tp=2 (Mixtral: etp=2 and etp=1; Qwen3-MoE: etp=2) every rank holds its tp shard of each dense tensor and all experts; with etp=2 each
-expert's etp slice (gate and up rows split separately, down columns), equal to the slice of
-the ep=1 model's experts. Logits equal the one-process model's, the greedy continuation
+At tp=2 (Mixtral: etp=2 and etp=1; Qwen3-MoE: etp=2) every rank holds its tp shard of each
+dense tensor and all experts; with etp=2 each expert's etp slice (gate and up rows split
+separately, down columns), equal to the slice of the ep=1 model's experts. Logits equal the one-process model's, the greedy continuation
 (one token per step: not a multiple of tp, padded inside the MoE layer) transformers', and
 ``save_pretrained`` (gathered over tp, etp) writes the original fixture back.
 """
