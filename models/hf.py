@@ -4,8 +4,9 @@ A directory holds ``config.json`` and ``model.safetensors`` (or shards with
 ``model.safetensors.index.json``). ``model_type`` picks the family file (``FAMILIES``); the
 family maps the config to a ``TransformerConfig`` and names the weights (``models.weights``).
 With a tp group of size > 1 every rank reads only its shard of each tensor; with an ep group
-of size > 1 (``groups.ep``, MoE families) every rank reads only its experts' tensors, and
-``save_pretrained`` gathers the experts back over ep.
+of size > 1 (``groups.ep``, MoE families) every rank reads only its experts' tensors, sliced
+over the etp group (``groups.etp``), and ``save_pretrained`` gathers the experts back over etp
+and ep.
 With ``stage=StageSpec(pre_process, post_process, layer_range)`` the model is one pipeline
 stage (``models.gpt``) and reads only the tensors that stage holds (the tied head copy of a
 last stage from ``embed_tokens``); ``full_state`` then returns that stage's parameters.
@@ -180,8 +181,10 @@ def load_weights(model: GPTModel, tensors: dict) -> None:
     params = dict(model.parameters_and_names())
     table = stage_table(model)
     group = model.tp_group
+    etp = model.groups.etp
     values = to_local(table, tensors, {n: tuple(p.shape) for n, p in params.items()},
-                      split_dims(model), group.size, group.rank, ep_rank=model.groups.ep.rank)
+                      split_dims(model), group.size, group.rank, ep_rank=model.groups.ep.rank,
+                      etp=etp.size, etp_rank=etp.rank)
     for name, value in values.items():
         params[name].set_data(ms.Tensor(value, params[name].dtype))
 
@@ -189,25 +192,28 @@ def load_weights(model: GPTModel, tensors: dict) -> None:
 def full_state(model: GPTModel) -> dict[str, np.ndarray]:
     """Every parameter at full size: split parameters are gathered over the tp group (rank
     shards concatenated along their split dim; fused q/k/v and gate/up are reordered by
-    ``models.weights.to_hf``), expert parameters (``param.expert``) over the ep group (all
-    experts, in global order). Collective over both groups."""
+    ``models.weights.to_hf``), expert parameters (``param.expert``) over the etp group along
+    their split dim, then over the ep group (all experts, in global order). Collective over
+    the tp, etp and ep groups."""
     from mcore.comm import all_gather
 
-    dims, group, ep, out = split_dims(model), model.tp_group, model.groups.ep, {}
+    dims, groups, out = split_dims(model), model.groups, {}
     for name, param in model.parameters_and_names():
         dim = dims.get(name)
         value = param.value()
+        expert = getattr(param, "expert", False)
+        group = groups.etp if expert else model.tp_group
         if dim is not None and group.size > 1:
             value = all_gather(value, group, dim)  # [.., n/tp, ..] -> [.., n, ..]
-        if getattr(param, "expert", False) and ep.size > 1:
-            value = all_gather(value, ep, 0)  # [E/ep, in, out] -> [E, in, out]
+        if expert and groups.ep.size > 1:
+            value = all_gather(value, groups.ep, 0)  # [E/ep, in, out] -> [E, in, out]
         out[name] = value.asnumpy()
     return out
 
 
 def save_pretrained(model: GPTModel, path, max_shard_bytes: int | None = None) -> None:
     """Write ``model`` as a HF directory (float32 safetensors + config.json) that transformers
-    loads. Collective over the tp and ep groups; the rank that is 0 in both writes."""
+    loads. Collective over the tp, etp and ep groups; the rank that is 0 in all three writes."""
     info = getattr(model, "hf", None)
     if info is None:
         raise ValueError("save_pretrained: model has no Hugging Face config (build it with "
@@ -218,10 +224,10 @@ def save_pretrained(model: GPTModel, path, max_shard_bytes: int | None = None) -
                          f"{model.pre_process}, post_process={model.post_process}, layer_range="
                          f"{model.layer_range}); merge the stages' full_state first")
     state = full_state(model)
-    if model.tp_group.rank != 0 or model.groups.ep.rank != 0:
+    if model.tp_group.rank != 0 or model.groups.ep.rank != 0 or model.groups.etp.rank != 0:
         return
     tensors = to_hf(info.family.weight_table(model.config, info.tie), state, split_dims(model),
-                    model.tp_group.size)
+                    model.tp_group.size, model.groups.etp.size)
     path = Path(path)
     write_checkpoint(path, tensors, max_shard_bytes)
     config = dict(info.config)

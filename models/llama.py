@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from mcore.transformer.config import AttentionConfig, TransformerConfig
 from mcore.transformer.layer_specs import gpt_layer_spec
-from models.common import activation_from_hf, decoder_table, rope_from_hf
+from models.common import activation_from_hf, moe_decoder_table, rope_from_hf
 
 MODEL_TYPES = ("llama",)
 TIE_DEFAULT = False
@@ -32,4 +32,8 @@ def layer_spec(cfg: TransformerConfig):
 
 
 def weight_table(cfg: TransformerConfig, tie: bool) -> dict:
-    return decoder_table(cfg, tie, qkv_bias=cfg.attention.qkv_bias, out_bias=cfg.attention.out_bias)
+    """The decoder's names; a training config with ``model.moe`` (family llama) has MoE layers,
+    whose MLP entries are HF-style per-expert ``mlp.experts.e.*_proj`` stacks (for
+    ``training/generate.py``'s checkpoint merge)."""
+    return moe_decoder_table(cfg, tie, qkv_bias=cfg.attention.qkv_bias,
+                             out_bias=cfg.attention.out_bias)

@@ -15,8 +15,10 @@ hold (e.g. the unused expert bias of a router): it keeps its initial value and i
 
 ``to_local`` builds this rank's parameter values (each piece is sharded separately along the
 parameter's tp split dim, then concatenated: the layout ``mcore`` layers expect; an
-``ExpertStack`` reads only the experts of its expert-parallel rank, never tp-split);
-``to_hf`` splits full (tp=1, all experts) parameter values back into HF tensors.
+``ExpertStack`` reads only the experts of its expert-parallel rank, and splits each piece over
+the expert tensor-parallel group etp along the stack's split dim: fc1's gate and up rows
+separately, fc2's columns); ``to_hf`` splits full (tp=1, etp=1, all experts) parameter values
+back into HF tensors.
 Errors name the HF tensor or parameter at fault; a checkpoint that lacks a tensor, or holds
 NaN / Inf in one, raises ``models.LoadError`` naming the tensor and its file.
 """
@@ -70,9 +72,12 @@ class ExpertStack:
         for plist in self.experts:
             yield from plist
 
-    def local(self, hf: dict, shape: tuple, ep_rank: int, pname: str) -> np.ndarray:
+    def local(self, hf: dict, shape: tuple, ep_rank: int, pname: str, dim: int | None = None,
+              etp: int = 1, etp_rank: int = 0) -> np.ndarray:
         """This expert-parallel rank's block ``[El, in, out]`` (``El = shape[0]``): experts
-        ``[ep_rank El, (ep_rank + 1) El)``, and only their tensors are read."""
+        ``[ep_rank El, (ep_rank + 1) El)``, and only their tensors are read. With ``etp`` > 1,
+        etp rank ``etp_rank``'s slice of each piece along the stack's split ``dim`` (2: out,
+        the HF rows; 1: in, the HF columns)."""
         n_local, total = shape[0], len(self.experts)
         if total % n_local or not 0 <= ep_rank < total // n_local:
             raise ValueError(f"parameter {pname}: {n_local} local experts of {total} do not fit "
@@ -83,7 +88,10 @@ class ExpertStack:
             for piece in self.experts[e]:
                 if piece.name not in hf:
                     raise LoadError(f"checkpoint is missing tensor {piece.name!r} (for {pname})")
-                parts.append(piece.take(_finite(piece.name, hf[piece.name])))
+                part = piece.take(_finite(piece.name, hf[piece.name]))  # [out, in]
+                if etp > 1 and dim is not None:
+                    part = shard(part, etp, etp_rank, 0 if dim == 2 else 1)
+                parts.append(part)
             blocks.append(np.concatenate(parts, 0).T)  # [out, in] -> [in, out]
         value = np.stack(blocks)  # El x [in, out] -> [El, in, out]
         if tuple(value.shape) != tuple(shape):
@@ -115,10 +123,11 @@ def _finite(name: str, tensor) -> np.ndarray:
 
 
 def to_local(table: dict, hf: dict, params: dict, dims: dict, tp: int, rank: int,
-             ep_rank: int = 0) -> dict:
-    """``{param: np.ndarray}`` for this rank (tp ``rank``, expert-parallel ``ep_rank``). ``hf``:
-    name -> object with ``load()`` and ``shape``; ``params``: param name -> local shape.
-    ``NOT_STORED`` parameters are absent from the result."""
+             ep_rank: int = 0, etp: int = 1, etp_rank: int = 0) -> dict:
+    """``{param: np.ndarray}`` for this rank (tp ``rank``, expert-parallel ``ep_rank``, expert
+    tensor-parallel ``etp_rank`` of ``etp``). ``hf``: name -> object with ``load()`` and
+    ``shape``; ``params``: param name -> local shape. ``NOT_STORED`` parameters are absent from
+    the result."""
     missing_params = sorted(set(params) - set(table))
     if missing_params:
         raise KeyError(f"no Hugging Face mapping for parameter(s) {missing_params}")
@@ -127,7 +136,8 @@ def to_local(table: dict, hf: dict, params: dict, dims: dict, tp: int, rank: int
         if pname not in params:
             raise KeyError(f"weight table names parameter {pname!r}, which the model does not have")
         if isinstance(plist, ExpertStack):
-            out[pname] = plist.local(hf, params[pname], ep_rank, pname)
+            out[pname] = plist.local(hf, params[pname], ep_rank, pname, dims.get(pname), etp,
+                                     etp_rank)
             continue
         if not plist:
             continue
@@ -161,10 +171,11 @@ def _unshard_fused(value: np.ndarray, rows: list, tp: int) -> np.ndarray:
                            for j in range(len(rows))], 0)
 
 
-def to_hf(table: dict, full: dict, dims: dict | None = None, tp: int = 1) -> dict:
+def to_hf(table: dict, full: dict, dims: dict | None = None, tp: int = 1, etp: int = 1) -> dict:
     """HF tensors from full parameter values ``{param: np.ndarray}``: tp=1 values, or (with
     ``tp`` > 1) the rank shards concatenated along each parameter's split dim ``dims``. Expert
-    stacks must hold every expert (``[E, in, out]``, gathered over expert parallel)."""
+    stacks must hold every expert (``[E, in, out]``, gathered over expert parallel), and with
+    ``etp`` > 1 the etp shards concatenated along their split dim."""
     out, strided = {}, {}
     for pname, plist in table.items():
         if not isinstance(plist, ExpertStack) and not plist:
@@ -174,8 +185,12 @@ def to_hf(table: dict, full: dict, dims: dict | None = None, tp: int = 1) -> dic
             if value.shape[0] != len(plist.experts):
                 raise ValueError(f"parameter {pname}: {value.shape[0]} experts given, the table "
                                  f"names {len(plist.experts)} (gather expert parallel first)")
+            fused = etp > 1 and len(plist.experts[0]) > 1 and (dims or {}).get(pname) == 2
             for e, expert in enumerate(plist.experts):
-                out.update(to_hf({pname: expert}, {pname: np.ascontiguousarray(value[e].T)}))
+                matrix = np.ascontiguousarray(value[e].T)  # [in, out] -> [out, in]
+                if fused:  # [g_0; u_0; g_1; u_1] -> [g; u]
+                    matrix = _unshard_fused(matrix, [p.rows for p in expert], etp)
+                out.update(to_hf({pname: expert}, {pname: matrix}))
             continue
         if tp > 1 and len(plist) > 1 and (dims or {}).get(pname) == 0:
             value = _unshard_fused(value, [p.rows for p in plist], tp)

@@ -112,7 +112,8 @@ class ParallelConfig:
         None, "layers of each virtual pipeline stage, e.g. [3, 1] (null: model.num_layers split "
         "evenly over pp*vpp)")
     ep: int = _f(1, "expert-parallel size: ranks that split the experts of each MoE layer")
-    etp: int = _f(1, "expert tensor-parallel size (only 1 is implemented)")
+    etp: int = _f(1, "expert tensor-parallel size: ranks that split each expert's weights (the "
+                  "expert grid is etp x ep x edp x pp; etp = tp puts them on the tp ranks)")
     cp: int = _f(1, "context-parallel size (training/pretrain.py refuses != 1 for now)")
     sp: bool = _f(False, "sequence parallelism inside the tp group")
     order: str = _f("tp-cp-ep-dp-pp", "rank order of the axes, first varies fastest")

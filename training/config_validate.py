@@ -114,7 +114,7 @@ def validate(cfg, world_size: int = 1) -> None:
     if p.cp > 1:
         _divides("model.seq_length", m.seq_length, "2*parallel.cp", 2 * p.cp)
 
-    _validate_moe(m.moe, p, m.num_layers)
+    _validate_moe(m.moe, p, m)
 
     # batch
     per_step = t.micro_batch_size * dp
@@ -140,8 +140,9 @@ def validate(cfg, world_size: int = 1) -> None:
                           f"optimizer.warmup_iters={o.warmup_iters}")
 
 
-def _validate_moe(moe, p, num_layers: int) -> None:
-    """``model.moe`` against itself and ``parallel.ep`` / ``parallel.etp``."""
+def _validate_moe(moe, p, m) -> None:
+    """``model.moe`` against itself and ``parallel.ep`` / ``parallel.etp`` / ``parallel.tp``."""
+    num_layers = m.num_layers
     _positive_moe = [("num_experts", 0), ("top_k", 1), ("shared_ffn_hidden_size", 0),
                      ("num_groups", 0), ("group_topk", 0), ("first_k_dense", 0)]
     for name, minimum in _positive_moe:
@@ -167,6 +168,12 @@ def _validate_moe(moe, p, num_layers: int) -> None:
     if moe.top_k > E:
         raise ConfigError(f"model.moe.top_k={moe.top_k} exceeds model.moe.num_experts={E}")
     _divides("model.moe.num_experts", E, "parallel.ep", p.ep)
+    if moe.ffn_hidden_size is None:
+        _divides("model.moe.ffn_hidden_size (null: model.ffn_hidden_size)", m.ffn_hidden_size,
+                 "parallel.etp", p.etp)
+    else:
+        _divides("model.moe.ffn_hidden_size", moe.ffn_hidden_size, "parallel.etp", p.etp)
+    _divides("model.moe.shared_ffn_hidden_size", moe.shared_ffn_hidden_size, "parallel.tp", p.tp)
     if moe.num_groups:
         _divides("model.moe.num_experts", E, "model.moe.num_groups", moe.num_groups)
         if not 1 <= moe.group_topk <= moe.num_groups:

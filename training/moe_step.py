@@ -13,10 +13,11 @@ for the logger.
   APPLIED optimizer step (a skipped one leaves the bias alone), every router with
   ``expert_bias`` on gets ``bias += rate * sign(mean(load) - load)`` where ``load`` [E] is its
   layer's row of the step's counts summed over micro-batches and the dp group. The dp group is
-  the one that holds all different tokens of the global batch: ``dp = world / (tp cp pp)``, and
-  expert parallelism is carved out of it (``ep`` x ``edp`` = ``dp`` for ``etp = tp = 1``), so the
-  ranks of an ep group are dp ranks with their own tokens; tp ranks share tokens and pp/cp are
-  refused for MoE by ``training/pretrain.py``. The same all-reduce serves the log and the
+  the one that holds all different tokens of the global batch: ``dp = world / (tp cp pp)``. The
+  tp ranks share their tokens and each router counts ALL of them (``MoELayer`` routes the
+  tp-replicated tokens before splitting them over tp), so the counts are identical on the tp
+  ranks and a sum over dp counts each token once; ep / etp ranks outside the tp group are dp
+  ranks with their own tokens. pp / cp are refused for MoE by ``training/pretrain.py``. The same all-reduce serves the log and the
   update. The bias is a ``requires_grad=False`` Parameter: not in the optimizer nor the
   gradient norm; ``TrainStep`` saves it with the model state.
 

@@ -3,8 +3,9 @@
 On several ranks: ``msrun --worker_num=2 --local_worker_num=2 training/pretrain.py --config FILE
 parallel.tp=2`` (dp is what is left: world / (tp * pp)). Supported layouts: tp x pp x dp, with
 ``parallel.vpp`` virtual stages per pipeline rank and ``parallel.layers_per_stage`` for uneven
-splits (``parallel.cp``, ``etp`` and ``sp`` are not wired into this loop yet and are refused before
-any work). Mixture of experts (``model.moe.num_experts`` > 0): ep x dp (tp = pp = 1); the
+splits (``parallel.cp`` and ``sp`` are not wired into this loop yet and are refused before
+any work). Mixture of experts (``model.moe.num_experts`` > 0): tp x ep x dp with experts split
+over ``parallel.etp`` (pp = 1); the
 progress line, metrics.jsonl and TensorBoard add the router loss, tokens per expert and the
 dropped share (``training.moe_step``). With pp > 1 the step is ``training.pipeline_step.PipelineTrainStep`` (1F1B or
 interleaved 1F1B), every rank saves its own stage's shard, and the sample is generated through
@@ -52,15 +53,11 @@ def check_supported(cfg) -> None:
     if p.cp != 1:
         raise ConfigError(f"parallel.cp={p.cp}: training/pretrain.py supports tp, pp, ep and dp "
                           "only for now (set it to 1)")
-    if p.etp != 1:
-        raise ConfigError(f"parallel.etp={p.etp}: expert tensor parallelism is not implemented "
-                          "(set it to 1)")
     if cfg.model.moe.num_experts:
-        for key, value in (("tp", p.tp), ("pp", p.pp)):
-            if value != 1:
-                raise ConfigError(f"parallel.{key}={value}: training/pretrain.py trains MoE "
-                                  "models (model.moe.num_experts > 0) with ep and dp only for now "
-                                  "(set it to 1)")
+        if p.pp != 1:
+            raise ConfigError(f"parallel.pp={p.pp}: training/pretrain.py trains MoE models "
+                              "(model.moe.num_experts > 0) with tp, ep, etp and dp only for now "
+                              "(set it to 1)")
         if cfg.model.moe.dispatcher == "alltoall" and cfg.training.mode == "graph":
             raise ConfigError("model.moe.dispatcher=alltoall runs eagerly only: use allgather "
                               "with training.mode=graph, or training.mode=pynative")

@@ -8,8 +8,14 @@ ones give zeros. Expert ``e``'s weights are drawn from a seed of its global inde
 so any expert-parallel layout holds the same experts and both classes start equal.
 
 Activation as in ``mcore.transformer.mlp``: "swiglu" experts have ``fc1: h -> 2f`` with the
-``[gate | up]`` halves; the others ``fc1: h -> f``. Expert tensor parallelism (etp > 1) and
-expert biases are not implemented.
+``[gate | up]`` halves; the others ``fc1: h -> f``. Expert biases are not implemented.
+
+Expert tensor parallelism (``etp``, a ``ProcessGroup`` of size ``P``, rank ``r``): each expert's
+fc1 is split by columns (gate and up separately: this rank's ``fc1`` is ``[gate_r | up_r]``,
+``2f / P`` wide) and fc2 by rows (``f / P``); the output is then this rank's PARTIAL sum, to be
+summed over etp by the caller (``mcore.moe.groups.ExpertRegion.exit``). ``shard_dims`` names
+the etp split dim of each stacked weight (``fc1``: 2, ``fc2``: 1) like the tp layers do, so
+gradient finalisation counts the shards once in the norm and loaders slice them.
 """
 from __future__ import annotations
 
@@ -18,6 +24,8 @@ import numpy as np
 from mindspore import Parameter, nn, ops
 
 from mcore.moe.grouped_matmul import grouped_matmul
+from mcore.parallel_state import ProcessGroup
+from mcore.tensor_parallel.sharding import shard, shard_size
 from mcore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from mcore.tensor_parallel.random import init_master, name_seed
 from mcore.transformer.config import TransformerConfig
@@ -32,6 +40,22 @@ def expert_weights(config: TransformerConfig, ffn: int, expert: int, layer_numbe
     fc1 = init_master((width, h), name_seed(f"{prefix}.linear_fc1"))  # [out, in] like Linear
     fc2 = init_master((h, ffn), name_seed(f"{prefix}.linear_fc2"))
     return np.ascontiguousarray(fc1.T), np.ascontiguousarray(fc2.T)
+
+
+def etp_shard(fc1: np.ndarray, fc2: np.ndarray, gated: bool, size: int, rank: int):
+    """Rank ``rank`` of ``size``'s slices of one expert's ``fc1 [h, 2f|f]`` (gate and up
+    halves split separately) and ``fc2 [f, h]``: ``([h, 2f/size | f/size], [f/size, h])``."""
+    if size == 1:
+        return fc1, fc2
+    halves = np.split(fc1, 2, 1) if gated else [fc1]  # [h, 2f] -> 2 x [h, f]
+    fc1 = np.concatenate([shard(part, size, rank, 1) for part in halves], 1)
+    return fc1, shard(fc2, size, rank, 0)
+
+
+def _local_ffn(ffn: int, etp: ProcessGroup | None) -> tuple[int, int, int]:
+    """``(f / etp, etp size, etp rank)``; ``ValueError`` naming moe.ffn_hidden_size."""
+    size, rank = (etp.size, etp.rank) if etp is not None else (1, 0)
+    return shard_size(ffn, size, "moe.ffn_hidden_size over etp"), size, rank
 
 
 def _check(config: TransformerConfig, num_experts: int, first_expert: int, num_local: int):
@@ -54,16 +78,22 @@ def activation(name: str, x):
 
 
 class GroupedMLP(nn.Cell):
-    """Local experts as two stacked weights: ``fc1 [El, h, 2f|f]``, ``fc2 [El, f, h]``."""
+    """Local experts as two stacked weights: ``fc1 [El, h, 2f/etp|f/etp]``,
+    ``fc2 [El, f/etp, h]``."""
+
+    shard_dims = {"fc1": 2, "fc2": 1}  # split over etp (see the module docstring)
 
     def __init__(self, config: TransformerConfig, ffn_hidden_size: int, num_experts: int,
-                 first_expert: int = 0, num_local: int | None = None, layer_number: int = 0):
+                 first_expert: int = 0, num_local: int | None = None, layer_number: int = 0,
+                 etp: ProcessGroup | None = None):
         super().__init__()
         num_local = num_experts if num_local is None else num_local
         _check(config, num_experts, first_expert, num_local)
         self.activation = config.activation
-        self.ffn = ffn_hidden_size
-        pairs = [expert_weights(config, ffn_hidden_size, e, layer_number)
+        self.ffn, size, rank = _local_ffn(ffn_hidden_size, etp)
+        gated = config.activation == "swiglu"
+        pairs = [etp_shard(*expert_weights(config, ffn_hidden_size, e, layer_number), gated,
+                           size, rank)
                  for e in range(first_expert, first_expert + num_local)]
         dtype = getattr(ms, config.precision.params_dtype)
         self.fc1 = Parameter(ms.Tensor(np.stack([p[0] for p in pairs]), dtype), name="fc1")
@@ -72,28 +102,33 @@ class GroupedMLP(nn.Cell):
             p.expert = True  # for gradient finalisation: reduced over edp, not dp
 
     def construct(self, x, tokens_per_expert):
-        y = grouped_matmul(x, self.fc1, tokens_per_expert)  # [N, h] -> [N, 2f] or [N, f]
+        y = grouped_matmul(x, self.fc1, tokens_per_expert)  # [N, h] -> [N, 2f/etp] or [N, f/etp]
         if self.activation == "swiglu":
-            gate, up = ops.split(y, self.ffn, -1)  # [N, 2f] -> 2 x [N, f]
+            gate, up = ops.split(y, self.ffn, -1)  # [N, 2f/etp] -> 2 x [N, f/etp]
             y = silu(gate) * up
         else:
             y = activation(self.activation, y)
-        return grouped_matmul(y, self.fc2, tokens_per_expert)  # [N, f] -> [N, h]
+        return grouped_matmul(y, self.fc2, tokens_per_expert)  # [N, f/etp] -> [N, h] (partial)
 
 
 class SequentialMLP(nn.Cell):
-    """Local experts as a list of dense ``MLP``s run one after the other (eager only)."""
+    """Local experts as a list of dense ``MLP``s run one after the other (eager only); with
+    etp each ``MLP`` is this rank's ``f / etp`` slice (no communication inside it)."""
 
     def __init__(self, config: TransformerConfig, ffn_hidden_size: int, num_experts: int,
-                 first_expert: int = 0, num_local: int | None = None, layer_number: int = 0):
+                 first_expert: int = 0, num_local: int | None = None, layer_number: int = 0,
+                 etp: ProcessGroup | None = None):
         super().__init__()
         num_local = num_experts if num_local is None else num_local
         _check(config, num_experts, first_expert, num_local)
+        local_ffn, size, rank = _local_ffn(ffn_hidden_size, etp)
+        gated = config.activation == "swiglu"
         spec = MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)
         self.local_experts = nn.CellList()
         for e in range(first_expert, first_expert + num_local):
-            mlp = MLP(config, spec, ffn_hidden_size=ffn_hidden_size, layer_number=layer_number)
-            fc1, fc2 = expert_weights(config, ffn_hidden_size, e, layer_number)
+            mlp = MLP(config, spec, ffn_hidden_size=local_ffn, layer_number=layer_number)
+            fc1, fc2 = etp_shard(*expert_weights(config, ffn_hidden_size, e, layer_number),
+                                 gated, size, rank)
             mlp.linear_fc1.weight.set_data(ms.Tensor(fc1.T.copy(), mlp.linear_fc1.weight.dtype))
             mlp.linear_fc2.weight.set_data(ms.Tensor(fc2.T.copy(), mlp.linear_fc2.weight.dtype))
             for p in mlp.get_parameters():

@@ -17,10 +17,16 @@ Built like the dense MLP from a ``ModuleSpec`` (the mlp node of a layer spec, se
 
 with the arguments ``TransformerLayer`` passes its mlp (``config``, ``groups=`` a
 ``ModelGroups``, ``layer_number=``); ``moe`` defaults to ``config.moe``. ``returns_aux = True``
-tells ``TransformerLayer`` that this mlp returns ``(y, aux, counts)``. Expert parallelism:
-``groups.ep`` splits the experts; the router and the shared expert are replicated. ``tp`` /
-``etp`` > 1 are not supported yet. Expert weights are created in ``config.params_dtype`` and
-carry ``param.expert = True``; the router weight stays float32.
+tells ``TransformerLayer`` that this mlp returns ``(y, aux, counts)``. Parallelism
+(``mcore.moe.groups``): the router runs on all ``T = b * s`` tokens of the tp-replicated input
+(so its gradient, ``aux`` and ``counts`` are the same on every tp rank and need no tp sync);
+``ExpertRegion`` gives each tp rank its 1/tp of the tokens, all-gathered over ``groups.etp``;
+``groups.ep`` splits the experts (the dispatcher moves tokens over it); each expert's weights
+are split over ``groups.etp`` (``GroupedMLP``); the partial outputs are reduce-scattered over
+etp and all-gathered over tp. The shared expert is a tensor-parallel ``MLP`` over ``groups.tp``.
+``moe.ffn_hidden_size`` must be divisible by etp (``T`` need not be by tp: see
+``ExpertRegion``). Expert weights are created in ``config.params_dtype`` and carry
+``param.expert = True``; the router weight stays float32.
 """
 from __future__ import annotations
 
@@ -32,7 +38,7 @@ from mindspore import Parameter, nn, ops
 from mcore.moe.config import MoEConfig
 from mcore.moe.dispatcher import AllToAllDispatcher
 from mcore.moe.experts import GroupedMLP
-from mcore.moe.groups import check_supported
+from mcore.moe.groups import ExpertRegion, check_supported
 from mcore.moe.permute import pad_to_capacity, unpad_from_capacity
 from mcore.moe.router import TopKRouter
 from mcore.parallel_state import ModelGroups
@@ -78,17 +84,22 @@ class MoELayer(nn.Cell):
         h, E = config.hidden_size, moe.num_experts
         self.moe = moe
         self.ep_size = groups.ep.size
+        if config.parallel.sequence_parallel and groups.tp.size > 1:
+            raise NotImplementedError("MoELayer: sequence_parallel with tp > 1 is not supported")
         self.router = TopKRouter(h, moe, name=f"layers.{layer_number}.router")
+        self.region = ExpertRegion(groups, E)
         self.dispatcher = build_module(submodules.dispatcher, E, groups.ep)
         num_local = E // groups.ep.size
         self.experts = build_module(submodules.experts, config, ffn_hidden_size=moe.ffn_hidden_size,
                                     num_experts=E, first_expert=groups.ep.rank * num_local,
-                                    num_local=num_local, layer_number=layer_number)
+                                    num_local=num_local, layer_number=layer_number,
+                                    etp=groups.etp)
         self.num_local = num_local
         self.has_shared = moe.shared_ffn_hidden_size > 0
         self.has_gate = self.has_shared and moe.shared_expert_gate
         if self.has_shared:
             self.shared_experts = build_module(submodules.shared_experts, config,
+                                               groups=ModelGroups(tp=groups.tp),
                                                ffn_hidden_size=moe.shared_ffn_hidden_size,
                                                layer_number=layer_number)
         if self.has_gate:
@@ -96,12 +107,12 @@ class MoELayer(nn.Cell):
             self.shared_gate = Parameter(ms.Tensor(init_master((h, 1), seed), config.params_dtype),
                                          name="shared_gate")
 
-    def _routed(self, tokens, weights, experts):
+    def _routed(self, tokens, weights, experts, capacity):
         x_local, counts, handle = self.dispatcher.dispatch(tokens, experts)  # [n, h]
-        capacity = self.moe.capacity(tokens.shape[0])
         if self.moe.pad_to_capacity:
-            # each source rank keeps <= capacity rows per expert: ep * capacity per expert
-            slots = self.ep_size * capacity
+            # the router kept <= capacity pairs per expert of its T tokens; a dispatch source
+            # holds gather_factor such token slices, and ep sources send to each expert
+            slots = self.ep_size * self.region.gather_factor * capacity
             counts_t = counts if isinstance(counts, ms.Tensor) else ms.Tensor(counts, ms.int32)
             padded = pad_to_capacity(x_local, counts_t, slots)  # [El * slots, h]
             full = ops.fill(ms.int32, (self.num_local,), slots)
@@ -114,9 +125,12 @@ class MoELayer(nn.Cell):
 
     def construct(self, x):
         b, s, h = x.shape
-        weights, experts, aux, counts = self.router(x)
+        weights, experts, aux, counts = self.router(x)  # all T tokens, on every tp rank
         tokens = x.reshape(b * s, h)  # [b, s, h] -> [T, h]
-        y = self._routed(tokens, weights, experts).reshape(b, s, h)
+        # [T, .] -> [T / tp * etp, .]: own tp slice, gathered over etp
+        tokens, weights, experts = self.region.enter(tokens, weights, experts)
+        y = self._routed(tokens, weights, experts, self.moe.capacity(b * s))
+        y = self.region.exit(y, b * s).reshape(b, s, h)  # [T / tp * etp, h] -> [T, h] -> [b, s, h]
         if self.has_shared:
             shared = self.shared_experts(x)  # [b, s, h]
             if self.has_gate:

@@ -136,9 +136,9 @@ def test_groups_object_and_tp_group_compatibility():
     assert GPTModel(dense_cfg, gpt_layer_spec(dense_cfg), VOCAB, tp_group=tp).groups.tp is tp
     with pytest.raises(ValueError, match="GPTModel: pass groups= or tp_group="):
         GPTModel(dense_cfg, gpt_layer_spec(dense_cfg), VOCAB, groups=ModelGroups(), tp_group=tp)
-    tp2 = ProcessGroup("tp", (0, 1), 0, "fake")
-    with pytest.raises(NotImplementedError, match="tp size 2"):
-        moe_model(dataclasses.replace(cfg, num_attention_heads=4), groups=ModelGroups(tp=tp2))
+    cp2 = ProcessGroup("cp", (0, 1), 0, "fake")
+    with pytest.raises(NotImplementedError, match="cp size 2"):
+        moe_model(cfg, groups=ModelGroups(cp=cp2))
 
 
 @pytest.mark.parametrize("moe", [False, True])

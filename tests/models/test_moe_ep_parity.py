@@ -1,4 +1,5 @@
-"""Mixtral and Qwen3-MoE at ep=2 on two real ranks (one launch for every check).
+"""Mixtral and Qwen3-MoE at ep=2, and at tp=2 (etp=2, then etp=1), on two real ranks (one
+launch for every check).
 
 Rank ``r`` loads a copy of each fixture in which the experts of the OTHER rank hold NaN: a
 load that read them would fail (``LoadError``: NaN), so a successful load shows that the rank
@@ -6,6 +7,12 @@ read only its own experts ``[2r, 2r + 2)``. It then checks logits against transf
 ep=1 model, the greedy continuation, and ``save_pretrained`` (experts gathered over ep, ep
 rank 0 writes): the written checkpoint equals the original fixture, names and values, so the
 NaN tensors were never used.
+
+At tp=2 (Mixtral: etp=2 and etp=1; Qwen3-MoE: etp=2) every rank holds its tp shard of each
+dense tensor and all experts; with etp=2 each expert's etp slice (gate and up rows split
+separately, down columns), equal to the slice of the ep=1 model's experts. Logits equal the one-process model's, the greedy continuation
+(one token per step: not a multiple of tp, padded inside the MoE layer) transformers', and
+``save_pretrained`` (gathered over tp, etp) writes the original fixture back.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ from tests.multirank import run_ranks
 
 
 FAMILIES = ["mixtral", "qwen3_moe"]
+TP_LAYOUTS = {"mixtral": (2, 1), "qwen3_moe": (2,)}  # etp at tp=2 (the MoE code is shared)
 
 
 def _poisoned_copy(src, dst, rank: int, num_experts: int, ep: int):
@@ -36,6 +44,57 @@ def _poisoned_copy(src, dst, rank: int, num_experts: int, ep: int):
     dst.mkdir(parents=True)
     write_checkpoint(dst, tensors)
     shutil.copy(src / "config.json", dst / "config.json")
+
+
+def _check_tp(ctx, family, fixtures, world, etp: bool):
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    import mindspore as ms
+
+    import models
+    from mcore.parallel_state import ModelGroups
+    from models.safetensors_io import read_checkpoint
+
+    tag = f"{family}_tp2_etp{2 if etp else 1}"
+    ref = np.load(fixtures / family / "reference.npz")
+    ids = ms.Tensor(ref["input_ids"])
+    tp = dataclasses.replace(world, kind="tp")
+    groups = ModelGroups(tp=tp, etp=dataclasses.replace(world, kind="etp") if etp else
+                         ModelGroups().etp)
+    one = models.from_pretrained(fixtures / family)
+    two = models.from_pretrained(fixtures / family, groups=groups)
+    with ctx.check(f"{tag}_loads_its_slices"):
+        params, full = dict(two.parameters_and_names()), dict(one.parameters_and_names())
+        fc1, fc2 = (f"decoder.layers.1.mlp.experts.{w}" for w in ("fc1", "fc2"))
+        want1, want2 = full[fc1].asnumpy(), full[fc2].asnumpy()  # [E, h, 2f], [E, f, h]
+        if etp:
+            r = world.rank
+            want1 = np.concatenate([np.split(g, 2, -1)[r] for g in np.split(want1, 2, -1)], -1)
+            want2 = np.split(want2, 2, 1)[r]
+        np.testing.assert_array_equal(params[fc1].asnumpy(), want1)
+        np.testing.assert_array_equal(params[fc2].asnumpy(), want2)
+        qkv = "decoder.layers.1.self_attention.linear_qkv.weight"
+        assert params[qkv].shape[0] * 2 == full[qkv].shape[0]
+    with ctx.check(f"{tag}_logits"):
+        got = two(ids).asnumpy()
+        np.testing.assert_allclose(got, one(ids).asnumpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got, ref["logits"], rtol=0, atol=1e-4)
+    with ctx.check(f"{tag}_greedy"):
+        got = models.generate(two, ref["input_ids"], max_new_tokens=8)
+        np.testing.assert_array_equal(np.array(got), ref["greedy"])
+    with ctx.check(f"{tag}_save_pretrained"):
+        out = Path(tempfile.mkdtemp(prefix=f"{tag}_save_"))
+        two.save_pretrained(out)
+        if world.rank == 0:
+            original, saved = read_checkpoint(fixtures / family), read_checkpoint(out)
+            assert set(saved) == set(original)
+            for name, lazy in saved.items():
+                np.testing.assert_allclose(lazy.load(), original[name].load(), rtol=0,
+                                           atol=0, err_msg=name)
+        else:
+            assert not list(out.iterdir()), "only rank 0 writes"
 
 
 def _worker(ctx):
@@ -83,6 +142,8 @@ def _worker(ctx):
                     np.testing.assert_array_equal(lazy.load(), original[name].load(), name)
             else:
                 assert not list(out.iterdir()), "only ep rank 0 writes"
+        for etp in TP_LAYOUTS[family]:
+            _check_tp(ctx, family, fixtures, dims.ep, etp == 2)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
@@ -111,4 +172,13 @@ def job():
 @pytest.mark.multirank
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ep2_matches_transformers_and_reads_only_local_experts(job, family):
-    job.assert_ok(f"{family}_")
+    job.assert_ok(f"{family}_reads")
+    for check in ("logits", "greedy", "save_pretrained_gathers_experts"):
+        job.assert_ok(f"{family}_{check}")
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("family,etp", [(f, e) for f in FAMILIES for e in TP_LAYOUTS[f]])
+def test_tp2_matches_one_process_and_loads_its_slices(job, family, etp):
+    for check in ("loads_its_slices", "logits", "greedy", "save_pretrained"):
+        job.assert_ok(f"{family}_tp2_etp{etp}_{check}")

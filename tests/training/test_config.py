@@ -126,6 +126,13 @@ MOE = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_moe_demo.yaml"
     (["model.moe=3"], 1, "key 'model.moe' must be a mapping of fields, got int"),
     (["model.moe.dispatcher=mpi"], 1, "model.moe.dispatcher: expected one of allgather|alltoall"),
     (["model.moe.num_experts=0", "parallel.ep=2"], 2, "expert parallelism needs MoE layers"),
+    (["model.moe.ffn_hidden_size=6", "parallel.etp=4"], 4,
+     "model.moe.ffn_hidden_size=6 is not divisible by parallel.etp=4"),
+    (["model.moe.ffn_hidden_size=null", "model.ffn_hidden_size=30", "parallel.etp=4"], 4,
+     "model.moe.ffn_hidden_size (null: model.ffn_hidden_size)=30 is not divisible by "
+     "parallel.etp=4"),
+    (["model.moe.shared_ffn_hidden_size=5", "parallel.tp=2"], 2,
+     "model.moe.shared_ffn_hidden_size=5 is not divisible by parallel.tp=2"),
 ])
 def test_moe_section_and_expert_parallel_errors_are_one_line(overrides, world, expect):
     msg = _error(overrides, path=MOE, world_size=world)

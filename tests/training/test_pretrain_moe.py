@@ -8,10 +8,12 @@ dropless, all-gather dispatcher, aux-loss-free expert bias on, graph mode, 6 ste
 - one process: the loss falls; 6 steps == 3 steps + stop + resume (same losses, experts and
   Adam moments restored); metrics.jsonl carries the router loss, tokens per expert and the
   dropped share (0 when dropless; tokens per expert add up to every assignment);
-- real ranks (msrun): ep=2 (2 ranks, dp=2, edp=1) and ep=2 x dp=2 (4 ranks, edp=2) give the
-  one-process loss and gradient norm per step (1e-5 relative) and the same tokens per expert;
-  each ep rank's checkpoint holds its half of every expert tensor, equal to the matching rows
-  of the one-process checkpoint, and the one-process expert biases (exactly).
+- real ranks (msrun): ep=2 (2 ranks, dp=2, edp=1), ep=2 x dp=2 (4 ranks, edp=2) and
+  ep=2 x tp=2 with etp=2 (4 ranks, dp=2, edp=1) give the one-process loss and gradient norm
+  per step (1e-5 relative) and the same tokens per expert; each rank's checkpoint holds its
+  part of every expert tensor (its ep half; with etp its column / row slice), equal to the
+  matching part of the one-process checkpoint, and the one-process expert biases (exactly);
+  ``training.generate.model_from_checkpoint`` merges the shards into the one-process model.
 """
 import json
 import subprocess
@@ -158,9 +160,9 @@ def test_moe_config_errors_before_work(tmp_path):
     from training.config import ConfigError, load_config, parse_cli
     from training.pretrain import check_supported
 
-    path, overrides = parse_cli(_args(tmp_path, "out", "parallel.tp=2"))
-    with pytest.raises(ConfigError, match=r"^parallel.tp=2: training/pretrain.py trains MoE"):
-        check_supported(load_config(path, overrides, world_size=2))
+    path, overrides = parse_cli(_args(tmp_path, "out", "parallel.pp=3"))
+    with pytest.raises(ConfigError, match=r"^parallel.pp=3: training/pretrain.py trains MoE"):
+        check_supported(load_config(path, overrides, world_size=3))
     res = subprocess.run([sys.executable, PRETRAIN,
                           *_args(tmp_path, "out", "model.moe.dispatcher=alltoall")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -170,18 +172,38 @@ def test_moe_config_errors_before_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _expert_part(full: np.ndarray, name: str, ep_rank: int, etp_rank: int, etp: int):
+    """Rank ``(ep_rank, etp_rank)``'s part of a one-process stacked expert tensor: its experts
+    (dim 0), and its etp slice (fc1 [E, h, 2f]: gate and up columns separately; fc2 [E, f, h]:
+    rows)."""
+    half = full.shape[0] // 2
+    full = full[ep_rank * half:(ep_rank + 1) * half]
+    if name.endswith("fc1"):
+        return np.concatenate([np.split(g, etp, -1)[etp_rank] for g in np.split(full, 2, -1)], -1)
+    return np.split(full, etp, 1)[etp_rank]
+
+
+LAYOUTS = {  # name: (workers, extra keys); order tp-cp-ep-dp-pp
+    "ep2": (2, ["parallel.ep=2"]),  # dp=2, edp=1
+    "ep2_dp2": (4, ["parallel.ep=2"]),  # dp=4, edp=2
+    "ep2_tp2_etp2": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.etp=2"]),  # dp=2, edp=1
+}
+
+
 @pytest.mark.multirank
-@pytest.mark.parametrize("workers", [2, 4])  # ep=2 (dp=2, edp=1); ep=2 x dp=2 (dp=4, edp=2)
-def test_expert_parallel_matches_one_process(reference, workers):
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_expert_parallel_matches_one_process(reference, layout):
     from training.checkpointing import load_checkpoint
+    from training.generate import model_from_checkpoint
 
     tmp, res = reference
     assert res.returncode == 0, res.stderr[-3000:]
-    run_dir = tmp / f"ep2_w{workers}"
-    log_dir = tmp / f"logs_w{workers}"
-    cmd = msrun_command(PRETRAIN, _args(tmp, run_dir.name, "parallel.ep=2",
-                                        "checkpoint.save_interval=0"), workers=workers,
-                        log_dir=str(log_dir))
+    workers, extra = LAYOUTS[layout]
+    tp = 2 if "parallel.tp=2" in extra else 1
+    run_dir = tmp / layout
+    log_dir = tmp / f"logs_{layout}"
+    cmd = msrun_command(PRETRAIN, _args(tmp, run_dir.name, *extra, "checkpoint.save_interval=0"),
+                        workers=workers, log_dir=str(log_dir))
     out = run_msrun(cmd, cwd=tmp, timeout=150 * workers)
     assert out.returncode == 0, out.stdout[-2000:] + worker_logs(log_dir)[-4000:]
     one, many = _records(tmp / "full"), _records(run_dir)
@@ -198,12 +220,17 @@ def test_expert_parallel_matches_one_process(reference, workers):
     ck = run_dir / "checkpoints" / f"step_{STEPS:06d}"
     for rank in range(workers):
         shard = load_checkpoint(ck, rank=rank, world_size=workers)
-        ep_rank = rank % 2  # order tp-cp-ep-dp-pp: ep varies fastest here
+        etp_rank, ep_rank = rank % tp, (rank // tp) % 2  # expert grid: etp (= tp here), ep, edp
         for name in EXPERTS:
-            half = ref.model[name].shape[0] // 2
             np.testing.assert_allclose(shard.model[name],
-                                       ref.model[name][ep_rank * half:(ep_rank + 1) * half],
+                                       _expert_part(ref.model[name], name, ep_rank, etp_rank, tp),
                                        rtol=1e-4, atol=2e-5, err_msg=f"rank {rank}: {name}")
         for name in BIASES:  # same counts every step, so the same signs
             np.testing.assert_array_equal(shard.model[name], ref.model[name],
                                           err_msg=f"rank {rank}: {name}")
+    # generate.py merges the shards (tp, ep, etp) into the one-process model
+    merged, _ = model_from_checkpoint(ck)
+    whole = dict(model_from_checkpoint(ref.path)[0].parameters_and_names())
+    for name, param in merged.parameters_and_names():
+        np.testing.assert_allclose(param.asnumpy(), whole[name].asnumpy(), rtol=1e-4, atol=2e-5,
+                                   err_msg=name)

@@ -139,3 +139,36 @@ def test_experts_reject_biases_and_bad_ranges():
         GroupedMLP(dataclasses.replace(_config(), mlp_fc1_bias=True), 4, 2)
     with pytest.raises(ValueError, match="local experts"):
         GroupedMLP(_config(), 4, num_experts=4, first_expert=3, num_local=2)
+
+
+@pytest.mark.parametrize("cls", ["GroupedMLP", "SequentialMLP"])
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+def test_etp_shards_sum_to_the_whole_expert(cls, activation):
+    """Expert tensor parallelism without communication: the two etp ranks' partial outputs add
+    up to the unsplit experts' output, and their weights are the column / row slices (gate and
+    up split separately)."""
+    import mindspore as ms
+
+    from mcore.moe import experts
+    from mcore.parallel_state import ProcessGroup
+
+    counts = [3, 0, 2]
+    x = ms.Tensor(np.random.default_rng(1).standard_normal((6, 8)).astype(np.float32))
+    make = getattr(experts, cls)
+    whole = make(_config(activation), ffn_hidden_size=6, num_experts=4, first_expert=1,
+                 num_local=3, layer_number=2)
+    parts = [make(_config(activation), ffn_hidden_size=6, num_experts=4, first_expert=1,
+                  num_local=3, layer_number=2, etp=ProcessGroup("etp", (0, 1), r, "fake"))
+             for r in range(2)]
+    total = sum(p(x, counts).asnumpy() for p in parts)
+    np.testing.assert_allclose(total, whole(x, counts).asnumpy(), rtol=1e-5, atol=1e-6)
+    if cls == "GroupedMLP":
+        fc1 = whole.fc1.asnumpy()  # [El, h, 2f]
+        halves = np.split(fc1, 2, -1) if activation == "swiglu" else [fc1]
+        for r, p in enumerate(parts):
+            want = np.concatenate([np.split(h, 2, -1)[r] for h in halves], -1)
+            np.testing.assert_array_equal(p.fc1.asnumpy(), want)
+            np.testing.assert_array_equal(p.fc2.asnumpy(), np.split(whole.fc2.asnumpy(), 2, 1)[r])
+    with pytest.raises(ValueError, match="moe.ffn_hidden_size over etp: size 6 is not divisible"):
+        make(_config(activation), ffn_hidden_size=6, num_experts=4,
+             etp=ProcessGroup("etp", (0, 1, 2, 3), 0, "fake"))

@@ -199,10 +199,14 @@ def test_rejects_unsupported_groups_and_sizes():
     from mcore.moe.layer import MoELayer, MoESubmodules
     from mcore.parallel_state import ProcessGroup
 
-    tp2 = ProcessGroup("tp", (0, 1), 0, "fake")
-    groups = dataclasses.replace(MoEGroups.single(), etp=tp2)
-    with pytest.raises(NotImplementedError, match="etp size 2"):
+    cp2 = ProcessGroup("cp", (0, 1), 0, "fake")
+    groups = dataclasses.replace(MoEGroups.single(), cp=cp2)
+    with pytest.raises(NotImplementedError, match="cp size 2"):
         MoELayer(_config(), MoESubmodules(), moe=_moe(), groups=groups)
+    etp2 = ProcessGroup("etp", (0, 1), 0, "fake")
+    with pytest.raises(ValueError, match="moe.ffn_hidden_size over etp: size 5 is not divisible"):
+        MoELayer(_config(), MoESubmodules(), moe=_moe(ffn_hidden_size=5),
+                 groups=dataclasses.replace(MoEGroups.single(), etp=etp2))
     with pytest.raises(ValueError, match="ffn_hidden_size"):
         MoELayer(_config(), MoESubmodules(), moe=_moe(ffn_hidden_size=0))
     with pytest.raises(ValueError, match="not divisible by the ep group size 3"):
