@@ -207,3 +207,54 @@ def test_expert_parallel_matches_one_process(reference, workers):
         for name in BIASES:  # same counts every step, so the same signs
             np.testing.assert_array_equal(shard.model[name], ref.model[name],
                                           err_msg=f"rank {rank}: {name}")
+
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("run, layout, workers, stage_layers", [
+    # ep=2 x pp=2 x vpp=2 (interleaved 1F1B; dp=2, edp=1), virtual stages layer 0 | 1 | 2 | head:
+    # pp rank 0 runs a dense chunk and a MoE chunk, pp rank 1 a MoE chunk and a chunk without
+    # layers; every chunk's runner steps are those of plain 1F1B, in another order
+    ("ep2_pp2_vpp2", ["parallel.ep=2", "parallel.pp=2", "parallel.vpp=2",
+                      "parallel.layers_per_stage=[1,1,1,0]"], 4, [{0, 2}, {1}]),
+])
+def test_pipeline_parallel_moe_matches_one_process(reference, run, layout, workers, stage_layers):
+    """The one-process loss, gradient norm, router loss and tokens per expert per step; each
+    rank's checkpoint holds its stage's layers with its ep share of their experts and the
+    one-process biases; the run generates its sample through the stages."""
+    from training.checkpointing import load_checkpoint
+
+    tmp, res = reference
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir, log_dir = tmp / run, tmp / f"logs_{run}"
+    cmd = msrun_command(PRETRAIN, _args(tmp, run, *layout, "checkpoint.save_interval=0",
+                                        "logging.sample_tokens=4"),
+                        workers=workers, log_dir=str(log_dir))
+    out = run_msrun(cmd, cwd=tmp, timeout=600)
+    logs = worker_logs(log_dir)
+    assert out.returncode == 0, out.stdout[-2000:] + logs[-4000:]
+    assert "x pp 2" in logs and "sample (" in logs, logs[-3000:]
+    one, many = _records(tmp / "full"), _records(run_dir)
+    assert sorted(many) == sorted(one) == list(range(1, STEPS + 1))
+    for step in one:
+        for key in ("loss", "grad_norm", "moe_aux_loss"):
+            a, b = one[step][key], many[step][key]
+            assert abs(b - a) <= 1e-5 * abs(a), (step, key, a, b)
+        for key in ("moe_tokens_min", "moe_tokens_max", "moe_tokens_std", "moe_dropped_share"):
+            assert many[step][key] == pytest.approx(one[step][key], rel=1e-6), (step, key)
+    ref = load_checkpoint(tmp / "full" / "checkpoints" / f"step_{STEPS:06d}")
+    ck = run_dir / "checkpoints" / f"step_{STEPS:06d}"
+    ep = 2 if "parallel.ep=2" in layout else 1
+    for rank in range(workers):
+        shard = load_checkpoint(ck, rank=rank, world_size=workers)
+        ep_rank, layers = rank % ep, stage_layers[rank // ep]  # order tp-cp-ep-dp-pp
+        held = {int(n.split(".")[2]) for n in shard.model if n.startswith("decoder.layers.")}
+        assert held == layers, (rank, sorted(shard.model))
+        for name in [n for n in EXPERTS + BIASES if int(n.split(".")[2]) in layers]:
+            want = ref.model[name]
+            if name in BIASES:  # same counts every step, so the same signs
+                np.testing.assert_array_equal(shard.model[name], want, err_msg=f"rank {rank}: {name}")
+                continue
+            part = want.shape[0] // ep
+            np.testing.assert_allclose(shard.model[name], want[ep_rank * part:(ep_rank + 1) * part],
+                                       rtol=1e-4, atol=2e-5, err_msg=f"rank {rank}: {name}")
