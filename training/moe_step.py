@@ -1,6 +1,6 @@
-"""The pieces of ``TrainStep`` that differ for a mixture-of-experts model (``model.moe_layers``
-non-empty): the loss includes the router losses, and each step's routing statistics are kept
-for the logger.
+"""The pieces of ``TrainStep`` (and ``PipelineTrainStep``) that differ for a mixture-of-experts
+model (``model.moe_layers`` non-empty): the loss includes the router losses, and each step's
+routing statistics are kept for the logger.
 
 - ``MoELossCell(model, loss_scale)``: ``(inputs, labels) -> (S * loss, lm_loss, aux [L, 3],
   counts [L, E])`` with ``loss = lm_loss + aux.sum()`` (``GPTModel.loss_with_aux``);
@@ -82,9 +82,10 @@ class MoEStats:
     """Routing statistics of one optimizer step. ``add(aux, counts, routed)`` per micro-batch
     (numpy or tensors; ``routed``: the token-expert assignments it made on this rank, ``tokens *
     top_k * MoE layers``, of which the counts miss the ones dropped over capacity), then
-    ``finish(dp_group)`` -> ``(training.logger.moe_metrics of the step, counts [L, E] float32)``:
-    the router losses averaged over micro-batches and dp, counts summed over both (eager
-    all-reduces, to run on every rank)."""
+    ``finish(dp_group, stage=None)`` -> ``(training.logger.moe_metrics of the step, counts [L, E]
+    float32)``: the router losses averaged over micro-batches and dp, counts summed over both
+    (eager all-reduces, to run on every rank); with a pipeline rank's ``StageLayers`` first
+    summed over pp into the whole model's rows."""
 
     def __init__(self):
         self.reset()

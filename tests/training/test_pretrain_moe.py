@@ -11,7 +11,11 @@ dropless, all-gather dispatcher, aux-loss-free expert bias on, graph mode, 6 ste
 - real ranks (msrun): ep=2 (2 ranks, dp=2, edp=1) and ep=2 x dp=2 (4 ranks, edp=2) give the
   one-process loss and gradient norm per step (1e-5 relative) and the same tokens per expert;
   each ep rank's checkpoint holds its half of every expert tensor, equal to the matching rows
-  of the one-process checkpoint, and the one-process expert biases (exactly).
+  of the one-process checkpoint, and the one-process expert biases (exactly);
+- ep=2 x pp=2 x vpp=2 (4 ranks, interleaved 1F1B, router losses on both pipeline ranks): the
+  same per-step loss, gradient norm, router loss and tokens per expert; every rank's stage
+  checkpoint holds its layers' expert shares and biases as in the one-process one; the sample
+  is generated through the stages.
 """
 import json
 import subprocess
@@ -247,13 +251,15 @@ def test_pipeline_parallel_moe_matches_one_process(reference, run, layout, worke
     ep = 2 if "parallel.ep=2" in layout else 1
     for rank in range(workers):
         shard = load_checkpoint(ck, rank=rank, world_size=workers)
-        ep_rank, layers = rank % ep, stage_layers[rank // ep]  # order tp-cp-ep-dp-pp
+        # order tp-cp-ep-dp-pp: ep varies fastest, pp (2 stages) slowest
+        ep_rank, layers = rank % ep, stage_layers[rank // (workers // 2)]
         held = {int(n.split(".")[2]) for n in shard.model if n.startswith("decoder.layers.")}
         assert held == layers, (rank, sorted(shard.model))
         for name in [n for n in EXPERTS + BIASES if int(n.split(".")[2]) in layers]:
             want = ref.model[name]
             if name in BIASES:  # same counts every step, so the same signs
-                np.testing.assert_array_equal(shard.model[name], want, err_msg=f"rank {rank}: {name}")
+                np.testing.assert_array_equal(shard.model[name], want,
+                                              err_msg=f"rank {rank}: {name}")
                 continue
             part = want.shape[0] // ep
             np.testing.assert_allclose(shard.model[name], want[ep_rank * part:(ep_rank + 1) * part],
