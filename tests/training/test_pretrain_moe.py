@@ -144,6 +144,28 @@ def test_expert_bias_update_equals_numpy_and_skips(tmp_path):
     assert res.returncode == 0 and "BIAS_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 
 
+def test_stage_statistics_take_their_rows_of_the_whole_model():
+    """``MoEStats.finish`` with a pipeline rank's ``StageLayers`` (pp of one rank here: the
+    all-reduce is the identity): its layers' counts land in their rows of the whole model, the
+    other rows stay 0, and a rank without MoE layers still returns the whole model's shape."""
+    from mcore.parallel_state import ProcessGroup
+    from training.moe_step import MoEStats, StageLayers
+
+    one = ProcessGroup.single()
+    stats = MoEStats()
+    for micro in range(2):
+        stats.add(np.full((1, 3), 0.5), np.array([[1.0, 2, 3, 4 + micro]]), routed=20)
+    metrics, counts = stats.finish(one, StageLayers(one, local=(3,), model=(1, 3, 4),
+                                                    num_experts=4))
+    np.testing.assert_array_equal(counts, [[0, 0, 0, 0], [2, 4, 6, 9], [0, 0, 0, 0]])
+    assert metrics["moe_aux_loss"] == 1.5 and metrics["moe_tokens_max"] == 9
+    assert metrics["moe_dropped_share"] == pytest.approx(19 / 40)
+    _, counts = MoEStats().finish(one, StageLayers(one, local=(), model=(1, 3), num_experts=4))
+    assert counts.shape == (2, 4) and not counts.any()
+    with pytest.raises(ValueError, match="no micro-batch"):
+        MoEStats().finish(one)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pretrain_moe")
