@@ -19,6 +19,12 @@ hf_path=None) -> GPTPipelineModel`` (a ``mcore.pipeline_parallel.stage.PipelineM
 - Loss (last virtual stage): mean token cross-entropy, vocab-parallel over tp: the same number
   as ``model(x, labels=labels).mean()`` of the full model (``training.step.LossCell``).
 - Activations between stages: ``[micro_batch, seq, hidden]`` float32.
+- Mixture of experts: a chunk whose model has MoE layers (``chunk_models[c].moe_layers``) is a
+  ``with_aux`` stage: its router losses (``aux [L, 3]``, coefficient-weighted) join the training
+  loss with their gradient added in that stage's own backward, and ``ScheduleResult.aux[c]``
+  holds ``(aux, counts [L, E])`` per micro-batch (rows: ``chunk_models[c].moe_layers``). The
+  reported loss is the language-model loss. Expert parameters keep ``param.expert``; the
+  experts are split over ``dims.ep`` (ranks of one pipeline stage).
 - Names: ``chunk_models[c].parameters_and_names()`` gives the full model's names
   (``decoder.layers.<global i>.*``, ``embedding.weight``, ``decoder.final_norm.weight``,
   ``output_layer.weight``); ``param_names[c][i]`` names ``chunks[c].params[i]`` (and so
@@ -55,13 +61,17 @@ __all__ = ["StageSpec", "GPTStage", "VocabParallelMeanLoss", "GPTPipelineModel",
 
 class GPTStage(nn.Cell):
     """One GPTModel stage as a pipeline Cell: token ids ``[b, s]`` or hidden ``[b, s, h]`` ->
-    hidden ``[b, s, h]``, or tp-local logits ``[b, s, V/tp]`` on the last stage."""
+    hidden ``[b, s, h]``, or tp-local logits ``[b, s, V/tp]`` on the last stage. ``with_aux``
+    (a stage holding MoE layers): ``-> (out, aux [L, 3], counts [L, E])`` of its own MoE layers
+    (``GPTModel.stage_forward_with_aux``)."""
 
-    def __init__(self, model: GPTModel):
+    def __init__(self, model: GPTModel, with_aux: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.with_aux = model, bool(with_aux)
 
     def construct(self, x):
+        if self.with_aux:
+            return self.model.stage_forward_with_aux(x)
         return self.model.stage_forward(x)
 
 
@@ -138,8 +148,9 @@ def build_pipeline(make_stage, num_layers: int, dims: ParallelDims, vpp: int = 1
         if tensors is not None:
             load_weights(model, tensors)
         loss = VocabParallelMeanLoss(dims.tp) if spec.post_process else None
-        runner = StageRunner(PipelineStage([GPTStage(model)], loss_fn=loss,
-                                           is_first=spec.pre_process), jit=jit)
+        aux = bool(model.moe_layers)
+        runner = StageRunner(PipelineStage([GPTStage(model, with_aux=aux)], loss_fn=loss,
+                                           is_first=spec.pre_process, with_aux=aux), jit=jit)
         chunks.append(runner)
         models.append(model)
         mine.append(spec)

@@ -1,6 +1,6 @@
-"""The pieces of ``TrainStep`` that differ for a mixture-of-experts model (``model.moe_layers``
-non-empty): the loss includes the router losses, and each step's routing statistics are kept
-for the logger.
+"""The pieces of ``TrainStep`` (and ``PipelineTrainStep``) that differ for a mixture-of-experts
+model (``model.moe_layers`` non-empty): the loss includes the router losses, and each step's
+routing statistics are kept for the logger.
 
 - ``MoELossCell(model, loss_scale)``: ``(inputs, labels) -> (S * loss, lm_loss, aux [L, 3],
   counts [L, E])`` with ``loss = lm_loss + aux.sum()`` (``GPTModel.loss_with_aux``);
@@ -17,9 +17,15 @@ for the logger.
   tp ranks share their tokens and each router counts ALL of them (``MoELayer`` routes the
   tp-replicated tokens before splitting them over tp), so the counts are identical on the tp
   ranks and a sum over dp counts each token once; ep / etp ranks outside the tp group are dp
-  ranks with their own tokens. pp / cp are refused for MoE by ``training/pretrain.py``. The same all-reduce serves the log and the
+  ranks with their own tokens. cp is refused for MoE by ``training/pretrain.py``. The same all-reduce serves the log and the
   update. The bias is a ``requires_grad=False`` Parameter: not in the optimizer nor the
   gradient norm; ``TrainStep`` saves it with the model state.
+- Pipeline parallelism (``training.pipeline_step.PipelineTrainStep``): each pipeline rank routes
+  only through its own stages' MoE layers; ``StageLayers`` says which rows of the whole
+  model's ``[L, E]`` counts they are, and ``MoEStats.finish(dp, stage)`` sums every rank's
+  router losses, counts and assignments over the pp group first (each layer lives on exactly
+  one stage), so every rank logs the whole model's statistics and moves the biases of its own
+  layers from their rows (``stage_bias_routers``).
 
 The loss a step reports (and the skip rule reads) is the language-model loss ``lm_loss``, so a
 MoE run's curve compares with a dense one; the router losses are ``moe_aux_loss``. Expert
@@ -27,6 +33,8 @@ parameters carry ``param.expert`` and are reduced over edp by the shared gradien
 (``mcore.distributed.finalize``).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
@@ -75,9 +83,10 @@ class MoEStats:
     """Routing statistics of one optimizer step. ``add(aux, counts, routed)`` per micro-batch
     (numpy or tensors; ``routed``: the token-expert assignments it made on this rank, ``tokens *
     top_k * MoE layers``, of which the counts miss the ones dropped over capacity), then
-    ``finish(dp_group)`` -> ``(training.logger.moe_metrics of the step, counts [L, E] float32)``:
-    the router losses averaged over micro-batches and dp, counts summed over both (eager
-    all-reduces, to run on every rank)."""
+    ``finish(dp_group, stage=None)`` -> ``(training.logger.moe_metrics of the step, counts [L, E]
+    float32)``: the router losses averaged over micro-batches and dp, counts summed over both
+    (eager all-reduces, to run on every rank); with a pipeline rank's ``StageLayers`` first
+    summed over pp into the whole model's rows."""
 
     def __init__(self):
         self.reset()
@@ -93,12 +102,17 @@ class MoEStats:
         self.micro += 1
         self.routed += float(routed)
 
-    def finish(self, dp_group) -> tuple[dict, np.ndarray]:
-        """This step's ``(moe_metrics, counts)`` (see the class docstring); then ``reset``."""
-        if self.micro == 0:
+    def finish(self, dp_group, stage: "StageLayers | None" = None) -> tuple[dict, np.ndarray]:
+        """This step's ``(moe_metrics, counts)`` (see the class docstring); then ``reset``.
+        ``stage``: this pipeline rank's rows of the whole model (the counts added are those of
+        ``stage.local``); the statistics are first summed over ``stage.pp`` (a rank without MoE
+        layers adds nothing and still takes part)."""
+        if self.micro == 0 and stage is None:
             raise ValueError("MoEStats.finish: no micro-batch was added")
-        aux = np.array([self.aux / self.micro, self.routed], np.float32)
-        counts = self.counts.astype(np.float32)  # [L, E]
+        aux = np.array([self.aux / max(self.micro, 1), self.routed], np.float32)
+        counts = None if self.counts is None else self.counts.astype(np.float32)  # [L, E]
+        if stage is not None:
+            aux, counts = stage.gather(aux, counts)
         if dp_group.size > 1:
             aux = all_reduce(ms.Tensor(aux), dp_group).asnumpy()
             aux[0] /= dp_group.size
@@ -110,11 +124,43 @@ class MoEStats:
         return out, counts
 
 
+@dataclass(frozen=True)
+class StageLayers:
+    """Where one pipeline rank's MoE layers sit in the whole model: ``local`` (global layer
+    index of each row of the counts this rank adds, in order), ``model`` (every MoE layer of the
+    model, ascending: the rows of the whole model's counts), ``num_experts``, and ``pp`` (the
+    pipeline group, whose ranks hold the other layers)."""
+
+    pp: object
+    local: tuple
+    model: tuple
+    num_experts: int
+
+    def gather(self, aux_routed: np.ndarray, counts) -> tuple[np.ndarray, np.ndarray]:
+        """``([aux, routed] summed over pp, counts [len(model), E] of the whole model)`` from
+        this rank's ``[aux, routed]`` and ``counts [len(local), E]`` (None: no MoE layer here);
+        one all-reduce over ``pp`` (every rank of it must call)."""
+        full = np.zeros((len(self.model), self.num_experts), np.float32)  # [L, E]
+        for row, layer in enumerate(self.local):
+            full[self.model.index(layer)] = counts[row]
+        packed = np.concatenate([np.asarray(aux_routed, np.float32), full.reshape(-1)])
+        if self.pp.size > 1:
+            packed = all_reduce(ms.Tensor(packed), self.pp).asnumpy()
+        return packed[:2], packed[2:].reshape(full.shape)  # [2 + L E] -> [2], [L, E]
+
+
+def stage_bias_routers(models, model_layers: tuple) -> list:
+    """``bias_routers`` of a pipeline rank's stage ``models`` with rows of the WHOLE model's
+    counts (``model_layers``: every MoE layer of the model, ascending)."""
+    return [(model_layers.index(m.moe_layers[row]), router)
+            for m in models for row, router in bias_routers(m)]
+
+
 def bias_routers(model) -> list:
     """``[(row, router)]``: the routers of ``model.moe_layers`` (row ``i`` of the counts is layer
     ``moe_layers[i]``) whose ``expert_bias`` is on."""
     block = model.decoder
-    first = block.layer_range[0]
+    first = block.layer_range.start  # (a stage may hold no layer)
     out = []
     for row, index in enumerate(model.moe_layers):
         router = block.layers[index - first].mlp.router

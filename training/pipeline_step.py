@@ -19,6 +19,15 @@ One optimizer step on each pipeline rank:
    the tied weight once (the head copy is left out); clip; AdamW. Skipping a non-finite step and counting AdamW's steps is ``TrainState``'s
    (``apply_update``), shared with ``TrainStep``.
 
+Mixture of experts (the model has MoE layers): stages holding MoE layers add their router
+losses' gradients in their own backward (``models.gpt_pipeline``), so the gradients are those
+of ``lm_loss + aux.sum()`` as in ``TrainStep``; the step reports the language-model loss. Per
+step, each rank's ``(aux, counts)`` of its own layers go through ``training.moe_step.MoEStats``
+with its ``StageLayers``: summed over pp and dp, so ``last_moe_metrics`` / ``last_moe_counts``
+describe the whole model on every rank, and an applied step moves the expert biases of this
+rank's routers from their rows (``TrainState.finish_moe``). The biases are saved with the
+stage's model state (``buffers``).
+
 Parameter names are the full model's (``decoder.layers.<global index>...``), so per-stage
 checkpoints hold disjoint name sets and merge into the full model by union.
 fp16: stage matmuls in fp16 (``apply_compute_dtype`` on each chunk), static loss scale ``S``
@@ -80,6 +89,35 @@ class PipelineTrainStep(TrainState):
         self.plans = grad_plans(self.named, split, dims)
         self.update = AdamWUpdate(self.params, self.acc, decay, self.plans, dims, opt_cfg)
         self._jit_update = ms.jit(self.update)
+        self._init_moe(pipeline.chunk_models)
+
+    def _init_moe(self, models) -> None:
+        """MoE bookkeeping (see the module docstring); nothing for a dense model."""
+        config = models[0].config
+        self.moe_layers = tuple(i for i in range(config.num_layers) if config.is_moe_layer(i))
+        if not self.moe_layers:
+            return
+        from training.moe_step import MoEStats, StageLayers, stage_bias_routers
+
+        self.moe_top_k = config.moe.top_k
+        local = tuple(i for m in models for i in m.moe_layers)  # rows of ScheduleResult.aux
+        self.moe_stats = MoEStats()
+        self.moe_stage = StageLayers(self.dims.pp, local, self.moe_layers, config.moe.num_experts)
+        self.bias_routers = stage_bias_routers(models, self.moe_layers)
+        ids = {id(r.expert_bias) for _, r in self.bias_routers}
+        self.buffers = tuple((n, p) for m in models for n, p in m.parameters_and_names()
+                             if id(p) in ids)
+
+    def _add_moe(self, chunk_aux, tokens: int) -> None:
+        """Add each micro-batch's ``(aux, counts)`` of this rank's MoE chunks to ``moe_stats``
+        (rows in ``moe_stage.local`` order: chunk by chunk)."""
+        chunk_aux = [pairs for pairs in chunk_aux if pairs]
+        n_local = len(self.moe_stage.local)
+        for micro in range(self.n_micro if chunk_aux else 0):
+            pairs = [pairs[micro] for pairs in chunk_aux]
+            aux = sum(float(a.asnumpy().sum()) for a, _ in pairs)
+            counts = np.concatenate([c.asnumpy() for _, c in pairs])  # chunks -> [L_local, E]
+            self.moe_stats.add(np.array([aux]), counts, tokens * self.moe_top_k * n_local)
 
     def _update(self, *args):  # the schedule runs in PyNative: compile the update explicitly
         return self._jit_update(*args)
@@ -102,7 +140,13 @@ class PipelineTrainStep(TrainState):
         unscale = 1.0 / self.loss_scale
         for acc, g in zip(self.acc, grads):
             ops.assign(acc, g.astype(ms.float32) * unscale if unscale != 1.0 else g)
-        return self.apply_update(lr, result.loss)
+        if self.moe_layers:
+            self._add_moe(result.aux, self.mbs * self.seq)
+        applied_before = self.adam_steps
+        out = self.apply_update(lr, result.loss)
+        if self.moe_layers:
+            self.finish_moe(self.adam_steps > applied_before)
+        return out
 
     def evaluate(self, batches) -> float:
         """Mean loss over ``batches`` (forward only through the pipeline), then over dp."""

@@ -3,11 +3,11 @@
 On several ranks: ``msrun --worker_num=2 --local_worker_num=2 training/pretrain.py --config FILE
 parallel.tp=2`` (dp is what is left: world / (tp * pp)). Supported layouts: tp x pp x dp, with
 ``parallel.vpp`` virtual stages per pipeline rank and ``parallel.layers_per_stage`` for uneven
-splits (``parallel.cp`` and ``sp`` are not wired into this loop yet and are refused before
+splits (``parallel.cp`` is not wired into this loop yet and is refused before
 any work). Mixture of experts (``model.moe.num_experts`` > 0): tp x ep x dp with experts split
-over ``parallel.etp`` (pp = 1); the
-progress line, metrics.jsonl and TensorBoard add the router loss, tokens per expert and the
-dropped share (``training.moe_step``). With pp > 1 the step is ``training.pipeline_step.PipelineTrainStep`` (1F1B or
+over ``parallel.etp``, or ep x pp (and vpp) x dp (tp and pp together are refused for MoE);
+the progress line, metrics.jsonl and TensorBoard add the router loss, tokens per expert and the
+dropped share of the whole model (``training.moe_step``). With pp > 1 the step is ``training.pipeline_step.PipelineTrainStep`` (1F1B or
 interleaved 1F1B), every rank saves its own stage's shard, and the sample is generated through
 the stages (``models.generate_pipeline``).
 
@@ -54,10 +54,10 @@ def check_supported(cfg) -> None:
         raise ConfigError(f"parallel.cp={p.cp}: training/pretrain.py supports tp, pp, ep and dp "
                           "only for now (set it to 1)")
     if cfg.model.moe.num_experts:
-        if p.pp != 1:
-            raise ConfigError(f"parallel.pp={p.pp}: training/pretrain.py trains MoE models "
-                              "(model.moe.num_experts > 0) with tp, ep, etp and dp only for now "
-                              "(set it to 1)")
+        if p.pp != 1 and p.tp != 1:
+            raise ConfigError(f"parallel.tp={p.tp}, parallel.pp={p.pp}: training/pretrain.py trains MoE "
+                              "models (model.moe.num_experts > 0) with tp or pp, not both, for now "
+                              "(set one of them to 1)")
         if cfg.model.moe.dispatcher == "alltoall" and cfg.training.mode == "graph":
             raise ConfigError("model.moe.dispatcher=alltoall runs eagerly only: use allgather "
                               "with training.mode=graph, or training.mode=pynative")
@@ -186,12 +186,14 @@ def build_model(cfg, dims):
 
     tensors = read_checkpoint(cfg.model.hf_path) if cfg.model.hf_path else None
     if dims.pp.size > 1:
+        from mcore.parallel_state import ModelGroups
         from models.gpt_pipeline import build_pipeline
 
         p = cfg.parallel
 
         def make_stage(spec):
-            return build_gpt(cfg, dims.tp, spec, embedding_group=dims.embedding)
+            return build_gpt(cfg, stage=spec, embedding_group=dims.embedding,
+                             groups=ModelGroups.from_dims(dims))
 
         return build_pipeline(make_stage, transformer_config(cfg).num_layers, dims, vpp=p.vpp,
                               layers_per_stage=p.layers_per_stage,

@@ -230,6 +230,11 @@ class TrainState:
 
     named: list
     buffers: tuple = ()  # (name, Parameter) pairs saved with the model but not trained (expert bias)
+    moe_stats = None  # MoE: training.moe_step.MoEStats of the step being run
+    moe_stage = None  # MoE with pp: training.moe_step.StageLayers of this rank
+    bias_routers: tuple = ()  # MoE: [(row of the counts, router)] with expert_bias on
+    last_moe_metrics = None  # MoE: training.logger.moe_metrics of the last step
+    last_moe_counts = None  # MoE: tokens per expert [L, E] of the last step, global batch
     update: AdamWUpdate
     opt: object  # OptimizerConfig: beta1, beta2
     adam_steps: int = 0  # updates applied (AdamW's t for the next update is adam_steps + 1)
@@ -252,6 +257,17 @@ class TrainState:
         else:
             self.skipped_in_a_row += 1
         return loss, norm
+
+    def finish_moe(self, applied: bool) -> None:
+        """MoE: the step's ``last_moe_metrics`` / ``last_moe_counts`` from ``moe_stats``
+        (over dp, and pp with ``moe_stage``), then, if the update was ``applied``, the expert
+        biases of ``bias_routers`` (``training.moe_step``; collectives: every rank calls)."""
+        self.last_moe_metrics, self.last_moe_counts = self.moe_stats.finish(self.dims.dp,
+                                                                            self.moe_stage)
+        if self.bias_routers and applied:  # not on a skipped step
+            from training.moe_step import update_expert_biases
+
+            update_expert_biases(self.bias_routers, self.last_moe_counts)
 
     def scalars(self) -> dict:
         """Optimizer scalars for a checkpoint's meta (``load`` takes them back)."""
@@ -316,8 +332,6 @@ class TrainStep(TrainState):
         else:
             self.forward_backward = ForwardBackward(self.loss_cell, self.params, self.acc,
                                                     self.loss_scale)
-        self.last_moe_metrics = None  # MoE: training.logger.moe_metrics of the last step
-        self.last_moe_counts = None  # MoE: tokens per expert [L, E] of the last step, global batch
         self.update = AdamWUpdate(self.params, self.acc, decay, plans, dims, opt_cfg)
 
     def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
@@ -341,11 +355,7 @@ class TrainStep(TrainState):
         applied_before = self.adam_steps
         out = self.apply_update(lr, total / self.n_micro)
         if self.moe_layers:
-            self.last_moe_metrics, self.last_moe_counts = self.moe_stats.finish(self.dims.dp)
-            if self.bias_routers and self.adam_steps > applied_before:  # not on a skipped step
-                from training.moe_step import update_expert_biases
-
-                update_expert_biases(self.bias_routers, self.last_moe_counts)
+            self.finish_moe(self.adam_steps > applied_before)
         return out
 
     def evaluate(self, batches) -> float:

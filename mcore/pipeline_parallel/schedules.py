@@ -13,7 +13,13 @@ micro_batch_size, forward_only=False) -> ScheduleResult``
   ``grads[c]`` (per local chunk, parameter gradients of the micro-batch mean loss, accumulated),
   ``trace`` (the actions run, in order), ``peak_inflight`` (most micro-batches held at once
   between their forward and backward: stage inputs kept for the backward),
-  ``compute_seconds`` (see ``PipelineModel.time_actions``).
+  ``compute_seconds`` (see ``PipelineModel.time_actions``), ``aux[c]`` (per local chunk whose
+  stage has auxiliary losses, ``StageRunner.has_aux``: the ``(aux, stats)`` tensors of each
+  micro-batch in forward order; training only, empty lists otherwise).
+- Auxiliary losses (e.g. MoE router losses): every such stage adds the gradient of its own
+  ``aux.sum()`` in its backward with the loss's scale (``loss_scale / num_microbatches``), so
+  ``grads`` are those of ``mean over micro-batches of (loss + every stage's aux.sum())``;
+  ``loss`` stays the mean of the ``loss_fn`` values.
 
 How a step runs: ``schedule_order`` gives this rank's order of forwards and backwards,
 ``comm_plan.build_plans`` interleaves it with the exchanges that every neighbour makes in the
@@ -48,6 +54,7 @@ class ScheduleResult(NamedTuple):
     trace: list
     peak_inflight: int
     compute_seconds: float
+    aux: tuple = ()
 
 
 def _sync(*tensors) -> None:
@@ -71,6 +78,7 @@ class _State:
         self.held = {}     # (mb, chunk) -> stage input kept for the backward / last-stage grads
         self.grads = [None] * vpp   # per chunk: accumulated parameter gradients
         self.losses = []
+        self.aux = [[] for _ in range(vpp)]  # per chunk: (aux, stats) per micro-batch
 
 
 def _forward(st, step, v, last, runner, scale, forward_step_func, data_iterator,
@@ -86,24 +94,31 @@ def _forward(st, step, v, last, runner, scale, forward_step_func, data_iterator,
         st.losses.append(runner.loss(x, labels))
         return st.losses[-1]
     if v == last:            # loss, input grad and param grads in one compiled step
-        loss, dx, dw = runner.loss_and_grads(x, labels, scale)
+        loss, dx, dw, aux, stats = runner.loss_grads_and_aux(x, labels, scale)
         st.losses.append(loss)
         st.held[(mb, c)] = (dx, dw)
+        if runner.has_aux:
+            st.aux[c].append((aux, stats))
         return loss
-    out = st.outbox[Msg("act", mb, v)] = runner.forward(x)
+    if runner.has_aux and not forward_only:
+        out, aux, stats = runner.forward_with_aux(x)
+        st.aux[c].append((aux, stats))
+    else:
+        out = runner.forward(x)
+    st.outbox[Msg("act", mb, v)] = out
     if not forward_only:
         st.held[(mb, c)] = x   # the backward recomputes the stage from its input
     return out
 
 
-def _backward(st, step, v, last, runner):
+def _backward(st, step, v, last, runner, scale):
     """Run backward ``step`` of virtual stage ``v``; return a tensor it produced (for timing)."""
     mb, c = step.microbatch, step.chunk
     saved = st.held.pop((mb, c))
     if v == last:
         dx, dw = saved
     else:
-        dx, dw = runner.backward(saved, st.inbox.pop(Msg("grad", mb, v + 1)))
+        dx, dw = runner.backward(saved, st.inbox.pop(Msg("grad", mb, v + 1)), scale)
     st.grads[c] = _add(st.grads[c], dw)
     if v > 0:
         st.outbox[Msg("grad", mb, v)] = dx
@@ -133,7 +148,7 @@ def _run_plan(plan, model: PipelineModel, forward_step_func, data_iterator, m, s
                             data_iterator, forward_only)
             peak = max(peak, len(st.held))
         else:
-            done = _backward(st, step, v, last, runner)
+            done = _backward(st, step, v, last, runner, model.loss_scale / m)
         if model.time_actions:
             _sync(done)
             busy += time.perf_counter() - start
@@ -143,7 +158,7 @@ def _run_plan(plan, model: PipelineModel, forward_step_func, data_iterator, m, s
     losses = st.losses
     mean = sum(losses[1:], losses[0]) / m if losses else ms.Tensor(0.0, ms.float32)
     mean = broadcast(mean.astype(ms.float32), dims.pp, src=pp - 1)  # every rank reports it
-    return ScheduleResult(float(mean.asnumpy()), st.grads, trace, peak, busy)
+    return ScheduleResult(float(mean.asnumpy()), st.grads, trace, peak, busy, st.aux)
 
 
 def _schedule(orders_of_rank, name):

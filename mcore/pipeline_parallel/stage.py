@@ -23,6 +23,15 @@ schedules need:
   gradients of ``scale * loss``, one compiled graph with ``value_and_grad`` inside (no
   recompute needed).
 
+Stages with auxiliary losses (``with_aux=True``, e.g. mixture-of-experts router losses): every
+layer returns ``(x, aux, stats)`` and the stage ``(out, aux, stats)``, both concatenated over
+its layers along axis 0. ``aux`` is part of the TRAINING loss, ``stats`` are reported values
+(never differentiated). Each stage adds the gradient of its own ``aux.sum()`` locally, scaled
+like the loss: its backward differentiates ``sum(out * dout) + aux_scale * aux.sum()`` (the
+output gradient ``dout`` already carries the loss scale of the stages after it) and the last
+stage ``scale * (loss + aux.sum())``. The reported loss stays ``loss`` (the ``loss_fn`` value);
+``forward_with_aux`` / ``loss_grads_and_aux`` return ``aux`` and ``stats`` of the micro-batch.
+
 Why recompute: MindSpore 2.10 PyNative keeps ONE pending ``mindspore.vjp`` at a time. A second
 ``vjp`` before the first closure is used makes the first fail ("Can not find top cell for
 backward"), in PyNative and with a jitted Cell alike, and 1F1B needs up to ``pp`` pending.
@@ -85,11 +94,15 @@ class PipelineStage(nn.Cell):
     stage's activation. Output: ``post_process``'s output on the last stage, else the activation
     sent on. ``loss_fn`` (last stage only): ``(output, labels) -> scalar loss``.
     ``is_first`` / ``is_last`` (None: derived from ``pre_process`` / ``post_process`` and
-    ``loss_fn``) say whether the input is data (no input gradient) / the stage ends the model."""
+    ``loss_fn``) say whether the input is data (no input gradient) / the stage ends the model.
+    ``with_aux``: every layer returns ``(x, aux, stats)`` and the stage returns ``(out, aux,
+    stats)`` (see the module docstring)."""
 
     def __init__(self, layers, pre_process=None, post_process=None, loss_fn=None,
-                 is_first: bool | None = None, is_last: bool | None = None):
+                 is_first: bool | None = None, is_last: bool | None = None,
+                 with_aux: bool = False):
         super().__init__()
+        self.with_aux = bool(with_aux)
         self.is_first = pre_process is not None if is_first is None else bool(is_first)
         if is_last is None:
             is_last = post_process is not None or loss_fn is not None
@@ -102,22 +115,36 @@ class PipelineStage(nn.Cell):
     def construct(self, x):
         if self.pre_process is not None:
             x = self.pre_process(x)
-        for layer in self.stage_layers:
-            x = layer(x)
+        if self.with_aux:
+            auxes, stats = (), ()
+            for layer in self.stage_layers:
+                x, aux, stat = layer(x)
+                auxes += (aux,)
+                stats += (stat,)
+        else:
+            for layer in self.stage_layers:
+                x = layer(x)
         if self.post_process is not None:
             x = self.post_process(x)
+        if self.with_aux:
+            return x, ops.concat(auxes, 0), ops.concat(stats, 0)  # n x [L_i, ..] -> [sum L_i, ..]
         return x
 
 
 class _StageLoss(nn.Cell):
     """``(scale * loss, loss)`` of the last stage; ``scale`` (1 / num_microbatches) makes the
-    accumulated gradients those of the micro-batch mean."""
+    accumulated gradients those of the micro-batch mean. ``with_aux``: ``(scale * (loss +
+    aux.sum()), loss, aux, stats)``."""
 
     def __init__(self, stage: PipelineStage):
         super().__init__()
         self.stage = stage
 
     def construct(self, x, labels, scale):
+        if self.stage.with_aux:
+            out, aux, stats = self.stage(x)
+            loss = self.stage.loss_fn(out, labels)
+            return (loss + aux.sum()) * scale, loss, aux, stats
         loss = self.stage.loss_fn(self.stage(x), labels)
         return loss * scale, loss
 
@@ -156,14 +183,44 @@ class _StageBackward(nn.Cell):
         return self.grad(self.stage, self.weights)(x, dout)
 
 
+class _AuxObjective(nn.Cell):
+    """``(x, dout, aux_scale) -> sum(out * dout) + aux_scale * aux.sum()`` of a ``with_aux``
+    stage: its gradient is the output's backward with sensitivity ``dout`` plus the stage's own
+    auxiliary losses (``d/d out`` of ``sum(out * dout)`` is ``dout`` exactly)."""
+
+    def __init__(self, stage: PipelineStage):
+        super().__init__()
+        self.stage = stage
+
+    def construct(self, x, dout, aux_scale):
+        out, aux, _ = self.stage(x)
+        return (out * dout).sum() + aux.sum() * aux_scale
+
+
+class _StageAuxBackward(nn.Cell):
+    """``_StageBackward`` of a ``with_aux`` stage: ``(x, dout, aux_scale) -> (input_grads,
+    param_grads)`` (first stage: ``param_grads``) of ``_AuxObjective``, as one graph."""
+
+    def __init__(self, stage: PipelineStage):
+        super().__init__()
+        self.objective = _AuxObjective(stage)
+        self.weights = ParameterTuple(stage.trainable_params())
+        self.grad = ops.GradOperation(get_all=not stage.is_first, get_by_list=True)
+
+    def construct(self, x, dout, aux_scale):
+        return self.grad(self.objective, self.weights)(x, dout, aux_scale)
+
+
 class StageRunner:
-    """Compiled steps of one ``PipelineStage`` (``jit=False``: PyNative, for debugging)."""
+    """Compiled steps of one ``PipelineStage`` (``jit=False``: PyNative, for debugging).
+    ``has_aux``: the stage returns auxiliary losses (``PipelineStage.with_aux``)."""
 
     def __init__(self, stage: PipelineStage, jit: bool = True):
         self.stage = stage
+        self.has_aux = stage.with_aux
         self.params = stage.trainable_params()
         self._fwd = ms.jit(stage) if jit else stage
-        self._bwd = _StageBackward(stage)
+        self._bwd = _StageAuxBackward(stage) if self.has_aux else _StageBackward(stage)
         self._bwd = ms.jit(self._bwd) if jit else self._bwd
         self._grad = None
         if stage.loss_fn is not None:
@@ -172,29 +229,49 @@ class StageRunner:
 
     def forward(self, x):
         """Stage output (no graph kept: the backward recomputes it from ``x``)."""
+        return self._fwd(x)[0] if self.has_aux else self._fwd(x)
+
+    def forward_with_aux(self, x):
+        """``(out, aux, stats)`` of a ``has_aux`` stage (no graph kept)."""
+        if not self.has_aux:
+            raise ValueError("forward_with_aux: this stage has no auxiliary losses (with_aux)")
         return self._fwd(x)
 
-    def backward(self, x, dout):
+    def backward(self, x, dout, aux_scale: float = 1.0):
         """``(input_grad or None, param_grads)`` of the stage at input ``x`` for output
-        gradient ``dout``: one compiled forward + backward graph."""
+        gradient ``dout``: one compiled forward + backward graph. A ``has_aux`` stage adds the
+        gradient of ``aux_scale * aux.sum()`` (pass the loss's scale); others ignore it."""
+        if self.has_aux:
+            grads = self._bwd(x, dout, ms.Tensor(aux_scale, ms.float32))
+        else:
+            grads = self._bwd(x, dout)
         if self.stage.is_first:
-            return None, tuple(self._bwd(x, dout))
-        input_grads, param_grads = self._bwd(x, dout)
+            return None, tuple(grads)
+        input_grads, param_grads = grads
         return input_grads[0], tuple(param_grads)
 
     def loss(self, x, labels):
-        """Loss of one micro-batch (forward only)."""
-        return self.stage.loss_fn(self._fwd(x), labels)
+        """Loss of one micro-batch (forward only; without the auxiliary losses)."""
+        return self.stage.loss_fn(self.forward(x), labels)
 
     def loss_and_grads(self, x, labels, scale: float):
-        """``(loss, input_grad or None, param_grads)`` with gradients of ``scale * loss``."""
+        """``(loss, input_grad or None, param_grads)`` with gradients of ``scale * loss``
+        (``has_aux``: of ``scale * (loss + aux.sum())``; ``loss`` is without ``aux``)."""
+        return self.loss_grads_and_aux(x, labels, scale)[:3]
+
+    def loss_grads_and_aux(self, x, labels, scale: float):
+        """``loss_and_grads`` plus the micro-batch's ``aux`` and ``stats`` (None, None for a
+        stage without auxiliary losses)."""
         if self._grad is None:
             raise ValueError("loss_and_grads: this stage has no loss_fn (not the last stage)")
-        (_, loss), grads = self._grad(x, labels, ms.Tensor(scale, ms.float32))
+        values, grads = self._grad(x, labels, ms.Tensor(scale, ms.float32))
+        loss, aux, stats = values[1], None, None
+        if self.has_aux:
+            aux, stats = values[2], values[3]
         if self.stage.is_first:
-            return loss, None, tuple(grads)
+            return loss, None, tuple(grads), aux, stats
         input_grad, param_grads = grads
-        return loss, input_grad, tuple(param_grads)
+        return loss, input_grad, tuple(param_grads), aux, stats
 
 
 @dataclass

@@ -14,6 +14,10 @@ dropless, all-gather dispatcher, aux-loss-free expert bias on, graph mode, 6 ste
   part of every expert tensor (its ep half; with etp its column / row slice), equal to the
   matching part of the one-process checkpoint, and the one-process expert biases (exactly);
   ``training.generate.model_from_checkpoint`` merges the shards into the one-process model.
+- ep=2 x pp=2 (4 ranks, 1F1B, router losses on both pipeline stages): the same per-step loss,
+  gradient norm, router loss and tokens per expert; every rank's stage
+  checkpoint holds its layers' expert shares and biases as in the one-process one; the sample
+  is generated through the stages.
 """
 import json
 import subprocess
@@ -142,6 +146,28 @@ def test_expert_bias_update_equals_numpy_and_skips(tmp_path):
     assert res.returncode == 0 and "BIAS_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
 
 
+def test_stage_statistics_take_their_rows_of_the_whole_model():
+    """``MoEStats.finish`` with a pipeline rank's ``StageLayers`` (pp of one rank here: the
+    all-reduce is the identity): its layers' counts land in their rows of the whole model, the
+    other rows stay 0, and a rank without MoE layers still returns the whole model's shape."""
+    from mcore.parallel_state import ProcessGroup
+    from training.moe_step import MoEStats, StageLayers
+
+    one = ProcessGroup.single()
+    stats = MoEStats()
+    for micro in range(2):
+        stats.add(np.full((1, 3), 0.5), np.array([[1.0, 2, 3, 4 + micro]]), routed=20)
+    metrics, counts = stats.finish(one, StageLayers(one, local=(3,), model=(1, 3, 4),
+                                                    num_experts=4))
+    np.testing.assert_array_equal(counts, [[0, 0, 0, 0], [2, 4, 6, 9], [0, 0, 0, 0]])
+    assert metrics["moe_aux_loss"] == 1.5 and metrics["moe_tokens_max"] == 9
+    assert metrics["moe_dropped_share"] == pytest.approx(19 / 40)
+    _, counts = MoEStats().finish(one, StageLayers(one, local=(), model=(1, 3), num_experts=4))
+    assert counts.shape == (2, 4) and not counts.any()
+    with pytest.raises(ValueError, match="no micro-batch"):
+        MoEStats().finish(one)
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pretrain_moe")
@@ -160,9 +186,10 @@ def test_moe_config_errors_before_work(tmp_path):
     from training.config import ConfigError, load_config, parse_cli
     from training.pretrain import check_supported
 
-    path, overrides = parse_cli(_args(tmp_path, "out", "parallel.pp=3"))
-    with pytest.raises(ConfigError, match=r"^parallel.pp=3: training/pretrain.py trains MoE"):
-        check_supported(load_config(path, overrides, world_size=3))
+    path, overrides = parse_cli(_args(tmp_path, "out", "parallel.pp=3", "parallel.tp=2"))
+    with pytest.raises(ConfigError, match=r"^parallel.tp=2, parallel.pp=3: training/pretrain.py "
+                                          r"trains MoE"):
+        check_supported(load_config(path, overrides, world_size=6))
     res = subprocess.run([sys.executable, PRETRAIN,
                           *_args(tmp_path, "out", "model.moe.dispatcher=alltoall")],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
@@ -234,3 +261,56 @@ def test_expert_parallel_matches_one_process(reference, layout):
     for name, param in merged.parameters_and_names():
         np.testing.assert_allclose(param.asnumpy(), whole[name].asnumpy(), rtol=1e-4, atol=2e-5,
                                    err_msg=name)
+
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("run, layout, workers, stage_layers", [
+    # ep=2 x pp=2 (1F1B; dp=2, edp=1), layers 0-1 | 2: the first stage's MoE layer adds its
+    # router losses in that stage's backward (interleaved schedules run the same runner steps
+    # in another order: tests/models/test_gpt_pipeline_moe.py checks those steps' gradients)
+    ("ep2_pp2", ["parallel.ep=2", "parallel.pp=2", "parallel.layers_per_stage=[2,1]"], 4,
+     [{0, 1}, {2}]),
+])
+def test_pipeline_parallel_moe_matches_one_process(reference, run, layout, workers, stage_layers):
+    """The one-process loss, gradient norm, router loss and tokens per expert per step; each
+    rank's checkpoint holds its stage's layers with its ep share of their experts and the
+    one-process biases; the run generates its sample through the stages."""
+    from training.checkpointing import load_checkpoint
+
+    tmp, res = reference
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir, log_dir = tmp / run, tmp / f"logs_{run}"
+    cmd = msrun_command(PRETRAIN, _args(tmp, run, *layout, "checkpoint.save_interval=0",
+                                        "logging.sample_tokens=2"),
+                        workers=workers, log_dir=str(log_dir))
+    out = run_msrun(cmd, cwd=tmp, timeout=600)
+    logs = worker_logs(log_dir)
+    assert out.returncode == 0, out.stdout[-2000:] + logs[-4000:]
+    assert "x pp 2" in logs and "sample (" in logs, logs[-3000:]
+    one, many = _records(tmp / "full"), _records(run_dir)
+    assert sorted(many) == sorted(one) == list(range(1, STEPS + 1))
+    for step in one:
+        for key in ("loss", "grad_norm", "moe_aux_loss"):
+            a, b = one[step][key], many[step][key]
+            assert abs(b - a) <= 1e-5 * abs(a), (step, key, a, b)
+        for key in ("moe_tokens_min", "moe_tokens_max", "moe_tokens_std", "moe_dropped_share"):
+            assert many[step][key] == pytest.approx(one[step][key], rel=1e-6), (step, key)
+    ref = load_checkpoint(tmp / "full" / "checkpoints" / f"step_{STEPS:06d}")
+    ck = run_dir / "checkpoints" / f"step_{STEPS:06d}"
+    ep = 2 if "parallel.ep=2" in layout else 1
+    for rank in range(workers):
+        shard = load_checkpoint(ck, rank=rank, world_size=workers)
+        # order tp-cp-ep-dp-pp: ep varies fastest, pp (2 stages) slowest
+        ep_rank, layers = rank % ep, stage_layers[rank // (workers // 2)]
+        held = {int(n.split(".")[2]) for n in shard.model if n.startswith("decoder.layers.")}
+        assert held == layers, (rank, sorted(shard.model))
+        for name in [n for n in EXPERTS + BIASES if int(n.split(".")[2]) in layers]:
+            want = ref.model[name]
+            if name in BIASES:  # same counts every step, so the same signs
+                np.testing.assert_array_equal(shard.model[name], want,
+                                              err_msg=f"rank {rank}: {name}")
+                continue
+            part = want.shape[0] // ep
+            np.testing.assert_allclose(shard.model[name], want[ep_rank * part:(ep_rank + 1) * part],
+                                       rtol=1e-4, atol=2e-5, err_msg=f"rank {rank}: {name}")
