@@ -18,7 +18,9 @@ hf_path=None) -> GPTPipelineModel`` (a ``mcore.pipeline_parallel.stage.PipelineM
   (``chunk_models[c]``), built with ``ModelGroups.from_dims(dims)``.
 - Loss (last virtual stage): mean token cross-entropy, vocab-parallel over tp: the same number
   as ``model(x, labels=labels).mean()`` of the full model (``training.step.LossCell``).
-- Activations between stages: ``[micro_batch, seq, hidden]`` float32.
+- Activations between stages: ``[micro_batch, seq, hidden]`` float32, ``[micro_batch,
+  seq / tp, hidden]`` when the stages are built with ``config.parallel.sequence_parallel``
+  (``PipelineModel.sequence_parallel``, read from the first chunk's config).
 - Names: ``chunk_models[c].parameters_and_names()`` gives the full model's names
   (``decoder.layers.<global i>.*``, ``embedding.weight``, ``decoder.final_norm.weight``,
   ``output_layer.weight``); ``param_names[c][i]`` names ``chunks[c].params[i]`` (and so
@@ -144,6 +146,7 @@ def build_pipeline(make_stage, num_layers: int, dims: ParallelDims, vpp: int = 1
         models.append(model)
         mine.append(spec)
         names.append(_names(model, runner.params))
-    hidden = models[0].config.hidden_size
-    return GPTPipelineModel(chunks, dims, hidden, chunk_models=models, stages=mine,
-                            param_names=names)
+    config = models[0].config
+    return GPTPipelineModel(chunks, dims, config.hidden_size,
+                            sequence_parallel=config.parallel.sequence_parallel,
+                            chunk_models=models, stages=mine, param_names=names)

@@ -114,7 +114,7 @@ class ParallelConfig:
     ep: int = _f(1, "expert-parallel size: ranks that split the experts of each MoE layer")
     etp: int = _f(1, "expert tensor-parallel size (only 1 is implemented)")
     cp: int = _f(1, "context-parallel size (training/pretrain.py refuses != 1 for now)")
-    sp: bool = _f(False, "sequence parallelism inside the tp group")
+    sp: bool = _f(False, "sequence parallelism inside the tp group (no effect when tp = 1)")
     order: str = _f("tp-cp-ep-dp-pp", "rank order of the axes, first varies fastest")
     dp: int | None = _f(None, "data-parallel size, derived: world / (tp * cp * pp)", derived=True)
     world_size: int | None = _f(None, "number of ranks, derived from the launcher", derived=True)

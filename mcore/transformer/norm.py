@@ -51,6 +51,13 @@ class LayerNorm(nn.Cell):
         return y * self.weight + self.bias
 
 
+def mark_sequence_parallel(cell: nn.Cell) -> None:
+    """Flag every parameter of ``cell`` (a norm applied to ``[b, s/tp, h]``) as
+    sequence-parallel replicated: its gradient is summed over tp (see the module docstring)."""
+    for param in cell.get_parameters():
+        param.sequence_parallel = True
+
+
 def norm_class(kind: str):
     """The norm class for ``TransformerConfig.norm``."""
     return {"rmsnorm": RMSNorm, "layernorm": LayerNorm}[kind]
