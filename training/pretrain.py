@@ -7,7 +7,7 @@ splits (``parallel.cp`` and ``etp`` are not wired into this loop yet and are ref
 work). ``parallel.sp`` splits the activations outside the tensor-parallel regions along the
 sequence (``model.seq_length`` must divide by tp); as in Megatron it is switched off, with a
 warning in the log, when tp = 1; the sample at the end comes from a twin without it
-(``sampling_model``). Mixture of experts (``model.moe.num_experts`` > 0): ep x dp (tp = pp = 1); the
+(``training.generate.sampling_model``). Mixture of experts (``model.moe.num_experts`` > 0): ep x dp (tp = pp = 1); the
 progress line, metrics.jsonl and TensorBoard add the router loss, tokens per expert and the
 dropped share (``training.moe_step``). With pp > 1 the step is ``training.pipeline_step.PipelineTrainStep`` (1F1B or
 interleaved 1F1B), every rank saves its own stage's shard, and the sample is generated through
@@ -297,28 +297,6 @@ def validate(cfg, step_fn, data) -> float | None:
     return step_fn.evaluate(batches)
 
 
-def sampling_model(cfg, model, dims):
-    """``model``, or with sequence parallelism (KV-cache decoding feeds one token at a time, which
-    cannot be split over tp) a twin built without it holding the same weights: parameter names
-    and shapes do not depend on ``parallel.sp``."""
-    import copy
-
-    from mindspore import ops
-
-    if not (cfg.parallel.sp and dims.tp.size > 1):
-        return model
-    plain_cfg = copy.deepcopy(cfg)
-    plain_cfg.parallel.sp = False
-    plain = build_model(plain_cfg, dims, read_hf=False)
-    pairs = (zip(model.chunk_models, plain.chunk_models) if hasattr(model, "chunk_models")
-             else [(model, plain)])
-    for trained, twin in pairs:
-        weights = dict(trained.parameters_and_names())
-        for name, param in twin.parameters_and_names():
-            ops.assign(param, weights[name])
-    return plain
-
-
 def sample(model, tokenizer, seed: int, max_new_tokens: int) -> str:
     """A sampled continuation of ``SAMPLE["prompt"]`` (PyNative; every rank must call it)."""
     from training.generate import generate_text
@@ -413,6 +391,8 @@ def run(cfg, stop_after: int | None = None) -> dict:
         save(cfg, step, step_fn, data, dims)
     text = None
     if cfg.logging.sample_tokens > 0:
+        from training.generate import sampling_model
+
         text = sample(sampling_model(cfg, model, dims), data.tokenizer, t.seed,
                       cfg.logging.sample_tokens)
         log.info(f"sample (temperature {SAMPLE['temperature']}, top-p {SAMPLE['top_p']}):\n{text}")
