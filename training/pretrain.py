@@ -7,8 +7,8 @@ splits (``parallel.cp`` and ``etp`` are not wired into this loop yet and are ref
 work). ``parallel.sp`` splits the activations outside the tensor-parallel regions along the
 sequence (``model.seq_length`` must divide by tp); as in Megatron it is switched off, with a
 warning in the log, when tp = 1; the sample at the end comes from a twin without it
-(``training.generate.sampling_model``). Mixture of experts (``model.moe.num_experts`` > 0): ep x dp (tp = pp = 1); the
-progress line, metrics.jsonl and TensorBoard add the router loss, tokens per expert and the
+(``training.generate.sampling_model``). Mixture of experts (``model.moe.num_experts`` > 0):
+ep x dp (tp = pp = 1); the progress line, metrics.jsonl and TensorBoard add the router loss, tokens per expert and the
 dropped share (``training.moe_step``). With pp > 1 the step is ``training.pipeline_step.PipelineTrainStep`` (1F1B or
 interleaved 1F1B), every rank saves its own stage's shard, and the sample is generated through
 the stages (``models.generate_pipeline``).
