@@ -52,8 +52,9 @@ class LayerNorm(nn.Cell):
 
 
 def mark_sequence_parallel(cell: nn.Cell) -> None:
-    """Flag every parameter of ``cell`` (a norm applied to ``[b, s/tp, h]``) as
-    sequence-parallel replicated: its gradient is summed over tp (see the module docstring)."""
+    """Flag every parameter of ``cell`` (a norm applied to ``[b, s/tp, h]``, or to this rank's
+    heads only) as replicated over tp with a partial gradient per rank: the gradient finaliser
+    sums it over tp (see the module docstring)."""
     for param in cell.get_parameters():
         param.sequence_parallel = True
 

@@ -8,7 +8,9 @@ Sequence parallelism, in the same launch (``SP_FAMILIES``): each family's tp=2 m
 ``parallel.sequence_parallel`` (same weights) gives the tp=2 logits, loss and, after the gradient
 finaliser (``mcore.distributed.finalize``: flagged norms and row-parallel biases summed over tp),
 the same gradient for every parameter; its parameter names and shapes are the plain model's;
-KV-cache decoding with it is refused with a message.
+KV-cache decoding with it is refused with a message. The same families' tp-replicated
+parameters (norms, row-parallel biases, Qwen3's q/k norms) get the tp=1 gradient at tp=2 after
+the finaliser.
 """
 from __future__ import annotations
 
@@ -73,8 +75,9 @@ def _final_grads(model, ids, labels, dims):
     return {n: g.asnumpy() for (n, _), g in zip(named, grads)}
 
 
-def _check_sequence_parallel(ctx, family, path, plain, ids, labels, dims):
+def _check_sequence_parallel(ctx, family, path, one, plain, ids, labels, dims):
     import models
+    from training.step import tp_split_names
 
     sp = _sp_twin(path, dims)
     with ctx.check(f"{family}_sp_names_shapes_and_flags"):
@@ -88,8 +91,18 @@ def _check_sequence_parallel(ctx, family, path, plain, ids, labels, dims):
         np.testing.assert_allclose(sp(ids).asnumpy(), plain(ids).asnumpy(), rtol=0, atol=1e-5)
         np.testing.assert_allclose(sp(ids, labels=labels).asnumpy(),
                                    plain(ids, labels=labels).asnumpy(), rtol=0, atol=1e-5)
+    want = _final_grads(plain, ids, labels, dims)
+    with ctx.check(f"{family}_replicated_grads_match_tp1"):
+        ref = _final_grads(one, ids, labels, dims)  # tp=1: nothing flagged, nothing summed
+        replicated = [n for n, g in want.items() if g.shape == ref[n].shape
+                      and n not in tp_split_names(plain)]
+        assert any("norm" in n for n in replicated), replicated
+        for name in replicated:
+            scale = max(np.abs(ref[name]).max(), 1e-3)
+            np.testing.assert_allclose(want[name], ref[name], rtol=0, atol=2e-5 * scale,
+                                       err_msg=name)
     with ctx.check(f"{family}_sp_grads"):
-        want, got = _final_grads(plain, ids, labels, dims), _final_grads(sp, ids, labels, dims)
+        got = _final_grads(sp, ids, labels, dims)
         assert sorted(got) == sorted(want)
         for name in want:
             scale = max(np.abs(want[name]).max(), 1e-3)
@@ -145,7 +158,7 @@ def _worker(ctx):
                 for name, lazy in saved.items():
                     np.testing.assert_array_equal(lazy.load(), original[name].load(), name)
         if family in SP_FAMILIES:
-            _check_sequence_parallel(ctx, family, fixtures / family, two, ids, labels, dims)
+            _check_sequence_parallel(ctx, family, fixtures / family, one, two, ids, labels, dims)
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +174,10 @@ def test_tp2_matches_tp1(job, family):
 @pytest.mark.parametrize("family", SP_FAMILIES)
 def test_tp2_sequence_parallel_matches_tp2(job, family):
     job.assert_ok(f"{family}_sp_")
+
+
+@pytest.mark.parametrize("family", SP_FAMILIES)
+def test_tp2_replicated_gradients_match_tp1(job, family):
+    """Norm weights, row-parallel biases and Qwen3's q/k norms (tp-replicated): after the
+    finaliser, the tp=2 gradient equals the tp=1 one (the q/k norms need the tp sum)."""
+    job.assert_ok(f"{family}_replicated_grads_match_tp1")
