@@ -28,6 +28,17 @@ stay split over tp): ``loss[:, t]`` scores the logits at position ``t`` against
 length; ``key_mask [b, t]`` marks real (1) vs padding (0) keys; ``cache`` is a ``KVCache``
 (PyNative) or ``StaticKVCache`` (also under jit); see ``models.generate``.
 
+**Sequence parallelism** (``config.parallel.sequence_parallel``, Megatron's scheme; with tp of
+size one every mapping below is the identity): the embedding reduce-scatters its partial sums
+along the sequence, so the hidden state between layers (and between pipeline stages) is
+``[b, s/tp, h]``; attention and mlp all-gather it on entry and reduce-scatter on exit; the
+norms work on the split sequence (their weights flagged ``param.sequence_parallel``, summed over
+tp by ``mcore.distributed.finalize``); the head all-gathers the sequence, so logits, the loss and
+``stage_forward``'s last-stage output keep the shapes above. ``s`` must divide by tp. Parameter
+names and shapes do not change (checkpoints are interchangeable with a model without it). KV-cache
+decoding (``cache``) is refused: it feeds one token at a time; generate with a model built
+without sequence parallelism and the same weights (``training/pretrain.py`` does for its sample).
+
 **Mixture of experts** (``config.moe.num_experts > 0``; ``layer_spec`` from
 ``mcore.transformer.gpt_layer_specs(config)`` or a family's ``moe_layer_specs``):
 ``model.moe_layers`` lists the global indices of this model's (stage's) MoE layers. The router
@@ -51,9 +62,10 @@ parameter names ``decoder.layers.<global i>.*`` as the full model, so checkpoint
 weight tables apply unchanged).
 
 - ``pre_process=False``: no embedding; the first argument of ``construct`` is the previous
-  stage's hidden state ``[b, s, h]`` instead of token ids.
+  stage's hidden state ``[b, s, h]`` (``[b, s/tp, h]`` with sequence parallelism) instead of
+  token ids.
 - ``post_process=False``: no final norm, no head; ``construct`` returns the hidden state
-  ``[b, s, h]`` (``labels`` must then be None).
+  ``[b, s, h]`` (``[b, s/tp, h]`` with sequence parallelism; ``labels`` must then be None).
 - ``stage_forward(x, ...)``: the stage without the last step: hidden state, or on a
   ``post_process`` stage the tp-local logits ``[b, s, V/tp]`` (what a pipeline loss takes).
 - Tied embeddings over several stages (Megatron's scheme): a ``post_process`` stage without
@@ -79,7 +91,8 @@ from mcore.parallel_state import ModelGroups, ProcessGroup
 from mcore.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from mcore.tensor_parallel.embedding import VocabParallelEmbedding
 from mcore.tensor_parallel.layers import ColumnParallelLinear
-from mcore.tensor_parallel.mappings import CopyToTPRegion, GatherFromTPRegion
+from mcore.tensor_parallel.mappings import (CopyToTPRegion, GatherFromSPRegion,
+                                            GatherFromTPRegion)
 from mcore.transformer.block import TransformerBlock, check_layer_range
 from mcore.transformer.config import TransformerConfig
 from mcore.transformer.kv_cache import KVCache
@@ -116,9 +129,10 @@ class GPTModel(nn.Cell):
         if vocab_size % tp_group.size:
             raise ValueError(f"vocab_size={vocab_size}: must be divisible by tensor parallel "
                              f"size {tp_group.size}")
-        if config.parallel.sequence_parallel:
-            raise NotImplementedError("parallel.sequence_parallel=True: GPTModel does not split "
-                                      "the sequence yet (the layers support it)")
+        sp = config.parallel.sequence_parallel
+        if sp and config.moe.num_experts:
+            raise NotImplementedError("parallel.sequence_parallel=True with MoE layers "
+                                      "(config.moe.num_experts > 0) is not implemented")
         self.config, self.vocab_size = config, vocab_size
         self.groups, self.tp_group = groups, tp_group
         dtype = config.params_dtype
@@ -130,6 +144,7 @@ class GPTModel(nn.Cell):
         self.embedding = None
         if self.pre_process or (self.post_process and tie_embeddings):
             self.embedding = VocabParallelEmbedding(vocab_size, config.hidden_size, tp_group,
+                                                    sequence_parallel=sp and self.pre_process,
                                                     params_dtype=dtype)
             if tie_embeddings and self.pre_process != self.post_process:
                 self.embedding.weight.shared_embedding = True
@@ -140,11 +155,13 @@ class GPTModel(nn.Cell):
         self.moe_layers = self.decoder.moe_layers
         self.output_layer = None
         if self.post_process and tie_embeddings:
-            self.enter_head = CopyToTPRegion(tp_group)
+            # [b, s/tp, h] -> [b, s, h] with sp (partial gradients reduce-scattered back)
+            self.enter_head = GatherFromSPRegion(tp_group) if sp else CopyToTPRegion(tp_group)
         elif self.post_process:
             self.output_layer = ColumnParallelLinear(config.hidden_size, vocab_size, tp_group,
-                                                     bias=False, name="output_layer",
-                                                     params_dtype=dtype)
+                                                     bias=False, sequence_parallel=sp,
+                                                     name="output_layer", params_dtype=dtype)
+        self.seq_split = tp_group.size if sp else 1  # the stage input is [b, s/seq_split, h]
         self.gather_logits = GatherFromTPRegion(tp_group)
         self.matmul_t = ops.MatMul(transpose_b=True)
 
@@ -167,8 +184,9 @@ class GPTModel(nn.Cell):
     def _head(self, x):
         if self.output_layer is not None:
             return self.output_layer(x)  # [b, s, h] -> [b, s, V/tp]
+        x = self.enter_head(x)  # sp: [b, s/tp, h] -> [b, s, h]
         b, s, h = x.shape
-        x = self.enter_head(x).reshape(b * s, h)  # [b, s, h] -> [b s, h]
+        x = x.reshape(b * s, h)  # [b, s, h] -> [b s, h]
         logits = self.matmul_t(x, self.embedding.weight)  # [b s, h] @ [V/tp, h]^T
         return logits.reshape(b, s, logits.shape[-1])  # -> [b, s, V/tp]
 
@@ -192,6 +210,8 @@ class GPTModel(nn.Cell):
     def _enter(self, x, position_ids, cache):
         """Embedded input (``pre_process``) and the rotary ``cos, sin`` ``[b, 1, s, r]``."""
         b, s = x.shape[0], x.shape[1]
+        if not self.pre_process:
+            s = s * self.seq_split  # a previous stage's [b, s/tp, h] with sp
         if position_ids is None:
             offset = 0 if cache is None else cache.length
             position_ids = ops.arange(offset, offset + s, 1, dtype=ms.int32).reshape(1, s)
@@ -209,6 +229,10 @@ class GPTModel(nn.Cell):
         return self.gather_logits(x)  # [b, s, V/tp] -> [b, s, V]
 
     def construct(self, input_ids, position_ids=None, key_mask=None, labels=None, cache=None):
+        if cache is not None and self.seq_split > 1:
+            raise ValueError("GPTModel: KV-cache decoding feeds a few tokens at a time, which "
+                             "sequence parallelism cannot split over tp: generate with a model "
+                             "built without parallel.sequence_parallel (same weights)")
         if labels is not None and not self.post_process:
             raise ValueError("GPTModel: labels given to a stage without post_process (no head)")
         return self._finish(self.stage_forward(input_ids, position_ids, key_mask, cache), labels)

@@ -18,7 +18,9 @@ hf_path=None) -> GPTPipelineModel`` (a ``mcore.pipeline_parallel.stage.PipelineM
   (``chunk_models[c]``), built with ``ModelGroups.from_dims(dims)``.
 - Loss (last virtual stage): mean token cross-entropy, vocab-parallel over tp: the same number
   as ``model(x, labels=labels).mean()`` of the full model (``training.step.LossCell``).
-- Activations between stages: ``[micro_batch, seq, hidden]`` float32.
+- Activations between stages: ``[micro_batch, seq, hidden]`` float32, ``[micro_batch,
+  seq / tp, hidden]`` when the stages are built with ``config.parallel.sequence_parallel``
+  (``PipelineModel.sequence_parallel``, read from the first chunk's config).
 - Mixture of experts: a chunk whose model has MoE layers (``chunk_models[c].moe_layers``) is a
   ``with_aux`` stage: its router losses (``aux [L, 3]``, coefficient-weighted) join the training
   loss with their gradient added in that stage's own backward, and ``ScheduleResult.aux[c]``
@@ -155,6 +157,7 @@ def build_pipeline(make_stage, num_layers: int, dims: ParallelDims, vpp: int = 1
         models.append(model)
         mine.append(spec)
         names.append(_names(model, runner.params))
-    hidden = models[0].config.hidden_size
-    return GPTPipelineModel(chunks, dims, hidden, chunk_models=models, stages=mine,
-                            param_names=names)
+    config = models[0].config
+    return GPTPipelineModel(chunks, dims, config.hidden_size,
+                            sequence_parallel=config.parallel.sequence_parallel,
+                            chunk_models=models, stages=mine, param_names=names)

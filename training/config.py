@@ -115,7 +115,7 @@ class ParallelConfig:
     etp: int = _f(1, "expert tensor-parallel size: ranks that split each expert's weights (the "
                   "expert grid is etp x ep x edp x pp; etp = tp puts them on the tp ranks)")
     cp: int = _f(1, "context-parallel size (training/pretrain.py refuses != 1 for now)")
-    sp: bool = _f(False, "sequence parallelism inside the tp group")
+    sp: bool = _f(False, "sequence parallelism inside the tp group (no effect when tp = 1)")
     order: str = _f("tp-cp-ep-dp-pp", "rank order of the axes, first varies fastest")
     dp: int | None = _f(None, "data-parallel size, derived: world / (tp * cp * pp)", derived=True)
     world_size: int | None = _f(None, "number of ranks, derived from the launcher", derived=True)

@@ -12,6 +12,8 @@
 ``models.from_pretrained``). Checkpoints saved with tp > 1 and / or pp > 1 (MoE: ep, etp > 1)
 are merged to one process (under msrun with pp, ``training/pretrain.py`` itself samples
 through the stages).
+A checkpoint written with sequence parallelism reads like any other (same names and shapes);
+``sampling_model`` gives a running sequence-parallel job a twin it can decode with.
 The tokenizer: ``--tokenizer``, else the run's ``tokenizer.json`` (recorded in the checkpoint),
 else ``tokenizer.json`` in the HF directory; it must fit the model's vocabulary.
 
@@ -194,6 +196,30 @@ def load(source: str, tokenizer: str | None = None):
     else:
         model = models.from_pretrained(src.path)
     return model, tok
+
+
+def sampling_model(cfg, model, dims):
+    """``model``, or with sequence parallelism (KV-cache decoding feeds one token at a time, which
+    cannot be split over tp) a twin built without it holding the same weights: parameter names
+    and shapes do not depend on ``parallel.sp``."""
+    import copy
+
+    from mindspore import ops
+
+    from training.pretrain import build_model
+
+    if not (cfg.parallel.sp and dims.tp.size > 1):
+        return model
+    plain_cfg = copy.deepcopy(cfg)
+    plain_cfg.parallel.sp = False
+    plain = build_model(plain_cfg, dims, read_hf=False)
+    pairs = (zip(model.chunk_models, plain.chunk_models) if hasattr(model, "chunk_models")
+             else [(model, plain)])
+    for trained, twin in pairs:
+        weights = dict(trained.parameters_and_names())
+        for name, param in twin.parameters_and_names():
+            ops.assign(param, weights[name])
+    return plain
 
 
 def cut_at_stop(text: str, stop) -> str:

@@ -9,7 +9,7 @@ fixed choices (``FAMILIES``: Qwen2.5's qkv bias, Qwen3's qk-norm, GLM-4's interl
 half-rotary and sandwich norms, Llama 3.1's rotary bands, TeleChat2's output biases), the
 knobs (``model.head_dim``, ``model.attention_block_size``, ``model.recompute_layers``), the
 compute dtype (``training.dtype`` -> ``precision.compute_dtype``; parameters stay fp32) and
-``parallel.sp`` (``parallel.sequence_parallel``). With ``model.hf_path`` the architecture comes
+``parallel.sp`` (``parallel.sequence_parallel``, only when ``parallel.tp`` > 1). With ``model.hf_path`` the architecture comes
 from that directory's ``config.json`` (a Hugging Face directory is what the HF dict is for) and
 the knobs, dtype and sp still come from the YAML.
 
@@ -89,7 +89,9 @@ def _knobs(cfg) -> dict:
     precision = PrecisionConfig(params_dtype="float32",
                                 compute_dtype=_DTYPES.get(cfg.training.dtype, cfg.training.dtype),
                                 recompute_layers=recompute if recompute == "all" else tuple(recompute))
-    return {"precision": precision, "parallel": ParallelConfig(sequence_parallel=cfg.parallel.sp)}
+    # As in Megatron, sequence parallelism is off when tp = 1 (pretrain.py logs a warning).
+    sp = bool(cfg.parallel.sp) and cfg.parallel.tp > 1
+    return {"precision": precision, "parallel": ParallelConfig(sequence_parallel=sp)}
 
 
 def _rotary_check(cfg, fam: Family) -> None:

@@ -3,9 +3,13 @@
 On several ranks: ``msrun --worker_num=2 --local_worker_num=2 training/pretrain.py --config FILE
 parallel.tp=2`` (dp is what is left: world / (tp * pp)). Supported layouts: tp x pp x dp, with
 ``parallel.vpp`` virtual stages per pipeline rank and ``parallel.layers_per_stage`` for uneven
-splits (``parallel.cp`` is not wired into this loop yet and is refused before
-any work). Mixture of experts (``model.moe.num_experts`` > 0): tp x ep x dp with experts split
-over ``parallel.etp``, or ep x pp (and vpp) x dp (tp and pp together are refused for MoE);
+splits (``parallel.cp`` is not wired into this loop yet and is refused before any
+work). ``parallel.sp`` splits the activations outside the tensor-parallel regions along the
+sequence (``model.seq_length`` must divide by tp); as in Megatron it is switched off, with a
+warning in the log, when tp = 1; the sample at the end comes from a twin without it
+(``training.generate.sampling_model``). Mixture of experts (``model.moe.num_experts`` > 0):
+tp x ep x dp with experts split over ``parallel.etp``, or ep x pp (and vpp) x dp (tp and pp
+together, and sp, are refused for MoE);
 the progress line, metrics.jsonl and TensorBoard add the router loss, tokens per expert and the
 dropped share of the whole model (``training.moe_step``). With pp > 1 the step is ``training.pipeline_step.PipelineTrainStep`` (1F1B or
 interleaved 1F1B), every rank saves its own stage's shard, and the sample is generated through
@@ -53,6 +57,9 @@ def check_supported(cfg) -> None:
     if p.cp != 1:
         raise ConfigError(f"parallel.cp={p.cp}: training/pretrain.py supports tp, pp, ep and dp "
                           "only for now (set it to 1)")
+    if p.sp and p.tp > 1 and cfg.model.moe.num_experts:
+        raise ConfigError("parallel.sp=true: sequence parallelism with MoE layers "
+                          "(model.moe.num_experts > 0) is not implemented (set it to false)")
     if cfg.model.moe.num_experts:
         if p.pp != 1 and p.tp != 1:
             raise ConfigError(f"parallel.tp={p.tp}, parallel.pp={p.pp}: training/pretrain.py trains MoE "
@@ -61,9 +68,6 @@ def check_supported(cfg) -> None:
         if cfg.model.moe.dispatcher == "alltoall" and cfg.training.mode == "graph":
             raise ConfigError("model.moe.dispatcher=alltoall runs eagerly only: use allgather "
                               "with training.mode=graph, or training.mode=pynative")
-    if p.sp:
-        raise ConfigError("parallel.sp=true: sequence parallelism is not wired into "
-                          "training/pretrain.py yet (set it to false)")
     precision(cfg)
     check_model(cfg)
     check_tokenizer_file(cfg)
@@ -174,17 +178,18 @@ class _Array:
         return self.value
 
 
-def build_model(cfg, dims):
+def build_model(cfg, dims, read_hf: bool = True):
     """The model of the ``model`` section (``training.model_bridge.build_gpt``: a
     ``TransformerConfig`` straight from the YAML, or ``model.hf_path``'s architecture and
     weights). A fresh model is the same model for every tp and pp size (layers initialise their
     master weights from seeds). pp > 1: this rank's ``PipelineModel``
-    (``models.gpt_pipeline.build_pipeline``), else a ``GPTModel``."""
+    (``models.gpt_pipeline.build_pipeline``), else a ``GPTModel``. ``read_hf=False``: keep the
+    initial weights (the caller sets them)."""
     from models.hf import load_weights
     from models.safetensors_io import read_checkpoint
     from training.model_bridge import build_gpt, transformer_config
 
-    tensors = read_checkpoint(cfg.model.hf_path) if cfg.model.hf_path else None
+    tensors = read_checkpoint(cfg.model.hf_path) if cfg.model.hf_path and read_hf else None
     if dims.pp.size > 1:
         from mcore.parallel_state import ModelGroups
         from models.gpt_pipeline import build_pipeline
@@ -344,12 +349,16 @@ def run(cfg, stop_after: int | None = None) -> dict:
     log.info(f"world {dims.world_size} (tp {dims.tp.size} x pp {dims.pp.size}"
              + (f" x vpp {cfg.parallel.vpp}" if cfg.parallel.vpp > 1 else "")
              + (f" x ep {dims.ep.size}" if dims.ep.size > 1 else "")
-             + f" x dp {dims.dp.size}), "
+             + f" x dp {dims.dp.size}"
+             + (", sequence parallel" if cfg.parallel.sp and dims.tp.size > 1 else "") + "), "
              f"{sum(int(np.prod(p.shape)) for _, p in step_fn.named):,} parameters on this rank, "
              f"{t.grad_accum_steps} micro-batch(es) of {t.micro_batch_size} per step, "
              f"mode {t.mode}, compute {dtype}"
              + (f", loss scale {loss_scale:g}" if loss_scale != 1 else "")
              + (f", resumed at step {step}" if step else ""))
+    if cfg.parallel.sp and dims.tp.size == 1:
+        log.info("warning: parallel.sp=true has no effect with parallel.tp=1 (sequence "
+                 "parallelism splits the sequence over tp); training without it")
     schedule = lr_schedule(cfg.optimizer, t.train_iters)
     tokens_per_step = t.global_batch_size * cfg.model.seq_length
     loss = valid_loss = None
@@ -391,7 +400,10 @@ def run(cfg, stop_after: int | None = None) -> dict:
         save(cfg, step, step_fn, data, dims)
     text = None
     if cfg.logging.sample_tokens > 0:
-        text = sample(model, data.tokenizer, t.seed, cfg.logging.sample_tokens)
+        from training.generate import sampling_model
+
+        text = sample(sampling_model(cfg, model, dims), data.tokenizer, t.seed,
+                      cfg.logging.sample_tokens)
         log.info(f"sample (temperature {SAMPLE['temperature']}, top-p {SAMPLE['top_p']}):\n{text}")
     log.close()
     return {"step": step, "loss": loss, "valid_loss": valid_loss, "sample": text}

@@ -12,8 +12,8 @@ the column layer all-gathers its input [b, s/P, h] -> [b, s, h] and the row laye
 reduce-scatters its output [b, s, h] -> [b, s/P, h] (same bytes as one all-reduce).
 The replicated bias of a sequence-parallel RowParallelLinear then receives only this rank's
 part of its gradient: it is marked ``param.sequence_parallel = True`` and its gradient must be
-summed over the tp group by the caller (``mcore.distributed.finalize.GradFinalizer`` does it for
-every parameter so marked; ``training/`` still refuses sequence parallelism).
+summed over the tp group by the caller (``mcore.distributed.finalize.GradFinalizer``, which the
+training steps use, does it for every parameter so marked, norm weights included).
 
 Parameters are initialised from the full master weight drawn from ``seed`` (see
 ``mcore.tensor_parallel.random``), so any tp size gives the same model at step 0.

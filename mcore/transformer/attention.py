@@ -7,7 +7,10 @@ Submodules (``SelfAttentionSubmodules``, built with ``build_module``):
   then its value heads (``n / tp``, ``n_kv / tp`` heads each), so loaders shard q, k and v
   separately and concatenate.
 - ``q_layernorm`` / ``k_layernorm``: per-head norms over ``d`` before rotary (Qwen3 QK-norm);
-  ``IdentityOp`` when absent.
+  ``IdentityOp`` when absent. Their weights are replicated over tp but each rank's gradient
+  covers only its own heads: with tp > 1 they are flagged ``param.sequence_parallel`` so that
+  ``mcore.distributed.finalize`` sums them over tp (as Megatron sums ``q_layernorm`` /
+  ``k_layernorm`` with the sequence-parallel norms), with or without sequence parallelism.
 - ``core_attention``: ``mcore.fusions.attention.CoreAttention`` (fused where the device has it).
 - ``linear_proj``: row-parallel output projection ``n d -> h``.
 
@@ -25,6 +28,7 @@ from mindspore import nn, ops
 
 from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
+from mcore.transformer.norm import mark_sequence_parallel
 from mcore.transformer.rotary import apply_rotary
 from mcore.transformer.spec import IdentityOp, build_module
 
@@ -65,6 +69,9 @@ class SelfAttention(nn.Cell):
                                        params_dtype=dtype)
         self.q_layernorm = build_module(submodules.q_layernorm, d, eps=config.norm_eps, dtype=dtype)
         self.k_layernorm = build_module(submodules.k_layernorm, d, eps=config.norm_eps, dtype=dtype)
+        if tp_group.size > 1:  # each rank's gradient covers only its heads: summed over tp
+            mark_sequence_parallel(self.q_layernorm)
+            mark_sequence_parallel(self.k_layernorm)
         self.core_attention = build_module(submodules.core_attention, self.num_heads,
                                            config.softmax_scale,
                                            block_size=config.attention.block_size)

@@ -10,8 +10,10 @@ Pipeline stages: ``layer_range`` (a ``range`` of GLOBAL layer indices, default a
 ``layer_number``, so its weights (seeded by name), KV-cache slot and parameter names
 (``layers.<global i>.*``) are those of the same layer in the full stack. ``post_process=False``
 drops the final norm (a stage that is not the last one).
-Shapes: ``[b, s, h] -> [b, s, h]``; rotary ``cos, sin`` and ``key_mask`` / ``cache`` are passed
-to every layer unchanged; ``groups`` (a ``ModelGroups``) to every layer's constructor.
+Shapes: ``[b, s, h] -> [b, s, h]`` (``[b, s/tp, h]`` with
+``config.parallel.sequence_parallel``, the final norm then flagged ``param.sequence_parallel``);
+rotary ``cos, sin`` and ``key_mask`` / ``cache`` are passed to every layer unchanged; ``groups``
+(a ``ModelGroups``) to every layer's constructor.
 
 Mixture of experts (``config.moe``): ``moe_layers`` lists the global indices of this block's MoE
 layers (``TransformerLayer.is_moe``). ``forward_with_aux(x, cos, sin, key_mask, cache) ->
@@ -28,7 +30,7 @@ from mindspore import nn, ops
 
 from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
-from mcore.transformer.norm import norm_class
+from mcore.transformer.norm import mark_sequence_parallel, norm_class
 from mcore.transformer.spec import build_module
 
 
@@ -99,6 +101,8 @@ class TransformerBlock(nn.Cell):
             self.final_norm = build_module(final_norm or norm_class(config.norm),
                                            config.hidden_size, eps=config.norm_eps,
                                            dtype=config.params_dtype)
+            if config.parallel.sequence_parallel:
+                mark_sequence_parallel(self.final_norm)
 
     def construct(self, x, cos, sin, key_mask=None, cache=None):
         for layer in self.layers:

@@ -12,6 +12,10 @@ attention and the mlp. Mixture of experts: when the mlp declares ``returns_aux``
 (``is_moe``): ``construct`` still returns only ``[b, s, h]`` (inference, where the router losses
 are not needed) and ``forward_with_aux`` returns ``(out [b, s, h], aux [3], counts [E])``, the
 explicit channel ``TransformerBlock.forward_with_aux`` collects. Nothing is stored between calls.
+
+Sequence parallelism (``config.parallel.sequence_parallel``): ``x`` and ``out`` are
+``[b, s/tp, h]``; attention and mlp gather the sequence on entry and reduce-scatter it on exit,
+and the four norms (applied to the split sequence) are flagged ``param.sequence_parallel``.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from mindspore import nn
 
 from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
+from mcore.transformer.norm import mark_sequence_parallel
 from mcore.transformer.spec import IdentityOp, build_module
 
 
@@ -50,6 +55,10 @@ class TransformerLayer(nn.Cell):
         self.mlp = build_module(submodules.mlp, config, groups=groups, layer_number=layer_number)
         self.post_mlp_norm = build_module(submodules.post_mlp_norm, h, eps=eps, dtype=dtype)
         self.is_moe = bool(getattr(self.mlp, "returns_aux", False))
+        if config.parallel.sequence_parallel:
+            for norm in (self.input_norm, self.post_attn_norm, self.pre_mlp_norm,
+                         self.post_mlp_norm):
+                mark_sequence_parallel(norm)
 
     def recompute_parts(self) -> None:
         """Recompute attention and mlp in the backward pass (``TransformerBlock`` uses this for

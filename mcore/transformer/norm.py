@@ -51,6 +51,14 @@ class LayerNorm(nn.Cell):
         return y * self.weight + self.bias
 
 
+def mark_sequence_parallel(cell: nn.Cell) -> None:
+    """Flag every parameter of ``cell`` (a norm applied to ``[b, s/tp, h]``, or to this rank's
+    heads only) as replicated over tp with a partial gradient per rank: the gradient finaliser
+    sums it over tp (see the module docstring)."""
+    for param in cell.get_parameters():
+        param.sequence_parallel = True
+
+
 def norm_class(kind: str):
     """The norm class for ``TransformerConfig.norm``."""
     return {"rmsnorm": RMSNorm, "layernorm": LayerNorm}[kind]

@@ -1,4 +1,4 @@
-"""GPTModel single-process: loss head, recompute, errors."""
+"""GPTModel single-process: loss head, recompute, errors, sequence parallelism on one rank."""
 from __future__ import annotations
 
 import numpy as np
@@ -62,5 +62,25 @@ def test_errors_name_the_setting():
 
         GPTModel(small(), gpt_layer_spec(small()), 63,
                  tp_group=ProcessGroup("tp", (0, 1), 0, "fake"))
-    with pytest.raises(NotImplementedError, match="sequence_parallel"):
-        make(small(parallel=ParallelConfig(sequence_parallel=True)))
+    from mcore.moe.config import MoEConfig
+
+    with pytest.raises(NotImplementedError, match="sequence_parallel=True with MoE layers"):
+        make(small(parallel=ParallelConfig(sequence_parallel=True),
+                   moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=16)))
+
+
+def test_sequence_parallel_on_one_rank_is_the_plain_model():
+    """On a tp group of size one every sequence-parallel mapping is the identity (the model
+    ``training/generate.py`` joins from a checkpoint written with sp): same parameters, logits
+    and KV-cache decoding; only the norm weights carry the ``sequence_parallel`` flag."""
+    import models
+
+    plain, sp = make(small()), make(small(parallel=ParallelConfig(sequence_parallel=True)))
+    ids, _ = ids_labels()
+    flagged = sorted(n for n, p in sp.parameters_and_names() if getattr(p, "sequence_parallel", False))
+    assert flagged == ["decoder.final_norm.weight"] + [
+        f"decoder.layers.{i}.{norm}.weight" for i in range(2) for norm in ("input_norm", "pre_mlp_norm")]
+    assert not any(getattr(p, "sequence_parallel", False) for p in plain.get_parameters())
+    np.testing.assert_array_equal(sp(ids).asnumpy(), plain(ids).asnumpy())
+    assert models.generate(sp, ids.asnumpy(), max_new_tokens=3) == \
+        models.generate(plain, ids.asnumpy(), max_new_tokens=3)

@@ -101,6 +101,24 @@ def test_yaml_knobs_reach_the_transformer_config():
     assert transformer_config(sp).parallel.sequence_parallel
 
 
+def test_sequence_parallel_config():
+    """``parallel.sp`` with tp = 1 is off (Megatron's rule; the run logs a warning); the sequence
+    must divide by tp; MoE with sp is refused; all naming the keys."""
+    from training.pretrain import check_supported
+
+    one = load_config(None, ["parallel.sp=true"])
+    assert not transformer_config(one).parallel.sequence_parallel
+    check_supported(one)
+    with pytest.raises(ConfigError, match=r"^model.seq_length=30 is not divisible by parallel.tp "
+                                          r"\(sequence parallel\)=4"):
+        load_config(None, ["parallel.sp=true", "parallel.tp=4", "model.seq_length=30"],
+                    world_size=4)
+    moe = load_config(None, ["parallel.sp=true", "parallel.tp=2", "model.moe.num_experts=4"],
+                      world_size=2)
+    with pytest.raises(ConfigError, match=r"^parallel.sp=true: sequence parallelism with MoE"):
+        check_supported(moe)
+
+
 def test_knobs_reach_the_built_layers(ms_cpu):
     from training.model_bridge import build_gpt
     from training.pretrain import compute_dtype
