@@ -177,6 +177,10 @@ class OptimizerConfig:
     beta2: float = _f(0.95, "Adam second-moment decay")
     eps: float = _f(1e-8, "Adam epsilon")
     clip_grad: float = _f(1.0, "global gradient-norm clip (0: off)")
+    distributed: bool = _f(False, "distributed optimizer (ZeRO-1): AdamW moments split over the "
+                           "data-parallel ranks, gradients reduce-scattered, weights all-gathered "
+                           "(not with MoE models)")
+    bucket_size: int = _f(4_000_000, "elements per flat bucket of the distributed optimizer")
 
 
 @dataclass

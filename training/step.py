@@ -166,6 +166,8 @@ class AdamWUpdate(nn.Cell):
     tied embedding's sum over stages runs eagerly before (``sum_tied_grads``, pipeline only).
     """
 
+    sharded = False  # whole moments (mcore.distributed's DistributedAdamW shards them)
+
     def __init__(self, params, acc, decay: list[bool], plans: list, dims: ParallelDims, opt_cfg):
         super().__init__()
         self.params, self.acc = params, acc
@@ -204,6 +206,17 @@ class AdamWUpdate(nn.Cell):
             ops.assign(self.params[i], w)
             ops.assign(self.acc[i], ops.zeros(g.shape, ms.float32))
         return norm, loss
+
+
+def build_update(params, acc, decay: list[bool], plans: list, dims: ParallelDims, opt_cfg):
+    """The update graph of ``TrainStep`` and ``PipelineTrainStep``: ``AdamWUpdate``, or with
+    ``optimizer.distributed`` the ZeRO-1 ``DistributedAdamW`` (same contract, moments sharded
+    over dp; ``mcore/distributed/distributed_optimizer.py``)."""
+    if getattr(opt_cfg, "distributed", False):
+        from mcore.distributed.distributed_optimizer import DistributedAdamW
+
+        return DistributedAdamW(params, acc, decay, plans, dims, opt_cfg, opt_cfg.bucket_size)
+    return AdamWUpdate(params, acc, decay, plans, dims, opt_cfg)
 
 
 class TrainingStopped(FloatingPointError):
@@ -254,14 +267,20 @@ class TrainState:
         return loss, norm
 
     def scalars(self) -> dict:
-        """Optimizer scalars for a checkpoint's meta (``load`` takes them back)."""
-        return {"adam_steps": int(self.adam_steps)}
+        """Optimizer scalars for a checkpoint's meta (``load`` takes them back); ``distributed``:
+        the moments were saved sharded (``training.zero_checkpoint``)."""
+        out = {"adam_steps": int(self.adam_steps)}
+        if self.update.sharded:
+            out["distributed"] = True
+        return out
 
     def model_state(self) -> dict[str, np.ndarray]:
         """Trained parameters and ``buffers`` by name."""
         return {n: p.asnumpy().copy() for n, p in [*self.named, *self.buffers]}  # asnumpy() aliases
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        if self.update.sharded:  # ZeRO-1: this rank's pieces (DistributedAdamW.shard_state)
+            return self.update.shard_state()
         out = {}
         for (n, _), m, v in zip(self.named, self.update.m, self.update.v):
             out[f"adam_m.{n}"], out[f"adam_v.{n}"] = m.asnumpy().copy(), v.asnumpy().copy()
@@ -271,10 +290,14 @@ class TrainState:
         """Restore weights, moments and the update count saved by ``model_state`` /
         ``state_dict`` / ``scalars``."""
         self.adam_steps, self.skipped_in_a_row = int(scalars["adam_steps"]), 0
-        for (n, p), m, v in zip(self.named, self.update.m, self.update.v):
+        for n, p in self.named:
             p.set_data(ms.Tensor(model_state[n], ms.float32))
-            m.set_data(ms.Tensor(optimizer_state[f"adam_m.{n}"], ms.float32))
-            v.set_data(ms.Tensor(optimizer_state[f"adam_v.{n}"], ms.float32))
+        if self.update.sharded:  # full moments in, this rank's shard kept
+            self.update.load_full_moments(optimizer_state)
+        else:
+            for (n, _), m, v in zip(self.named, self.update.m, self.update.v):
+                m.set_data(ms.Tensor(optimizer_state[f"adam_m.{n}"], ms.float32))
+                v.set_data(ms.Tensor(optimizer_state[f"adam_v.{n}"], ms.float32))
         for n, p in self.buffers:
             p.set_data(ms.Tensor(model_state[n], ms.float32))
 
@@ -318,7 +341,7 @@ class TrainStep(TrainState):
                                                     self.loss_scale)
         self.last_moe_metrics = None  # MoE: training.logger.moe_metrics of the last step
         self.last_moe_counts = None  # MoE: tokens per expert [L, E] of the last step, global batch
-        self.update = AdamWUpdate(self.params, self.acc, decay, plans, dims, opt_cfg)
+        self.update = build_update(self.params, self.acc, decay, plans, dims, opt_cfg)
 
     def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
         """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs.
