@@ -35,7 +35,7 @@ from mcore.distributed.finalize import grad_plans, sum_tied_grads
 from mcore.parallel_state import ParallelDims
 from mcore.pipeline_parallel.schedules import get_forward_backward_func
 from training.optim import should_decay
-from training.step import TrainState, apply_compute_dtype, build_update, tp_split_names
+from training.step import AdamWUpdate, TrainState, apply_compute_dtype, tp_split_names
 
 
 def _names(pipeline) -> list[list[str]]:
@@ -78,7 +78,7 @@ class PipelineTrainStep(TrainState):
                                              requires_grad=False) for p in self.params])
         decay = [should_decay(n, len(p.shape)) for n, p in self.named]
         self.plans = grad_plans(self.named, split, dims)
-        self.update = build_update(self.params, self.acc, decay, self.plans, dims, opt_cfg)
+        self.update = AdamWUpdate(self.params, self.acc, decay, self.plans, dims, opt_cfg)
         self._jit_update = ms.jit(self.update)
 
     def _update(self, *args):  # the schedule runs in PyNative: compile the update explicitly
