@@ -78,8 +78,8 @@ class DistributedAdamW(nn.Cell):
         self.params, self.acc = params, acc
         self.names = [plan.name for plan in plans]
         self.dp, self.tp, self.pp = dims.dp, dims.tp, dims.pp
-        self.layout = bucket_layout([(n, p.shape) for n, p in zip(self.names, params)], dims.dp.size,
-                                    bucket_size)
+        shapes = [(n, p.shape) for n, p in zip(self.names, params)]
+        self.layout = bucket_layout(shapes, dims.dp.size, bucket_size)
         self.pieces = self.layout.pieces(dims.dp.rank)
         index = {n: i for i, n in enumerate(self.names)}
         # per bucket: [(param index, flat offset, numel, shape)], padding, shard size
@@ -89,13 +89,15 @@ class DistributedAdamW(nn.Cell):
         self.shard_sizes = tuple(b.shard_size for b in self.layout.buckets)
         mine = [[p for p in self.pieces if p.bucket == b] for b in range(len(self.slots))]
         # per bucket: this rank's pieces as (param index, param offset, length), tail padding
-        self.own = tuple(tuple((index[p.name], p.param_offset, p.length) for p in ps) for ps in mine)
+        self.own = tuple(tuple((index[p.name], p.param_offset, p.length) for p in ps)
+                         for ps in mine)
         self.own_pad = tuple(s - sum(p.length for p in ps) for s, ps in zip(self.shard_sizes, mine))
         norm_of = {plan.name: plan.norm for plan in plans}
         decay_of = dict(zip(self.names, decay))
         # per bucket, (start, end) ranges of the shard: replicated / tp-split for the norm
         # (None: left out, and the padding), and (start, end, 1.0 | 0.0) decay runs
-        norm_runs = [_runs(ps, lambda p: norm_of[p.name], s) for ps, s in zip(mine, self.shard_sizes)]
+        norm_runs = [_runs(ps, lambda p: norm_of[p.name], s)
+                     for ps, s in zip(mine, self.shard_sizes)]
         self.local_runs = tuple(tuple(r[:2] for r in rs if r[2] == "local") for rs in norm_runs)
         self.tp_runs = tuple(tuple(r[:2] for r in rs if r[2] == "tp") for rs in norm_runs)
         self.decay_runs = tuple(tuple((r[0], r[1], 1.0 if r[2] is True else 0.0)

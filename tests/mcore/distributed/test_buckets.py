@@ -46,10 +46,12 @@ def test_every_element_owned_once_and_shards_equal(shape_list, dp, bucket_size):
             used.setdefault(p.bucket, []).append((p.shard_offset, p.length))
             slot = next(s for s in layout.buckets[p.bucket].slots if s.name == p.name)
             # the piece sits in the shard where the bucket arithmetic puts it
-            assert slot.offset + p.param_offset == r * layout.buckets[p.bucket].shard_size + p.shard_offset
+            shard = layout.buckets[p.bucket].shard_size
+            assert slot.offset + p.param_offset == r * shard + p.shard_offset
         for b, segs in used.items():  # pieces of one shard are contiguous and in order
             ends = [o + n for o, n in segs]
-            assert [o for o, _ in segs][1:] == ends[:-1] and ends[-1] <= layout.buckets[b].shard_size
+            assert [o for o, _ in segs][1:] == ends[:-1]
+            assert ends[-1] <= layout.buckets[b].shard_size
     assert all((o >= 0).all() for o in owner.values())
     assert layout.shard_elements * dp == sum(b.padded for b in layout.buckets)
 
