@@ -21,6 +21,10 @@ One optimizer step, for ``n`` micro-batches on each of ``D`` data-parallel ranks
 
    - ``acc = 0``.
 
+   With ``optimizer.distributed`` (ZeRO-1, ``build_update``) step 2 is
+   ``mcore.distributed.distributed_optimizer.DistributedAdamW``: the same math on this rank's
+   shard of the moments, gradients reduce-scattered and weights all-gathered over dp.
+
 Skipped steps, in every precision: when the loss or the global gradient norm is not finite (an
 fp16 overflow, or an fp32 run that diverges), the update leaves weights and moments unchanged
 and ``t`` (``TrainState.adam_steps``, the count of applied updates, saved with checkpoints) does
@@ -209,9 +213,10 @@ class AdamWUpdate(nn.Cell):
 
 
 def build_update(params, acc, decay: list[bool], plans: list, dims: ParallelDims, opt_cfg):
-    """The update graph of ``TrainStep`` and ``PipelineTrainStep``: ``AdamWUpdate``, or with
-    ``optimizer.distributed`` the ZeRO-1 ``DistributedAdamW`` (same contract, moments sharded
-    over dp; ``mcore/distributed/distributed_optimizer.py``)."""
+    """The update graph of ``TrainStep``: ``AdamWUpdate``, or with ``optimizer.distributed`` the
+    ZeRO-1 ``DistributedAdamW`` (same contract, moments sharded over dp;
+    ``mcore/distributed/distributed_optimizer.py``). ``PipelineTrainStep`` builds
+    ``AdamWUpdate`` (the config refuses the distributed optimizer with pp > 1)."""
     if getattr(opt_cfg, "distributed", False):
         from mcore.distributed.distributed_optimizer import DistributedAdamW
 
@@ -270,16 +275,20 @@ class TrainState:
         """Optimizer scalars for a checkpoint's meta (``load`` takes them back); ``distributed``:
         the moments were saved sharded (``training.zero_checkpoint``)."""
         out = {"adam_steps": int(self.adam_steps)}
-        if self.update.sharded:
+        if self._sharded():
             out["distributed"] = True
         return out
+
+    def _sharded(self) -> bool:
+        """Whether the update keeps only this rank's shard of the moments (ZeRO-1)."""
+        return bool(getattr(getattr(self, "update", None), "sharded", False))
 
     def model_state(self) -> dict[str, np.ndarray]:
         """Trained parameters and ``buffers`` by name."""
         return {n: p.asnumpy().copy() for n, p in [*self.named, *self.buffers]}  # asnumpy() aliases
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        if self.update.sharded:  # ZeRO-1: this rank's pieces (DistributedAdamW.shard_state)
+        if self._sharded():  # ZeRO-1: this rank's pieces (DistributedAdamW.shard_state)
             return self.update.shard_state()
         out = {}
         for (n, _), m, v in zip(self.named, self.update.m, self.update.v):
@@ -292,7 +301,7 @@ class TrainState:
         self.adam_steps, self.skipped_in_a_row = int(scalars["adam_steps"]), 0
         for n, p in self.named:
             p.set_data(ms.Tensor(model_state[n], ms.float32))
-        if self.update.sharded:  # full moments in, this rank's shard kept
+        if self._sharded():  # full moments in, this rank's shard kept
             self.update.load_full_moments(optimizer_state)
         else:
             for (n, _), m, v in zip(self.named, self.update.m, self.update.v):
