@@ -120,10 +120,6 @@ def validate(cfg, world_size: int = 1) -> None:
                           f"{m.moe.num_experts}: the distributed optimizer does not shard expert "
                           "parameters (reduced over expert-data-parallel ranks); set "
                           "optimizer.distributed=false for MoE models")
-    if o.distributed and p.pp > 1:
-        raise ConfigError(f"optimizer.distributed=true with parallel.pp={p.pp}: the distributed "
-                          "optimizer is wired into the pp=1 training step only; set "
-                          "optimizer.distributed=false or parallel.pp=1")
 
     # batch
     per_step = t.micro_batch_size * dp

@@ -213,10 +213,10 @@ class AdamWUpdate(nn.Cell):
 
 
 def build_update(params, acc, decay: list[bool], plans: list, dims: ParallelDims, opt_cfg):
-    """The update graph of ``TrainStep``: ``AdamWUpdate``, or with ``optimizer.distributed`` the
+    """The update graph of ``TrainStep`` and ``PipelineTrainStep``: ``AdamWUpdate``, or with
+    ``optimizer.distributed`` the
     ZeRO-1 ``DistributedAdamW`` (same contract, moments sharded over dp;
-    ``mcore/distributed/distributed_optimizer.py``). ``PipelineTrainStep`` builds
-    ``AdamWUpdate`` (the config refuses the distributed optimizer with pp > 1)."""
+    ``mcore/distributed/distributed_optimizer.py``); ``PipelineTrainStep`` uses it too."""
     if getattr(opt_cfg, "distributed", False):
         from mcore.distributed.distributed_optimizer import DistributedAdamW
 

@@ -21,6 +21,12 @@ One compiled graph, in this order (the same collectives, in the same order, on e
    unless the loss and the norm are finite the shard keeps its weights and moments;
 4. per bucket: the updated shards are all-gathered over dp and written into the parameters.
 
+Every dp rank compiles the same graph: the shard is cut from whole-bucket buffers by a slice
+whose offset is the only thing that depends on the rank (the weight-decay and norm masks too).
+Graphs whose structure differed by rank (per-rank lists of pieces) were seen to run two
+buckets' all-reduces in opposite orders on two ranks under ``mindspore.jit`` (pp > 1), which
+pairs mismatched collectives (docs/MINDSPORE_JIT_NOTES.md).
+
 Master weights: in this project parameters are always fp32 (``training.dtype`` only changes the
 matmuls), so the parameters are the master weights, as for ``AdamWUpdate``: a rank reads its
 shard from them and writes the all-gathered result back; no second copy is kept. Memory per
@@ -42,19 +48,19 @@ from mcore.distributed.buckets import DEFAULT_BUCKET_SIZE, bucket_layout
 from mcore.parallel_state import ParallelDims
 
 
-def _runs(pieces, key, shard_size: int) -> tuple:
-    """``((start, end, value), ...)`` over a shard: consecutive pieces with the same
-    ``key(piece)`` merged; the padding is a run of value ``None``."""
-    runs, end = [], 0
-    for p in pieces:
-        value = key(p)
-        if runs and runs[-1][2] == value and runs[-1][1] == p.shard_offset:
-            runs[-1] = (runs[-1][0], p.shard_offset + p.length, value)
+def _runs(bucket, flag) -> tuple:
+    """A 0/1 mask over a whole padded bucket as ``((start, end, 1.0 | 0.0), ...)``: 1.0 on the
+    elements of the parameters (by name) for which ``flag(name)`` holds, 0.0 elsewhere and on
+    the padding; neighbouring parameters with the same value share one run."""
+    runs = []
+    for s in bucket.slots:
+        value = 1.0 if flag(s.name) else 0.0
+        if runs and runs[-1][2] == value:
+            runs[-1] = (runs[-1][0], s.offset + s.numel, value)
         else:
-            runs.append((p.shard_offset, p.shard_offset + p.length, value))
-        end = p.shard_offset + p.length
-    if end < shard_size:
-        runs.append((end, shard_size, None))
+            runs.append((s.offset, s.offset + s.numel, value))
+    if bucket.padded > bucket.numel:
+        runs.append((bucket.numel, bucket.padded, 0.0))
     return tuple(runs)
 
 
@@ -87,22 +93,15 @@ class DistributedAdamW(nn.Cell):
                            for b in self.layout.buckets)
         self.pads = tuple(b.padded - b.numel for b in self.layout.buckets)
         self.shard_sizes = tuple(b.shard_size for b in self.layout.buckets)
-        mine = [[p for p in self.pieces if p.bucket == b] for b in range(len(self.slots))]
-        # per bucket: this rank's pieces as (param index, param offset, length), tail padding
-        self.own = tuple(tuple((index[p.name], p.param_offset, p.length) for p in ps)
-                         for ps in mine)
-        self.own_pad = tuple(s - sum(p.length for p in ps) for s, ps in zip(self.shard_sizes, mine))
+        self.starts = tuple(dims.dp.rank * b.shard_size for b in self.layout.buckets)
         norm_of = {plan.name: plan.norm for plan in plans}
         decay_of = dict(zip(self.names, decay))
-        # per bucket, (start, end) ranges of the shard: replicated / tp-split for the norm
-        # (None: left out, and the padding), and (start, end, 1.0 | 0.0) decay runs
-        norm_runs = [_runs(ps, lambda p: norm_of[p.name], s)
-                     for ps, s in zip(mine, self.shard_sizes)]
-        self.local_runs = tuple(tuple(r[:2] for r in rs if r[2] == "local") for rs in norm_runs)
-        self.tp_runs = tuple(tuple(r[:2] for r in rs if r[2] == "tp") for rs in norm_runs)
-        self.decay_runs = tuple(tuple((r[0], r[1], 1.0 if r[2] is True else 0.0)
-                                      for r in _runs(ps, lambda p: bool(decay_of[p.name]), s))
-                                for ps, s in zip(mine, self.shard_sizes))
+        # Masks over each whole bucket, sliced to the shard in the graph: every dp rank compiles
+        # the same graph (only slice offsets differ), so its collectives run in the same order.
+        buckets = self.layout.buckets
+        self.decay_runs = tuple(_runs(b, lambda n: decay_of[n]) for b in buckets)
+        self.local_runs = tuple(_runs(b, lambda n: norm_of[n] == "local") for b in buckets)
+        self.tp_runs = tuple(_runs(b, lambda n: norm_of[n] == "tp") for b in buckets)
         self.sp_sum = tuple(bool(plan.sp_sum) for plan in plans)
         self.sum_tp = dims.tp.size > 1 and any(plan.norm == "tp" for plan in plans)
         self.m = ParameterTuple([Parameter(ops.zeros((s,), ms.float32), name=f"zero_m.{b}",
@@ -128,20 +127,21 @@ class DistributedAdamW(nn.Cell):
         return ops.cat(parts)
 
     def _own_weights(self, b):
-        """This rank's shard of bucket ``b`` read from the parameters: [shard_size]."""
+        """This rank's shard of bucket ``b`` read from the parameters: [padded] -> [shard]."""
         parts = []
-        for piece in self.own[b]:  # (param index, param offset, length)
-            parts.append(self.params[piece[0]].reshape(-1)[piece[1]:piece[1] + piece[2]])
-        if self.own_pad[b]:
-            parts.append(ops.zeros((self.own_pad[b],), ms.float32))
-        return ops.cat(parts)
+        for slot in self.slots[b]:
+            parts.append(self.params[slot[0]].reshape(-1))
+        if self.pads[b]:
+            parts.append(ops.zeros((self.pads[b],), ms.float32))
+        return ops.cat(parts)[self.starts[b]:self.starts[b] + self.shard_sizes[b]]
 
-    def _mask(self, runs):
-        """The decay mask of a shard, 1.0 where decay applies: [shard_size] (built per step)."""
+    def _mask(self, runs, b):
+        """A 0/1 mask (``_runs``) over bucket ``b`` cut to this rank's shard: [shard] (built per
+        step, not kept)."""
         parts = []
         for run in runs:  # (start, end, 1.0 | 0.0)
             parts.append(ops.fill(ms.float32, (run[1] - run[0],), run[2]))
-        return ops.cat(parts)
+        return ops.cat(parts)[self.starts[b]:self.starts[b] + self.shard_sizes[b]]
 
     def construct(self, lr, bc1, bc2, loss):
         nb = len(self.slots)
@@ -155,10 +155,8 @@ class DistributedAdamW(nn.Cell):
         split = ops.zeros((), ms.float32)
         for b in range(nb):
             sq = grads[b] * grads[b]
-            for run in self.local_runs[b]:  # (start, end)
-                local = local + sq[run[0]:run[1]].sum()
-            for run in self.tp_runs[b]:
-                split = split + sq[run[0]:run[1]].sum()
+            local = local + (sq * self._mask(self.local_runs[b], b)).sum()
+            split = split + (sq * self._mask(self.tp_runs[b], b)).sum()
         sums = ops.stack([local, split])  # [2]
         if self.dp.size > 1:
             sums = all_reduce(sums, self.dp)
@@ -179,7 +177,7 @@ class DistributedAdamW(nn.Cell):
             m = self.b1 * self.m[b] + (1.0 - self.b1) * g
             v = self.b2 * self.v[b] + (1.0 - self.b2) * g * g
             w0 = self._own_weights(b)
-            w = w0 - lr * self.wd * w0 * self._mask(self.decay_runs[b])
+            w = w0 - lr * self.wd * w0 * self._mask(self.decay_runs[b], b)
             w = w - lr * (m / bc1) / (ops.sqrt(v / bc2) + self.eps)
             ops.assign(self.m[b], ops.select(ok, m, self.m[b]))  # a skipped step changes nothing
             ops.assign(self.v[b], ops.select(ok, v, self.v[b]))

@@ -134,8 +134,6 @@ def test_moe_section_and_expert_parallel_errors_are_one_line(overrides, world, e
 
 @pytest.mark.parametrize("overrides,path,expect", [
     (["optimizer.distributed=true"], MOE, "optimizer.distributed=true with model.moe.num_experts=4"),
-    (["optimizer.distributed=true", "parallel.pp=2"], None,
-     "optimizer.distributed=true with parallel.pp=2"),
     (["optimizer.bucket_size=0"], None, "optimizer.bucket_size must be >= 1, got 0"),
     (["optimizer.distributed=2"], None, "optimizer.distributed: expected bool, got int 2"),
 ])
