@@ -13,8 +13,8 @@ high-water mark, compile included) and, beside them, the theoretical bytes per p
 
 so the theory saves ``8 (1 - 1/dp)`` bytes per parameter (168 MiB per rank here). The measured
 RSS difference also carries the update graphs' transients and MindSpore's allocator slack.
-Measured once on the shared 2-core machine (load average ~18): without 5.4 s/step and 8.1 GB
-peak RSS per rank, with 10.0 s/step and 5.2 GB: ~2.9 GB saved per rank, far more than the
+Measured once on the shared 2-core machine (load average ~6): without 4.4 s/step and 8.1 GB
+peak RSS per rank, with 8.6 s/step and 5.5 GB: ~2.6 GB saved per rank, far more than the
 moments alone. Our reading (not profiled): the non-distributed update is one graph over the
 whole model (all-reduced gradients and new moments of every parameter), the distributed one
 works through bucket-sized pieces. The step is slower on CPU: the reduce-scatter and the
