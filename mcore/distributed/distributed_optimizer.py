@@ -184,6 +184,8 @@ class DistributedAdamW(nn.Cell):
             full = all_gather(ops.select(ok, w, w0), self.dp)  # [shard] -> [padded]
             for slot in self.slots[b]:  # (param index, offset, numel, shape)
                 ops.assign(self.params[slot[0]], full[slot[1]:slot[1] + slot[2]].reshape(slot[3]))
+                # zeroed last: an assign placed right after the reads in step 1 ran before them
+                # in GRAPH_MODE (the reads go through reshape + concat)
                 ops.assign(self.acc[slot[0]], ops.zeros(self.acc[slot[0]].shape, ms.float32))
         return norm, loss
 

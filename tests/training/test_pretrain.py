@@ -7,7 +7,10 @@
 - a diverging fp32 run skips its non-finite steps, stops with one line (exit status 2) after
   ``training.max_skipped_steps`` of them and keeps its last good checkpoints;
   evaluate.py / generate.py read the checkpoint back (same validation loss, same sample);
-- real ranks (msrun): dp=2 and tp=2 give the single-process per-step losses (1e-5 relative).
+- real ranks (msrun): dp=2 and tp=2 give the single-process per-step losses (1e-5 relative);
+- the distributed optimizer (ZeRO-1): dp=2 and dp=2 x tp=2 give the single-process losses and
+  gradient norms (1e-5), its moment pieces reassemble into the one-process moments, a resume is
+  bit-exact, and plain and sharded checkpoints load into each other's runs (one process).
 """
 import json
 import subprocess
