@@ -37,7 +37,7 @@ def validate(cfg, world_size: int = 1) -> None:
                     "parallel.ep", "parallel.etp", "parallel.cp", "training.train_iters", "training.micro_batch_size",
                     "training.global_batch_size", "training.eval_iters", "data.corpus_max_bytes",
                     "logging.log_interval", "optimizer.decay_iters", "model.head_dim",
-                    "model.attention_block_size"])
+                    "model.attention_block_size", "optimizer.bucket_size"])
     _positive(cfg, ["training.seed", "training.eval_interval", "optimizer.warmup_iters",
                     "checkpoint.save_interval", "checkpoint.keep_last", "logging.sample_tokens",
                     "training.max_skipped_steps"],
@@ -115,6 +115,11 @@ def validate(cfg, world_size: int = 1) -> None:
         _divides("model.seq_length", m.seq_length, "2*parallel.cp", 2 * p.cp)
 
     _validate_moe(m.moe, p, m)
+    if o.distributed and m.moe.num_experts:
+        raise ConfigError(f"optimizer.distributed=true with model.moe.num_experts="
+                          f"{m.moe.num_experts}: the distributed optimizer does not shard expert "
+                          "parameters (reduced over expert-data-parallel ranks); set "
+                          "optimizer.distributed=false for MoE models")
 
     # batch
     per_step = t.micro_batch_size * dp

@@ -13,7 +13,9 @@ One optimizer step on each pipeline rank:
 2. A tied embedding's two copies (first stage's embedding, last stage's head:
    ``param.shared_embedding``) get their gradients summed over the embedding group
    (``mcore.distributed.finalize.sum_tied_grads``, eagerly, so both apply the same update).
-3. The gradients go into fp32 buffers and ``AdamWUpdate`` (one compiled graph) does the rest,
+3. The gradients go into fp32 buffers and ``AdamWUpdate`` (one compiled graph; with
+   ``optimizer.distributed`` the ZeRO-1 ``DistributedAdamW``, per stage over its dp group)
+   does the rest,
    as for ``TrainStep``, through the same ``GradFinalizer``: dp (experts: edp) mean; the global
    norm sums squares over tp (split parameters), over the stages (one pp all-reduce) and counts
    the tied weight once (the head copy is left out); clip; AdamW. Skipping a non-finite step and counting AdamW's steps is ``TrainState``'s
@@ -44,7 +46,7 @@ from mcore.distributed.finalize import grad_plans, sum_tied_grads
 from mcore.parallel_state import ParallelDims
 from mcore.pipeline_parallel.schedules import get_forward_backward_func
 from training.optim import should_decay
-from training.step import AdamWUpdate, TrainState, apply_compute_dtype, tp_split_names
+from training.step import TrainState, apply_compute_dtype, build_update, tp_split_names
 
 
 def _names(pipeline) -> list[list[str]]:
@@ -87,7 +89,7 @@ class PipelineTrainStep(TrainState):
                                              requires_grad=False) for p in self.params])
         decay = [should_decay(n, len(p.shape)) for n, p in self.named]
         self.plans = grad_plans(self.named, split, dims)
-        self.update = AdamWUpdate(self.params, self.acc, decay, self.plans, dims, opt_cfg)
+        self.update = build_update(self.params, self.acc, decay, self.plans, dims, opt_cfg)
         self._jit_update = ms.jit(self.update)
         self._init_moe(pipeline.chunk_models)
 

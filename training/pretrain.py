@@ -262,11 +262,14 @@ def resume(cfg, step_fn, data, dims, log) -> int:
     path = resolve_load(cfg.checkpoint.load, checkpoint_root(cfg), log=log.info)
     if path is None:
         return 0
+    from training.zero_checkpoint import load_optimizer_state
+
     model_shapes, optim_shapes = step_fn.shapes()
     ck = load_checkpoint(path, rank=dims.global_rank, world_size=dims.world_size,
-                         expected_shapes=model_shapes, expected_optimizer_shapes=optim_shapes,
-                         expected_model_config=cfg.to_dict()["model"])
-    step_fn.load(ck.model, ck.optimizer, ck.meta.get("optimizer", {"adam_steps": ck.step}))
+                         expected_shapes=model_shapes, expected_model_config=cfg.to_dict()["model"])
+    # whole moments, also from a distributed-optimizer checkpoint (training/zero_checkpoint.py)
+    optim = load_optimizer_state(path, ck.optimizer, dims.dp.ranks, optim_shapes)
+    step_fn.load(ck.model, optim, ck.meta.get("optimizer", {"adam_steps": ck.step}))
     data.sampler.load_state_dict(ck.meta["sampler"])
     set_host_rng_state(ck.meta["rng"])
     log.resumed(ck.step, str(path))

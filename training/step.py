@@ -21,6 +21,10 @@ One optimizer step, for ``n`` micro-batches on each of ``D`` data-parallel ranks
 
    - ``acc = 0``.
 
+   With ``optimizer.distributed`` (ZeRO-1, ``build_update``) step 2 is
+   ``mcore.distributed.distributed_optimizer.DistributedAdamW``: the same math on this rank's
+   shard of the moments, gradients reduce-scattered and weights all-gathered over dp.
+
 Skipped steps, in every precision: when the loss or the global gradient norm is not finite (an
 fp16 overflow, or an fp32 run that diverges), the update leaves weights and moments unchanged
 and ``t`` (``TrainState.adam_steps``, the count of applied updates, saved with checkpoints) does
@@ -166,6 +170,8 @@ class AdamWUpdate(nn.Cell):
     tied embedding's sum over stages runs eagerly before (``sum_tied_grads``, pipeline only).
     """
 
+    sharded = False  # whole moments (mcore.distributed's DistributedAdamW shards them)
+
     def __init__(self, params, acc, decay: list[bool], plans: list, dims: ParallelDims, opt_cfg):
         super().__init__()
         self.params, self.acc = params, acc
@@ -204,6 +210,18 @@ class AdamWUpdate(nn.Cell):
             ops.assign(self.params[i], w)
             ops.assign(self.acc[i], ops.zeros(g.shape, ms.float32))
         return norm, loss
+
+
+def build_update(params, acc, decay: list[bool], plans: list, dims: ParallelDims, opt_cfg):
+    """The update graph of ``TrainStep`` and ``PipelineTrainStep``: ``AdamWUpdate``, or with
+    ``optimizer.distributed`` the
+    ZeRO-1 ``DistributedAdamW`` (same contract, moments sharded over dp;
+    ``mcore/distributed/distributed_optimizer.py``); ``PipelineTrainStep`` uses it too."""
+    if getattr(opt_cfg, "distributed", False):
+        from mcore.distributed.distributed_optimizer import DistributedAdamW
+
+        return DistributedAdamW(params, acc, decay, plans, dims, opt_cfg, opt_cfg.bucket_size)
+    return AdamWUpdate(params, acc, decay, plans, dims, opt_cfg)
 
 
 class TrainingStopped(FloatingPointError):
@@ -270,14 +288,24 @@ class TrainState:
             update_expert_biases(self.bias_routers, self.last_moe_counts)
 
     def scalars(self) -> dict:
-        """Optimizer scalars for a checkpoint's meta (``load`` takes them back)."""
-        return {"adam_steps": int(self.adam_steps)}
+        """Optimizer scalars for a checkpoint's meta (``load`` takes them back); ``distributed``:
+        the moments were saved sharded (``training.zero_checkpoint``)."""
+        out = {"adam_steps": int(self.adam_steps)}
+        if self._sharded():
+            out["distributed"] = True
+        return out
+
+    def _sharded(self) -> bool:
+        """Whether the update keeps only this rank's shard of the moments (ZeRO-1)."""
+        return bool(getattr(getattr(self, "update", None), "sharded", False))
 
     def model_state(self) -> dict[str, np.ndarray]:
         """Trained parameters and ``buffers`` by name."""
         return {n: p.asnumpy().copy() for n, p in [*self.named, *self.buffers]}  # asnumpy() aliases
 
     def state_dict(self) -> dict[str, np.ndarray]:
+        if self._sharded():  # ZeRO-1: this rank's pieces (DistributedAdamW.shard_state)
+            return self.update.shard_state()
         out = {}
         for (n, _), m, v in zip(self.named, self.update.m, self.update.v):
             out[f"adam_m.{n}"], out[f"adam_v.{n}"] = m.asnumpy().copy(), v.asnumpy().copy()
@@ -287,10 +315,14 @@ class TrainState:
         """Restore weights, moments and the update count saved by ``model_state`` /
         ``state_dict`` / ``scalars``."""
         self.adam_steps, self.skipped_in_a_row = int(scalars["adam_steps"]), 0
-        for (n, p), m, v in zip(self.named, self.update.m, self.update.v):
+        for n, p in self.named:
             p.set_data(ms.Tensor(model_state[n], ms.float32))
-            m.set_data(ms.Tensor(optimizer_state[f"adam_m.{n}"], ms.float32))
-            v.set_data(ms.Tensor(optimizer_state[f"adam_v.{n}"], ms.float32))
+        if self._sharded():  # full moments in, this rank's shard kept
+            self.update.load_full_moments(optimizer_state)
+        else:
+            for (n, _), m, v in zip(self.named, self.update.m, self.update.v):
+                m.set_data(ms.Tensor(optimizer_state[f"adam_m.{n}"], ms.float32))
+                v.set_data(ms.Tensor(optimizer_state[f"adam_v.{n}"], ms.float32))
         for n, p in self.buffers:
             p.set_data(ms.Tensor(model_state[n], ms.float32))
 
@@ -332,7 +364,7 @@ class TrainStep(TrainState):
         else:
             self.forward_backward = ForwardBackward(self.loss_cell, self.params, self.acc,
                                                     self.loss_scale)
-        self.update = AdamWUpdate(self.params, self.acc, decay, plans, dims, opt_cfg)
+        self.update = build_update(self.params, self.acc, decay, plans, dims, opt_cfg)
 
     def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
         """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs.

@@ -139,6 +139,21 @@ def test_moe_section_and_expert_parallel_errors_are_one_line(overrides, world, e
     assert expect in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("overrides,path,expect", [
+    (["optimizer.distributed=true"], MOE, "optimizer.distributed=true with model.moe.num_experts=4"),
+    (["optimizer.bucket_size=0"], None, "optimizer.bucket_size must be >= 1, got 0"),
+    (["optimizer.distributed=2"], None, "optimizer.distributed: expected bool, got int 2"),
+])
+def test_distributed_optimizer_errors_are_one_line(overrides, path, expect):
+    assert expect in _error(overrides, path=path, world_size=2)
+
+
+def test_distributed_optimizer_config():
+    cfg = load_config(None, ["optimizer.distributed=true", "optimizer.bucket_size=1000"], world_size=2)
+    assert cfg.optimizer.distributed is True and cfg.optimizer.bucket_size == 1000
+    assert load_config(None).optimizer.distributed is False
+
+
 def test_moe_section_maps_onto_moe_config():
     from training.model_bridge import moe_config
 

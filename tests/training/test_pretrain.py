@@ -12,6 +12,9 @@
   per-step losses (1e-5 relative) and gradient norms (1e-4; 1e-5 with sp); the sp run's
   checkpoint reads back into a one-process model without sp (generate.py: same weights, same
   sample as the sp run printed through its twin model).
+- the distributed optimizer (ZeRO-1): dp=2 and dp=2 x tp=2 give the single-process losses and
+  gradient norms (1e-5), its moment pieces reassemble into the one-process moments, a resume is
+  bit-exact, and plain and sharded checkpoints load into each other's runs (one process).
 """
 import json
 import subprocess
@@ -241,3 +244,112 @@ def test_two_ranks_match_one_process(reference, layout):
                          f"without_sp as c; c({str(tmp)!r}, {run_dir.name!r})", cwd=tmp)
         assert res.returncode == 0 and "SP_CHECKPOINT_OK" in res.stdout, \
             res.stdout[-3000:] + res.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- distributed optimizer (ZeRO-1)
+
+ZERO = ["optimizer.distributed=true", "optimizer.bucket_size=20000"]  # a few buckets, some params cut
+
+
+def _launch(tmp: Path, run: str, *extra, workers: int = 2) -> str:
+    cmd = msrun_command(PRETRAIN, _tiny(tmp, run, *extra), workers=workers)
+    out = run_msrun(cmd, cwd=tmp, timeout=300)
+    logs = worker_logs(tmp / "logs")
+    assert out.returncode == 0, out.stdout[-2000:] + logs[-4000:]
+    return logs
+
+
+def _matches_full(tmp: Path, run: str) -> None:
+    """Per-step loss and global gradient norm of ``run`` equal the one-process run's (1e-5)."""
+    for key in ("loss", "grad_norm"):
+        one, other = _losses(tmp / "full", key), _losses(tmp / run, key)
+        assert sorted(other) == sorted(one), (key, sorted(other))
+        for step in one:
+            assert abs(other[step] - one[step]) <= 1e-5 * abs(one[step]), (key, step, one[step],
+                                                                           other[step])
+
+
+@pytest.fixture(scope="module")
+def zero_dp2(reference):
+    """dp=2 with the distributed optimizer, checkpoints at steps 5 and 10."""
+    tmp, res = reference
+    assert res.returncode == 0, res.stderr[-3000:]
+    _launch(tmp, "zero_dp2", *ZERO, "checkpoint.save_interval=5", "logging.sample_tokens=0")
+    return tmp
+
+
+@pytest.mark.multirank
+def test_distributed_optimizer_dp2_matches_one_process_and_resumes_exactly(zero_dp2):
+    from training.checkpointing import load_checkpoint
+    from training.zero_checkpoint import load_optimizer_state
+
+    tmp = zero_dp2
+    _matches_full(tmp, "zero_dp2")
+    step10 = tmp / "zero_dp2" / "checkpoints" / "step_000010"
+    # each rank saved only its pieces of the moments; together they are the whole moments,
+    # close to the one-process run's (same math, other summation order)
+    parts = {r: load_checkpoint(step10, rank=r).optimizer for r in (0, 1)}
+    full = load_checkpoint(tmp / "full" / "checkpoints" / "step_000010")
+    sizes = [sum(v.size for k, v in parts[r].items() if k.startswith("adam_m.")) for r in (0, 1)]
+    total = sum(v.size for k, v in full.optimizer.items() if k.startswith("adam_m."))
+    assert sum(sizes) == total and abs(sizes[0] - sizes[1]) <= 4, (sizes, total)
+    shapes = {k: v.shape for k, v in full.optimizer.items()}
+    moments = load_optimizer_state(step10, parts[0], (0, 1), shapes)  # what a resume reads
+    assert sorted(moments) == sorted(full.optimizer)
+    for name, value in moments.items():
+        np.testing.assert_allclose(value, full.optimizer[name], rtol=1e-3, atol=1e-7, err_msg=name)
+    for name, value in load_checkpoint(step10, rank=1).model.items():
+        np.testing.assert_allclose(value, full.model[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    # resuming step 5 on the same layout reproduces steps 6-10 and the final weights bit for bit
+    step5 = tmp / "zero_dp2" / "checkpoints" / "step_000005"
+    _launch(tmp, "zero_dp2_resumed", *ZERO, f"checkpoint.load={step5}", "logging.sample_tokens=0")
+    first, again = _losses(tmp / "zero_dp2"), _losses(tmp / "zero_dp2_resumed")
+    assert sorted(again) == [6, 7, 8, 9, 10], sorted(again)
+    assert all(again[s] == first[s] for s in again), (first, again)
+    resumed = tmp / "zero_dp2_resumed" / "checkpoints" / "step_000010"
+    for r in (0, 1):
+        a, b = load_checkpoint(step10, rank=r), load_checkpoint(resumed, rank=r)
+        for kind in ("model", "optimizer"):
+            for name, value in getattr(a, kind).items():
+                np.testing.assert_array_equal(getattr(b, kind)[name], value, err_msg=name)
+
+
+def check_zero_cross_load(tmp: str) -> None:
+    """One process: the distributed optimizer resumes the non-distributed checkpoint at step 5 of
+    the reference, and a plain run resumes its sharded checkpoint at step 8; both continue the
+    reference's losses (1e-6; the norm is summed in another order)."""
+    from training.config import load_config
+    from training.pretrain import run
+
+    tmp = Path(tmp)
+    step5 = tmp / "resumed" / "checkpoints" / "step_000005"
+    run(load_config(None, _tiny(tmp, "zero_from_plain", *ZERO, f"checkpoint.load={step5}",
+                                "checkpoint.save_interval=8", "logging.sample_tokens=0")))
+    step8 = tmp / "zero_from_plain" / "checkpoints" / "step_000008"
+    run(load_config(None, _tiny(tmp, "plain_from_zero", f"checkpoint.load={step8}",
+                                "logging.sample_tokens=0")))
+    print("CROSS_OK")
+
+
+def test_distributed_optimizer_checkpoints_load_both_ways(reference):
+    tmp, res = reference
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_python(f"from tests.training.test_pretrain import check_zero_cross_load; "
+                     f"check_zero_cross_load({str(tmp)!r})", cwd=tmp)
+    assert res.returncode == 0 and "CROSS_OK" in res.stdout, res.stdout[-3000:] + res.stderr[-3000:]
+    one = _losses(tmp / "full")
+    for run, steps in (("zero_from_plain", range(6, 11)), ("plain_from_zero", range(9, 11))):
+        got = _losses(tmp / run)
+        assert sorted(got) == list(steps), (run, sorted(got))
+        for step in steps:
+            assert abs(got[step] - one[step]) <= 1e-6 * one[step], (run, step, one[step], got[step])
+
+
+@pytest.mark.multirank
+def test_distributed_optimizer_dp2_tp2_matches_one_process(reference):
+    tmp, res = reference
+    assert res.returncode == 0, res.stderr[-3000:]
+    logs = _launch(tmp, "zero_dp2_tp2", *ZERO, "parallel.tp=2", "checkpoint.save_interval=0",
+                   "logging.sample_tokens=0", workers=4)
+    assert "tp 2 x pp 1 x dp 2" in logs
+    _matches_full(tmp, "zero_dp2_tp2")

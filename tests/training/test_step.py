@@ -21,8 +21,12 @@ def _numpy_adamw(w, g, m, v, t, lr, opt, decay):
     return w, m, v
 
 
-def check_adamw(mode: str) -> None:
-    """Two steps (t=1, t=2) with clipping active; every parameter and moment vs numpy."""
+ZERO = ["optimizer.distributed=true", "optimizer.bucket_size=3000"]  # 6 buckets, params cut
+
+
+def check_adamw(mode: str, distributed: bool = False) -> None:
+    """Two steps (t=1, t=2) with clipping active; every parameter and moment vs numpy. With
+    ``distributed`` through ``DistributedAdamW`` (one rank: one shard holding every piece)."""
     import mindspore as ms
 
     import models
@@ -34,9 +38,10 @@ def check_adamw(mode: str) -> None:
 
     ms.set_device("CPU")
     set_mode(mode)
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, TINY + (ZERO if distributed else []))
     model = models.build_from_config(hf_config(cfg.model))
     step = TrainStep(model, ParallelDims.single(), cfg.optimizer, grad_accum_steps=2)
+    assert step.update.sharded == distributed
     rng = np.random.default_rng(0)
     opt = cfg.optimizer
     m = {n: np.zeros(p.shape, np.float32) for n, p in step.named}
@@ -65,18 +70,21 @@ def check_adamw(mode: str) -> None:
             w_ref, m[n], v[n] = _numpy_adamw(w0[n].astype(np.float64), grads[n] * coef, m[n], v[n],
                                              it + 1, lr, opt, decay)
             np.testing.assert_allclose(w1[n], w_ref, rtol=1e-5, atol=1e-7, err_msg=n)
-            np.testing.assert_allclose(state[f"adam_m.{n}"], m[n], rtol=1e-5, atol=1e-9, err_msg=n)
-            np.testing.assert_allclose(state[f"adam_v.{n}"], v[n], rtol=1e-5, atol=1e-12, err_msg=n)
+            got_m, got_v = (state[f"adam_{k}.{n}"].reshape(p.shape) for k in "mv")  # pieces: 1-D
+            np.testing.assert_allclose(got_m, m[n], rtol=1e-5, atol=1e-9, err_msg=n)
+            np.testing.assert_allclose(got_v, v[n], rtol=1e-5, atol=1e-12, err_msg=n)
             assert not np.array_equal(w1[n], w0[n]), f"{n} did not change"
         assert all(not a.asnumpy().any() for a in step.acc), "gradient buffers not zeroed"
     assert not should_decay("decoder.final_norm.weight", 1)
     print("ADAMW_OK")
 
 
-@pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_adamw_step_matches_numpy(mode):
+@pytest.mark.parametrize("mode, distributed", [("pynative", False), ("graph", False),
+                                               ("graph", True)])
+def test_adamw_step_matches_numpy(mode, distributed):
     # A fresh process per mode: the execution mode is process-global.
-    assert_check_passes("tests.training.test_step", "check_adamw", mode, marker="ADAMW_OK")
+    assert_check_passes("tests.training.test_step", "check_adamw", mode, distributed,
+                        marker="ADAMW_OK")
 
 
 def test_skipped_update_does_not_advance_adamw():
@@ -115,9 +123,10 @@ def test_skipped_update_does_not_advance_adamw():
         assert cls.apply_update is TrainState.apply_update and cls.load is TrainState.load
 
 
-def check_fp32_skip(mode: str) -> None:
+def check_fp32_skip(mode: str, distributed: bool = False) -> None:
     """A fp32 step whose loss and gradients are NaN (an inf weight) changes nothing and does not
-    advance AdamW's step count (the count loaded with the weights stays)."""
+    advance AdamW's step count (the count loaded with the weights stays); also through the
+    distributed optimizer."""
     import mindspore as ms
 
     import models
@@ -128,12 +137,13 @@ def check_fp32_skip(mode: str) -> None:
 
     ms.set_device("CPU")
     set_mode(mode)
-    cfg = load_config(None, TINY)
+    cfg = load_config(None, TINY + (ZERO if distributed else []))
     rng = np.random.default_rng(0)
     batches = [(rng.integers(0, 256, (2, 16)).astype(np.int32),
                 rng.integers(0, 256, (2, 16)).astype(np.int32)) for _ in range(2)]
     step = TrainStep(models.build_from_config(hf_config(cfg.model)), ParallelDims.single(),
                      cfg.optimizer, grad_accum_steps=2)
+    assert step.update.sharded == distributed
     w0, s0 = step.model_state(), step.state_dict()
     name = next(n for n in w0 if "embedding" in n)
     w0[name][batches[0][0][0, 0]] = np.inf  # one token's embedding: NaN loss and gradients
@@ -148,6 +158,8 @@ def check_fp32_skip(mode: str) -> None:
     print("SKIP_OK")
 
 
-@pytest.mark.parametrize("mode", ["pynative", "graph"])
-def test_fp32_nonfinite_step_is_skipped(mode):
-    assert_check_passes("tests.training.test_step", "check_fp32_skip", mode, marker="SKIP_OK")
+@pytest.mark.parametrize("mode, distributed", [("pynative", False), ("graph", False),
+                                               ("graph", True)])
+def test_fp32_nonfinite_step_is_skipped(mode, distributed):
+    assert_check_passes("tests.training.test_step", "check_fp32_skip", mode, distributed,
+                        marker="SKIP_OK")
