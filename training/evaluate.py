@@ -44,17 +44,10 @@ def load_weights(step_fn, cfg, dims, path: Path | None = None) -> Path:
     """Load the model part of checkpoint ``path`` (default ``checkpoint_path(cfg)``) into the
     parameters of ``step_fn`` (a ``TrainStep`` or ``PipelineTrainStep``: this rank's stage);
     return the checkpoint path."""
-    import mindspore as ms
-
-    from training.checkpointing import load_checkpoint
+    from training.checkpointing import load_train_state
 
     path = path if path is not None else checkpoint_path(cfg)
-    params = dict(step_fn.named)
-    ck = load_checkpoint(path, rank=dims.global_rank, world_size=dims.world_size,
-                         expected_shapes={n: tuple(p.shape) for n, p in params.items()},
-                         expected_model_config=cfg.to_dict()["model"])
-    for name, param in params.items():
-        param.set_data(ms.Tensor(ck.model[name], ms.float32))
+    load_train_state(path, step_fn, dims, model_config=cfg.to_dict()["model"], weights_only=True)
     return path
 
 

@@ -9,9 +9,9 @@
 
 ``SOURCE`` is a checkpoint step directory (``meta.json``), a run directory or checkpoint root
 (its newest valid checkpoint), or a HF directory (``config.json`` + safetensors, read by
-``models.from_pretrained``). Checkpoints saved with tp > 1 and / or pp > 1 (MoE: ep, etp > 1)
-are merged to one process (under msrun with pp, ``training/pretrain.py`` itself samples
-through the stages).
+``models.from_pretrained``). A checkpoint of any parallel layout (tp, pp, MoE ep / etp) reads
+into one process through ``mcore.checkpoint`` (under msrun with pp, ``training/pretrain.py``
+itself samples through the stages).
 A checkpoint written with sequence parallelism reads like any other (same names and shapes);
 ``sampling_model`` gives a running sequence-parallel job a twin it can decode with.
 The tokenizer: ``--tokenizer``, else the run's ``tokenizer.json`` (recorded in the checkpoint),
@@ -57,82 +57,25 @@ def _checkpoint_dir(source: Path) -> Path | None:
     return None
 
 
-def shard_ranks(parallel: dict, world_size: int) -> list[list[int]]:
-    """Global ranks holding the model of data-parallel replica 0: per pipeline stage, its tp
-    ranks in tp order (from the saved ``parallel`` section)."""
-    from mcore.rank_layout import RankLayout
-
-    layout = RankLayout(world=world_size, tp=int(parallel["tp"]), pp=int(parallel["pp"]),
-                        order=parallel["order"])
-    grid = layout.dense_grid()
-    stages = [[0] * layout.tp for _ in range(layout.pp)]
-    for rank in range(world_size):
-        c = grid.coords(rank)
-        if c["dp"] == 0 and c["cp"] == 0:
-            stages[c["pp"]][c["tp"]] = rank
-    return stages
-
-
-def expert_ranks(parallel: dict, world_size: int) -> list[list[int]]:
-    """Global ranks holding the experts of expert-data-parallel replica 0 (pp = 1, as MoE
-    training requires): ``[ep rank][etp rank]`` (from the saved ``parallel`` section)."""
-    from mcore.rank_layout import RankLayout
-
-    ep, etp = int(parallel.get("ep", 1)), int(parallel.get("etp", 1))
-    layout = RankLayout(world=world_size, tp=int(parallel["tp"]), pp=int(parallel["pp"]),
-                        ep=ep, etp=etp, order=parallel["order"])
-    grid = layout.expert_grid()
-    table = [[0] * etp for _ in range(ep)]
-    for rank in range(world_size):
-        c = grid.coords(rank)
-        if c["dp"] == 0 and c["pp"] == 0:
-            table[c["ep"]][c["tp"]] = rank
-    return table
-
-
-def _merged_experts(path: Path, parallel: dict, world_size: int, split: dict) -> dict:
-    """Expert tensors (``...mlp.experts.*``) at full size: etp shards joined along their split
-    dim, then the ep ranks' experts stacked in global order."""
-    from training.checkpointing import load_checkpoint
-
-    table = expert_ranks(parallel, world_size)
-    shards = [[load_checkpoint(path, rank=r).model for r in row] for row in table]
-    names = [n for n in shards[0][0] if ".mlp.experts." in n]
-    return {n: np.concatenate([np.concatenate([s[n] for s in row], split[n])
-                               for row in shards], 0) for n in names}
-
-
 def model_from_checkpoint(path: Path):
-    """A one-process model with the weights of training checkpoint ``path`` (tp shards merged,
-    pipeline stages joined: each stage holds its own layers under their global names; MoE
-    experts gathered over ep and etp); returns ``(model, meta)``."""
-    from models.hf import load_weights
-    from models.weights import split_dims, to_hf
-    from training.checkpointing import load_checkpoint, read_meta
+    """A one-process model with the weights of training checkpoint ``path``, whatever parallel
+    layout wrote it (``mcore.checkpoint`` stores global tensors: tp shards, pipeline stages and
+    ep / etp expert shards read back as the whole model); returns ``(model, meta)``."""
+    import mindspore as ms
+
+    from mcore.checkpoint import ShardSpec, load_tensors
+    from training.checkpointing import read_meta
     from training.config import config_from_dict
     from training.model_bridge import build_gpt
-    from training.pretrain import _Array
 
     meta = read_meta(path)
     saved = meta["meta"]["config"]
-    tp = int(saved["parallel"]["tp"])
     cfg = config_from_dict(saved, world_size=meta["world_size"])
     model = build_gpt(cfg)  # the saved YAML's TransformerConfig, as training built it
-    split = {n: d for n, d in split_dims(model).items() if d is not None}
-    full = {}
-    for ranks in shard_ranks(saved["parallel"], meta["world_size"]):
-        shards = [load_checkpoint(path, rank=r).model for r in ranks]
-        for n in shards[0]:
-            if n in full:  # a tied embedding's head copy on the last stage: same weight
-                continue
-            full[n] = (np.concatenate([s[n] for s in shards], split[n]) if n in split and tp > 1
-                       else shards[0][n])
-    etp = int(saved["parallel"].get("etp", 1))
-    if cfg.model.moe.num_experts:
-        full.update(_merged_experts(path, saved["parallel"], meta["world_size"], split))
-    table = model.hf.family.weight_table(model.config, model.hf.tie)
-    hf = to_hf(table, full, split, tp, etp)
-    load_weights(model, {k: _Array(v) for k, v in hf.items()})
+    params = dict(model.parameters_and_names())
+    weights = load_tensors(path, {n: ShardSpec.whole(p.shape) for n, p in params.items()}, meta)
+    for name, param in params.items():
+        param.set_data(ms.Tensor(weights[name], param.dtype))
     return model, meta["meta"]
 
 

@@ -255,38 +255,31 @@ def tokenizer_path(cfg) -> Path:
 def resume(cfg, step_fn, data, dims, log) -> int:
     """Load ``checkpoint.load`` (if any) into model, optimizer (moments and AdamW's update count),
     sampler and host RNG, and continue the run's records there (``log.resumed``); return the
-    number of steps already done (0 for a fresh run). ``auto`` logs each checkpoint it skips and
-    refuses (``CheckpointError``) when checkpoints exist but none verifies."""
-    from training.checkpointing import load_checkpoint, resolve_load, set_host_rng_state
+    number of steps already done (0 for a fresh run). The checkpoint may come from any parallel
+    layout (``training.checkpointing.load_train_state``). ``auto`` logs each checkpoint it skips
+    and refuses (``CheckpointError``) when checkpoints exist but none verifies."""
+    from training.checkpointing import load_train_state, resolve_load, set_host_rng_state
 
     path = resolve_load(cfg.checkpoint.load, checkpoint_root(cfg), log=log.info)
     if path is None:
         return 0
-    from training.zero_checkpoint import load_optimizer_state
-
-    model_shapes, optim_shapes = step_fn.shapes()
-    ck = load_checkpoint(path, rank=dims.global_rank, world_size=dims.world_size,
-                         expected_shapes=model_shapes, expected_model_config=cfg.to_dict()["model"])
-    # whole moments, also from a distributed-optimizer checkpoint (training/zero_checkpoint.py)
-    optim = load_optimizer_state(path, ck.optimizer, dims.dp.ranks, optim_shapes)
-    step_fn.load(ck.model, optim, ck.meta.get("optimizer", {"adam_steps": ck.step}))
-    data.sampler.load_state_dict(ck.meta["sampler"])
-    set_host_rng_state(ck.meta["rng"])
-    log.resumed(ck.step, str(path))
-    return ck.step
+    state = load_train_state(path, step_fn, dims, model_config=cfg.to_dict()["model"])
+    data.sampler.load_state_dict(state["sampler"])
+    set_host_rng_state(state["rng"])
+    log.resumed(state["step"], str(path))
+    return state["step"]
 
 
 def save(cfg, step: int, step_fn, data, dims) -> Path:
-    """Every rank writes its shard; rank 0 publishes the checkpoint atomically. If any rank holds
-    a NaN or an infinity (all ranks agree first), nothing is written: ``TrainingStopped``."""
+    """Every rank writes what it owns; rank 0 publishes the checkpoint atomically. If any rank
+    holds a NaN or an infinity (all ranks agree first), nothing is written: ``TrainingStopped``."""
     import mindspore as ms
 
     from mcore.comm import all_reduce, barrier
-    from training.checkpointing import first_nonfinite, host_rng_state, save_checkpoint
+    from training.checkpointing import first_nonfinite, host_rng_state, save_train_state
     from training.step import TrainingStopped
 
-    model, optim = step_fn.model_state(), step_fn.state_dict()
-    bad = first_nonfinite(model) or first_nonfinite(optim)
+    bad = first_nonfinite(step_fn.model_state()) or first_nonfinite(step_fn.state_dict())
     if dims.world_size > 1:
         ranks_bad = float(all_reduce(ms.Tensor(float(bad is not None), ms.float32), dims.world).asnumpy())
         bad = bad or (f"(on {ranks_bad:.0f} other rank(s))" if ranks_bad > 0 else None)
@@ -295,10 +288,9 @@ def save(cfg, step: int, step_fn, data, dims) -> Path:
                               f"the checkpoints in '{checkpoint_root(cfg)}' were left as they were")
     sync = (lambda: barrier(dims.world)) if dims.world_size > 1 else None
     meta = {"config": cfg.to_dict(), "sampler": data.sampler.state_dict(), "rng": host_rng_state(),
-            "optimizer": step_fn.scalars(), "tokenizer": str(tokenizer_path(cfg).resolve())}
-    return save_checkpoint(checkpoint_root(cfg), step, model, optim,
-                           meta, rank=dims.global_rank, world_size=dims.world_size,
-                           keep_last=cfg.checkpoint.keep_last, barrier=sync)
+            "tokenizer": str(tokenizer_path(cfg).resolve())}
+    return save_train_state(checkpoint_root(cfg), step, step_fn, dims, meta,
+                            keep_last=cfg.checkpoint.keep_last, barrier=sync)
 
 
 def validate(cfg, step_fn, data) -> float | None:

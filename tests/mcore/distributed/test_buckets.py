@@ -1,18 +1,19 @@
 """Bucket / shard arithmetic of the distributed optimizer (``mcore.distributed.buckets``) and the
-resharding of its checkpointed moments (``training.zero_checkpoint.assemble``), on generated
+resharding of its checkpointed moments (flat pieces read back by ``mcore.checkpoint``), on generated
 sizes: every element of every parameter is owned by exactly one rank, shards are contiguous and
 equal, and moments cut into pieces for one (dp, bucket_size) and reassembled are the originals."""
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from mcore.distributed.buckets import bucket_layout
-from training.checkpointing import CheckpointError
-from training.zero_checkpoint import assemble
+from mcore.checkpoint import CheckpointError, Shard, ShardSpec, load_global, save_checkpoint
 
 shapes = st.lists(st.lists(st.integers(1, 7), min_size=1, max_size=3).map(tuple), min_size=1,
                   max_size=8)
@@ -56,22 +57,27 @@ def test_every_element_owned_once_and_shards_equal(shape_list, dp, bucket_size):
     assert layout.shard_elements * dp == sum(b.padded for b in layout.buckets)
 
 
-def _shard_files(params, full, dp, bucket_size):
-    """What each rank of a distributed run would save (DistributedAdamW.shard_state's format)."""
+def _save_pieces(root, params, full, dp, bucket_size, drop=None):
+    """Save what each rank of a distributed run writes (its pieces as flat ranges of the whole
+    parameter, ``training.checkpoint_layout``); ``drop``: a (rank, tensor) left out."""
     layout = bucket_layout(params, dp, bucket_size)
-    files = {}
+    states = []
     for r in range(dp):
         t = {}
         for p in layout.pieces(r):
             lo, hi = p.param_offset, p.param_offset + p.length
             for kind in ("m", "v"):
-                t[f"adam_{kind}.{p.name}"] = full[f"adam_{kind}.{p.name}"].reshape(-1)[lo:hi].copy()
-            t[f"shard.{p.name}"] = np.array([p.param_offset, p.length, *p.shape], np.int64)
-        files[f"optim_rank{r}"] = t
-    return files
+                key = f"adam_{kind}.{p.name}"
+                if (r, key) != drop:
+                    t[key] = Shard(full[key].reshape(-1)[lo:hi].copy(), ShardSpec.whole(p.shape),
+                                   (lo, hi))
+        states.append(t)
+    for r in [*range(1, dp), 0]:
+        save_checkpoint(root, 1, {}, states[r], {}, rank=r, world_size=dp, timeout=5)
+    return root / "step_000001"
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(shape_list=shapes, dp=st.integers(1, 4), bucket_size=st.integers(1, 80),
        seed=st.integers(0, 2 ** 16))
 def test_sharded_moments_reassemble_to_the_originals(shape_list, dp, bucket_size, seed):
@@ -79,20 +85,16 @@ def test_sharded_moments_reassemble_to_the_originals(shape_list, dp, bucket_size
     rng = np.random.default_rng(seed)
     full = {f"adam_{k}.{n}": rng.standard_normal(s).astype(np.float32)
             for n, s in params for k in ("m", "v")}
-    got = assemble(_shard_files(params, full, dp, bucket_size))
+    with tempfile.TemporaryDirectory() as tmp:
+        got = load_global(_save_pieces(Path(tmp), params, full, dp, bucket_size))
     assert sorted(got) == sorted(full)
     for k in full:
         np.testing.assert_array_equal(got[k], full[k], err_msg=k)
 
 
-def test_assemble_refuses_missing_and_overlapping_pieces():
+def test_missing_pieces_are_refused(tmp_path):
     params = [("a", (4, 3)), ("b", (5,))]
     full = {f"adam_{k}.{n}": np.ones(s, np.float32) for n, s in params for k in ("m", "v")}
-    files = _shard_files(params, full, 2, 100)
-    with pytest.raises(CheckpointError, match="'a' covers 9 of its 12 elements"):
-        assemble({"optim_rank0": files["optim_rank0"]})
-    with pytest.raises(CheckpointError, match="overlaps"):
-        assemble({**files, "copy": files["optim_rank1"]})
-    bad = {k: v for k, v in files["optim_rank1"].items() if k != "adam_v.b"}
-    with pytest.raises(CheckpointError, match="'adam_v.b' is missing"):
-        assemble({"optim_rank0": files["optim_rank0"], "optim_rank1": bad})
+    path = _save_pieces(tmp_path, params, full, 2, 100, drop=(1, "adam_m.a"))
+    with pytest.raises(CheckpointError, match="pieces of 'adam_m.a' cover 9 of 12 elements"):
+        load_global(path)
