@@ -224,6 +224,13 @@ def build_update(params, acc, decay: list[bool], plans: list, dims: ParallelDims
     return AdamWUpdate(params, acc, decay, plans, dims, opt_cfg)
 
 
+def assign_in_place(param: Parameter, value) -> None:
+    """Write ``value`` into ``param``'s existing buffer (``ops.assign``). Unlike ``set_data``,
+    which gives the Parameter a new buffer, this is seen by graphs compiled with
+    ``mindspore.jit`` before the write (docs/MINDSPORE_JIT_NOTES.md)."""
+    ops.assign(param, ms.Tensor(np.asarray(value), param.dtype))
+
+
 class TrainingStopped(FloatingPointError):
     """The loop stops a diverging run on purpose (``training.max_skipped_steps`` skipped steps
     in a row, or a NaN tensor at a save); the message is one line for the user (a
@@ -243,8 +250,8 @@ class TrainState:
     and the checkpoint state of ``self.named`` ((name, Parameter) pairs) and ``self.update`` (an
     ``AdamWUpdate``, run through ``self._update``): ``model_state()``, ``state_dict()`` (moments
     named ``adam_m.<param>`` / ``adam_v.<param>``), ``scalars()`` (``{"adam_steps": n}``, for the
-    checkpoint's meta), ``load(model_state, optimizer_state, scalars)`` (before the first step:
-    compiled graphs do not see ``set_data``), ``shapes()``."""
+    checkpoint's meta), ``load(model_state, optimizer_state, scalars)`` (written in place, so
+    also after steps have run), ``shapes()``."""
 
     named: list
     buffers: tuple = ()  # (name, Parameter) pairs saved with the model but not trained (expert bias)
@@ -289,7 +296,7 @@ class TrainState:
 
     def scalars(self) -> dict:
         """Optimizer scalars for a checkpoint's meta (``load`` takes them back); ``distributed``:
-        the moments were saved sharded (``training.zero_checkpoint``)."""
+        the moments were saved as distributed-optimizer pieces)."""
         out = {"adam_steps": int(self.adam_steps)}
         if self._sharded():
             out["distributed"] = True
@@ -313,18 +320,17 @@ class TrainState:
 
     def load(self, model_state: dict, optimizer_state: dict, scalars: dict) -> None:
         """Restore weights, moments and the update count saved by ``model_state`` /
-        ``state_dict`` / ``scalars``."""
+        ``state_dict`` / ``scalars``; also after steps have run (values are written in place,
+        ``assign_in_place``, so already compiled graphs see them)."""
         self.adam_steps, self.skipped_in_a_row = int(scalars["adam_steps"]), 0
-        for n, p in self.named:
-            p.set_data(ms.Tensor(model_state[n], ms.float32))
+        for n, p in [*self.named, *self.buffers]:
+            assign_in_place(p, model_state[n])
         if self._sharded():  # full moments in, this rank's shard kept
             self.update.load_full_moments(optimizer_state)
         else:
             for (n, _), m, v in zip(self.named, self.update.m, self.update.v):
-                m.set_data(ms.Tensor(optimizer_state[f"adam_m.{n}"], ms.float32))
-                v.set_data(ms.Tensor(optimizer_state[f"adam_v.{n}"], ms.float32))
-        for n, p in self.buffers:
-            p.set_data(ms.Tensor(model_state[n], ms.float32))
+                assign_in_place(m, optimizer_state[f"adam_m.{n}"])
+                assign_in_place(v, optimizer_state[f"adam_v.{n}"])
 
     def shapes(self) -> tuple[dict, dict]:
         """Expected ``(model, optimizer)`` tensor shapes for ``load_checkpoint``."""

@@ -15,7 +15,7 @@ A ``Piece`` describes, for one rank, the part of one parameter that falls in its
 elements ``[param_offset, param_offset + length)`` of the row-major flattened parameter (global
 shape ``shape``) sit at ``[shard_offset, shard_offset + length)`` of the rank's shard of bucket
 ``bucket``. Over the ``dp`` ranks the pieces of a parameter cover it exactly once; that is what a
-checkpoint records (``training/zero_checkpoint.py``) so that the moments can be resharded.
+checkpoint records (flat pieces, ``mcore.checkpoint``) so that the moments can be resharded.
 """
 from __future__ import annotations
 

@@ -208,12 +208,12 @@ class DistributedAdamW(nn.Cell):
 
     def load_full_moments(self, state: dict) -> None:
         """Set this rank's moment shards from full-shape ``adam_m.<name>`` / ``adam_v.<name>``
-        arrays (the non-distributed naming; ``training.zero_checkpoint`` assembles them)."""
+        arrays (the non-distributed naming; ``mcore.checkpoint`` reads them in any layout)."""
         for kind, tensors in (("m", self.m), ("v", self.v)):
             shards = [np.zeros(s, np.float32) for s in self.shard_sizes]
             for p in self.pieces:
                 flat = np.asarray(state[f"adam_{kind}.{p.name}"], np.float32).reshape(-1)
                 shards[p.bucket][p.shard_offset:p.shard_offset + p.length] = \
                     flat[p.param_offset:p.param_offset + p.length]
-            for t, s in zip(tensors, shards):
-                t.set_data(ms.Tensor(s, ms.float32))
+            for t, s in zip(tensors, shards):  # in place: compiled graphs keep their buffers
+                ops.assign(t, ms.Tensor(s, ms.float32))

@@ -322,3 +322,44 @@ def test_two_processes_without_barrier(tmp_path):
 def test_hf_path_does_not_block_resume(tmp_path):
     path = save_checkpoint(tmp_path, 1, *_state(0), {"config": {"model": {"hidden_size": 8, "hf_path": "/a"}}})
     assert load_checkpoint(path, expected_model_config={"hidden_size": 8, "hf_path": None}).step == 1
+
+
+CRASH_PROC = r"""
+import os, sys, numpy as np
+sys.path.insert(0, sys.argv[4])
+from mcore.checkpoint import CheckpointError, Shard, shard_spec
+from training.checkpointing import save_checkpoint
+root, r, step = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+w = np.full((32, 64), step, np.float32)
+def die(phase):  # rank 1 is killed right after writing its weights, in the second save
+    if r == 1 and step == 2 and phase == "model":
+        os._exit(9)
+try:
+    save_checkpoint(root, step, {"w": Shard(w, shard_spec(w.shape, 0, 2, r))},
+                    {"m": Shard(w + 1, shard_spec(w.shape, 0, 2, r))}, {"step": step}, rank=r,
+                    world_size=2, timeout=3, fault_hook=die)
+except CheckpointError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
+def test_rank_killed_mid_save_keeps_the_previous_checkpoint(tmp_path):
+    """Two processes save step 1, then rank 1 dies while writing step 2: rank 0 gives up with
+    one line naming the missing rank, auto-resume still picks step 1 (whole and correct), and
+    the start-up clean-up removes the half-written directory."""
+    def save(step):
+        procs = [subprocess.Popen([sys.executable, "-c", CRASH_PROC, str(tmp_path), str(r),
+                                   str(step), str(ROOT)], stdout=subprocess.PIPE, text=True)
+                 for r in (0, 1)]
+        return [(p.wait(timeout=90), p.stdout.read()) for p in procs]
+
+    assert [rc for rc, _ in save(1)] == [0, 0]
+    (rc0, out0), (rc1, _) = save(2)
+    assert (rc0, rc1) == (3, 9) and "rank 1 did not finish writing" in out0, out0
+    assert (tmp_path / "step_000002.tmp" / "model_rank1.safetensors").exists()
+    assert resolve_load("auto", tmp_path) == step_dir(tmp_path, 1)
+    ck = load_checkpoint(step_dir(tmp_path, 1))
+    assert ck.step == 1 and (ck.model["w"] == 1).all() and (ck.optimizer["m"] == 2).all()
+    assert remove_incomplete(tmp_path) == [tmp_path / "step_000002.tmp"]
+    assert [p.name for p in tmp_path.iterdir()] == ["step_000001"]

@@ -10,13 +10,13 @@ dropless, all-gather dispatcher, aux-loss-free expert bias on, graph mode, 6 ste
   dropped share (0 when dropless; tokens per expert add up to every assignment);
 - real ranks (msrun): ep=2 (2 ranks, dp=2, edp=1), ep=2 x dp=2 (4 ranks, edp=2) and
   ep=2 x tp=2 with etp=2 (4 ranks, dp=2, edp=1) give the one-process loss and gradient norm
-  per step (1e-5 relative) and the same tokens per expert; each rank's checkpoint holds its
-  part of every expert tensor (its ep half; with etp its column / row slice), equal to the
-  matching part of the one-process checkpoint, and the one-process expert biases (exactly);
-  ``training.generate.model_from_checkpoint`` merges the shards into the one-process model.
+  per step (1e-5 relative) and the same tokens per expert; the checkpoint (every rank writing
+  its ep / etp expert shards) reads back as whole expert tensors equal to the one-process
+  checkpoint's, and the one-process expert biases (exactly);
+  ``training.generate.model_from_checkpoint`` reads it into the one-process model.
 - ep=2 x pp=2 (4 ranks, 1F1B, router losses on both pipeline stages): the same per-step loss,
-  gradient norm, router loss and tokens per expert; every rank's stage
-  checkpoint holds its layers' expert shares and biases as in the one-process one; the sample
+  gradient norm, router loss and tokens per expert; each stage's layers are written by that
+  stage's ranks, and the experts and biases read back as in the one-process checkpoint; the sample
   is generated through the stages.
 """
 import json
@@ -199,17 +199,6 @@ def test_moe_config_errors_before_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _expert_part(full: np.ndarray, name: str, ep_rank: int, etp_rank: int, etp: int):
-    """Rank ``(ep_rank, etp_rank)``'s part of a one-process stacked expert tensor: its experts
-    (dim 0), and its etp slice (fc1 [E, h, 2f]: gate and up columns separately; fc2 [E, f, h]:
-    rows)."""
-    half = full.shape[0] // 2
-    full = full[ep_rank * half:(ep_rank + 1) * half]
-    if name.endswith("fc1"):
-        return np.concatenate([np.split(g, etp, -1)[etp_rank] for g in np.split(full, 2, -1)], -1)
-    return np.split(full, etp, 1)[etp_rank]
-
-
 LAYOUTS = {  # name: (workers, extra keys); order tp-cp-ep-dp-pp
     "ep2": (2, ["parallel.ep=2"]),  # dp=2, edp=1
     "ep2_dp2": (4, ["parallel.ep=2"]),  # dp=4, edp=2
@@ -245,17 +234,12 @@ def test_expert_parallel_matches_one_process(reference, layout):
     # from rounding-level gradient differences (m / sqrt(v)), hence the absolute tolerance.
     ref = load_checkpoint(tmp / "full" / "checkpoints" / f"step_{STEPS:06d}")
     ck = run_dir / "checkpoints" / f"step_{STEPS:06d}"
-    for rank in range(workers):
-        shard = load_checkpoint(ck, rank=rank, world_size=workers)
-        etp_rank, ep_rank = rank % tp, (rank // tp) % 2  # expert grid: etp (= tp here), ep, edp
-        for name in EXPERTS:
-            np.testing.assert_allclose(shard.model[name],
-                                       _expert_part(ref.model[name], name, ep_rank, etp_rank, tp),
-                                       rtol=1e-4, atol=2e-5, err_msg=f"rank {rank}: {name}")
-        for name in BIASES:  # same counts every step, so the same signs
-            np.testing.assert_array_equal(shard.model[name], ref.model[name],
-                                          err_msg=f"rank {rank}: {name}")
-    # generate.py merges the shards (tp, ep, etp) into the one-process model
+    saved = load_checkpoint(ck).model  # the ranks' expert shards (ep, etp) as whole tensors
+    for name in EXPERTS:
+        np.testing.assert_allclose(saved[name], ref.model[name], rtol=1e-4, atol=2e-5, err_msg=name)
+    for name in BIASES:  # same counts every step, so the same signs
+        np.testing.assert_array_equal(saved[name], ref.model[name], err_msg=name)
+    # generate.py reads the checkpoint (saved over tp, ep, etp) into the one-process model
     merged, _ = model_from_checkpoint(ck)
     whole = dict(model_from_checkpoint(ref.path)[0].parameters_and_names())
     for name, param in merged.parameters_and_names():
@@ -298,19 +282,16 @@ def test_pipeline_parallel_moe_matches_one_process(reference, run, layout, worke
             assert many[step][key] == pytest.approx(one[step][key], rel=1e-6), (step, key)
     ref = load_checkpoint(tmp / "full" / "checkpoints" / f"step_{STEPS:06d}")
     ck = run_dir / "checkpoints" / f"step_{STEPS:06d}"
-    ep = 2 if "parallel.ep=2" in layout else 1
-    for rank in range(workers):
-        shard = load_checkpoint(ck, rank=rank, world_size=workers)
-        # order tp-cp-ep-dp-pp: ep varies fastest, pp (2 stages) slowest
-        ep_rank, layers = rank % ep, stage_layers[rank // (workers // 2)]
-        held = {int(n.split(".")[2]) for n in shard.model if n.startswith("decoder.layers.")}
-        assert held == layers, (rank, sorted(shard.model))
-        for name in [n for n in EXPERTS + BIASES if int(n.split(".")[2]) in layers]:
-            want = ref.model[name]
-            if name in BIASES:  # same counts every step, so the same signs
-                np.testing.assert_array_equal(shard.model[name], want,
-                                              err_msg=f"rank {rank}: {name}")
-                continue
-            part = want.shape[0] // ep
-            np.testing.assert_allclose(shard.model[name], want[ep_rank * part:(ep_rank + 1) * part],
-                                       rtol=1e-4, atol=2e-5, err_msg=f"rank {rank}: {name}")
+    meta = json.loads((ck / "meta.json").read_text())
+    for r, layers in enumerate(stage_layers):  # stage r's layers come from that stage's ranks
+        files = {sh["file"] for n, t in meta["tensors"].items() if n.startswith("decoder.layers.")
+                 and int(n.split(".")[2]) in layers for sh in t["shards"]}
+        stage_ranks = range(r * (workers // 2), (r + 1) * (workers // 2))
+        assert files <= {f"{k}_rank{q}.safetensors" for q in stage_ranks for k in ("model", "optim")}
+    saved = load_checkpoint(ck).model
+    for name in EXPERTS + BIASES:
+        if name in BIASES:  # same counts every step, so the same signs
+            np.testing.assert_array_equal(saved[name], ref.model[name], err_msg=name)
+        else:
+            np.testing.assert_allclose(saved[name], ref.model[name], rtol=1e-4, atol=2e-5,
+                                       err_msg=name)
