@@ -6,6 +6,8 @@ proven elsewhere, so those are the reference steps). Then one launch per loading
 ({1 process, tp=2, pp=2}) loads all four checkpoints in turn into the same, once-built
 training setup (``tests/training/reshard_worker.py``): its weights are bit-equal to the slices
 of the saved whole model, and its next 3 losses equal the saving run's (1e-5 relative).
+``python -m training.export_hf`` writes the pp=2 x tp=2 checkpoint as a Hugging Face directory
+that ``models.from_pretrained`` reads back bit for bit.
 """
 import json
 from pathlib import Path
@@ -79,3 +81,33 @@ def test_every_saved_layout_loads_into(saved, layout):
             assert abs(loss - want[int(step)]) <= 1e-5 * abs(want[int(step)]), \
                 (name, layout, step, want[int(step)], loss)
         assert sorted(map(int, got["losses"])) == [3, 4, 5]
+
+
+def check_export(tmp: str) -> None:
+    """``python -m training.export_hf`` on the pp=2 x tp=2 checkpoint: ``models.from_pretrained``
+    of the directory holds the saved whole model, bit for bit (tied embedding included)."""
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    import models
+    from training.checkpointing import load_checkpoint
+
+    ck, out = Path(tmp) / "save_pp2_tp2" / "checkpoints" / "step_000002", Path(tmp) / "hf_export"
+    res = subprocess.run([sys.executable, "-m", "training.export_hf", str(ck), str(out)],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=200)
+    assert res.returncode == 0 and "exported" in res.stdout, res.stderr[-3000:]
+    assert (out / "tokenizer.json").is_file()
+    weights = {n: p.asnumpy() for n, p in models.from_pretrained(str(out)).parameters_and_names()}
+    saved = load_checkpoint(ck).model
+    assert sorted(weights) == sorted(saved)
+    for name, value in saved.items():
+        np.testing.assert_array_equal(weights[name], value, err_msg=name)
+    print("EXPORT_OK")
+
+
+def test_export_to_hugging_face(saved):
+    res = run_python(f"from tests.training.test_reshard import check_export; check_export({str(saved)!r})",
+                     cwd=saved, timeout=300)
+    assert res.returncode == 0 and "EXPORT_OK" in res.stdout, res.stdout[-2000:] + res.stderr[-3000:]
