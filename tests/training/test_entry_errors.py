@@ -98,13 +98,13 @@ def test_corpus_too_small_for_one_global_batch(work):
 
 
 def test_checkpoint_error_during_resume(work):
-    ck = work / "other_layout" / "step_000003"
+    ck = work / "old_format" / "step_000003"  # a checkpoint of the earlier per-rank format
     ck.mkdir(parents=True)
     (ck / "meta.json").write_text(json.dumps({"format": 1, "step": 3, "world_size": 2, "meta": {},
                                               "files": {}}))
     res = entry("pretrain.py", _args(work, f"checkpoint.load={ck}",
                                      f"logging.output_dir={work / 'resume'}"), cwd=work)
-    assert_user_error(res, "checkpoint", str(ck / "meta.json"), "2 ranks")
+    assert_user_error(res, "checkpoint", str(ck / "meta.json"), "format 1", "format 2")
 
 
 def test_nan_loss_stops_with_one_line(work):
