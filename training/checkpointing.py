@@ -21,11 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mcore.checkpoint import (CheckpointError, ShardSpec, find_latest_valid, first_nonfinite,  # noqa: F401
-                              list_checkpoints, load_tensors, read_meta, remove_incomplete,
-                              resolve_load, rotate, save_checkpoint, scan, step_dir, step_dirs,
-                              verify_files, why_invalid)
-from mcore.checkpoint.store import is_valid  # noqa: F401
+from mcore.checkpoint import ShardSpec, load_tensors
+# re-exported: the training side's one import for checkpoints
+from mcore.checkpoint import (CheckpointError, find_latest_valid, first_nonfinite,  # noqa: F401
+                              list_checkpoints, read_meta, remove_incomplete, resolve_load,
+                              rotate, save_checkpoint, scan, step_dir, step_dirs, verify_files,
+                              why_invalid)
 
 INIT_ONLY_KEYS = frozenset({"hf_path"})  # model keys that only matter before the first step
 # model keys that change how a step runs, not the weights: a resume may change them

@@ -37,8 +37,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
-
 from training.errors import DataError, exit_on_user_error
 
 SEPARATOR = "-" * 40

@@ -122,5 +122,8 @@ def load_global(path: str | os.PathLike, names=None, prefix: str | None = None,
     meta = meta if meta is not None else read_meta(path)
     if names is None:
         names = [n for n in meta["tensors"] if prefix is None or n.startswith(prefix)]
-    return load_tensors(path, {n: ShardSpec.whole(meta["tensors"][n]["shape"]) if n in meta["tensors"]
-                               else ShardSpec.whole(()) for n in names}, meta, check_hashes)
+    missing = [n for n in names if n not in meta["tensors"]]
+    if missing:
+        raise CheckpointError(f"checkpoint '{path}' has no tensor '{missing[0]}' (another model?)")
+    return load_tensors(path, {n: ShardSpec.whole(meta["tensors"][n]["shape"]) for n in names},
+                        meta, check_hashes)

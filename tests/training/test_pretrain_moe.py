@@ -215,7 +215,6 @@ def test_expert_parallel_matches_one_process(reference, layout):
     tmp, res = reference
     assert res.returncode == 0, res.stderr[-3000:]
     workers, extra = LAYOUTS[layout]
-    tp = 2 if "parallel.tp=2" in extra else 1
     run_dir = tmp / layout
     log_dir = tmp / f"logs_{layout}"
     cmd = msrun_command(PRETRAIN, _args(tmp, run_dir.name, *extra, "checkpoint.save_interval=0"),
