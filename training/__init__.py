@@ -12,7 +12,9 @@ Read in this order:
                         default corpus, a Megatron-compatible ``.bin``/``.idx`` indexed dataset,
                         the preprocessing command, and a deterministic, resumable, dp-split sampler.
 - ``optim.py``          learning-rate schedule (warmup + cosine/linear decay) and weight-decay mask.
-- ``checkpointing.py``  atomic sharded safetensors checkpoints with a ``meta.json`` manifest.
+- ``checkpointing.py``  checkpoints through ``mcore/checkpoint`` (each rank's shards under global
+                        names + one ``meta.json``; atomic; any layout loads any other), with
+                        ``checkpoint_layout.py`` mapping a training step's tensors to global ones.
 - ``logger.py``         progress line, ``metrics.jsonl``, per-rank log files, TensorBoard, MFU.
 
 ``tests/training/test_infra_loop.py`` wires all of them into a toy numpy loop (train, crash,
@@ -28,4 +30,5 @@ Then the loop and its entry points (these use MindSpore and ``models/``; docs/tr
 - ``pretrain.py``       ``python training/pretrain.py --config FILE key=value ...`` (or msrun).
 - ``evaluate.py``       validation loss / perplexity of a checkpoint.
 - ``generate.py``       text from a training checkpoint or a Hugging Face directory.
+- ``export_hf.py``      ``python -m training.export_hf CKPT OUT_DIR``: a checkpoint as a HF directory.
 """
