@@ -10,6 +10,11 @@ and ep.
 With ``stage=StageSpec(pre_process, post_process, layer_range)`` the model is one pipeline
 stage (``models.gpt``) and reads only the tensors that stage holds (the tied head copy of a
 last stage from ``embed_tokens``); ``full_state`` then returns that stage's parameters.
+Families: ``FAMILIES`` maps ``model_type`` to a family module (``MODEL_TYPES``, ``TIE_DEFAULT``,
+``config_from_hf``, ``layer_spec``, ``weight_table``). ``register_family(module)`` adds one; the
+package ``legacy`` registers the older families when imported. A ``model_type`` that is not
+registered makes ``family_of`` import ``legacy`` (by name: ``models`` does not depend on it) and
+look again, so ``from_pretrained`` finds a legacy family without the caller importing anything.
 Errors: unknown ``model_type``, an override that is not a config key, or a shape mismatch
 each raise one error naming the key or tensor. Faults of the files raise ``models.LoadError``
 naming the file and tensor: ``config.json`` missing, not JSON or lacking a required key; a bad
@@ -52,8 +57,36 @@ class HFInfo:
     tie: bool
 
 
+_FAMILY_API = ("MODEL_TYPES", "TIE_DEFAULT", "config_from_hf", "layer_spec", "weight_table")
+LEGACY_PACKAGE = "legacy"
+
+
+def register_family(module: ModuleType) -> None:
+    """Make ``module`` the family of each of its ``MODEL_TYPES`` (``ValueError`` naming the
+    missing attribute, or a ``model_type`` another module already holds)."""
+    missing = [a for a in _FAMILY_API if not hasattr(module, a)]
+    if missing:
+        raise ValueError(f"register_family({module.__name__}): missing {missing}")
+    for kind in module.MODEL_TYPES:
+        if FAMILIES.get(kind, module) is not module:
+            raise ValueError(f"register_family({module.__name__}): model_type {kind!r} is "
+                             f"already {FAMILIES[kind].__name__}")
+        FAMILIES[kind] = module
+
+
 def family_of(hf: dict) -> ModuleType:
+    """The family module of a HF config's ``model_type``; an unregistered one imports the
+    ``legacy`` package (which registers the older families) and looks again."""
     kind = hf.get("model_type")
+    if kind not in FAMILIES:
+        import importlib
+
+        try:
+            importlib.import_module(LEGACY_PACKAGE)
+        except ImportError as exc:
+            raise ValueError(f"model_type={kind!r} is not one of {sorted(FAMILIES)}, and the "
+                             f"package {LEGACY_PACKAGE!r} that holds the older families could "
+                             f"not be imported: {exc}") from None
     if kind not in FAMILIES:
         raise ValueError(f"model_type={kind!r} is not supported (supported: {sorted(FAMILIES)})")
     return FAMILIES[kind]
@@ -163,6 +196,8 @@ def _stage_holds(model: GPTModel, name: str) -> bool:
     """Whether a parameter of the full model belongs to ``model``'s pipeline stage."""
     if name.startswith("decoder.layers."):
         return int(name.split(".")[2]) in model.layer_range
+    if name.startswith(("position_embedding.", "embedding_norm.")):
+        return model.pre_process
     if name.startswith("embedding."):  # first stage; with tied embeddings also the last
         return model.embedding is not None
     return model.post_process  # final norm, output layer

@@ -19,6 +19,10 @@ change which experts a token reaches. Their ``reference.npz`` also holds ``aux_l
 transformers' load-balancing loss on ``input_ids`` (``output_router_logits=True``, before
 ``router_aux_loss_coef``). ``--only mixtral qwen3_moe`` writes just those.
 
+Legacy families (``gpt2``, ``gpt_bigcode`` multi-query, ``bloom`` with ALiBi; ``legacy/``):
+configs in their own key names (``LEGACY``), the same tiny sizes, 4 heads, 64 positions.
+``--only gpt2 gpt_bigcode bloom`` writes just those.
+
 TeleChat2 has no transformers implementation: its reference is a Llama model with biases only
 on o_proj and down_proj (TeleChat2's architecture), saved under TeleChat2's weight names.
 """
@@ -65,6 +69,17 @@ FAMILIES = {
         rope_parameters=dict(rope_type="default", rope_theta=1e6))),
 }
 MOE = ("mixtral", "qwen3_moe")
+_GPT2_SIZES = dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=64,
+                   bos_token_id=1, eos_token_id=2)
+LEGACY = {
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, dict(_GPT2_SIZES)),
+    "gpt_bigcode": (transformers.GPTBigCodeConfig, transformers.GPTBigCodeForCausalLM,
+                    dict(_GPT2_SIZES, multi_query=True)),
+    "bloom": (transformers.BloomConfig, transformers.BloomForCausalLM, dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=4, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0)),
+}
+FAMILIES.update(LEGACY)
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -72,7 +87,7 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen) * 0.1
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
                 p.copy_(1.0 + noise)
             else:
                 p.copy_(noise)
@@ -123,7 +138,7 @@ def zero_llama_biases_for_telechat(model) -> None:
 
 def make(family: str, out: Path, seed: int) -> dict:
     config_cls, model_cls, extra = FAMILIES[family]
-    cfg = config_cls(**{**BASE, **extra})
+    cfg = config_cls(**(extra if family in LEGACY else {**BASE, **extra}))
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     randomise(model, seed)
