@@ -4,7 +4,8 @@
 checkpoint's ``model_type`` is not one of ``models/`` (``models`` never imports ``legacy``).
 
 Families (``FAMILIES``: model_type -> module): GPT-2 (``gpt2``), StarCoder / WizardCoder /
-SantaCoder (``gpt_bigcode``, multi-query), BLOOM (``bloom``, ALiBi). See docs/legacy.md.
+SantaCoder (``gpt_bigcode``, multi-query), BLOOM (``bloom``, ALiBi). ``legacy.mindformers``
+converts MindFormers legacy ``.ckpt`` + YAML (Llama-style) to a HF directory. See docs/legacy.md.
 """
 from legacy import bloom, gpt2, gpt_bigcode
 from models.hf import register_family
