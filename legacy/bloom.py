@@ -15,6 +15,7 @@ from models.weights import Piece, pieces
 
 MODEL_TYPES = ("bloom",)
 TIE_DEFAULT = True
+BASE_PREFIX = "transformer."
 
 
 def config_from_hf(hf: dict) -> TransformerConfig:

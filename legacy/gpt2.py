@@ -16,6 +16,8 @@ from models.weights import Piece, pieces
 
 MODEL_TYPES = ("gpt2",)
 TIE_DEFAULT = True
+BASE_PREFIX = "transformer."
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older files
 _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
                 "relu": "relu"}
 

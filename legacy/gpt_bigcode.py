@@ -23,6 +23,7 @@ from legacy.gpt2 import gpt2_style_config, gpt2_style_table
 
 MODEL_TYPES = ("gpt_bigcode",)
 TIE_DEFAULT = True
+BASE_PREFIX = "transformer."
 
 
 def config_from_hf(hf: dict) -> TransformerConfig:

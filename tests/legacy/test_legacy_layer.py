@@ -172,3 +172,23 @@ def test_llama_family_alias_config_maps(alias):
             obj = getattr(obj, part)
         assert obj == value, (alias, field, obj)
     assert model.tie_embeddings is bool(keys.get("tie_word_embeddings", False))
+
+
+def test_base_model_checkpoint_without_prefix_and_with_mask_buffers_loads(tmp_path):
+    """GPT-2 as the Hub stores it: names without ``transformer.`` and the old causal-mask
+    buffers ``h.N.attn.bias``; the model equals the one from the fixture."""
+    import shutil
+
+    import models
+    from models.safetensors_io import read_checkpoint, write_checkpoint
+
+    fixture = __import__("pathlib").Path(__file__).resolve().parent.parent / "fixtures/hf/gpt2"
+    tensors = {n.removeprefix("transformer."): t.load()
+               for n, t in read_checkpoint(fixture).items()}
+    tensors["h.0.attn.bias"] = np.tril(np.ones((1, 1, 64, 64), np.float32))
+    write_checkpoint(tmp_path, tensors)
+    shutil.copy(fixture / "config.json", tmp_path / "config.json")
+    ref = np.load(fixture / "reference.npz")
+    ids = ms.Tensor(ref["input_ids"])
+    got = models.from_pretrained(tmp_path)(ids).asnumpy()
+    np.testing.assert_array_equal(got, models.from_pretrained(fixture)(ids).asnumpy())
