@@ -19,7 +19,8 @@ change which experts a token reaches. Their ``reference.npz`` also holds ``aux_l
 transformers' load-balancing loss on ``input_ids`` (``output_router_logits=True``, before
 ``router_aux_loss_coef``). ``--only mixtral qwen3_moe`` writes just those.
 
-Legacy families (``gpt2``, ``gpt_bigcode`` multi-query, ``bloom`` with ALiBi; ``legacy/``):
+Legacy families (``gpt2``, ``gpt_bigcode`` multi-query, ``gpt_bigcode_mha`` its per-head
+interleaved multi-head form, ``bloom`` with ALiBi; ``legacy/``):
 configs in their own key names (``LEGACY``), the same tiny sizes, 4 heads, 64 positions.
 ``--only gpt2 gpt_bigcode bloom`` writes just those. Llama-family aliases (``ALIASES``:
 ``llama2``, ``llama3_2``, ``deepseek_coder``) are Llama checkpoints with their distinguishing
@@ -77,6 +78,8 @@ LEGACY = {
     "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, dict(_GPT2_SIZES)),
     "gpt_bigcode": (transformers.GPTBigCodeConfig, transformers.GPTBigCodeForCausalLM,
                     dict(_GPT2_SIZES, multi_query=True)),
+    "gpt_bigcode_mha": (transformers.GPTBigCodeConfig, transformers.GPTBigCodeForCausalLM,
+                        dict(_GPT2_SIZES, multi_query=False)),
     "bloom": (transformers.BloomConfig, transformers.BloomForCausalLM, dict(
         vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=4, bos_token_id=1,
         eos_token_id=2, pad_token_id=0)),
