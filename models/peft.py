@@ -198,8 +198,11 @@ def load_adapter(model, path) -> LoRAInfo:
     """Attach the adapters saved in ``path`` (PEFT layout) to ``model`` (any tp size) and set
     their values; ``LoadError`` naming the file and tensor if one is missing or misshapen."""
     config = read_adapter_config(path)
-    info = apply_lora(model, int(config["r"]), float(config["lora_alpha"]),
-                      config["target_modules"], float(config.get("lora_dropout") or 0.0))
+    try:
+        info = apply_lora(model, int(config["r"]), float(config["lora_alpha"]),
+                          config["target_modules"], float(config.get("lora_dropout") or 0.0))
+    except (TypeError, ValueError) as exc:
+        raise LoadError(f"{Path(path) / CONFIG_FILE}: {exc}") from None
     file = Path(path) / WEIGHTS_FILE
     if not file.is_file():
         raise LoadError(f"{file}: missing")
