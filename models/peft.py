@@ -36,6 +36,10 @@ from models.safetensors_io import read_header, write_safetensors
 
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+# adapter_config.json keys of PEFT variants not implemented here, with the plain LoRA value.
+UNSUPPORTED = {"use_rslora": False, "use_dora": False, "bias": "none", "fan_in_fan_out": False,
+               "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+               "modules_to_save": None, "lora_bias": False}
 
 
 @dataclass
@@ -191,6 +195,9 @@ def read_adapter_config(path) -> dict:
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in config:
             raise LoadError(f"{file}: missing key {key!r}")
+    for key, plain in UNSUPPORTED.items():  # PEFT variants this loader does not implement
+        if config.get(key, plain) not in (plain, None):
+            raise LoadError(f"{file}: {key}={config[key]!r} is not supported (only {plain!r})")
     return config
 
 

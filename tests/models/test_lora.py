@@ -188,3 +188,42 @@ def test_lora_with_pipeline_parallelism_is_refused():
                       world_size=2)
     with pytest.raises(ConfigError, match=r"^lora.enabled with parallel.pp=2"):
         check_lora(cfg)
+
+
+PEFT_FIXTURE = FIXTURE.parent.parent / "peft" / "llama_lora"  # made by tests/make_peft_fixture.py
+
+
+def test_adapter_made_by_peft_gives_peft_logits_and_saves_back_unchanged(tmp_path):
+    """An adapter written by PEFT itself (every projection, non-zero B) on the fixture: our
+    model with it gives PEFT's logits, and saving it again gives PEFT's tensors."""
+    import models
+    from models.peft import load_adapter, save_adapter
+    from models.safetensors_io import read_header
+
+    ref = np.load(PEFT_FIXTURE / "reference.npz")
+    model = models.from_pretrained(FIXTURE)
+    info = load_adapter(model, PEFT_FIXTURE)
+    assert len(info.modules) == 2 * 7 and info.scale == 2.0
+    np.testing.assert_allclose(model(_ids()).asnumpy(), ref["logits"], rtol=0, atol=1e-4)
+    base = models.from_pretrained(FIXTURE)(_ids()).asnumpy()
+    assert np.abs(base - ref["logits"]).max() > 1e-2  # the adapter matters
+    save_adapter(model, tmp_path / "again")
+    theirs = read_header(PEFT_FIXTURE / "adapter_model.safetensors")
+    ours = read_header(tmp_path / "again" / "adapter_model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for name in theirs:
+        np.testing.assert_array_equal(ours[name].load(), theirs[name].load(), name)
+
+
+def test_unsupported_peft_variant_is_one_load_error(tmp_path):
+    import shutil
+
+    import models
+    from models.errors import LoadError
+    from models.peft import load_adapter
+
+    shutil.copytree(PEFT_FIXTURE, tmp_path / "dora")
+    path = tmp_path / "dora" / "adapter_config.json"
+    path.write_text(path.read_text().replace('"use_dora": false', '"use_dora": true'))
+    with pytest.raises(LoadError, match="use_dora=True is not supported"):
+        load_adapter(models.from_pretrained(FIXTURE), tmp_path / "dora")
