@@ -126,3 +126,32 @@ def save_adapter_dir(cfg, model) -> Path | None:
     out = Path(cfg.logging.output_dir) / "adapter"
     save_adapter(model, out, base_model_name_or_path=cfg.model.hf_path)
     return out
+
+
+def model_from_checkpoint(path: Path, cfg, world_size: int):
+    """A one-process model of a LoRA run's checkpoint ``path`` (``cfg``: the run's config): the
+    frozen weights as training built them (``model.hf_path``, or the seeded initial weights,
+    which do not depend on the layout) and the checkpoint's adapters, tp shards joined. The
+    adapters stay attached (``models.peft.merge_lora`` folds them in)."""
+    import mindspore as ms
+    import numpy as np
+
+    from models.hf import load_weights
+    from models.safetensors_io import read_checkpoint
+    from models.weights import split_dims
+    from training.checkpointing import load_checkpoint
+    from training.generate import shard_ranks
+    from training.model_bridge import build_gpt
+
+    model = build_gpt(cfg)
+    if cfg.model.hf_path:
+        load_weights(model, read_checkpoint(cfg.model.hf_path))
+    apply_config(cfg, model)
+    ranks = shard_ranks(cfg.to_dict()["parallel"], world_size)[0]  # pp = 1 for LoRA runs
+    shards = [load_checkpoint(path, rank=r).model for r in ranks]
+    split, params = split_dims(model), dict(model.parameters_and_names())
+    for name, value in shards[0].items():
+        if len(shards) > 1 and split.get(name) is not None:
+            value = np.concatenate([s[name] for s in shards], split[name])  # tp shards -> full
+        params[name].set_data(ms.Tensor(value, ms.float32))
+    return model

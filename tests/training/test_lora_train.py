@@ -2,7 +2,8 @@
 
 The one-process run (a fresh interpreter) logs the trainable count, keeps only adapters in its
 checkpoint (model and Adam moments) and writes the PEFT adapter; the msrun run (2 ranks, tp=2,
-sp) gives the same per-step losses and gradient norms (1e-5 relative) and the same adapter.
+sp) gives the same per-step losses and gradient norms (1e-5 relative) and the same adapter, and
+its checkpoint reads back into a one-process model (``training.generate.model_from_checkpoint``).
 """
 import json
 
@@ -36,6 +37,25 @@ def check_single_process(tmp: str) -> None:
     config = json.loads((tmp / "one" / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4
     print("LORA_SINGLE_OK")
+
+
+def check_checkpoint_reads(tmp: str, run: str) -> None:
+    """``training.generate.model_from_checkpoint`` of a LoRA run (any tp): the frozen weights as
+    training built them plus the checkpoint's adapters, which equal the run's PEFT adapter."""
+    from pathlib import Path
+
+    from models.peft import adapter_state
+    from models.safetensors_io import read_header
+    from training.generate import model_from_checkpoint
+
+    run_dir = Path(tmp) / run
+    model, _ = model_from_checkpoint(run_dir / "checkpoints" / "step_000004")
+    saved = read_header(run_dir / "adapter" / "adapter_model.safetensors")
+    state = adapter_state(model)
+    assert sorted(state) == sorted(saved)
+    for name, value in state.items():
+        np.testing.assert_array_equal(value, saved[name].load(), name)
+    print("LORA_CHECKPOINT_OK")
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +92,7 @@ def test_lora_tp2_sp_matches_one_process(reference):
     assert sorted(a) == sorted(b)
     for name in a:
         np.testing.assert_allclose(b[name].load(), a[name].load(), rtol=0, atol=1e-5, err_msg=name)
+    res = run_python(f"from tests.training.test_lora_train import check_checkpoint_reads as c; "
+                     f"c({str(tmp)!r}, 'tp2')", cwd=tmp)
+    assert res.returncode == 0 and "LORA_CHECKPOINT_OK" in res.stdout, \
+        res.stdout[-3000:] + res.stderr[-3000:]
