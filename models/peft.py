@@ -184,7 +184,8 @@ def save_adapter(model, path, base_model_name_or_path: str | None = None) -> Non
 
 
 def read_adapter_config(path) -> dict:
-    """``path/adapter_config.json``; ``LoadError`` naming the file if missing, not JSON or not LoRA."""
+    """``path/adapter_config.json``; ``LoadError`` naming the file if it is missing, not JSON,
+    not LoRA, or a PEFT variant not implemented here (``UNSUPPORTED``, naming the key)."""
     file = Path(path) / CONFIG_FILE
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
@@ -203,7 +204,8 @@ def read_adapter_config(path) -> dict:
 
 def load_adapter(model, path) -> LoRAInfo:
     """Attach the adapters saved in ``path`` (PEFT layout) to ``model`` (any tp size) and set
-    their values; ``LoadError`` naming the file and tensor if one is missing or misshapen."""
+    their values; ``LoadError`` naming the file (and tensor) for a bad config, a missing or a
+    misshapen tensor."""
     config = read_adapter_config(path)
     try:
         info = apply_lora(model, int(config["r"]), float(config["lora_alpha"]),

@@ -6,7 +6,8 @@
     cfg.training.grad_accum_steps  # derived: global_batch / (micro_batch * dp)
 
 The file has one mapping per section (``model``, ``parallel``, ``data``, ``training``,
-``optimizer``, ``checkpoint``, ``logging``, ``lora``); a missing key keeps its default. An override is
+``optimizer``, ``checkpoint``, ``logging``, ``lora``); a missing key keeps its default. An
+override is
 ``section.key=value`` where ``value`` is read with ``yaml.safe_load`` (``2``, ``true``, ``null``,
 ``3e-4`` all do what they look like). Every problem -- an unknown key, a value of the wrong type,
 sizes that do not divide, a key written twice, a file that is a directory or not UTF-8 --

@@ -111,9 +111,10 @@ def lora_line(summary: dict, info) -> str:
     activation gradients + 2 N for the weight gradients); with frozen weights the backward
     skips the weight gradients of the N - n frozen parameters: ~4 N + 2 n."""
     n, total = summary["trainable"], summary["total"]
+    ratio = (4 * total + 2 * n) / (6 * total)
     return (f"lora: r {info.r}, alpha {info.alpha:g}, dropout {info.dropout:g} on "
             f"{summary['modules']} modules; {n:,} trainable of {total:,} parameters on this rank "
-            f"({100 * summary['fraction']:.3f}%); frozen base: step FLOPs ~{(4 * total + 2 * n) / (6 * total):.2f}x "
+            f"({100 * summary['fraction']:.3f}%); frozen base: step FLOPs ~{ratio:.2f}x "
             "full fine-tuning (no weight gradients for frozen weights)")
 
 

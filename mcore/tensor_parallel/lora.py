@@ -44,8 +44,8 @@ from mcore.tensor_parallel.random import Dropout, init_shard, name_seed
 from mcore.tensor_parallel.sharding import shard
 
 
-def lora_init(rank: int):
-    """PEFT's default for ``A``: uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming-uniform, a=sqrt(5))."""
+def lora_init():
+    """PEFT's default for ``A``: uniform(-1/sqrt(in), 1/sqrt(in)) (kaiming-uniform, a=sqrt(5))."""
 
     def init(rng: np.random.Generator, shape):
         bound = 1.0 / math.sqrt(shape[1])
@@ -66,8 +66,9 @@ class LoRAPart(nn.Cell):
         self.kind, self.r, self.scale = kind, int(r), float(alpha) / int(r)
         P = group.size
         column = kind == "column"
-        a = init_shard((r, in_size), seed, P, group.rank, 1, lora_init(r)) if not column \
-            else init_shard((r, in_size), seed, 1, 0, 0, lora_init(r))
+        # the full A [r, in] from the seed; a row adapter keeps its input slice [r, in/P]
+        a = init_shard((r, in_size), seed, 1 if column else P, 0 if column else group.rank, 1,
+                       lora_init())
         b_rows = rows // P if column else rows
         self.lora_A = Parameter(ms.Tensor(a, ms.float32), name="lora_A")
         self.lora_B = Parameter(ops.zeros((b_rows, r), ms.float32), name="lora_B")
@@ -87,7 +88,7 @@ class LoRAPart(nn.Cell):
         x = self.dropout(x)
         lead = x.shape[:-1]
         u = self.matmul(x.reshape((-1, x.shape[-1])), self.lora_A)  # [N, in] -> [N, r]
-        u = self.region(u.reshape(lead + (self.r,)))  # [.., r] (column SP: [b, s/P, r] -> [b, s, r])
+        u = self.region(u.reshape(lead + (self.r,)))  # column SP: [b, s/P, r] -> [b, s, r]
         lead = u.shape[:-1]
         y = self.matmul(u.reshape((-1, self.r)), self.lora_B)  # [N, r] -> [N, rows_local]
         return y.reshape(lead + (y.shape[-1],)) * self.scale

@@ -97,8 +97,9 @@ def test_peft_layout_round_trip(tmp_path):
     assert sorted(config["target_modules"]) == sorted(TARGETS)
     tensors = read_header(tmp_path / "ad" / "adapter_model.safetensors")
     # PEFT's names and shapes: lora_A [r, in], lora_B [out, r] (q: 4 heads x 16, v: 2 x 16)
-    assert tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 64)
-    assert tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight"].shape == (32, 4)
+    prefix = "base_model.model.model.layers"
+    assert tensors[f"{prefix}.0.self_attn.q_proj.lora_A.weight"].shape == (4, 64)
+    assert tensors[f"{prefix}.0.self_attn.v_proj.lora_B.weight"].shape == (32, 4)
     assert tensors["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (4, 128)
     assert len(tensors) == 2 * 2 * len(TARGETS)  # 2 layers x (A, B) x modules
     fresh = models.from_pretrained(FIXTURE)
