@@ -19,9 +19,10 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 class StaticKVCache(nn.Cell):
     """See the module docstring. ``shape`` = ``(b, n_kv_local, max_len, head_dim)``;
     ``layers``: the number of layers, or the ``range`` of GLOBAL layer numbers of a pipeline
-    stage (``update`` takes the global number)."""
+    stage (``update`` takes the global number). ``values=False`` keeps only the key buffers
+    (``mcore.transformer.latent_cache.StaticLatentKVCache`` stores one latent per token)."""
 
-    def __init__(self, layers: int | range, shape: tuple, dtype=ms.float32):
+    def __init__(self, layers: int | range, shape: tuple, dtype=ms.float32, values: bool = True):
         super().__init__()
         layers = range(layers) if isinstance(layers, int) else layers
         self.first = layers.start
@@ -30,7 +31,7 @@ class StaticKVCache(nn.Cell):
         self.keys = ParameterTuple(Parameter(zeros.copy(), name=f"k{i}", requires_grad=False)
                                    for i in layers)  # [b, n_kv, max_len, d] each
         self.values = ParameterTuple(Parameter(zeros.copy(), name=f"v{i}", requires_grad=False)
-                                     for i in layers)
+                                     for i in layers) if values else ()
         self.position = Parameter(Tensor(0, ms.int32), name="position", requires_grad=False)
         self.slots = Tensor(np.arange(self.max_len, dtype=np.int32).reshape(1, 1, -1, 1))
 
