@@ -3,8 +3,8 @@
 ``gpt_layer_spec(config)`` builds the standard pre-norm DENSE layer: the config's norm, fused-QKV
 self-attention with optional QK-norm (``config.attention.qk_norm``) or, with
 ``config.multi_latent_attention``, multi-latent attention (``mla_attention_spec``), the
-dispatching core attention, the MLP, and sandwich norms when ``config.sandwich_norm``. Families that need more
-change one node of the returned tree (see docs/transformer.md).
+dispatching core attention, the MLP, and sandwich norms when ``config.sandwich_norm``.
+Families that need more change one node of the returned tree (see docs/transformer.md).
 
 Mixture of experts: ``moe_layer_specs(config, layer_spec)`` turns any dense layer spec into one
 spec per layer whose mlp node is ``moe_mlp_spec(...)`` (a ``mcore.moe.MoELayer``) for the layers
