@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from mcore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from mcore.tensor_parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from mcore.fusions.attention import CoreAttention
 from mcore.transformer.config import TransformerConfig
 from mcore.transformer.layer_specs import gpt_layer_spec
-from mcore.transformer.multi_query import (MultiQueryAttention, MultiQueryAttentionSubmodules,
-                                           ReplicatedLinear)
+from mcore.transformer.multi_query import MultiQueryAttention, MultiQueryAttentionSubmodules
 from mcore.transformer.spec import ModuleSpec
 from models.weights import Piece
 from legacy.gpt2 import gpt2_style_config, gpt2_style_table

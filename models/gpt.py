@@ -104,6 +104,7 @@ from mcore.transformer.config import TransformerConfig
 from mcore.transformer.kv_cache import KVCache
 from mcore.transformer.norm import norm_class
 from mcore.transformer.positions import LearnedPositionEmbedding
+from mcore.transformer.latent_cache import LatentKVCache, StaticLatentKVCache
 from mcore.transformer.rotary import RotaryEmbedding
 from mcore.transformer.static_kv_cache import StaticKVCache
 
@@ -193,10 +194,17 @@ class GPTModel(nn.Cell):
     def new_cache(self, batch: int | None = None, max_len: int | None = None):
         """An empty KV cache for this model's layers (``layer_range``): a growing ``KVCache``
         (PyNative), or with ``batch`` and ``max_len`` a ``StaticKVCache`` that compiled
-        decoding can use (see ``mcore.transformer``)."""
+        decoding can use (see ``mcore.transformer``). With multi-latent attention the latent
+        forms (``LatentKVCache`` / ``StaticLatentKVCache``: ``kv_lora_rank +
+        qk_rope_head_dim`` values per token and layer)."""
+        cfg = self.config
+        if cfg.multi_latent_attention:
+            if max_len is None:
+                return LatentKVCache(self.layer_range)
+            width = cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim
+            return StaticLatentKVCache(self.layer_range, (batch, 1, max_len, width))
         if max_len is None:
             return KVCache(self.layer_range)
-        cfg = self.config
         shape = (batch, cfg.local_kv_heads(self.tp_group.size), max_len, cfg.head_dim)
         return StaticKVCache(self.layer_range, shape)
 

@@ -190,3 +190,31 @@ class RowParallelLinear(_ParallelLinear):
         if self.lora is not None:  # same layout as y (mcore/tensor_parallel/lora.py)
             y = y + self.lora(x)
         return self.finish(y)
+
+
+class ReplicatedLinear(_ParallelLinear):
+    """y = x A^T + b with the whole ``weight`` [output_size, input_size] on every tp rank (no
+    communication; the same tp-independent initial weight as the parallel layers).
+
+    For small projections every rank computes on its own copy of the input (MLA's
+    down-projections). With ``sequence_parallel`` the input is this rank's ``[b, s/P, in]``, so
+    each rank's weight gradient covers only its part of the sequence: the parameters are then
+    flagged ``param.sequence_parallel`` and the gradient finaliser sums them over tp. Without it
+    the input and its gradient must be complete on every rank (the caller's next layer sums the
+    partial gradients, e.g. a ``ColumnParallelLinear``'s ``CopyToTPRegion``), so the weight
+    gradients are complete and equal on every rank.
+    """
+
+    shard_dims = {"weight": None, "bias": None}
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 sequence_parallel: bool = False, init_method=None, seed: int | None = None,
+                 name: str = "replicated_linear", params_dtype=ms.float32, **unused):
+        one = ProcessGroup.single("tp")
+        super().__init__("ReplicatedLinear", input_size, output_size, one, 0, bias, True, False,
+                         False, init_method, seed, name, params_dtype)
+        for param in self.get_parameters():
+            param.sequence_parallel = bool(sequence_parallel)
+
+    def construct(self, x):
+        return self.finish(self.linear(x))  # [.., in] -> [.., out]

@@ -5,7 +5,7 @@ the query heads with the key/value head replicated on every tp rank (StarCoder/G
 a single kv head cannot be split. Here the projections are two layers:
 
 - ``linear_q``: column-parallel ``h -> n d`` (this rank's ``n / tp`` query heads).
-- ``linear_kv``: ``ReplicatedLinear`` ``h -> 2 d`` (``[k; v]``), the same full weight on every
+- ``linear_kv``: ``mcore.tensor_parallel.ReplicatedLinear`` ``h -> 2 d`` (``[k; v]``), the same full weight on every
   rank. Its input passes a ``CopyToTPRegion`` (``GatherFromSPRegion`` with sequence
   parallelism), so the input gradient it adds is summed over tp like the query path's. Each
   rank's weight gradient covers only its own query heads: with tp > 1 its parameters are
@@ -24,28 +24,14 @@ from dataclasses import dataclass
 
 from mindspore import nn, ops
 
-from mcore.parallel_state import ModelGroups, ProcessGroup
-from mcore.tensor_parallel.layers import ColumnParallelLinear, divide
+from mcore.parallel_state import ModelGroups
+from mcore.tensor_parallel.layers import divide
 from mcore.tensor_parallel.mappings import CopyToTPRegion, GatherFromSPRegion
 from mcore.transformer.attention import alibi_kwargs
 from mcore.transformer.config import TransformerConfig
 from mcore.transformer.norm import mark_sequence_parallel
 from mcore.transformer.rotary import apply_rotary
 from mcore.transformer.spec import build_module
-
-
-class ReplicatedLinear(ColumnParallelLinear):
-    """``y = x W^T + b`` with the full ``W [out, in]`` on every rank (a column-parallel layer
-    over a size-one group): not split, so loaders and ``save_pretrained`` treat it as
-    replicated (``shard_dims`` is empty)."""
-
-    shard_dims: dict = {}
-
-    def __init__(self, input_size: int, output_size: int, bias: bool = True,
-                 name: str = "replicated_linear", params_dtype=None, **unused):
-        kwargs = {} if params_dtype is None else {"params_dtype": params_dtype}
-        super().__init__(input_size, output_size, ProcessGroup.single("tp"), bias=bias,
-                         name=name, **kwargs)
 
 
 @dataclass
