@@ -46,16 +46,23 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def greedy(model_dir):
-    """``greedy(prompt) -> (text, finish_reason)`` of ``N`` tokens: ``models.generate`` (compiled,
-    one prompt at a time) in this process."""
+def loaded(model_dir):
+    """``(model, tokenizer)`` of the served directory, in this process."""
     import mindspore as ms
 
     ms.set_device("CPU")
-    import models
     from training.generate import load
 
-    model, tok = load(str(model_dir))
+    return load(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def greedy(loaded):
+    """``greedy(prompt) -> (text, finish_reason)`` of ``N`` tokens: ``models.generate`` (compiled,
+    one prompt at a time) in this process."""
+    import models
+
+    model, tok = loaded
 
     def run(prompt: str):
         new = models.generate(model, [tok.encode(prompt)], N, stop_tokens=[tok.eod_id],
@@ -177,6 +184,36 @@ def test_seeded_sampling_does_not_depend_on_the_batch(client):
         t.join(180)
     assert together[0] == alone
     assert sample(8) != alone  # the seed matters
+
+
+def test_a_cancelled_request_leaves_the_batch(loaded):
+    """In-process engine (PyNative): a request whose client went away frees its row at the next
+    token and is not counted as served; the one beside it runs to its end."""
+    from training.serving.engine import Engine, Request, SamplingParams
+
+    model, tok = loaded
+    engine = Engine(model, tok, max_batch=2, max_len=32, compiled=False)
+    gone, kept = [], []
+    first = Request(tok.encode(PROMPTS[0]), SamplingParams(20, temperature=0), gone.append)
+    second = Request(tok.encode(PROMPTS[1]), SamplingParams(4, temperature=0), kept.append)
+
+    def leave(event):
+        gone.append(event)
+        first.cancelled = True
+
+    first.emit = leave
+    loop = threading.Thread(target=engine.run)
+    loop.start()
+    engine.submit(first)
+    engine.submit(second)
+    deadline = time.monotonic() + 120
+    while not (kept and kept[-1].finish_reason) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engine.close()
+    loop.join(60)
+    assert len(gone) <= 2 and all(e.finish_reason is None for e in gone)
+    assert kept[-1].finish_reason is not None and engine.stats["served"] == 1
+    assert engine.status()["running"] == 0
 
 
 ERRORS = [  # (body or raw bytes, status, param, code)
