@@ -8,11 +8,13 @@ any thread; ``run()`` (the owning thread) loops until ``close()`` and the batch 
    compiled forward over the prompt right-padded to a power-of-two length, one compilation
    per bucket; PyNative with ``compiled=False``), sample its first token from the last
    logits, and copy its keys and values into the free row (``SlotKVCache.insert``).
-2. **Step**: one decode forward for all rows at once (``[max_batch, 1]`` token ids, each row at
-   its own position; compiled once under ``mindspore.jit`` unless ``compiled=False``); each
-   busy row samples its next token with its own parameters and its own
-   ``numpy.random.default_rng(seed)``, so a request gets the same tokens whatever else is in
-   the batch. Free rows compute on a dummy token and are ignored.
+2. **Step**: one decode forward for rows ``0 .. w-1`` at once (``[w, 1]`` token ids, each row at
+   its own position), ``w`` the smallest of ``widths`` (1, 4, 16, ... and ``max_batch``) that
+   covers the highest busy row (requests take the lowest free row); compiled under
+   ``mindspore.jit`` once per width unless ``compiled=False``. Each busy row samples its next
+   token with its own parameters and its own ``numpy.random.default_rng(seed)``, so a request
+   gets the same tokens whatever else is in the batch. Free rows inside the width compute on a
+   dummy token and are ignored.
 3. **Leave**: a request that produced end-of-document, reached a stop string or
    ``max_tokens`` (or whose client went away: ``request.cancelled``) frees its row at once; the
    others go on.
@@ -90,15 +92,15 @@ class EngineClosed(RuntimeError):
 
 
 class _DecodeStep(nn.Cell):
-    """One decode forward of all rows: ``(ids [b, 1], positions [b, 1], key_mask [b, T]) ->
-    last logits [b, V]``, writing each row's keys at its own column."""
+    """One decode forward of rows ``0 .. w-1``: ``(ids [w, 1], positions [w, 1], key_mask
+    [w, T]) -> last logits [w, V]``, writing each row's keys at the column the cache's
+    ``set_positions`` gave it (= its position)."""
 
     def __init__(self, model, cache: SlotKVCache):
         super().__init__()
         self.model, self.cache = model, cache
 
     def construct(self, ids, positions, key_mask):
-        self.cache.set_positions(positions.reshape(-1))  # [b, 1] -> [b]
         logits = self.model(ids, positions, key_mask, None, self.cache)  # [b, 1, V]
         return logits[:, -1, :]
 
@@ -133,6 +135,7 @@ class Engine:
         if compiled:
             self._prefill_cache = model.new_cache(1, max_len)
             self._prefill_step = ms.jit(_PrefillStep(model, self._prefill_cache))
+        self.widths = sorted({min(4 ** i, max_batch) for i in range(8)} | {max_batch})
         self._rows: list[_Row | None] = [None] * max_batch
         self._inbox: queue.Queue = queue.Queue()
         self._waiting: deque = deque()
@@ -155,8 +158,10 @@ class Engine:
 
     # ----- the owning thread
     def warmup(self) -> None:
-        """Compile the decode step (all rows free) and the shortest prefill bucket."""
-        self._decode()
+        """Compile the decode step of every width (all rows free) and the shortest prefill
+        bucket."""
+        for w in self.widths:
+            self._decode(w)
         if self._prefill_fn == self._prefill_compiled:
             self._prefill_compiled([self.tokenizer.eod_id])
 
@@ -254,16 +259,23 @@ class Engine:
         self.stats["served"] += 1
         return False
 
-    def _decode(self) -> np.ndarray:
-        b, t = self.max_batch, self.max_len
+    def _width(self) -> int:
+        """The narrowest step width covering every busy row."""
+        top = max(i for i, r in enumerate(self._rows) if r is not None) + 1
+        return next(w for w in self.widths if w >= top)
+
+    def _decode(self, b: int) -> np.ndarray:
+        """Logits ``[b, V]`` of one decode step over rows ``0 .. b-1``."""
+        t = self.max_len
         ids = np.zeros((b, 1), np.int32)
         pos = np.zeros((b, 1), np.int32)
         key_mask = np.zeros((b, t), np.int32)
         key_mask[:, 0] = 1  # a free row attends to column 0 only (keeps its softmax finite)
-        for i, row in enumerate(self._rows):
+        for i, row in enumerate(self._rows[:b]):
             if row is not None:
                 ids[i, 0], pos[i, 0] = row.last, row.position
                 key_mask[i, :row.position + 1] = 1
+        self.cache.set_positions(pos[:, 0])
         logits = self._step_fn(ms.Tensor(ids), ms.Tensor(pos), ms.Tensor(key_mask))
         return logits.asnumpy()  # [b, V]
 
@@ -272,7 +284,7 @@ class Engine:
         self.stats["peak_batch"] = max(self.stats["peak_batch"], busy)
         self.stats["steps"] += 1
         try:
-            logits = self._decode()
+            logits = self._decode(self._width())
         except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
             traceback.print_exc()
             for i, row in enumerate(self._rows):

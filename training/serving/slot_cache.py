@@ -4,12 +4,13 @@ Continuous batching keeps up to ``b`` requests in flight, each at its own length
 owns two non-trainable Parameters ``[b, n_kv, max_len, d]``; ``position`` (int32 ``[b]``) is the
 column each row writes at the next step (the number of tokens that row has cached).
 
-- ``update(layer, k, v)`` (``k``, ``v``: ``[b, n_kv, 1, d]``, one new token per row) writes row
-  ``r`` at column ``position[r]`` and returns the whole buffers plus ``max_len - 1`` as the
-  query offset, so the causal rule lets the query see every column: the caller's
-  ``key_mask [b, max_len]`` (1 for columns ``<= position[r]``) hides the unwritten and stale
-  ones. Shapes never change, so a decode step compiles once.
-- ``set_positions(pos)`` (inside the compiled step, before the forward) and ``insert(row,
+- ``update(layer, k, v)`` (``k``, ``v``: ``[w, n_kv, 1, d]``, one new token for each of the
+  first ``w <= b`` rows: a step may run on a prefix of the rows) writes row ``r`` at column
+  ``position[r]`` and returns those rows' buffers ``[w, n_kv, max_len, d]`` plus
+  ``max_len - 1`` as the query offset, so the causal rule lets the query see every column: the
+  caller's ``key_mask [w, max_len]`` (1 for columns ``<= position[r]``) hides the unwritten and
+  stale ones. Shapes depend only on ``w``, so a decode step compiles once per width.
+- ``set_positions(pos)`` (PyNative, before each step) and ``insert(row,
   keys, values, L)`` (PyNative, between steps: copy a prefilled prompt's first ``L`` keys and
   values of every layer into columns ``[0, L)`` of one row) are the serving engine's calls.
 
@@ -38,15 +39,22 @@ class SlotKVCache(nn.Cell):
                                   requires_grad=False)
         self.slots = Tensor(np.arange(self.max_len, dtype=np.int32).reshape(1, 1, -1, 1))
 
-    def set_positions(self, positions):
-        """``positions [b]`` (int32): the column each row writes at this step."""
-        return ops.assign(self.position, positions)
+    def set_positions(self, positions: np.ndarray) -> None:
+        """Before a step (PyNative, between compiled calls): ``positions [w]`` (``w <= b``) are
+        the columns rows ``0 .. w-1`` write at (a step of width ``w`` leaves the other rows
+        alone). Written with ``ops.assign``, which an already compiled graph sees, so the graph
+        itself only reads ``position``."""
+        full = np.zeros(self.batch, np.int32)
+        full[:len(positions)] = positions
+        ops.assign(self.position, Tensor(full))
 
     def _write(self, buf, new):
-        new = ops.broadcast_to(new, buf.shape)  # [b, n_kv, 1, d] -> [b, n_kv, max_len, d]
-        at = self.position.reshape(-1, 1, 1, 1)  # [b] -> [b, 1, 1, 1]
-        out = ops.where(self.slots == at, new, buf)  # row r written at column position[r]
-        ops.assign(buf, out)
+        w = new.shape[0]  # the step's width: rows 0 .. w-1
+        part = buf if w == self.batch else buf[:w]  # [w, n_kv, max_len, d]
+        new = ops.broadcast_to(new, part.shape)  # [w, n_kv, 1, d] -> [w, n_kv, max_len, d]
+        at = self.position.reshape(-1, 1, 1, 1)[:w]  # [b] -> [w, 1, 1, 1]
+        out = ops.where(self.slots == at, new, part)  # row r written at column position[r]
+        ops.assign(buf, out if w == self.batch else ops.cat((out, buf[w:]), 0))
         return out
 
     def update(self, layer: int, k, v):
