@@ -248,7 +248,8 @@ def test_errors_through_the_client_and_chat(server, client):
     with pytest.raises(openai.BadRequestError, match="messages"):
         client.chat.completions.create(model=NAME, messages=[{"role": "user"}])
     with pytest.raises(openai.BadRequestError, match="context length"):
-        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "a" * 100}])
+        client.chat.completions.create(model=NAME,
+                                       messages=[{"role": "user", "content": "a" * 100}])
     got, text = post(server, "/v1/unknown", {})
     assert got == 404 and "error" in json.loads(text)
     assert get_json(server.url + "/health")["status"] == "ok"  # still serving

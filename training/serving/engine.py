@@ -30,7 +30,7 @@ import queue
 import threading
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import mindspore as ms
 import numpy as np
@@ -123,7 +123,7 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int, max_len: int, compiled: bool = True):
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"max_batch={max_batch}, max_len={max_len}: need >= 1 and >= 2")
-        ms.set_context(mode=ms.PYNATIVE_MODE)  # prefill is eager; the decode step is jitted
+        ms.set_context(mode=ms.PYNATIVE_MODE)  # host-side glue; the steps are jitted (compiled)
         cfg = model.config
         shape = (max_batch, cfg.num_query_groups // model.tp_group.size, max_len, cfg.head_dim)
         self.model, self.tokenizer = model, tokenizer
