@@ -208,10 +208,25 @@ class LoggingConfig:
                             "(0: no sample)")
 
 
+@dataclass
+class SFTConfig:
+    """Supervised fine-tuning (read by training/finetune.py only; docs/finetuning.md)."""
+
+    data: str | None = _f(None, "chat JSON Lines file to fine-tune on ('messages' or "
+                          "'prompt'/'response' records)")
+    pack: bool = _f(True, "pack several samples into one model.seq_length row (positions "
+                    "restart, no attention across samples)")
+    template_dir: str | None = _f(None, "directory whose tokenizer_config.json holds the chat "
+                                  "template (null: model.hf_path; none there: the default "
+                                  "template)")
+    init_checkpoint: str | None = _f(None, "training checkpoint step directory whose model "
+                                     "weights start the run (null: model.hf_path or fresh)")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
     "training": TrainingConfig, "optimizer": OptimizerConfig,
-    "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+    "checkpoint": CheckpointConfig, "logging": LoggingConfig, "sft": SFTConfig,
 }
 
 
@@ -226,6 +241,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON-serialisable), e.g. for checkpoint metadata."""

@@ -110,19 +110,49 @@ def tp_split_names(model) -> set[str]:
 
 
 class LossCell(nn.Cell):
-    """(inputs [b, s] int32, labels [b, s] int32) -> mean token cross-entropy (scalar)."""
+    """(inputs [b, s] int32, labels [b, s] int32) -> mean token cross-entropy (scalar).
+
+    Packed fine-tuning batches (``training/data/sft.py``) add ``position_ids`` and
+    ``segment_ids`` [b, s] int32 (the model's ``key_mask``) and ``denom`` (fp32 scalar): the
+    loss is then the SUM of the token losses (0 where ``labels == -100``) divided by ``denom``
+    (``TrainStep`` passes the kept-token count of the global batch / (micro-batches x dp))."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def construct(self, inputs, labels):
-        return self.model(inputs, None, None, labels).mean()  # [b, s] -> []
+    def construct(self, inputs, labels, position_ids=None, segment_ids=None, denom=None):
+        if denom is None:
+            return self.model(inputs, None, None, labels).mean()  # [b, s] -> []
+        return self.model(inputs, position_ids, segment_ids, labels).sum() / denom  # -> []
+
+
+def kept_tokens(batches) -> int:
+    """Tokens whose label is not -100 in ``batches`` ((inputs, labels, ...) numpy tuples)."""
+    return int(sum(int((b[1] != -100).sum()) for b in batches))
+
+
+def dp_sum(values, dp_group) -> np.ndarray:
+    """``values`` (float list) summed over the dp group (eager all-reduce; every rank calls)."""
+    arr = np.asarray(values, np.float32)
+    if dp_group.size > 1:
+        arr = all_reduce(ms.Tensor(arr), dp_group).asnumpy()
+    return arr
+
+
+def _tensors(batch) -> list:
+    return [ms.Tensor(x, ms.int32) for x in batch]
 
 
 def mean_loss(loss_cell: LossCell, batches, dp_group) -> float:
     """Forward only: mean of ``loss_cell`` over ``batches`` ((inputs, labels) numpy pairs, the
-    same count on every dp rank), averaged over the dp group (every rank gets the result)."""
+    same count on every dp rank), averaged over the dp group (every rank gets the result).
+    Packed batches (4-tuples): the mean over the kept tokens of all ranks' batches."""
+    if batches and len(batches[0]) == 4:
+        one = ms.Tensor(1.0, ms.float32)
+        total = sum(float(loss_cell(*_tensors(b), one).asnumpy()) for b in batches)
+        total, count = dp_sum([total, kept_tokens(batches)], dp_group)
+        return float(total / max(count, 1.0))
     total = 0.0
     for inputs, labels in batches:
         total += float(loss_cell(ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32)).asnumpy())
@@ -144,13 +174,15 @@ class ForwardBackward(nn.Cell):
         else:  # backward of loss_scale * loss (the sensitivity), unscaled below
             self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
 
-    def construct(self, inputs, labels, scale):
-        loss = self.loss_cell(inputs, labels)
+    def construct(self, inputs, labels, scale, position_ids=None, segment_ids=None, denom=None):
+        loss = self.loss_cell(inputs, labels, position_ids, segment_ids, denom)
         if self.loss_scale == 1.0:
-            grads = self.grad(self.loss_cell, self.params)(inputs, labels)
+            grads = self.grad(self.loss_cell, self.params)(inputs, labels, position_ids,
+                                                           segment_ids, denom)
         else:
             sens = ops.ones_like(loss) * self.loss_scale
-            grads = self.grad(self.loss_cell, self.params)(inputs, labels, sens)
+            grads = self.grad(self.loss_cell, self.params)(inputs, labels, position_ids,
+                                                           segment_ids, denom, sens)
             scale = scale / self.loss_scale
         for i in range(len(self.acc)):
             ops.assign_add(self.acc[i], grads[i] * scale)
@@ -367,7 +399,9 @@ class TrainStep(TrainState):
         self.update = build_update(self.params, self.acc, decay, plans, dims, opt_cfg)
 
     def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
-        """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs.
+        """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs, or
+        ``n`` packed (inputs, labels, position_ids, segment_ids) tuples (``LossCell``; the loss
+        is then the mean over the kept tokens of the whole global batch).
         Returns ``(loss, grad_norm)``: loss averaged over micro-batches and dp; a non-finite
         one of the two means the update was skipped (``TrainState.apply_update``). A MoE model
         (``model.moe_layers``) trains on ``loss + router losses`` and reports the language-model
@@ -377,12 +411,18 @@ class TrainStep(TrainState):
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
                              f"{self.n_micro}")
         scale = ms.Tensor(1.0 / self.n_micro, ms.float32)
-        total = 0.0
-        for inputs, labels in micro_batches:
-            loss = self.forward_backward(ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32), scale)
+        total, extra = 0.0, ()
+        if len(micro_batches[0]) == 4:  # packed: mean over the global batch's kept tokens
+            if self.moe_layers:
+                raise ValueError("packed (fine-tuning) batches are not supported with MoE layers")
+            count = float(dp_sum([kept_tokens(micro_batches)], self.dims.dp)[0])
+            extra = (ms.Tensor(max(count, 1.0) / (self.n_micro * self.dims.dp.size), ms.float32),)
+        for batch in micro_batches:
+            inputs, labels, *rest = _tensors(batch)
+            loss = self.forward_backward(inputs, labels, scale, *rest, *extra)
             if self.moe_layers:  # (lm_loss, aux [L, 3], counts [L, E])
                 loss, aux, counts = loss
-                self.moe_stats.add(aux, counts, inputs.size * self.moe_top_k * len(self.moe_layers))
+                self.moe_stats.add(aux, counts, batch[0].size * self.moe_top_k * len(self.moe_layers))
             total += float(loss.asnumpy())
         applied_before = self.adam_steps
         out = self.apply_update(lr, total / self.n_micro)
