@@ -9,8 +9,8 @@ mask of mcore/fusions/attention.py, training/finetune.py):
   and equal B's unpacked logits (graph mode, blocked attention with several blocks);
 - start from a training checkpoint (``sft.init_checkpoint``) and from a Hugging Face directory
   (``model.hf_path``, with its chat template), and the demo config end to end;
-- msrun: dp=2 (two micro-batches per rank) and tp=2 with sequence parallelism give the
-  one-process loss and gradient norm per step.
+- msrun: dp=2 (two micro-batches per rank, distributed optimizer) and tp=2 with sequence
+  parallelism give the one-process loss and gradient norm per step.
 """
 import json
 from pathlib import Path
@@ -176,7 +176,39 @@ def check_single(tmp: str) -> None:
     assert f"weights from training checkpoint '{ref}'" in log, log[-2000:]
     losses = _metrics(tmp / "full", "loss")
     assert sorted(losses) == [1, 2, 3, 4] and losses[4] < losses[1], losses
+    check_hf_start(tmp)
     print("SINGLE_OK")
+
+
+def check_hf_start(tmp: Path) -> None:
+    """A Hugging Face directory with its own tokenizer and ChatML-style template: its weights
+    start the run (lr 0: unchanged after a step) and its template renders the data."""
+    import models
+    from tests.training.test_sft_data import CHATML
+    from training.checkpointing import load_checkpoint
+    from training.config import load_config
+    from training.data.tokenizer import train_bpe
+    from training.finetune import main
+    from training.model_bridge import hf_config
+
+    hf = tmp / "hf_dir"
+    cfg = load_config(None, [a for a in RUN if a.startswith("model.")] + ["model.vocab_size=512"])
+    models.build_from_config(hf_config(cfg.model)).save_pretrained(hf)
+    tok = train_bpe([REPO_ROOT / "configs" / "data" / "tiny_chat.jsonl"], 500)
+    tok.tokenizer.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    tok.save(hf / "tokenizer.json")
+    (hf / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML,
+                                                          "eos_token": "<|im_end|>"}))
+    assert main(_args(tmp, "hf", f"model.hf_path={hf}", "optimizer.lr=0", "optimizer.min_lr=0",
+                      "training.train_iters=1", "optimizer.warmup_iters=0")) == 0
+    saved = load_checkpoint(tmp / "hf" / "checkpoints" / "step_000001").model
+    start = {n: p.asnumpy() for n, p in models.from_pretrained(hf).parameters_and_names()}
+    assert sorted(saved) == sorted(start)
+    for name in saved:
+        np.testing.assert_array_equal(saved[name], start[name], err_msg=name)
+    log = (tmp / "hf" / "logs" / "rank_0.log").read_text()
+    assert f"chat template: {hf / 'tokenizer_config.json'}" in log, log[-2000:]
+    assert "<|im_start|>assistant" in log, log[-2000:]  # the sample's prompt
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +220,7 @@ def reference(tmp_path_factory):
     return tmp
 
 
-def test_finetune_runs_and_starts_from_a_training_checkpoint(reference):
+def test_finetune_runs_and_starts_from_a_checkpoint_or_hf_directory(reference):
     assert (reference / "full" / "tokenizer.json").is_file()
     log = (reference / "full" / "logs" / "rank_0.log").read_text()
     assert "sample (" in log and "<|assistant|>" in log, log[-1500:]
@@ -196,10 +228,11 @@ def test_finetune_runs_and_starts_from_a_training_checkpoint(reference):
 
 @pytest.mark.multirank
 def test_two_ranks_match_one_process(reference):
-    """dp=2 then tp=2 with sp, in one msrun launch each way would cost two launches: the dp=2
-    launch runs both layouts' checks (tp=2 x sp runs in the same script afterwards)."""
+    """dp=2 (two micro-batches per rank, ZeRO-1 optimizer) and tp=2 with sequence parallelism:
+    the one-process loss and gradient norm per step (two launches, ~40 s each)."""
     tmp = reference
-    for layout in (["parallel.tp=1"], ["parallel.tp=2", "parallel.sp=true"]):
+    for layout in (["parallel.tp=1", "optimizer.distributed=true"],
+                   ["parallel.tp=2", "parallel.sp=true"]):
         run = "_".join(x.replace("=", "") for x in layout)
         cmd = msrun_command(str(REPO_ROOT / "training" / "finetune.py"),
                             _args(tmp, run, *layout), workers=2)

@@ -133,6 +133,15 @@ def template_dir(cfg) -> str | None:
     return cfg.sft.template_dir or cfg.model.hf_path
 
 
+def model_vocab(cfg) -> int:
+    """The model's vocabulary: ``model.hf_path``'s config.json, else ``model.vocab_size``."""
+    if cfg.model.hf_path:
+        from training.model_bridge import hf_dir_config
+
+        return int(hf_dir_config(cfg)[2]["vocab_size"])
+    return cfg.model.vocab_size
+
+
 def _load_tok(path: Path, eos: str) -> TextTokenizer:
     if eos == EOD_TOKEN:
         return load_tokenizer(path)
@@ -152,7 +161,7 @@ def prepare_samples(cfg, rank: int = 0, timeout: float = 600.0, log=print):
     tok_src = sft_tokenizer_source(cfg)
     key_src = {"data": _sha(src) if src.is_file() else str(src), "seq": cfg.model.seq_length,
                "template": template.source, "special": template.special,
-               "tokenizer": _sha(tok_src) if tok_src else f"bpe{cfg.model.vocab_size}"}
+               "tokenizer": _sha(tok_src) if tok_src else f"bpe{model_vocab(cfg)}"}
     key = hashlib.sha256(json.dumps(key_src, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(cfg.data.cache_dir) / f"sft_{src.stem}_{key}"
     tok_path, done = tok_src or root / "tokenizer.json", root / "samples.npz"
@@ -165,9 +174,9 @@ def prepare_samples(cfg, rank: int = 0, timeout: float = 600.0, log=print):
         if not tok_path.exists():
             text = root / "rendered.txt"
             text.write_text("\n".join("".join(t for t, _ in p) for p in pieces), encoding="utf-8")
-            log(f"data: training a byte-level BPE of {cfg.model.vocab_size} tokens on "
+            log(f"data: training a byte-level BPE of {model_vocab(cfg)} tokens on "
                 f"{len(convs)} conversations -> {tok_path}")
-            train_bpe([text], cfg.model.vocab_size, save_path=tok_path)
+            train_bpe([text], model_vocab(cfg), save_path=tok_path)
         tok = _load_tok(tok_path, eos)
         log(f"data: tokenizing {len(convs)} conversations of '{src}' -> {done}")
         ids, masks, offsets = [], [], [0]
@@ -188,9 +197,10 @@ def build_sft_data(cfg, rank: int = 0, dp_rank: int = 0, timeout: float = 600.0,
                    log=print) -> SFTData:
     """Everything the loop reads for fine-tuning (see the module docstring)."""
     tok, template, path = prepare_samples(cfg, rank, timeout, log)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is "
-                        f"{cfg.model.vocab_size}")
+    log(f"data: chat template: {template.origin}")
+    if tok.vocab_size > model_vocab(cfg):
+        raise DataError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocabulary "
+                        f"{model_vocab(cfg)} (model.vocab_size or model.hf_path)")
     z = np.load(path)
     tokens, mask, offsets = z["tokens"], z["mask"], z["offsets"]
     keep = [i for i in range(len(offsets) - 1)
