@@ -117,8 +117,7 @@ def dry_run(cfg, out=None) -> str:
     color = hasattr(out, "isatty") and out.isatty()
     mark = "dimmed" if color else "inside [[ ]]"
     n_samples = sum(len(r) for r in rows.rows)
-    text = (f"template: {data.template.origin}\n"
-            f"sample 0: {len(ids)} tokens, {sum(mask[1:])} in the loss (assistant); tokens "
+    text = (f"sample 0: {len(ids)} tokens, {sum(mask[1:])} in the loss (assistant); tokens "
             f"outside the loss are {mark}\n"
             f"{'-' * 40}\n{show_mask(data.tokenizer, ids, mask, color)}\n{'-' * 40}\n"
             f"{len(rows)} training rows of {cfg.model.seq_length} positions holding {n_samples} "

@@ -59,6 +59,7 @@ from mcore.comm.collectives import all_reduce
 from mcore.distributed.finalize import GradFinalizer, grad_plans
 from mcore.parallel_state import ParallelDims
 from training.optim import should_decay
+from training.packed_loss import packed_denominator, packed_mean_loss
 
 
 def set_mode(mode: str) -> None:
@@ -110,12 +111,9 @@ def tp_split_names(model) -> set[str]:
 
 
 class LossCell(nn.Cell):
-    """(inputs [b, s] int32, labels [b, s] int32) -> mean token cross-entropy (scalar).
-
-    Packed fine-tuning batches (``training/data/sft.py``) add ``position_ids`` and
-    ``segment_ids`` [b, s] int32 (the model's ``key_mask``) and ``denom`` (fp32 scalar): the
-    loss is then the SUM of the token losses (0 where ``labels == -100``) divided by ``denom``
-    (``TrainStep`` passes the kept-token count of the global batch / (micro-batches x dp))."""
+    """(inputs [b, s] int32, labels [b, s] int32) -> mean token cross-entropy (scalar). Packed
+    batches add ``position_ids``, ``segment_ids`` (the model's ``key_mask``) [b, s] and
+    ``denom`` (fp32 []): the sum of the token losses / ``denom`` (``training.packed_loss``)."""
 
     def __init__(self, model):
         super().__init__()
@@ -127,32 +125,12 @@ class LossCell(nn.Cell):
         return self.model(inputs, position_ids, segment_ids, labels).sum() / denom  # -> []
 
 
-def kept_tokens(batches) -> int:
-    """Tokens whose label is not -100 in ``batches`` ((inputs, labels, ...) numpy tuples)."""
-    return int(sum(int((b[1] != -100).sum()) for b in batches))
-
-
-def dp_sum(values, dp_group) -> np.ndarray:
-    """``values`` (float list) summed over the dp group (eager all-reduce; every rank calls)."""
-    arr = np.asarray(values, np.float32)
-    if dp_group.size > 1:
-        arr = all_reduce(ms.Tensor(arr), dp_group).asnumpy()
-    return arr
-
-
-def _tensors(batch) -> list:
-    return [ms.Tensor(x, ms.int32) for x in batch]
-
-
 def mean_loss(loss_cell: LossCell, batches, dp_group) -> float:
     """Forward only: mean of ``loss_cell`` over ``batches`` ((inputs, labels) numpy pairs, the
-    same count on every dp rank), averaged over the dp group (every rank gets the result).
-    Packed batches (4-tuples): the mean over the kept tokens of all ranks' batches."""
+    same count on every dp rank), averaged over the dp group (every rank gets the result);
+    packed 4-tuples: ``training.packed_loss.packed_mean_loss``."""
     if batches and len(batches[0]) == 4:
-        one = ms.Tensor(1.0, ms.float32)
-        total = sum(float(loss_cell(*_tensors(b), one).asnumpy()) for b in batches)
-        total, count = dp_sum([total, kept_tokens(batches)], dp_group)
-        return float(total / max(count, 1.0))
+        return packed_mean_loss(loss_cell, batches, dp_group)
     total = 0.0
     for inputs, labels in batches:
         total += float(loss_cell(ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32)).asnumpy())
@@ -400,8 +378,7 @@ class TrainStep(TrainState):
 
     def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
         """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs, or
-        ``n`` packed (inputs, labels, position_ids, segment_ids) tuples (``LossCell``; the loss
-        is then the mean over the kept tokens of the whole global batch).
+        packed 4-tuples (loss: mean over the global batch's kept tokens, ``training.packed_loss``).
         Returns ``(loss, grad_norm)``: loss averaged over micro-batches and dp; a non-finite
         one of the two means the update was skipped (``TrainState.apply_update``). A MoE model
         (``model.moe_layers``) trains on ``loss + router losses`` and reports the language-model
@@ -415,10 +392,9 @@ class TrainStep(TrainState):
         if len(micro_batches[0]) == 4:  # packed: mean over the global batch's kept tokens
             if self.moe_layers:
                 raise ValueError("packed (fine-tuning) batches are not supported with MoE layers")
-            count = float(dp_sum([kept_tokens(micro_batches)], self.dims.dp)[0])
-            extra = (ms.Tensor(max(count, 1.0) / (self.n_micro * self.dims.dp.size), ms.float32),)
+            extra = (packed_denominator(micro_batches, self.dims.dp),)
         for batch in micro_batches:
-            inputs, labels, *rest = _tensors(batch)
+            inputs, labels, *rest = [ms.Tensor(x, ms.int32) for x in batch]
             loss = self.forward_backward(inputs, labels, scale, *rest, *extra)
             if self.moe_layers:  # (lm_loss, aux [L, 3], counts [L, E])
                 loss, aux, counts = loss

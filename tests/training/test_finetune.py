@@ -75,7 +75,7 @@ def check_loss_masking() -> None:
     rng = np.random.default_rng(1)
     make = _setup("pynative")
     model, step = make(2)
-    a = (rng.integers(1, 256, 9), np.r_[[0] * 5, [1] * 4])  # 4 assistant tokens (3 labels)
+    a = (rng.integers(1, 256, 9), np.r_[[0] * 5, [1] * 4])  # 4 assistant labels
     b = (rng.integers(1, 256, 7), np.r_[[0] * 2, [1] * 5])
     c = (rng.integers(1, 256, 12), np.r_[[0] * 3, [1] * 2, [0] * 4, [1] * 3])
     micro = [_row([a, b]), _row([c])]  # different kept-token counts per micro-batch
@@ -84,7 +84,7 @@ def check_loss_masking() -> None:
         logits = model(ms.Tensor(inputs), ms.Tensor(pos), ms.Tensor(seg)).asnumpy()
         s, n = _np_masked_loss(logits, labels)
         total, count = total + s, count + n
-    assert count == 3 + 4 + 4, count
+    assert count == 4 + 5 + 5, count  # assistant tokens after the first of each sample
     loss, _ = step(micro, 1e-3)
     assert abs(loss - total / count) <= 1e-5 * abs(total / count), (loss, total / count)
     means = np.mean([_np_masked_loss(model(ms.Tensor(i), ms.Tensor(p), ms.Tensor(g)).asnumpy(),
