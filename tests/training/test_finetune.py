@@ -165,6 +165,7 @@ def check_single(tmp: str) -> None:
     assert main(_args(tmp, "full")) == 0
     ref = tmp / "full" / "checkpoints" / "step_000004"
     assert main(_args(tmp, "init", f"sft.init_checkpoint={ref}", "optimizer.lr=0",
+                      "training.mode=pynative",
                       "optimizer.min_lr=0", "training.train_iters=1",
                       "optimizer.warmup_iters=0")) == 0
     a = load_checkpoint(ref).model
@@ -200,6 +201,7 @@ def check_hf_start(tmp: Path) -> None:
     (hf / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML,
                                                           "eos_token": "<|im_end|>"}))
     assert main(_args(tmp, "hf", f"model.hf_path={hf}", "optimizer.lr=0", "optimizer.min_lr=0",
+                      "training.mode=pynative",
                       "training.train_iters=1", "optimizer.warmup_iters=0")) == 0
     saved = load_checkpoint(tmp / "hf" / "checkpoints" / "step_000001").model
     start = {n: p.asnumpy() for n, p in models.from_pretrained(hf).parameters_and_names()}
