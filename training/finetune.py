@@ -127,12 +127,37 @@ def dry_run(cfg, out=None) -> str:
     return text
 
 
+def check_sft_tokenizer(cfg) -> None:
+    """A given ``data.tokenizer`` must load with the run's end-of-sequence token and fit the
+    model's vocabulary (``ConfigError``); without one, ``training.data.sft`` uses
+    ``model.hf_path``'s or trains a BPE."""
+    if cfg.data.tokenizer is None:
+        return
+    from training.data.sft import eos_token, load_sft_tokenizer, model_vocab
+    from training.errors import DataError
+
+    if not Path(cfg.data.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer: '{cfg.data.tokenizer}' is not a file")
+    try:
+        size = load_sft_tokenizer(Path(cfg.data.tokenizer), eos_token(cfg)).vocab_size
+    except DataError as exc:
+        raise ConfigError(f"data.tokenizer: {exc}") from None
+    if size > model_vocab(cfg):
+        raise ConfigError(f"data.tokenizer: {size} tokens do not fit the model's vocabulary of "
+                          f"{model_vocab(cfg)}")
+
+
 def parse_args(argv: list[str]):
     """argv (without ``--dry-run``) -> validated ``Config`` (``ConfigError``)."""
-    from training.pretrain import parse_args as pretrain_args
+    from training.config import load_config, parse_cli
+    from training.pretrain import check_supported
+    from mcore.distributed_env import launched_world_size
 
-    cfg = pretrain_args(argv)
+    path, overrides = parse_cli(argv)
+    cfg = load_config(path, overrides, world_size=launched_world_size())
+    check_supported(cfg, tokenizer=False)
     check_finetune(cfg)
+    check_sft_tokenizer(cfg)
     return cfg
 
 

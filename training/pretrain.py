@@ -50,9 +50,10 @@ from training.errors import exit_on_user_error
 SAMPLE = {"prompt": "def ", "temperature": 0.8, "top_p": 0.9}
 
 
-def check_supported(cfg) -> None:
+def check_supported(cfg, tokenizer: bool = True) -> None:
     """Refuse what this loop does not implement yet, and any size the model build would reject
-    later (``training.model_bridge.transformer_config``), naming the key (a ``ConfigError``)."""
+    later (``training.model_bridge.transformer_config``), naming the key (a ``ConfigError``).
+    ``tokenizer=False``: the caller checks ``data.tokenizer`` itself (``training/finetune.py``)."""
     p = cfg.parallel
     if p.cp != 1:
         raise ConfigError(f"parallel.cp={p.cp}: training/pretrain.py supports tp, pp, ep and dp "
@@ -70,7 +71,8 @@ def check_supported(cfg) -> None:
                               "with training.mode=graph, or training.mode=pynative")
     precision(cfg)
     check_model(cfg)
-    check_tokenizer_file(cfg)
+    if tokenizer:
+        check_tokenizer_file(cfg)
 
 
 def check_model(cfg) -> None:

@@ -180,3 +180,22 @@ def test_cli_dry_run_and_bad_data_error(tmp_path):
     res = subprocess.run(cmd + ["sft.data=null", "--dry-run"], capture_output=True, text=True,
                          timeout=120, cwd=REPO_ROOT)
     assert res.returncode == 2 and res.stderr.startswith("config error: sft.data"), res.stderr
+
+
+def test_sft_tokenizer_needs_the_templates_end_token(tmp_path):
+    from training.config import ConfigError
+    from training.data.tokenizer import train_bpe
+    from training.finetune import parse_args
+
+    data = REPO_ROOT / "configs" / "data" / "tiny_chat.jsonl"
+    tok = train_bpe([data], 300)
+    tok.save(tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML,
+                                                                "eos_token": "<|im_end|>"}))
+    argv = ["--config", str(REPO_ROOT / "configs" / "tiny_sft_demo.yaml"), f"sft.data={data}",
+            f"data.tokenizer={tmp_path / 'tokenizer.json'}"]
+    assert parse_args(argv).data.tokenizer == str(tmp_path / "tokenizer.json")  # <|endoftext|>
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: .*'<\|im_end\|>'"):
+        parse_args(argv + [f"sft.template_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="^sft.template_dir: "):
+        parse_args(argv + [f"sft.template_dir={tmp_path / 'none'}"])

@@ -142,7 +142,8 @@ def model_vocab(cfg) -> int:
     return cfg.model.vocab_size
 
 
-def _load_tok(path: Path, eos: str) -> TextTokenizer:
+def load_sft_tokenizer(path: Path, eos: str) -> TextTokenizer:
+    """``path`` (a tokenizer.json) with ``eos`` as its end-of-sequence token (``DataError``)."""
     if eos == EOD_TOKEN:
         return load_tokenizer(path)
     from tokenizers import Tokenizer
@@ -177,7 +178,7 @@ def prepare_samples(cfg, rank: int = 0, timeout: float = 600.0, log=print):
             log(f"data: training a byte-level BPE of {model_vocab(cfg)} tokens on "
                 f"{len(convs)} conversations -> {tok_path}")
             train_bpe([text], model_vocab(cfg), save_path=tok_path)
-        tok = _load_tok(tok_path, eos)
+        tok = load_sft_tokenizer(tok_path, eos)
         log(f"data: tokenizing {len(convs)} conversations of '{src}' -> {done}")
         ids, masks, offsets = [], [], [0]
         for p in pieces:
@@ -190,7 +191,7 @@ def prepare_samples(cfg, rank: int = 0, timeout: float = 600.0, log=print):
         np.savez(tmp, tokens=np.asarray(ids, np.int64), mask=np.asarray(masks, np.int8),
                  offsets=np.asarray(offsets, np.int64))
         os.replace(tmp, done)
-    return _load_tok(tok_path, eos), template, done
+    return load_sft_tokenizer(tok_path, eos), template, done
 
 
 def build_sft_data(cfg, rank: int = 0, dp_rank: int = 0, timeout: float = 600.0,
