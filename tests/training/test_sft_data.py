@@ -52,6 +52,15 @@ def test_tokenizer_config_template_is_used_with_its_special_tokens(tmp_path):
     assert "".join(text for text, _ in pieces) == t.render(CONV)
 
 
+def test_generation_blocks_and_loop_controls_render():
+    t = ChatTemplate("{% for m in messages %}{% if m['role'] == 'system' %}{% continue %}"
+                     "{% endif %}{% if m['role'] == 'assistant' %}{% generation %}"
+                     "A: {{ m['content'] }}\n{% endgeneration %}{% else %}Q: {{ m['content'] }}\n"
+                     "{% endif %}{% endfor %}", {})
+    assert t.render(CONV) == "Q: Hi\nA: Hello.\nQ: 2+2?\nA: 4\n"
+    assert [p for p, a in render_turns(t, CONV) if a] == ["A: Hello.\n", "A: 4\n"]
+
+
 def test_template_sandbox_and_raise_exception():
     t = ChatTemplate("{{ raise_exception('only user turns') }}", {})
     with pytest.raises(DataError, match="only user turns"):

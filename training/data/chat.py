@@ -15,8 +15,9 @@ Template (``ChatTemplate``): the tokenizer's own Jinja ``chat_template`` (from a
 ``tokenizer_config.json``) or ``DEFAULT_TEMPLATE``, rendered the way Hugging Face transformers
 renders chat templates: a sandboxed, immutable Jinja environment with ``trim_blocks`` and
 ``lstrip_blocks``, the variables ``messages``, ``add_generation_prompt``, ``bos_token``,
-``eos_token`` (plus the config's other special-token strings), the ``tojson`` filter and a
-``raise_exception`` function.
+``eos_token`` (plus the config's other special-token strings), the ``tojson`` filter, the
+``raise_exception`` and ``strftime_now`` functions, the ``loopcontrols`` extension, and
+``{% generation %}`` blocks (rendered as their body: the mask comes from ``render_turns``).
 
 Masking (``render_turns``): the assistant turn ``i`` is the text that rendering
 ``messages[:i+1]`` adds to rendering ``messages[:i]`` with ``add_generation_prompt=True``
@@ -105,6 +106,23 @@ def read_conversations(path: str | Path) -> list[list[dict]]:
     return out
 
 
+def _generation_extension():
+    """``{% generation %} ... {% endgeneration %}`` renders its body (transformers marks the
+    assistant span with it; ``render_turns`` finds that span on its own)."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    return Generation
+
+
 def _raise(message):
     from jinja2.exceptions import TemplateError
 
@@ -122,10 +140,15 @@ class ChatTemplate:
     def __post_init__(self):
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        from datetime import datetime
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True,
+            extensions=["jinja2.ext.loopcontrols", _generation_extension()])
         env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False,
                                                                   indent=indent)
         env.globals["raise_exception"] = _raise
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
             self._template = env.from_string(self.source)
         except Exception as exc:  # noqa: BLE001 - any jinja2 syntax error
