@@ -50,6 +50,9 @@ def test_tokenizer_config_template_is_used_with_its_special_tokens(tmp_path):
     pieces = render_turns(t, CONV)
     assert [text for text, a in pieces if a] == ["Hello.<|im_end|>\n", "4<|im_end|>\n"]
     assert "".join(text for text, _ in pieces) == t.render(CONV)
+    (tmp_path / "chat_template.jinja").write_text("{{ eos_token }}")  # newer HF layout wins
+    t = load_template(tmp_path, "<|endoftext|>")
+    assert t.origin == str(tmp_path / "chat_template.jinja") and t.render(CONV) == "<|im_end|>"
 
 
 def test_generation_blocks_and_loop_controls_render():

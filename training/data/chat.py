@@ -171,25 +171,31 @@ def _token_str(value) -> str:
 
 
 def load_template(directory: str | Path | None, eos_default: str) -> ChatTemplate:
-    """The chat template of ``directory/tokenizer_config.json`` if it has one, else
-    ``DEFAULT_TEMPLATE`` with ``eos_token = eos_default`` and no bos."""
+    """The chat template of ``directory``: ``chat_template.jinja`` if present, else the
+    ``chat_template`` of ``tokenizer_config.json`` (a string, or the one named ``default`` of a
+    list), else ``DEFAULT_TEMPLATE``; special tokens from ``tokenizer_config.json`` (default:
+    no bos, ``eos_token = eos_default``)."""
+    special, source, origin = {}, None, "default"
     cfg_path = Path(directory) / "tokenizer_config.json" if directory else None
-    if cfg_path is None or not cfg_path.is_file():
-        return ChatTemplate(DEFAULT_TEMPLATE, {"bos_token": "", "eos_token": eos_default})
-    try:
-        conf = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"'{cfg_path}' cannot be read: {exc}") from None
-    special = {k: _token_str(v) for k, v in conf.items() if k.endswith("_token")}
+    if cfg_path is not None and cfg_path.is_file():
+        try:
+            conf = json.loads(cfg_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"'{cfg_path}' cannot be read: {exc}") from None
+        special = {k: _token_str(v) for k, v in conf.items() if k.endswith("_token")}
+        source = conf.get("chat_template")
+        if isinstance(source, list):  # named templates: [{"name": "default", "template": ...}]
+            named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
+            source = named.get("default")
+        origin = str(cfg_path)
+    jinja_path = Path(directory) / "chat_template.jinja" if directory else None
+    if jinja_path is not None and jinja_path.is_file():
+        source, origin = jinja_path.read_text(encoding="utf-8"), str(jinja_path)
     special.setdefault("bos_token", "")
     special.setdefault("eos_token", eos_default)
-    source = conf.get("chat_template")
-    if isinstance(source, list):  # named templates: [{"name": "default", "template": ...}]
-        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
-        source = named.get("default")
     if not isinstance(source, str):
         return ChatTemplate(DEFAULT_TEMPLATE, special)
-    return ChatTemplate(source, special, origin=str(cfg_path))
+    return ChatTemplate(source, special, origin=origin)
 
 
 def render_turns(template: ChatTemplate, messages: list[dict]) -> list[tuple[str, bool]]:
