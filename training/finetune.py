@@ -164,12 +164,17 @@ def parse_args(argv: list[str]):
 def run(cfg, stop_after: int | None = None) -> dict:
     """Fine-tune as configured (``training.pretrain.run`` with the SFT data, loss and start);
     the end-of-run sample answers the first conversation's first prompt."""
-    from training.data.chat import load_template, read_conversations
+    from training.data.chat import load_template, read_conversations, render_turns
     from training.data.sft import build_sft_data, eos_token, template_dir
     from training.pretrain import run as pretrain_run
 
-    prompt = first_prompt(load_template(template_dir(cfg), eos_token(cfg)),
-                          read_conversations(cfg.sft.data))  # bad data fails here, before work
+    # every rank reads and renders the data first: bad data stops all ranks here, before work
+    # (rank 0 alone builds the cache; the others would wait for it)
+    template = load_template(template_dir(cfg), eos_token(cfg))
+    convs = read_conversations(cfg.sft.data)
+    for conv in convs:
+        render_turns(template, conv)
+    prompt = first_prompt(template, convs)
     return pretrain_run(cfg, stop_after, data_fn=build_sft_data, init_fn=init_weights,
                         prompt=prompt)
 
