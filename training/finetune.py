@@ -67,17 +67,23 @@ def split_argv(argv: list[str]) -> tuple[list[str], bool]:
 
 
 def init_weights(cfg, step_fn, dims, log) -> None:
-    """``sft.init_checkpoint``'s model weights into the step's parameters (before any step)."""
+    """``sft.init_checkpoint``'s model weights into the step's parameters (before any step).
+    The checkpoint must be of the same model (``model.*`` keys, ``model.seq_length`` aside) and
+    saved by the same number of ranks (``CheckpointError`` otherwise)."""
     path = cfg.sft.init_checkpoint
     if path is None:
         return
     import mindspore as ms
 
-    from training.checkpointing import load_checkpoint
+    from training.checkpointing import load_checkpoint, read_meta
 
     shapes, _ = step_fn.shapes()
+    expected = cfg.to_dict()["model"]
+    saved = (read_meta(path)["meta"].get("config") or {}).get("model") or {}
+    if "seq_length" in saved:  # the weights do not depend on it: fine-tune at another length
+        expected["seq_length"] = saved["seq_length"]
     ck = load_checkpoint(path, rank=dims.global_rank, world_size=dims.world_size,
-                         expected_shapes=shapes, expected_model_config=cfg.to_dict()["model"])
+                         expected_shapes=shapes, expected_model_config=expected)
     for name, param in [*step_fn.named, *step_fn.buffers]:
         param.set_data(ms.Tensor(ck.model[name], ms.float32))
     log.info(f"weights from training checkpoint '{path}' (step {ck.step}); optimizer fresh")

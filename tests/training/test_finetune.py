@@ -157,8 +157,8 @@ def _metrics(run_dir: Path, key: str) -> dict[int, float]:
 
 
 def check_single(tmp: str) -> None:
-    """One process: the reference run, a start from its checkpoint (lr 0: the weights stay the
-    checkpoint's) and the demo config's loss falling."""
+    """One process: the reference run (its loss falls), a start from its checkpoint at another
+    sequence length (lr 0: the weights stay the checkpoint's) and from a HF directory."""
     from training.checkpointing import load_checkpoint
     from training.finetune import main
 
@@ -166,7 +166,7 @@ def check_single(tmp: str) -> None:
     assert main(_args(tmp, "full")) == 0
     ref = tmp / "full" / "checkpoints" / "step_000004"
     assert main(_args(tmp, "init", f"sft.init_checkpoint={ref}", "optimizer.lr=0",
-                      "training.mode=pynative",
+                      "training.mode=pynative", "model.seq_length=32",  # another length: fine
                       "optimizer.min_lr=0", "training.train_iters=1",
                       "optimizer.warmup_iters=0")) == 0
     a = load_checkpoint(ref).model
