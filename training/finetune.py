@@ -49,6 +49,9 @@ def check_finetune(cfg) -> None:
     if s.init_checkpoint is not None:
         if cfg.model.hf_path:
             raise ConfigError("sft.init_checkpoint and model.hf_path both set: start from one")
+        if cfg.lora.enabled:
+            raise ConfigError("sft.init_checkpoint with lora.enabled: LoRA fine-tunes a base "
+                              "model from model.hf_path (or set sft.init_checkpoint to null)")
         if not (Path(s.init_checkpoint) / "meta.json").is_file():
             raise ConfigError(f"sft.init_checkpoint: '{s.init_checkpoint}' is not a checkpoint "
                               "step directory (no meta.json)")
