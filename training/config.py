@@ -210,6 +210,21 @@ class LoggingConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Supervised fine-tuning (read by training/finetune.py only; docs/finetuning.md)."""
+
+    data: str | None = _f(None, "chat JSON Lines file to fine-tune on ('messages' or "
+                          "'prompt'/'response' records)")
+    pack: bool = _f(True, "pack several samples into one model.seq_length row (positions "
+                    "restart, no attention across samples)")
+    template_dir: str | None = _f(None, "directory whose tokenizer_config.json holds the chat "
+                                  "template (null: model.hf_path; none there: the default "
+                                  "template)")
+    init_checkpoint: str | None = _f(None, "training checkpoint step directory whose model "
+                                     "weights start the run (null: model.hf_path or fresh)")
+
+
+@dataclass
 class LoRAConfig:
     """LoRA adapters on the frozen model (training/lora.py, models/peft.py); off by default."""
 
@@ -228,6 +243,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
     "training": TrainingConfig, "optimizer": OptimizerConfig,
     "checkpoint": CheckpointConfig, "logging": LoggingConfig, "lora": LoRAConfig,
+    "sft": SFTConfig,
 }
 
 
@@ -243,6 +259,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON-serialisable), e.g. for checkpoint metadata."""

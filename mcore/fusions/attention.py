@@ -11,8 +11,12 @@
 
 Masks: causal with the queries aligned to the END of the keys (query ``i`` of ``s`` sees keys
 ``j <= i + t - s``; this is what a KV cache needs) or at ``q_offset`` (a static cache: keys
-past the written positions are hidden by the same rule), plus an optional key padding mask
-``key_mask [b, t]`` (1 = real token, 0 = padding).
+past the written positions are hidden by the same rule), plus an optional ``key_mask [b, t]``
+(int): 0 = padding, any positive value = the id of the segment (packed sample) the key belongs
+to. A query sees a key only when the key is not padding and, if the query's own position holds
+a segment id (its ``key_mask`` value > 0), the key carries the same id: samples packed into one
+row never attend across their boundary (``training/data/sft.py``). A 1/0 mask is one segment:
+the plain padding mask of generation (a padding query still sees every real key before it).
 
 ALiBi: with ``alibi_slopes`` (one float per LOCAL query head) the composed path adds
 ``slope_head * (key_pos - query_pos)`` to the scaled scores before the mask (the fused kernel
@@ -40,9 +44,10 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
     qg = q.reshape(b, n_kv, g, s, d)  # [b, n, s, d] -> [b, n_kv, g, s, d]
     kt = ops.swapaxes(k, -1, -2).reshape(b, n_kv, 1, d, t)  # [b, n_kv, t, d] -> [b, n_kv, 1, d, t]
     vg = v.reshape(b, n_kv, 1, t, v.shape[-1])  # [b, n_kv, t, dv] -> [b, n_kv, 1, t, dv]
-    keep_keys = None
+    keep_keys = seg_k = None
     if key_mask is not None:
-        keep_keys = key_mask.reshape(b, 1, 1, 1, t) > 0  # [b, t] -> [b, 1, 1, 1, t]
+        seg_k = key_mask.astype(ms.int32).reshape(b, 1, 1, 1, t)  # [b, t] -> [b, 1, 1, 1, t]
+        keep_keys = seg_k > 0
     k_pos = ops.arange(0, t, 1, dtype=ms.int32).reshape(1, t)  # [1, t]
     outs = []
     for start in range(0, s, block_size):
@@ -57,7 +62,11 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
             distance = (k_pos - q_pos).astype(ms.float32)  # [c, t], <= 0 where kept
             scores = scores + alibi * distance  # [1, n_kv, g, 1, 1] * [c, t]
         if keep_keys is not None:
-            keep = ops.logical_and(keep, keep_keys)  # [b, 1, 1, c, t]
+            # the query's own segment id: key_mask at its absolute position
+            seg_q = ops.gather(seg_k.reshape(b, t), q_pos.reshape(-1), 1)  # [b, t] -> [b, c]
+            seg_q = seg_q.reshape(b, 1, 1, stop - start, 1)  # [b, c] -> [b, 1, 1, c, 1]
+            same = ops.logical_or(ops.equal(seg_k, seg_q), seg_q <= 0)  # [b, 1, 1, c, t]
+            keep = ops.logical_and(ops.logical_and(keep, keep_keys), same)  # [b, 1, 1, c, t]
         scores = ops.masked_fill(scores, ops.logical_not(keep), _NEG)
         probs = ops.softmax(scores, -1).astype(v.dtype)
         outs.append(ops.matmul(probs, vg))  # [b, n_kv, g, c, t] @ [b, n_kv, 1, t, dv]
