@@ -69,6 +69,10 @@ def model_from_checkpoint(path: Path):
     meta = read_meta(path)
     saved = meta["meta"]["config"]
     cfg = config_from_dict(saved, world_size=meta["world_size"])
+    if cfg.lora.enabled:  # adapters only in the checkpoint: frozen weights as training built them
+        from training.lora import model_from_checkpoint as lora_model
+
+        return lora_model(path, cfg, meta["world_size"]), meta["meta"]
     model = build_gpt(cfg)  # the saved YAML's TransformerConfig, as training built it
     params = dict(model.parameters_and_names())
     weights = load_tensors(path, {n: ShardSpec.whole(p.shape) for n, p in params.items()}, meta)

@@ -50,9 +50,10 @@ from training.errors import exit_on_user_error
 SAMPLE = {"prompt": "def ", "temperature": 0.8, "top_p": 0.9}
 
 
-def check_supported(cfg) -> None:
+def check_supported(cfg, tokenizer: bool = True) -> None:
     """Refuse what this loop does not implement yet, and any size the model build would reject
-    later (``training.model_bridge.transformer_config``), naming the key (a ``ConfigError``)."""
+    later (``training.model_bridge.transformer_config``), naming the key (a ``ConfigError``).
+    ``tokenizer=False``: the caller checks ``data.tokenizer`` itself (``training/finetune.py``)."""
     p = cfg.parallel
     if p.cp != 1:
         raise ConfigError(f"parallel.cp={p.cp}: training/pretrain.py supports tp, pp, ep and dp "
@@ -70,7 +71,11 @@ def check_supported(cfg) -> None:
                               "with training.mode=graph, or training.mode=pynative")
     precision(cfg)
     check_model(cfg)
-    check_tokenizer_file(cfg)
+    if tokenizer:
+        check_tokenizer_file(cfg)
+    from training.lora import check_lora
+
+    check_lora(cfg)
 
 
 def check_model(cfg) -> None:
@@ -184,7 +189,8 @@ def build_model(cfg, dims, read_hf: bool = True):
     weights). A fresh model is the same model for every tp and pp size (layers initialise their
     master weights from seeds). pp > 1: this rank's ``PipelineModel``
     (``models.gpt_pipeline.build_pipeline``), else a ``GPTModel``. ``read_hf=False``: keep the
-    initial weights (the caller sets them)."""
+    initial weights (the caller sets them). With ``lora.enabled`` (pp = 1) the weights are frozen
+    and LoRA adapters attached (``training.lora.apply_config``)."""
     from models.hf import load_weights
     from models.safetensors_io import read_checkpoint
     from training.model_bridge import build_gpt, transformer_config
@@ -205,9 +211,12 @@ def build_model(cfg, dims, read_hf: bool = True):
                               jit=cfg.training.mode == "graph", tensors=tensors)
     from mcore.parallel_state import ModelGroups
 
+    from training.lora import apply_config
+
     model = build_gpt(cfg, groups=ModelGroups.from_dims(dims))
     if tensors is not None:
         load_weights(model, tensors)
+    apply_config(cfg, model)  # lora.enabled: freeze the weights, attach adapters (training/lora.py)
     return model
 
 
@@ -301,18 +310,25 @@ def validate(cfg, step_fn, data) -> float | None:
     return step_fn.evaluate(batches)
 
 
-def sample(model, tokenizer, seed: int, max_new_tokens: int) -> str:
-    """A sampled continuation of ``SAMPLE["prompt"]`` (PyNative; every rank must call it)."""
+def sample(model, tokenizer, seed: int, max_new_tokens: int, prompt: str | None = None) -> str:
+    """A sampled continuation of ``prompt`` (default ``SAMPLE["prompt"]``; PyNative; every rank
+    must call it)."""
     from training.generate import generate_text
 
-    return generate_text(model, tokenizer, seed=seed, max_new_tokens=max_new_tokens, **SAMPLE)
+    opts = {**SAMPLE, **({"prompt": prompt} if prompt is not None else {})}
+    return generate_text(model, tokenizer, seed=seed, max_new_tokens=max_new_tokens, **opts)
 
 
-def run(cfg, stop_after: int | None = None) -> dict:
+def run(cfg, stop_after: int | None = None, data_fn=None, init_fn=None,
+        prompt: str | None = None) -> dict:
     """Train as configured; returns ``{"step", "loss", "valid_loss", "sample"}`` (rank-local).
 
     ``stop_after``: save a checkpoint and return after that step, as if the job were stopped
-    there (a later ``checkpoint.load=auto`` run continues it exactly)."""
+    there (a later ``checkpoint.load=auto`` run continues it exactly). The other entry points
+    reuse this loop (``training/finetune.py``): ``data_fn(cfg, rank=, dp_rank=, log=)`` replaces
+    ``build_data`` (it returns the same fields: ``tokenizer``, ``train``, ``valid``, ``sampler``,
+    ``eval_batches``), ``init_fn(cfg, step_fn, dims, log)`` sets the starting weights before
+    any step (a resumed checkpoint still wins), ``prompt`` starts the end-of-run sample."""
     import mindspore as ms
 
     from mcore.comm import barrier
@@ -330,7 +346,7 @@ def run(cfg, stop_after: int | None = None) -> dict:
                     total_steps=t.train_iters, flops_per_token=model_flops_per_token(cfg.model),
                     peak_flops=cfg.logging.peak_tflops * 1e12, log_interval=cfg.logging.log_interval,
                     tensorboard=cfg.logging.tensorboard)
-    data = build_data(cfg, rank=dims.global_rank, dp_rank=dims.dp.rank, log=log.info)
+    data = (data_fn or build_data)(cfg, rank=dims.global_rank, dp_rank=dims.dp.rank, log=log.info)
     check_data(cfg, data, log.info)
     model = build_model(cfg, dims)
     dtype, loss_scale = precision(cfg)
@@ -340,6 +356,8 @@ def run(cfg, stop_after: int | None = None) -> dict:
         data.tokenizer.save(tokenizer_path(cfg))
     if dims.world_size > 1:  # every rank resumes from what rank 0 recovered
         barrier(dims.world)
+    if init_fn is not None:
+        init_fn(cfg, step_fn, dims, log)
     step = resume(cfg, step_fn, data, dims, log)
     log.info(f"world {dims.world_size} (tp {dims.tp.size} x pp {dims.pp.size}"
              + (f" x vpp {cfg.parallel.vpp}" if cfg.parallel.vpp > 1 else "")
@@ -351,6 +369,12 @@ def run(cfg, stop_after: int | None = None) -> dict:
              f"mode {t.mode}, compute {dtype}"
              + (f", loss scale {loss_scale:g}" if loss_scale != 1 else "")
              + (f", resumed at step {step}" if step else ""))
+    if cfg.lora.enabled:
+        from models.peft import trainable_summary
+        from training.lora import lora_line
+
+        log.info(lora_line({**trainable_summary(model), "modules": len(model.lora.modules)},
+                           model.lora))
     if cfg.parallel.sp and dims.tp.size == 1:
         log.info("warning: parallel.sp=true has no effect with parallel.tp=1 (sequence "
                  "parallelism splits the sequence over tp); training without it")
@@ -393,12 +417,16 @@ def run(cfg, stop_after: int | None = None) -> dict:
         log.eval(step, valid_loss)
     if saved != step_dir(checkpoint_root(cfg), step):
         save(cfg, step, step_fn, data, dims)
+    from training.lora import save_adapter_dir
+
+    if (adapter := save_adapter_dir(cfg, model)) is not None:  # collective over tp
+        log.info(f"LoRA adapter (PEFT layout) written to {adapter}")
     text = None
     if cfg.logging.sample_tokens > 0:
         from training.generate import sampling_model
 
         text = sample(sampling_model(cfg, model, dims), data.tokenizer, t.seed,
-                      cfg.logging.sample_tokens)
+                      cfg.logging.sample_tokens, prompt)
         log.info(f"sample (temperature {SAMPLE['temperature']}, top-p {SAMPLE['top_p']}):\n{text}")
     log.close()
     return {"step": step, "loss": loss, "valid_loss": valid_loss, "sample": text}

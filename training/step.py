@@ -59,6 +59,7 @@ from mcore.comm.collectives import all_reduce
 from mcore.distributed.finalize import GradFinalizer, grad_plans
 from mcore.parallel_state import ParallelDims
 from training.optim import should_decay
+from training.packed_loss import packed_denominator, packed_mean_loss
 
 
 def set_mode(mode: str) -> None:
@@ -110,19 +111,26 @@ def tp_split_names(model) -> set[str]:
 
 
 class LossCell(nn.Cell):
-    """(inputs [b, s] int32, labels [b, s] int32) -> mean token cross-entropy (scalar)."""
+    """(inputs [b, s] int32, labels [b, s] int32) -> mean token cross-entropy (scalar). Packed
+    batches add ``position_ids``, ``segment_ids`` (the model's ``key_mask``) [b, s] and
+    ``denom`` (fp32 []): the sum of the token losses / ``denom`` (``training.packed_loss``)."""
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def construct(self, inputs, labels):
-        return self.model(inputs, None, None, labels).mean()  # [b, s] -> []
+    def construct(self, inputs, labels, position_ids=None, segment_ids=None, denom=None):
+        if denom is None:
+            return self.model(inputs, None, None, labels).mean()  # [b, s] -> []
+        return self.model(inputs, position_ids, segment_ids, labels).sum() / denom  # -> []
 
 
 def mean_loss(loss_cell: LossCell, batches, dp_group) -> float:
     """Forward only: mean of ``loss_cell`` over ``batches`` ((inputs, labels) numpy pairs, the
-    same count on every dp rank), averaged over the dp group (every rank gets the result)."""
+    same count on every dp rank), averaged over the dp group (every rank gets the result);
+    packed 4-tuples: ``training.packed_loss.packed_mean_loss``."""
+    if batches and len(batches[0]) == 4:
+        return packed_mean_loss(loss_cell, batches, dp_group)
     total = 0.0
     for inputs, labels in batches:
         total += float(loss_cell(ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32)).asnumpy())
@@ -144,13 +152,15 @@ class ForwardBackward(nn.Cell):
         else:  # backward of loss_scale * loss (the sensitivity), unscaled below
             self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
 
-    def construct(self, inputs, labels, scale):
-        loss = self.loss_cell(inputs, labels)
+    def construct(self, inputs, labels, scale, position_ids=None, segment_ids=None, denom=None):
+        loss = self.loss_cell(inputs, labels, position_ids, segment_ids, denom)
         if self.loss_scale == 1.0:
-            grads = self.grad(self.loss_cell, self.params)(inputs, labels)
+            grads = self.grad(self.loss_cell, self.params)(inputs, labels, position_ids,
+                                                           segment_ids, denom)
         else:
             sens = ops.ones_like(loss) * self.loss_scale
-            grads = self.grad(self.loss_cell, self.params)(inputs, labels, sens)
+            grads = self.grad(self.loss_cell, self.params)(inputs, labels, position_ids,
+                                                           segment_ids, denom, sens)
             scale = scale / self.loss_scale
         for i in range(len(self.acc)):
             ops.assign_add(self.acc[i], grads[i] * scale)
@@ -373,7 +383,8 @@ class TrainStep(TrainState):
         self.update = build_update(self.params, self.acc, decay, plans, dims, opt_cfg)
 
     def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
-        """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs.
+        """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs, or
+        packed 4-tuples (loss: mean over the global batch's kept tokens, ``training.packed_loss``).
         Returns ``(loss, grad_norm)``: loss averaged over micro-batches and dp; a non-finite
         one of the two means the update was skipped (``TrainState.apply_update``). A MoE model
         (``model.moe_layers``) trains on ``loss + router losses`` and reports the language-model
@@ -383,12 +394,17 @@ class TrainStep(TrainState):
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
                              f"{self.n_micro}")
         scale = ms.Tensor(1.0 / self.n_micro, ms.float32)
-        total = 0.0
-        for inputs, labels in micro_batches:
-            loss = self.forward_backward(ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32), scale)
+        total, extra = 0.0, ()
+        if len(micro_batches[0]) == 4:  # packed: mean over the global batch's kept tokens
+            if self.moe_layers:
+                raise ValueError("packed (fine-tuning) batches are not supported with MoE layers")
+            extra = (packed_denominator(micro_batches, self.dims.dp),)
+        for batch in micro_batches:
+            inputs, labels, *rest = [ms.Tensor(x, ms.int32) for x in batch]
+            loss = self.forward_backward(inputs, labels, scale, *rest, *extra)
             if self.moe_layers:  # (lm_loss, aux [L, 3], counts [L, E])
                 loss, aux, counts = loss
-                self.moe_stats.add(aux, counts, inputs.size * self.moe_top_k * len(self.moe_layers))
+                self.moe_stats.add(aux, counts, batch[0].size * self.moe_top_k * len(self.moe_layers))
             total += float(loss.asnumpy())
         applied_before = self.adam_steps
         out = self.apply_update(lr, total / self.n_micro)

@@ -11,8 +11,16 @@
 
 Masks: causal with the queries aligned to the END of the keys (query ``i`` of ``s`` sees keys
 ``j <= i + t - s``; this is what a KV cache needs) or at ``q_offset`` (a static cache: keys
-past the written positions are hidden by the same rule), plus an optional key padding mask
-``key_mask [b, t]`` (1 = real token, 0 = padding).
+past the written positions are hidden by the same rule), plus an optional ``key_mask [b, t]``
+(int): 0 = padding, any positive value = the id of the segment (packed sample) the key belongs
+to. A query sees a key only when the key is not padding and, if the query's own position holds
+a segment id (its ``key_mask`` value > 0), the key carries the same id: samples packed into one
+row never attend across their boundary (``training/data/sft.py``). A 1/0 mask is one segment:
+the plain padding mask of generation (a padding query still sees every real key before it).
+
+ALiBi: with ``alibi_slopes`` (one float per LOCAL query head) the composed path adds
+``slope_head * (key_pos - query_pos)`` to the scaled scores before the mask (the fused kernel
+is not used then).
 """
 from __future__ import annotations
 
@@ -23,11 +31,12 @@ _NEG = -1.0e30
 
 
 def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 1024,
-                      q_offset=None):
+                      q_offset=None, alibi=None):
     """q ``[b, n, s, d]``, k / v ``[b, n_kv, t, d]`` (n divisible by n_kv) -> ``[b, n, s, d]``.
 
     ``q_offset``: position of query 0 among the keys (int or int32 scalar Tensor); None =
-    ``t - s`` (queries are the last s keys).
+    ``t - s`` (queries are the last s keys). ``alibi``: None or the ALiBi slopes of the ``n``
+    heads as a float32 Tensor ``[1, n_kv, g, 1, 1]``.
     """
     b, n, s, d = q.shape
     n_kv, t = k.shape[1], k.shape[2]
@@ -35,9 +44,10 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
     qg = q.reshape(b, n_kv, g, s, d)  # [b, n, s, d] -> [b, n_kv, g, s, d]
     kt = ops.swapaxes(k, -1, -2).reshape(b, n_kv, 1, d, t)  # [b, n_kv, t, d] -> [b, n_kv, 1, d, t]
     vg = v.reshape(b, n_kv, 1, t, v.shape[-1])  # [b, n_kv, t, dv] -> [b, n_kv, 1, t, dv]
-    keep_keys = None
+    keep_keys = seg_k = None
     if key_mask is not None:
-        keep_keys = key_mask.reshape(b, 1, 1, 1, t) > 0  # [b, t] -> [b, 1, 1, 1, t]
+        seg_k = key_mask.astype(ms.int32).reshape(b, 1, 1, 1, t)  # [b, t] -> [b, 1, 1, 1, t]
+        keep_keys = seg_k > 0
     k_pos = ops.arange(0, t, 1, dtype=ms.int32).reshape(1, t)  # [1, t]
     outs = []
     for start in range(0, s, block_size):
@@ -48,8 +58,15 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
         q_pos = ops.arange(start, stop, 1, dtype=ms.int32).reshape(stop - start, 1)
         q_pos = q_pos + (t - s if q_offset is None else q_offset)  # [c, 1] absolute positions
         keep = k_pos <= q_pos  # [c, t]
+        if alibi is not None:
+            distance = (k_pos - q_pos).astype(ms.float32)  # [c, t], <= 0 where kept
+            scores = scores + alibi * distance  # [1, n_kv, g, 1, 1] * [c, t]
         if keep_keys is not None:
-            keep = ops.logical_and(keep, keep_keys)  # [b, 1, 1, c, t]
+            # the query's own segment id: key_mask at its absolute position
+            seg_q = ops.gather(seg_k.reshape(b, t), q_pos.reshape(-1), 1)  # [b, t] -> [b, c]
+            seg_q = seg_q.reshape(b, 1, 1, stop - start, 1)  # [b, c] -> [b, 1, 1, c, 1]
+            same = ops.logical_or(ops.equal(seg_k, seg_q), seg_q <= 0)  # [b, 1, 1, c, t]
+            keep = ops.logical_and(ops.logical_and(keep, keep_keys), same)  # [b, 1, 1, c, t]
         scores = ops.masked_fill(scores, ops.logical_not(keep), _NEG)
         probs = ops.softmax(scores, -1).astype(v.dtype)
         outs.append(ops.matmul(probs, vg))  # [b, n_kv, g, c, t] @ [b, n_kv, 1, t, dv]
@@ -66,14 +83,26 @@ class CoreAttention(nn.Cell):
     """Dispatching core attention; see the module docstring for the contract.
 
     ``use_fused``: None = decide from the device now (fused only on Ascend).
+    ``alibi_slopes``: None, or the ALiBi slopes of this rank's ``num_heads`` heads
+    (``mcore.transformer.positions.alibi_slopes_for_rank``); ``num_kv_heads`` (needed with
+    them) groups the heads as the composed path does.
     """
 
     def __init__(self, num_heads: int, scale: float, block_size: int = 1024,
-                 use_fused: bool | None = None):
+                 use_fused: bool | None = None, alibi_slopes=None, num_kv_heads: int = 1):
         super().__init__()
         self.num_heads = num_heads
         self.scale = float(scale)
         self.block_size = int(block_size)
+        self.alibi = None
+        if alibi_slopes is not None:
+            if len(alibi_slopes) != num_heads or num_heads % num_kv_heads:
+                raise ValueError(f"CoreAttention: {len(alibi_slopes)} alibi slopes for "
+                                 f"{num_heads} heads in {num_kv_heads} kv groups")
+            # [n] -> [1, n_kv, g, 1, 1], the head layout of blocked_attention's scores
+            self.alibi = Tensor(alibi_slopes, ms.float32).reshape(
+                1, num_kv_heads, num_heads // num_kv_heads, 1, 1)
+            use_fused = False
         self.use_fused = fused_available() if use_fused is None else bool(use_fused)
         if self.use_fused:
             # sparse_mode 3 (right-down causal) takes a compressed [2048, 2048] upper mask.
@@ -85,4 +114,5 @@ class CoreAttention(nn.Cell):
             return ops.flash_attention_score(q, k, v, self.num_heads, attn_mask=self.fused_mask,
                                              scalar_value=self.scale, input_layout="BNSD",
                                              sparse_mode=3)
-        return blocked_attention(q, k, v, self.scale, key_mask, self.block_size, q_offset)
+        return blocked_attention(q, k, v, self.scale, key_mask, self.block_size, q_offset,
+                                 self.alibi)

@@ -1,7 +1,7 @@
 """Tensor and sequence parallelism (Megatron's ``tensor_parallel``), with explicit groups.
 
 - ``mappings``: f/g regions (copy / reduce / scatter / gather, sequence-parallel forms).
-- ``layers``: ``ColumnParallelLinear``, ``RowParallelLinear``.
+- ``layers``: ``ColumnParallelLinear``, ``RowParallelLinear``, ``ReplicatedLinear``.
 - ``embedding``: ``VocabParallelEmbedding``.
 - ``cross_entropy``: ``vocab_parallel_cross_entropy`` (+ ``masked_mean``).
 - ``random``: named seed streams (``model_parallel_seed``) and tp-independent initialisation.
@@ -11,7 +11,7 @@
 from mcore.tensor_parallel.cross_entropy import (VocabParallelCrossEntropy, masked_mean,
                                                  vocab_parallel_cross_entropy)
 from mcore.tensor_parallel.embedding import VocabParallelEmbedding
-from mcore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+from mcore.tensor_parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from mcore.tensor_parallel.mappings import (CopyToTPRegion, GatherFromSPRegion, GatherFromTPRegion,
                                             ReduceFromTPRegion, ReduceScatterToSPRegion,
                                             ScatterToSPRegion, ScatterToTPRegion,
@@ -35,7 +35,7 @@ __all__ = [
     "scatter_to_tensor_model_parallel_region", "gather_from_tensor_model_parallel_region",
     "scatter_to_sequence_parallel_region", "gather_from_sequence_parallel_region",
     "reduce_scatter_to_sequence_parallel_region",
-    "ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
+    "ColumnParallelLinear", "RowParallelLinear", "ReplicatedLinear", "VocabParallelEmbedding",
     "VocabParallelCrossEntropy", "vocab_parallel_cross_entropy", "masked_mean",
     "RNGStatesTracker", "model_parallel_seed", "Dropout", "DEFAULT", "MODEL_PARALLEL",
     "EXPERT_PARALLEL", "init_normal", "init_master", "init_shard",

@@ -18,6 +18,9 @@ training steps use, does it for every parameter so marked, norm weights included
 Parameters are initialised from the full master weight drawn from ``seed`` (see
 ``mcore.tensor_parallel.random``), so any tp size gives the same model at step 0.
 
+``lora``: an optional LoRA adapter (``mcore.tensor_parallel.lora.attach_lora``) whose output is
+added before the bias; ``None`` by default.
+
 ``name`` identifies a layer: it seeds the initial weight (when ``seed`` is None) and names the
 parameters ``<name>.weight`` / ``<name>.bias``, so standalone layers with distinct names can
 share one optimizer (MindSpore needs unique parameter names there). Inside a Cell tree,
@@ -70,6 +73,8 @@ class _ParallelLinear(nn.Cell):
         self.input_size, self.output_size, self.group = input_size, output_size, group
         self.skip_bias_add, self.sequence_parallel = skip_bias_add, sequence_parallel
         self.layer_name = name
+        self.partitions = tuple(partitions) if partitions else None
+        self.lora = None  # a LoRAAdapter (mcore.tensor_parallel.lora.attach_lora) adds to y
         what = "output_size" if split_dim == 0 else "input_size"
         divide(output_size if split_dim == 0 else input_size, group, layer, name, what)
         for part in partitions or ():
@@ -136,6 +141,8 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def construct(self, x):
         y = self.linear(self.enter(x))  # [b, s, in] -> [b, s, out/P]
+        if self.lora is not None:  # reads x before the f region (mcore/tensor_parallel/lora.py)
+            y = y + self.lora(x)
         if self.has_bias and not self.skip_bias_add:
             y = y + self.bias
         if self.gather_output:
@@ -180,4 +187,34 @@ class RowParallelLinear(_ParallelLinear):
         if self.sequence_parallel:
             check_sequence(x, self.group, "RowParallelLinear", self.layer_name)
         y = self.reduce(self.linear(x))  # partial sums -> [b, s, out] or [b, s/P, out]
+        if self.lora is not None:  # same layout as y (mcore/tensor_parallel/lora.py)
+            y = y + self.lora(x)
         return self.finish(y)
+
+
+class ReplicatedLinear(_ParallelLinear):
+    """y = x A^T + b with the whole ``weight`` [output_size, input_size] on every tp rank (no
+    communication; the same tp-independent initial weight as the parallel layers).
+
+    For small projections every rank computes on its own copy of the input (MLA's
+    down-projections). With ``sequence_parallel`` the input is this rank's ``[b, s/P, in]``, so
+    each rank's weight gradient covers only its part of the sequence: the parameters are then
+    flagged ``param.sequence_parallel`` and the gradient finaliser sums them over tp. Without it
+    the input and its gradient must be complete on every rank (the caller's next layer sums the
+    partial gradients, e.g. a ``ColumnParallelLinear``'s ``CopyToTPRegion``), so the weight
+    gradients are complete and equal on every rank.
+    """
+
+    shard_dims = {"weight": None, "bias": None}
+
+    def __init__(self, input_size: int, output_size: int, bias: bool = False,
+                 sequence_parallel: bool = False, init_method=None, seed: int | None = None,
+                 name: str = "replicated_linear", params_dtype=ms.float32, **unused):
+        one = ProcessGroup.single("tp")
+        super().__init__("ReplicatedLinear", input_size, output_size, one, 0, bias, True, False,
+                         False, init_method, seed, name, params_dtype)
+        for param in self.get_parameters():
+            param.sequence_parallel = bool(sequence_parallel)
+
+    def construct(self, x):
+        return self.finish(self.linear(x))  # [.., in] -> [.., out]

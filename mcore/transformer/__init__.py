@@ -1,15 +1,19 @@
 """mcore.transformer: configs, specs and the layers of a decoder stack (see docs/transformer.md)."""
 from mcore.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from mcore.transformer.block import TransformerBlock
-from mcore.transformer.config import (AttentionConfig, MoEConfig, ParallelConfig, PrecisionConfig,
-                                      RotaryConfig, TransformerConfig)
+from mcore.transformer.config import (AttentionConfig, MLAConfig, MoEConfig, ParallelConfig,
+                                      PrecisionConfig, RotaryConfig, TransformerConfig)
 from mcore.transformer.kv_cache import KVCache
 from mcore.transformer.static_kv_cache import StaticKVCache
+from mcore.transformer.latent_cache import LatentKVCache, StaticLatentKVCache
 from mcore.transformer.layer import TransformerLayer, TransformerLayerSubmodules
-from mcore.transformer.layer_specs import (gpt_layer_spec, gpt_layer_specs, moe_layer_specs,
-                                           moe_mlp_spec)
+from mcore.transformer.layer_specs import (gpt_layer_spec, gpt_layer_specs, mla_attention_spec,
+                                           moe_layer_specs, moe_mlp_spec)
+from mcore.transformer.mla import MLASubmodules, MultiLatentAttention, mla_submodules
 from mcore.transformer.mlp import MLP, MLPSubmodules
+from mcore.transformer.multi_query import MultiQueryAttention, MultiQueryAttentionSubmodules
 from mcore.transformer.norm import LayerNorm, RMSNorm
+from mcore.transformer.positions import LearnedPositionEmbedding, alibi_slopes
 from mcore.transformer.rotary import RotaryEmbedding, apply_rotary
 from mcore.transformer.spec import IdentityOp, ModuleSpec, build_module
 
@@ -19,5 +23,8 @@ __all__ = [
     "RotaryEmbedding", "apply_rotary", "SelfAttention", "SelfAttentionSubmodules", "MLP",
     "MLPSubmodules", "TransformerLayer", "TransformerLayerSubmodules", "TransformerBlock",
     "KVCache", "StaticKVCache", "gpt_layer_spec", "gpt_layer_specs", "moe_layer_specs",
-    "moe_mlp_spec",
+    "moe_mlp_spec", "MultiQueryAttention", "MultiQueryAttentionSubmodules",
+    "LearnedPositionEmbedding", "alibi_slopes", "MLAConfig", "MultiLatentAttention",
+    "MLASubmodules", "mla_submodules", "mla_attention_spec", "LatentKVCache",
+    "StaticLatentKVCache",
 ]

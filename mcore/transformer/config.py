@@ -4,6 +4,8 @@
 
 - ``RotaryConfig`` (``config.rotary``): rotary position embedding variant and scaling.
 - ``AttentionConfig`` (``config.attention``): biases, QK-norm, softmax scale, core-attention chunking.
+- ``MLAConfig`` (``config.mla``): multi-latent attention sizes, used when
+  ``multi_latent_attention`` is set.
 - ``MoEConfig`` (``config.moe``, the class of ``mcore.moe.config``): experts, routing and
   which layers are MoE (default ``num_experts=0``: dense).
 - ``ParallelConfig`` (``config.parallel``): sequence parallelism (group sizes come from ParallelDims).
@@ -21,6 +23,7 @@ from mcore.moe.config import MoEConfig
 ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
 ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("rmsnorm", "layernorm")
+POSITION_EMBEDDINGS = ("rope", "learned", "alibi")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -100,6 +103,49 @@ class AttentionConfig:
 
 
 @dataclass
+class MLAConfig:
+    """Multi-latent attention (DeepSeek-V2/V3; ``mcore.transformer.mla``). Read only when
+    ``TransformerConfig.multi_latent_attention`` is set, which then checks every field.
+
+    q_lora_rank: width of the compressed query (down-projection, RMSNorm, up-projection);
+        None = one direct query projection (DeepSeek-V2-Lite).
+    kv_lora_rank: width of the compressed key/value latent (required).
+    qk_nope_head_dim: per-head query/key dims without rotary.
+    qk_rope_head_dim: per-head rotary dims (the key's rotary part is shared by all heads; even).
+    v_head_dim: per-head value width.
+    latent_norm_eps: epsilon of the two latent RMSNorms (DeepSeek uses 1e-6 there).
+    """
+
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    latent_norm_eps: float = 1e-6
+
+    def check(self) -> None:
+        """Raise naming the field if these sizes cannot build an MLA layer."""
+        _require(self.kv_lora_rank is not None, "mla.kv_lora_rank", self.kv_lora_rank,
+                 "is required with multi_latent_attention")
+        for name in ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                     "v_head_dim"):
+            value = getattr(self, name)
+            if name == "q_lora_rank" and value is None:
+                continue
+            _require(isinstance(value, int) and value > 0, f"mla.{name}", value,
+                     "must be a positive int")
+        _require(self.qk_rope_head_dim % 2 == 0, "mla.qk_rope_head_dim", self.qk_rope_head_dim,
+                 "must be even (rotary turns pairs of dims)")
+        _require(self.latent_norm_eps > 0, "mla.latent_norm_eps", self.latent_norm_eps,
+                 "must be > 0")
+
+    @property
+    def qk_head_dim(self) -> int:
+        """Per-head query/key width ``qk_nope_head_dim + qk_rope_head_dim``."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+
+@dataclass
 class ParallelConfig:
     """Parallel behaviour that is not a group size (sizes come from ``ParallelDims``).
 
@@ -142,6 +188,17 @@ class TransformerConfig:
     norm: "rmsnorm" or "layernorm"; norm_eps: its epsilon.
     sandwich_norm: extra norms on the attention and MLP outputs before the residual add (GLM-4-0414).
     mlp_fc1_bias / mlp_fc2_bias: biases on the MLP input (gate/up) / output (down) projections.
+    position_embedding: how positions enter: "rope" (rotary, ``rotary``), "learned" (a table of
+        ``max_position_embeddings`` absolute positions added to the token embedding; GPT-2) or
+        "alibi" (per-head linear attention biases, ``mcore.transformer.positions``; Bloom).
+        ``rotary`` is unused unless "rope".
+    max_position_embeddings: rows of the learned position table (required with "learned").
+    embedding_norm: a LayerNorm-type norm (``norm``) on the token embedding (Bloom).
+    multi_latent_attention: the attention of every layer is MLA (``config.mla``;
+        ``gpt_layer_spec`` selects it). head_dim is then ``mla.qk_head_dim``, the rotary dims
+        are ``mla.qk_rope_head_dim`` (``rotary.fraction`` unused) and the default softmax scale
+        is ``qk_head_dim ** -0.5`` times ``m ** 2`` with ``m = 0.1 mscale_all_dim ln(factor) + 1``
+        when ``rotary.scaling == "yarn"`` with ``mscale_all_dim`` (DeepSeek).
     moe: ``mcore.moe.config.MoEConfig``; layers it marks (``is_moe_layer``) get a ``MoELayer``
         as their mlp (``gpt_layer_specs``).
     """
@@ -158,8 +215,13 @@ class TransformerConfig:
     sandwich_norm: bool = False
     mlp_fc1_bias: bool = False
     mlp_fc2_bias: bool = False
+    position_embedding: str = "rope"
+    max_position_embeddings: int | None = None
+    embedding_norm: bool = False
     rotary: RotaryConfig = field(default_factory=RotaryConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
+    multi_latent_attention: bool = False
+    mla: MLAConfig = field(default_factory=MLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
@@ -173,6 +235,12 @@ class TransformerConfig:
         _require(0 < self.num_query_groups <= self.num_attention_heads
                  and self.num_attention_heads % self.num_query_groups == 0, "num_query_groups",
                  self.num_query_groups, f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.multi_latent_attention:
+            self.mla.check()
+            _require(self.head_dim in (None, self.mla.qk_head_dim), "head_dim", self.head_dim,
+                     f"must be None or mla.qk_head_dim={self.mla.qk_head_dim} with "
+                     f"multi_latent_attention")
+            self.head_dim = self.mla.qk_head_dim
         if self.head_dim is None:
             _require(self.hidden_size % self.num_attention_heads == 0, "hidden_size",
                      self.hidden_size, f"must be divisible by num_attention_heads="
@@ -183,8 +251,15 @@ class TransformerConfig:
                  f"must be one of {ACTIVATIONS}")
         _require(self.norm in NORMS, "norm", self.norm, f"must be one of {NORMS}")
         _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+        _require(self.position_embedding in POSITION_EMBEDDINGS, "position_embedding",
+                 self.position_embedding, f"must be one of {POSITION_EMBEDDINGS}")
+        _require(self.position_embedding != "learned" or (
+            isinstance(self.max_position_embeddings, int) and self.max_position_embeddings > 0),
+            "max_position_embeddings", self.max_position_embeddings,
+            "must be a positive int with position_embedding='learned'")
         rot = self.head_dim * self.rotary.fraction
-        _require(abs(rot - round(rot)) < 1e-6 and round(rot) % 2 == 0 and rot > 0,
+        _require(self.multi_latent_attention or self.position_embedding != "rope" or (
+            abs(rot - round(rot)) < 1e-6 and round(rot) % 2 == 0 and rot > 0),
                  "rotary.fraction", self.rotary.fraction,
                  f"head_dim * fraction = {rot} must be a positive even integer")
         if self.moe.num_experts:
@@ -206,13 +281,31 @@ class TransformerConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """Number of rotated dims per head (``head_dim * rotary.fraction``)."""
-        return int(round(self.head_dim * self.rotary.fraction))
+        """Number of rotated dims per head (``head_dim * rotary.fraction``, rounded down to an
+        even number, as the rotary tables of a non-"rope" config are built but unused;
+        ``mla.qk_rope_head_dim`` with multi-latent attention)."""
+        if self.multi_latent_attention:
+            return self.mla.qk_rope_head_dim
+        return int(round(self.head_dim * self.rotary.fraction)) // 2 * 2 or 2
+
+    def local_kv_heads(self, tp: int) -> int:
+        """Key/value heads one tp rank holds: ``num_query_groups / tp``, or the single head of
+        multi-query attention (``num_query_groups == 1``), which every rank replicates."""
+        return 1 if self.num_query_groups == 1 else self.num_query_groups // tp
 
     @property
     def softmax_scale(self) -> float:
+        """``attention.softmax_scale``, or by default ``head_dim ** -0.5`` (with multi-latent
+        attention times DeepSeek's YaRN correction ``mscale(factor, mscale_all_dim) ** 2``)."""
         s = self.attention.softmax_scale
-        return 1.0 / math.sqrt(self.head_dim) if s is None else s
+        if s is not None:
+            return s
+        scale = 1.0 / math.sqrt(self.head_dim)
+        rot = self.rotary
+        if self.multi_latent_attention and rot.scaling == "yarn" and rot.mscale_all_dim:
+            m = 1.0 if rot.factor <= 1 else 0.1 * rot.mscale_all_dim * math.log(rot.factor) + 1.0
+            scale = scale * m * m
+        return scale
 
     def check_tp(self, tp: int) -> None:
         """Raise naming the field if this architecture cannot be split over ``tp`` ranks."""

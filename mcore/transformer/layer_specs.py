@@ -1,9 +1,10 @@
 """Ready-made layer specs for GPT-style decoders (``ModuleSpec`` trees).
 
 ``gpt_layer_spec(config)`` builds the standard pre-norm DENSE layer: the config's norm, fused-QKV
-self-attention with optional QK-norm (``config.attention.qk_norm``), the dispatching core
-attention, the MLP, and sandwich norms when ``config.sandwich_norm``. Families that need more
-change one node of the returned tree (see docs/transformer.md).
+self-attention with optional QK-norm (``config.attention.qk_norm``) or, with
+``config.multi_latent_attention``, multi-latent attention (``mla_attention_spec``), the
+dispatching core attention, the MLP, and sandwich norms when ``config.sandwich_norm``.
+Families that need more change one node of the returned tree (see docs/transformer.md).
 
 Mixture of experts: ``moe_layer_specs(config, layer_spec)`` turns any dense layer spec into one
 spec per layer whose mlp node is ``moe_mlp_spec(...)`` (a ``mcore.moe.MoELayer``) for the layers
@@ -19,13 +20,22 @@ from mcore.fusions.attention import CoreAttention
 from mcore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from mcore.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from mcore.transformer.config import TransformerConfig
+from mcore.transformer.mla import MultiLatentAttention, mla_submodules
 from mcore.transformer.layer import TransformerLayer, TransformerLayerSubmodules
 from mcore.transformer.mlp import MLP, MLPSubmodules
 from mcore.transformer.norm import RMSNorm, norm_class
 from mcore.transformer.spec import IdentityOp, ModuleSpec
 
 
+def mla_attention_spec(config: TransformerConfig) -> ModuleSpec:
+    """Multi-latent attention (``mcore.transformer.mla``) with its standard parts."""
+    return ModuleSpec(MultiLatentAttention, submodules=mla_submodules())
+
+
 def attention_spec(config: TransformerConfig) -> ModuleSpec:
+    """The config's self-attention: MLA with ``multi_latent_attention``, else fused-QKV GQA."""
+    if config.multi_latent_attention:
+        return mla_attention_spec(config)
     qk_norm = RMSNorm if config.attention.qk_norm else IdentityOp
     return ModuleSpec(SelfAttention, submodules=SelfAttentionSubmodules(
         linear_qkv=ColumnParallelLinear, core_attention=CoreAttention,

@@ -19,9 +19,13 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 class StaticKVCache(nn.Cell):
     """See the module docstring. ``shape`` = ``(b, n_kv_local, max_len, head_dim)``;
     ``layers``: the number of layers, or the ``range`` of GLOBAL layer numbers of a pipeline
-    stage (``update`` takes the global number)."""
+    stage (``update`` takes the global number). ``values=False`` keeps only the key buffers
+    (``mcore.transformer.latent_cache.StaticLatentKVCache`` stores one latent per token);
+    ``value_dim`` (None: ``head_dim``) is the width of the value buffers when it differs from
+    the keys' (multi-latent attention's expanded ``v_head_dim``)."""
 
-    def __init__(self, layers: int | range, shape: tuple, dtype=ms.float32):
+    def __init__(self, layers: int | range, shape: tuple, dtype=ms.float32, values: bool = True,
+                 value_dim: int | None = None):
         super().__init__()
         layers = range(layers) if isinstance(layers, int) else layers
         self.first = layers.start
@@ -29,8 +33,10 @@ class StaticKVCache(nn.Cell):
         zeros = Tensor(np.zeros(shape, np.float32)).astype(dtype)
         self.keys = ParameterTuple(Parameter(zeros.copy(), name=f"k{i}", requires_grad=False)
                                    for i in layers)  # [b, n_kv, max_len, d] each
-        self.values = ParameterTuple(Parameter(zeros.copy(), name=f"v{i}", requires_grad=False)
-                                     for i in layers)
+        v_shape = tuple(shape[:3]) + (shape[3] if value_dim is None else value_dim,)
+        v_zeros = Tensor(np.zeros(v_shape, np.float32)).astype(dtype)
+        self.values = ParameterTuple(Parameter(v_zeros.copy(), name=f"v{i}", requires_grad=False)
+                                     for i in layers) if values else ()  # [b, n_kv, max_len, dv]
         self.position = Parameter(Tensor(0, ms.int32), name="position", requires_grad=False)
         self.slots = Tensor(np.arange(self.max_len, dtype=np.int32).reshape(1, 1, -1, 1))
 

@@ -1,0 +1,7 @@
+"""The OpenAI-compatible server behind ``training/serve.py`` (see docs/serving.md).
+
+``engine``: continuous batching (one thread owns the model), ``slot_cache``: the per-row KV
+cache it decodes with, ``app``: the Starlette HTTP front end, ``protocol``: request validation
+and OpenAI response shapes, ``chat``: chat templates, ``text_stream``: detokenisation with stop
+strings.
+"""
