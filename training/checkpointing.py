@@ -112,7 +112,8 @@ def load_train_state(path, step_fn, dims, model_config: dict | None = None,
                      weights_only: bool = False) -> dict:
     """Load this rank's slices of checkpoint ``path`` into ``step_fn`` (weights, buffers and,
     unless ``weights_only``, the AdamW moments and update count); return the saved training
-    state (``meta``, with ``"step"`` added). May be called again after steps have run."""
+    state (``meta``, with ``"step"`` added). Full loads may be repeated after steps have run
+    (``TrainState.load`` then writes in place); ``weights_only`` is for before the first step."""
     from training.checkpoint_layout import requests
 
     path = Path(path)
@@ -120,11 +121,11 @@ def load_train_state(path, step_fn, dims, model_config: dict | None = None,
     check_model_config(path, meta, model_config)
     model_req, optim_req = requests(step_fn, dims)
     if weights_only:
-        from training.step import assign_in_place
+        import mindspore as ms
 
         weights = load_tensors(path, model_req, meta)
         for n, p in [*step_fn.named, *step_fn.buffers]:
-            assign_in_place(p, weights[n])
+            p.set_data(ms.Tensor(weights[n], ms.float32))
     else:
         tensors = load_tensors(path, {**model_req, **optim_req}, meta)
         scalars = meta["meta"].get("optimizer", {"adam_steps": meta["step"]})

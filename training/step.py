@@ -241,6 +241,10 @@ def assign_in_place(param: Parameter, value) -> None:
     ops.assign(param, ms.Tensor(np.asarray(value), param.dtype))
 
 
+def _set_data(param: Parameter, value) -> None:
+    param.set_data(ms.Tensor(np.asarray(value), ms.float32))
+
+
 class TrainingStopped(FloatingPointError):
     """The loop stops a diverging run on purpose (``training.max_skipped_steps`` skipped steps
     in a row, or a NaN tensor at a save); the message is one line for the user (a
@@ -260,8 +264,8 @@ class TrainState:
     and the checkpoint state of ``self.named`` ((name, Parameter) pairs) and ``self.update`` (an
     ``AdamWUpdate``, run through ``self._update``): ``model_state()``, ``state_dict()`` (moments
     named ``adam_m.<param>`` / ``adam_v.<param>``), ``scalars()`` (``{"adam_steps": n}``, for the
-    checkpoint's meta), ``load(model_state, optimizer_state, scalars)`` (written in place, so
-    also after steps have run), ``shapes()``."""
+    checkpoint's meta), ``load(model_state, optimizer_state, scalars)`` (also after steps have
+    run: then written in place), ``shapes()``."""
 
     named: list
     buffers: tuple = ()  # (name, Parameter) pairs saved with the model but not trained (expert bias)
@@ -274,6 +278,7 @@ class TrainState:
     opt: object  # OptimizerConfig: beta1, beta2
     adam_steps: int = 0  # updates applied (AdamW's t for the next update is adam_steps + 1)
     skipped_in_a_row: int = 0  # consecutive steps whose update was skipped
+    stepped: bool = False  # an update graph has run (``load`` then writes in place)
 
     def _update(self, *args):
         return self.update(*args)
@@ -283,6 +288,7 @@ class TrainState:
         count it as applied or skipped (``update_applied``). Returns ``(loss, grad_norm)``: the
         loss averaged over dp, the norm before clipping (inf or nan for a skipped step)."""
         t = self.adam_steps + 1
+        self.stepped = True
         bc1, bc2 = 1.0 - self.opt.beta1 ** t, 1.0 - self.opt.beta2 ** t
         norm, loss = self._update(ms.Tensor(lr, ms.float32), ms.Tensor(bc1, ms.float32),
                                   ms.Tensor(bc2, ms.float32), ms.Tensor(loss, ms.float32))
@@ -330,17 +336,19 @@ class TrainState:
 
     def load(self, model_state: dict, optimizer_state: dict, scalars: dict) -> None:
         """Restore weights, moments and the update count saved by ``model_state`` /
-        ``state_dict`` / ``scalars``; also after steps have run (values are written in place,
-        ``assign_in_place``, so already compiled graphs see them)."""
+        ``state_dict`` / ``scalars``. Before the first step values are set with ``set_data``;
+        after steps have run they are written in place (``assign_in_place``), so the graphs
+        already compiled see them."""
         self.adam_steps, self.skipped_in_a_row = int(scalars["adam_steps"]), 0
+        put = assign_in_place if self.stepped else _set_data
         for n, p in [*self.named, *self.buffers]:
-            assign_in_place(p, model_state[n])
+            put(p, model_state[n])
         if self._sharded():  # full moments in, this rank's shard kept
-            self.update.load_full_moments(optimizer_state)
+            self.update.load_full_moments(optimizer_state, in_place=self.stepped)
         else:
             for (n, _), m, v in zip(self.named, self.update.m, self.update.v):
-                assign_in_place(m, optimizer_state[f"adam_m.{n}"])
-                assign_in_place(v, optimizer_state[f"adam_v.{n}"])
+                put(m, optimizer_state[f"adam_m.{n}"])
+                put(v, optimizer_state[f"adam_v.{n}"])
 
     def shapes(self) -> tuple[dict, dict]:
         """Expected ``(model, optimizer)`` tensor shapes for ``load_checkpoint``."""

@@ -206,14 +206,19 @@ class DistributedAdamW(nn.Cell):
             out[f"shard.{p.name}"] = np.array([p.param_offset, p.length, *p.shape], np.int64)
         return out
 
-    def load_full_moments(self, state: dict) -> None:
+    def load_full_moments(self, state: dict, in_place: bool = False) -> None:
         """Set this rank's moment shards from full-shape ``adam_m.<name>`` / ``adam_v.<name>``
-        arrays (the non-distributed naming; ``mcore.checkpoint`` reads them in any layout)."""
+        arrays (the non-distributed naming; ``mcore.checkpoint`` reads them in any layout).
+        ``in_place``: write into the existing buffers (``ops.assign``), for a load after the
+        update graph has been compiled."""
         for kind, tensors in (("m", self.m), ("v", self.v)):
             shards = [np.zeros(s, np.float32) for s in self.shard_sizes]
             for p in self.pieces:
                 flat = np.asarray(state[f"adam_{kind}.{p.name}"], np.float32).reshape(-1)
                 shards[p.bucket][p.shard_offset:p.shard_offset + p.length] = \
                     flat[p.param_offset:p.param_offset + p.length]
-            for t, s in zip(tensors, shards):  # in place: compiled graphs keep their buffers
-                ops.assign(t, ms.Tensor(s, ms.float32))
+            for t, s in zip(tensors, shards):
+                if in_place:  # compiled graphs keep their buffers: write into them
+                    ops.assign(t, ms.Tensor(s, ms.float32))
+                else:
+                    t.set_data(ms.Tensor(s, ms.float32))
