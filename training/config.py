@@ -52,6 +52,13 @@ class MoESection:
     normalize_topk: bool = _f(False, "divide the k chosen weights by their sum")
     num_groups: int = _f(0, "group-limited routing: expert groups (0: off)")
     group_topk: int = _f(0, "groups a token may choose from when num_groups > 0")
+    topk_method: Literal["greedy", "group_limited_greedy", "noaux_tc"] | None = _f(
+        None, "DeepSeek's selection (mcore/moe/hf_routing.py): greedy (top-k of all experts), "
+        "group_limited_greedy (V2: groups scored by their best expert), noaux_tc (V3: groups "
+        "scored by their best two, expert_bias for selection only); softmax scores are then "
+        "taken over all experts before the top-k (null: Mixtral's top-k of the logits, groups "
+        "scored by their best expert)")
+    routed_scaling_factor: float = _f(1.0, "multiply the routing weights by this")
     aux_loss_coeff: float = _f(0.01, "coefficient of the load-balancing loss added to the loss")
     z_loss_coeff: float = _f(0.0, "coefficient of the router z-loss")
     capacity_factor: float | None = _f(None, "expert capacity per token share (null: dropless); "

@@ -161,6 +161,9 @@ def _validate_moe(moe, p, m) -> None:
     if moe.capacity_factor is not None and moe.capacity_factor <= 0:
         raise ConfigError(f"model.moe.capacity_factor must be > 0 (or null: dropless), got "
                           f"{moe.capacity_factor}")
+    if moe.routed_scaling_factor <= 0:
+        raise ConfigError(f"model.moe.routed_scaling_factor must be > 0, got "
+                          f"{moe.routed_scaling_factor}")
     E = moe.num_experts
     if E == 0:
         if p.ep > 1 or p.etp > 1:
@@ -179,6 +182,10 @@ def _validate_moe(moe, p, m) -> None:
     else:
         _divides("model.moe.ffn_hidden_size", moe.ffn_hidden_size, "parallel.etp", p.etp)
     _divides("model.moe.shared_ffn_hidden_size", moe.shared_ffn_hidden_size, "parallel.tp", p.tp)
+    if moe.topk_method is not None and (moe.topk_method == "greedy") != (moe.num_groups == 0):
+        raise ConfigError(f"model.moe.topk_method={moe.topk_method} "
+                          + ("takes no groups (set model.moe.num_groups to 0)" if moe.num_groups
+                             else "needs model.moe.num_groups > 0"))
     if moe.num_groups:
         _divides("model.moe.num_experts", E, "model.moe.num_groups", moe.num_groups)
         if not 1 <= moe.group_topk <= moe.num_groups:

@@ -249,8 +249,14 @@ def moe_config(cfg):
     s = cfg.model.moe
     if s.num_experts == 0:
         return None
+    routing = {}
+    if s.topk_method is not None:
+        from mcore.moe.hf_routing import GROUP_SCORE_OF
+
+        routing = dict(pre_softmax=True, group_score=GROUP_SCORE_OF.get(s.topk_method, "max"))
     try:
-        return MoEConfig(num_experts=s.num_experts, top_k=s.top_k,
+        return MoEConfig(**routing, scaling_factor=s.routed_scaling_factor,
+                         num_experts=s.num_experts, top_k=s.top_k,
                          ffn_hidden_size=s.ffn_hidden_size or cfg.model.ffn_hidden_size,
                          shared_ffn_hidden_size=s.shared_ffn_hidden_size,
                          score_function=s.score_function, normalize_topk=s.normalize_topk,
@@ -259,4 +265,8 @@ def moe_config(cfg):
                          capacity_factor=s.capacity_factor, first_k_dense=s.first_k_dense,
                          expert_bias=s.expert_bias, bias_update_rate=s.bias_update_rate)
     except ValueError as exc:  # "moe.<field>=<value>: why"
-        raise ConfigError(f"model.{' '.join(str(exc).split())}") from None
+        text = " ".join(str(exc).split())
+        for field, key in (("moe.scaling_factor=", "moe.routed_scaling_factor="),
+                           ("moe.group_score=", "moe.topk_method=")):
+            text = text.replace(field, key, 1) if text.startswith(field) else text
+        raise ConfigError(f"model.{text}") from None
