@@ -74,6 +74,18 @@ class MoESection:
 
 
 @dataclass
+class MTPSection:
+    """``model.mtp``: DeepSeek-V3 multi-token prediction (``mcore.transformer.mtp``), off by
+    default."""
+
+    num_layers: int = _f(0, "prediction depths (Hugging Face num_nextn_predict_layers); depth k "
+                         "predicts the token k+1 ahead with one extra layer sharing the embedding "
+                         "and head (0: off; not with parallel.pp > 1 or parallel.sp)")
+    loss_factor: float = _f(0.1, "weight of the mean MTP loss added to the training loss "
+                            "(logged separately as mtp_loss)")
+
+
+@dataclass
 class ModelConfig:
     """Architecture of a dense decoder-only model; ``training.model_bridge.transformer_config``
     turns it (with ``training.dtype`` and ``parallel.sp``) into the ``TransformerConfig``."""
@@ -107,6 +119,8 @@ class ModelConfig:
         "a list of layer indices or 'all' (null: none)")
     moe: MoESection = field(default_factory=MoESection, metadata={
         "doc": "mixture of experts (model.moe.*)", "derived": False})
+    mtp: MTPSection = field(default_factory=MTPSection, metadata={
+        "doc": "multi-token prediction (model.mtp.*)", "derived": False})
 
 
 @dataclass

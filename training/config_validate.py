@@ -115,6 +115,7 @@ def validate(cfg, world_size: int = 1) -> None:
         _divides("model.seq_length", m.seq_length, "2*parallel.cp", 2 * p.cp)
 
     _validate_moe(m.moe, p, m)
+    _validate_mtp(m.mtp, p)
     if o.distributed and m.moe.num_experts:
         raise ConfigError(f"optimizer.distributed=true with model.moe.num_experts="
                           f"{m.moe.num_experts}: the distributed optimizer does not shard expert "
@@ -143,6 +144,21 @@ def validate(cfg, world_size: int = 1) -> None:
     if o.decay_iters is not None and o.decay_iters < o.warmup_iters:
         raise ConfigError(f"optimizer.decay_iters={o.decay_iters} is less than "
                           f"optimizer.warmup_iters={o.warmup_iters}")
+
+
+def _validate_mtp(mtp, p) -> None:
+    """``model.mtp`` against itself and the layout (the embedding and the head on one stage)."""
+    if mtp.num_layers < 0:
+        raise ConfigError(f"model.mtp.num_layers must be >= 0, got {mtp.num_layers}")
+    if mtp.loss_factor < 0:
+        raise ConfigError(f"model.mtp.loss_factor must be >= 0, got {mtp.loss_factor}")
+    if mtp.num_layers and p.pp > 1:
+        raise ConfigError(f"model.mtp.num_layers={mtp.num_layers} with parallel.pp={p.pp}: "
+                          "multi-token prediction needs the embedding and the head on one stage "
+                          "(set parallel.pp=1)")
+    if mtp.num_layers and p.sp and p.tp > 1:
+        raise ConfigError(f"model.mtp.num_layers={mtp.num_layers} with parallel.sp=true: "
+                          "multi-token prediction with sequence parallelism is not implemented")
 
 
 def _validate_moe(moe, p, m) -> None:

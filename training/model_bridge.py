@@ -82,7 +82,7 @@ def _family(cfg) -> Family:
 
 def _knobs(cfg) -> dict:
     """The TransformerConfig parts the YAML sets for every family (and for ``hf_path``)."""
-    from mcore.transformer.config import ParallelConfig, PrecisionConfig
+    from mcore.transformer.config import MTPConfig, ParallelConfig, PrecisionConfig
 
     m = cfg.model
     recompute = m.recompute_layers if m.recompute_layers is not None else ()
@@ -91,7 +91,8 @@ def _knobs(cfg) -> dict:
                                 recompute_layers=recompute if recompute == "all" else tuple(recompute))
     # As in Megatron, sequence parallelism is off when tp = 1 (pretrain.py logs a warning).
     sp = bool(cfg.parallel.sp) and cfg.parallel.tp > 1
-    return {"precision": precision, "parallel": ParallelConfig(sequence_parallel=sp)}
+    mtp = MTPConfig(num_layers=m.mtp.num_layers, loss_factor=m.mtp.loss_factor)
+    return {"precision": precision, "parallel": ParallelConfig(sequence_parallel=sp), "mtp": mtp}
 
 
 def _rotary_check(cfg, fam: Family) -> None:
