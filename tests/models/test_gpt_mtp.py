@@ -179,3 +179,35 @@ def test_yaml_errors_are_one_line(override, expect):
     with pytest.raises(ConfigError) as err:
         load_config(None, override, world_size=2)
     assert expect in str(err.value) and "\n" not in str(err.value)
+
+
+def check_mtp_tp_parity(ctx, dims) -> None:
+    """Run by ``tests/models/test_tp_parity.py``'s two-rank worker (``dims``: tp=2): three
+    ``TrainStep``s of a tiny model with two MTP depths at tp=2 give the one-process model's
+    loss, gradient norm and per-depth MTP losses at every step (same data on both ranks)."""
+    from mcore.parallel_state import ModelGroups, ParallelDims
+    from training.config import load_config
+    from training.model_bridge import build_gpt
+    from training.step import TrainStep
+
+    cfg = load_config(None, ["model.vocab_size=64", "model.hidden_size=16", "model.num_layers=1",
+                             "model.num_heads=2", "model.num_kv_heads=2",
+                             "model.ffn_hidden_size=32", "model.mtp.num_layers=2",
+                             "model.mtp.loss_factor=0.5", "optimizer.warmup_iters=0",
+                             "parallel.tp=2"], world_size=2)
+    rng = np.random.default_rng(5)
+    with ctx.check("mtp_training_tp2_matches_tp1"):
+        one = TrainStep(build_gpt(cfg, groups=ModelGroups.single()), ParallelDims.single(),
+                        cfg.optimizer, grad_accum_steps=1)
+        two = TrainStep(build_gpt(cfg, groups=ModelGroups.from_dims(dims)), dims, cfg.optimizer,
+                        grad_accum_steps=1)
+        for step in range(3):
+            tokens = rng.integers(0, 64, (2, 11)).astype(np.int32)
+            micro = [(tokens[:, :-1], tokens[:, 1:])]
+            (l1, g1), (l2, g2) = one(micro, 3e-2), two(micro, 3e-2)
+            m1, m2 = one.last_mtp_metrics, two.last_mtp_metrics
+            assert abs(l2 - l1) <= 1e-5 * abs(l1), (step, l1, l2)
+            assert abs(g2 - g1) <= 1e-5 * g1, (step, g1, g2)
+            assert sorted(m1) == sorted(m2) == ["mtp_loss", "mtp_loss_1", "mtp_loss_2"]
+            for key in m1:
+                assert abs(m2[key] - m1[key]) <= 1e-5 * abs(m1[key]), (step, key, m1, m2)
