@@ -379,9 +379,7 @@ class TrainStep(TrainState):
         (``model.moe_layers``) trains on ``loss + router losses`` and reports the language-model
         loss; ``last_moe_metrics`` and ``last_moe_counts`` then hold the step's routing statistics,
         and an applied step moves the routers' expert biases (``training/moe_step.py``). With
-        multi-token prediction (``model.mtp``) the loss trained on also has the MTP term; the
-        reported loss stays the language-model loss and ``last_mtp_metrics`` holds the MTP
-        losses (``training.logger.mtp_metrics``)."""
+        ``model.mtp`` it also trains on the MTP term, whose losses are in ``last_mtp_metrics``."""
         if len(micro_batches) != self.n_micro:
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
                              f"{self.n_micro}")
@@ -400,10 +398,9 @@ class TrainStep(TrainState):
         if self.moe_layers:
             self.finish_moe(self.adam_steps > applied_before)
         if self.mtp:  # per-depth losses, mean over micro-batches and dp
-            mtp = np.asarray(mtp_total / self.n_micro, np.float32)
-            if self.dims.dp.size > 1:
-                mtp = all_reduce(ms.Tensor(mtp), self.dims.dp).asnumpy() / self.dims.dp.size
-            self.last_mtp_metrics = mtp_metrics(mtp)
+            mtp, dp = ms.Tensor(np.asarray(mtp_total / self.n_micro, np.float32)), self.dims.dp
+            self.last_mtp_metrics = mtp_metrics((all_reduce(mtp, dp) / dp.size).asnumpy()
+                                                if dp.size > 1 else mtp.asnumpy())
         return out
 
     def evaluate(self, batches) -> float:
