@@ -12,7 +12,13 @@ pre_process=True, post_process=True, layer_range=None, embedding_group=None, tp_
 
 - ``embedding``: ``VocabParallelEmbedding`` ``[V/tp, h]`` (only with ``pre_process``).
 - ``rotary``: ``RotaryEmbedding`` from ``config.rotary`` (cos/sin computed once per forward,
-  on every stage, from the positions).
+  on every stage, from the positions; unused by the layers unless
+  ``config.position_embedding == "rope"``).
+- ``position_embedding``: with ``config.position_embedding == "learned"``, a
+  ``LearnedPositionEmbedding`` ``[max_position_embeddings, h]`` (replicated) added to the token
+  embedding; ``embedding_norm``: with ``config.embedding_norm``, the config's norm applied to
+  the (summed) embedding (Bloom). Both only with ``pre_process``; neither works with sequence
+  parallelism yet (refused).
 - ``decoder``: ``TransformerBlock`` of ``layer_spec``: layers ``layer_range`` (global indices,
   default all), with its final norm only with ``post_process``.
 - ``output_layer``: column-parallel ``h -> V`` (``[V/tp, h]``), or the embedding weight when
@@ -106,6 +112,8 @@ from mcore.transformer.config import TransformerConfig
 from mcore.transformer.kv_cache import KVCache
 from mcore.transformer.layer_specs import gpt_layer_spec
 from mcore.transformer.mtp import MultiTokenPrediction, shift_left
+from mcore.transformer.norm import norm_class
+from mcore.transformer.positions import LearnedPositionEmbedding
 from mcore.transformer.rotary import RotaryEmbedding
 from mcore.transformer.static_kv_cache import StaticKVCache
 
@@ -143,6 +151,10 @@ class GPTModel(nn.Cell):
         if sp and config.moe.num_experts:
             raise NotImplementedError("parallel.sequence_parallel=True with MoE layers "
                                       "(config.moe.num_experts > 0) is not implemented")
+        learned = config.position_embedding == "learned"
+        if sp and (learned or config.embedding_norm):
+            raise NotImplementedError("parallel.sequence_parallel=True with learned position "
+                                      "embeddings or an embedding norm is not implemented")
         self.config, self.vocab_size = config, vocab_size
         self.groups, self.tp_group = groups, tp_group
         dtype = config.params_dtype
@@ -158,6 +170,13 @@ class GPTModel(nn.Cell):
                                                     params_dtype=dtype)
             if tie_embeddings and self.pre_process != self.post_process:
                 self.embedding.weight.shared_embedding = True
+        self.position_embedding = self.embedding_norm = None
+        if self.pre_process and learned:
+            self.position_embedding = LearnedPositionEmbedding(
+                config.max_position_embeddings, config.hidden_size, dtype)
+        if self.pre_process and config.embedding_norm:
+            self.embedding_norm = norm_class(config.norm)(config.hidden_size, eps=config.norm_eps,
+                                                          dtype=dtype, name="embedding_norm")
         self.rotary = RotaryEmbedding(config.rotary, config.rotary_dim)
         self.decoder = TransformerBlock(config, layer_spec, groups=groups,
                                         layer_range=self.layer_range,
@@ -195,7 +214,7 @@ class GPTModel(nn.Cell):
         if max_len is None:
             return KVCache(self.layer_range)
         cfg = self.config
-        shape = (batch, cfg.num_query_groups // self.tp_group.size, max_len, cfg.head_dim)
+        shape = (batch, cfg.local_kv_heads(self.tp_group.size), max_len, cfg.head_dim)
         return StaticKVCache(self.layer_range, shape)
 
     def _head(self, x):
@@ -235,6 +254,10 @@ class GPTModel(nn.Cell):
             position_ids = ops.broadcast_to(position_ids, (b, s))  # [1, s] -> [b, s]
         if self.pre_process:
             x = self.embedding(x)  # [b, s] -> [b, s, h]
+            if self.position_embedding is not None:
+                x = x + self.position_embedding(position_ids)  # + [b, s, h]
+            if self.embedding_norm is not None:
+                x = self.embedding_norm(x)
         cos, sin = self.rotary(position_ids)  # [b, 1, s, r] each
         return x, cos, sin
 

@@ -54,7 +54,7 @@ from mcore.pipeline_parallel.stage import (PipelineModel, PipelineStage, StageRu
                                            split_layers, sync_embedding_grads)
 from mcore.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from models.gpt import GPTModel, StageSpec
-from models.hf import build_from_config, family_of, load_weights
+from models.hf import build_from_config, check_names, family_of, load_weights
 from models.safetensors_io import read_checkpoint
 
 __all__ = ["StageSpec", "GPTStage", "VocabParallelMeanLoss", "GPTPipelineModel",
@@ -132,15 +132,18 @@ def build_gpt_pipeline(hf_config: dict | None, dims: ParallelDims, vpp: int = 1,
         return build_from_config(hf_config, stage=spec, groups=ModelGroups.from_dims(dims),
                                  embedding_group=dims.embedding)
 
-    return build_pipeline(make_stage, num_layers, dims, vpp, layers_per_stage, jit, tensors)
+    return build_pipeline(make_stage, num_layers, dims, vpp, layers_per_stage, jit, tensors,
+                          source=hf_path)
 
 
 def build_pipeline(make_stage, num_layers: int, dims: ParallelDims, vpp: int = 1,
-                   layers_per_stage=None, jit: bool = True, tensors=None) -> GPTPipelineModel:
+                   layers_per_stage=None, jit: bool = True, tensors=None,
+                   source=None) -> GPTPipelineModel:
     """This rank's chunks, each ``make_stage(spec) -> GPTModel`` for its ``StageSpec`` (built
     with ``ModelGroups.from_dims(dims)`` and ``embedding_group=dims.embedding``; e.g. from a ``TransformerConfig``,
     as ``training.model_bridge.build_gpt`` does); ``tensors``: HF tensors to load (None: keep
-    the initial weights)."""
+    the initial weights; a tensor a chunk needs that is missing, or one the full model does not
+    use, is a ``LoadError`` naming ``source``)."""
     pp, rank = dims.pp.size, dims.pp_stage
     specs = stage_specs(num_layers, pp, vpp, layers_per_stage)
     chunks, models, mine, names = [], [], [], []
@@ -148,6 +151,7 @@ def build_pipeline(make_stage, num_layers: int, dims: ParallelDims, vpp: int = 1
         spec = specs[c * pp + rank]
         model = make_stage(spec)
         if tensors is not None:
+            check_names(model, tensors, Path(source or "tensors"))
             load_weights(model, tensors)
         loss = VocabParallelMeanLoss(dims.tp) if spec.post_process else None
         aux = bool(model.moe_layers)

@@ -10,6 +10,14 @@ and ep.
 With ``stage=StageSpec(pre_process, post_process, layer_range)`` the model is one pipeline
 stage (``models.gpt``) and reads only the tensors that stage holds (the tied head copy of a
 last stage from ``embed_tokens``); ``full_state`` then returns that stage's parameters.
+Families: ``FAMILIES`` maps ``model_type`` to a family module (``MODEL_TYPES``, ``TIE_DEFAULT``,
+``config_from_hf``, ``layer_spec``, ``weight_table``). ``register_family(module)`` adds one; the
+package ``legacy`` registers the older families when imported. A ``model_type`` that is not
+registered makes ``family_of`` import ``legacy`` (by name: ``models`` does not depend on it) and
+look again, so ``from_pretrained`` finds a legacy family without the caller importing anything.
+A family may set ``BASE_PREFIX`` (its weight names' prefix, e.g. ``"transformer."``: a
+checkpoint of the base model without it is renamed on load) and ``IGNORED_SUFFIXES`` (buffers
+older checkpoints saved, e.g. GPT-2's ``.attn.bias`` causal mask).
 Errors: unknown ``model_type``, an override that is not a config key, or a shape mismatch
 each raise one error naming the key or tensor. Faults of the files raise ``models.LoadError``
 naming the file and tensor: ``config.json`` missing, not JSON or lacking a required key; a bad
@@ -52,8 +60,36 @@ class HFInfo:
     tie: bool
 
 
+_FAMILY_API = ("MODEL_TYPES", "TIE_DEFAULT", "config_from_hf", "layer_spec", "weight_table")
+LEGACY_PACKAGE = "legacy"
+
+
+def register_family(module: ModuleType) -> None:
+    """Make ``module`` the family of each of its ``MODEL_TYPES`` (``ValueError`` naming the
+    missing attribute, or a ``model_type`` another module already holds)."""
+    missing = [a for a in _FAMILY_API if not hasattr(module, a)]
+    if missing:
+        raise ValueError(f"register_family({module.__name__}): missing {missing}")
+    for kind in module.MODEL_TYPES:
+        if FAMILIES.get(kind, module) is not module:
+            raise ValueError(f"register_family({module.__name__}): model_type {kind!r} is "
+                             f"already {FAMILIES[kind].__name__}")
+        FAMILIES[kind] = module
+
+
 def family_of(hf: dict) -> ModuleType:
+    """The family module of a HF config's ``model_type``; an unregistered one imports the
+    ``legacy`` package (which registers the older families) and looks again."""
     kind = hf.get("model_type")
+    if kind not in FAMILIES:
+        import importlib
+
+        try:
+            importlib.import_module(LEGACY_PACKAGE)
+        except ImportError as exc:
+            raise ValueError(f"model_type={kind!r} is not one of {sorted(FAMILIES)}, and the "
+                             f"package {LEGACY_PACKAGE!r} that holds the older families could "
+                             f"not be imported: {exc}") from None
     if kind not in FAMILIES:
         raise ValueError(f"model_type={kind!r} is not supported (supported: {sorted(FAMILIES)})")
     return FAMILIES[kind]
@@ -120,6 +156,8 @@ def from_pretrained(path, tp_group: ProcessGroup | None = None, dims: ParallelDi
         hf[key] = value
     model_groups = _groups(tp_group, dims, groups)
     tensors = read_checkpoint(path)  # headers only: file faults surface before the model is built
+    if hf.get("model_type") is not None:
+        tensors = add_base_prefix(family_of(hf), tensors)
     try:
         model = build_from_config(hf, stage=stage, groups=model_groups,
                                   embedding_group=dims.embedding if dims is not None else None)
@@ -132,6 +170,17 @@ def from_pretrained(path, tp_group: ProcessGroup | None = None, dims: ParallelDi
 
 # Checkpoint tensors that are buffers rather than weights (older transformers saved them).
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+
+def add_base_prefix(family: ModuleType, tensors: dict) -> dict:
+    """``tensors`` renamed ``<family.BASE_PREFIX><name>`` when the family has a base prefix and
+    no tensor carries it: checkpoints saved from the base model rather than the LM class
+    (GPT-2 and BLOOM on the Hub name ``h.0.attn.c_attn.weight``, not
+    ``transformer.h.0...``)."""
+    prefix = getattr(family, "BASE_PREFIX", None)
+    if not prefix or any(n.startswith(prefix) for n in tensors):
+        return tensors
+    return {(n if n.startswith("lm_head.") else prefix + n): t for n, t in tensors.items()}
 
 
 def _listing(names: list[str], limit: int = 5) -> str:
@@ -152,7 +201,8 @@ def check_names(model: GPTModel, tensors: dict, path: Path, strict: bool = True)
             for p in plist}
     if model.hf.tie:
         used.add("lm_head.weight")  # a tied head saved anyway is the embedding again
-    unexpected = sorted(n for n in set(tensors) - used if not n.endswith(_IGNORED_SUFFIXES))
+    ignored = _IGNORED_SUFFIXES + tuple(getattr(model.hf.family, "IGNORED_SUFFIXES", ()))
+    unexpected = sorted(n for n in set(tensors) - used if not n.endswith(ignored))
     if unexpected:
         raise LoadError(f"{path}: {len(unexpected)} tensor(s) the model does not use: "
                         f"{_listing(unexpected)} (num_hidden_layers={model.config.num_layers}; "
@@ -163,6 +213,8 @@ def _stage_holds(model: GPTModel, name: str) -> bool:
     """Whether a parameter of the full model belongs to ``model``'s pipeline stage."""
     if name.startswith("decoder.layers."):
         return int(name.split(".")[2]) in model.layer_range
+    if name.startswith(("position_embedding.", "embedding_norm.")):
+        return model.pre_process
     if name.startswith("embedding."):  # first stage; with tied embeddings also the last
         return model.embedding is not None
     return model.post_process  # final norm, output layer

@@ -137,6 +137,11 @@ def _write_file(path: Path, tensors: dict[str, np.ndarray]) -> None:
             f.write(a.tobytes())
 
 
+def write_safetensors(path, tensors: dict[str, np.ndarray]) -> None:
+    """Write ``tensors`` into the one safetensors file ``path`` (e.g. a PEFT adapter)."""
+    _write_file(Path(path), tensors)
+
+
 def write_checkpoint(directory, tensors: dict[str, np.ndarray], max_shard_bytes: int | None = None):
     """Write ``tensors`` as ``model.safetensors``, or as shards + index above ``max_shard_bytes``."""
     directory = Path(directory)

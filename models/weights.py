@@ -5,6 +5,10 @@ a tuple of ``Piece``s concatenated along dim 0 (fused q/k/v, gate/up). A ``Piece
 tensor, or a strided part of one: its rows viewed as ``[groups, count, rows / (groups count)]``,
 keeping ``index`` of ``count`` (``count=2, index=1`` = second half; ``groups=n_kv, count=2`` =
 every other head of an interleaved k/v tensor). ``rows`` is the piece's row count at tp=1.
+Two switches cover layouts older checkpoints use: ``transposed`` (the HF tensor is stored
+``[in, out]``, GPT-2's ``Conv1D``: it is transposed before anything else) and ``offset`` (the
+piece is the contiguous rows ``[offset, offset + rows)`` of the tensor: a fused ``[q; k; v]``
+whose parts differ in size and feed different parameters, GPTBigCode's multi-query ``c_attn``).
 
 Mixture-of-experts layers store their experts stacked (``GroupedMLP``: ``fc1 [El, h, 2f]``,
 ``fc2 [El, f, h]``) while HF checkpoints hold one Linear weight ``[out, in]`` per expert. An
@@ -39,9 +43,18 @@ class Piece:
     groups: int = 1
     count: int = 1
     index: int = 0
+    transposed: bool = False
+    offset: int | None = None
 
     def take(self, full: np.ndarray) -> np.ndarray:
         """This piece of the HF tensor ``full``."""
+        if self.transposed:
+            full = full.T  # [in, out] -> [out, in]
+        if self.offset is not None:
+            full = full[self.offset:self.offset + self.rows]
+            if full.shape[0] != self.rows:
+                raise ValueError(f"{self.name}: rows [{self.offset}, {self.offset + self.rows}) "
+                                 f"lie outside its {full.shape[0] + self.offset} rows")
         if self.count == 1 and self.groups == 1:
             return full
         per = full.shape[0] // (self.groups * self.count)
@@ -176,8 +189,9 @@ def to_hf(table: dict, full: dict, dims: dict | None = None, tp: int = 1, etp: i
     ``tp`` > 1) the rank shards concatenated along each parameter's split dim ``dims``. Expert
     stacks must hold every expert (``[E, in, out]``, gathered over expert parallel), and with
     ``etp`` > 1 the etp shards concatenated along their split dim."""
-    out, strided = {}, {}
+    out, strided, ranged, transposed = {}, {}, {}, set()
     for pname, plist in table.items():
+        transposed.update(p.name for p in plist if p.transposed)
         if not isinstance(plist, ExpertStack) and not plist:
             continue  # NOT_STORED
         value = full[pname]
@@ -194,7 +208,8 @@ def to_hf(table: dict, full: dict, dims: dict | None = None, tp: int = 1, etp: i
             continue
         if tp > 1 and len(plist) > 1 and (dims or {}).get(pname) == 0:
             value = _unshard_fused(value, [p.rows for p in plist], tp)
-        if len(plist) == 1 and plist[0].count == 1 and plist[0].groups == 1:
+        if len(plist) == 1 and plist[0].count == 1 and plist[0].groups == 1 \
+                and plist[0].offset is None:
             out[plist[0].name] = value
             continue
         sizes = [p.rows for p in plist]
@@ -205,6 +220,9 @@ def to_hf(table: dict, full: dict, dims: dict | None = None, tp: int = 1, etp: i
         for piece in plist:
             part = value[start:start + piece.rows]
             start += piece.rows
+            if piece.offset is not None:
+                ranged.setdefault(piece.name, {})[piece.offset] = part
+                continue
             if piece.count == 1 and piece.groups == 1:
                 out[piece.name] = part
                 continue
@@ -214,4 +232,13 @@ def to_hf(table: dict, full: dict, dims: dict | None = None, tp: int = 1, etp: i
             buf[:, piece.index] = part.reshape((piece.groups, per) + part.shape[1:])
     for name, buf in strided.items():
         out[name] = buf.reshape((-1,) + buf.shape[3:])
+    for name, parts in ranged.items():
+        offsets, rows = sorted(parts), 0
+        for off in offsets:
+            if off != rows:
+                raise ValueError(f"{name}: the table's row ranges leave a gap at row {rows}")
+            rows += parts[off].shape[0]
+        out[name] = np.concatenate([parts[off] for off in offsets], 0)
+    for name in transposed:
+        out[name] = np.ascontiguousarray(out[name].T)  # [out, in] -> [in, out]
     return out

@@ -19,6 +19,13 @@ change which experts a token reaches. Their ``reference.npz`` also holds ``aux_l
 transformers' load-balancing loss on ``input_ids`` (``output_router_logits=True``, before
 ``router_aux_loss_coef``). ``--only mixtral qwen3_moe`` writes just those.
 
+Legacy families (``gpt2``, ``gpt_bigcode`` multi-query, ``gpt_bigcode_mha`` its per-head
+interleaved multi-head form, ``bloom`` with ALiBi; ``legacy/``):
+configs in their own key names (``LEGACY``), the same tiny sizes, 4 heads, 64 positions.
+``--only gpt2 gpt_bigcode bloom`` writes just those. Llama-family aliases (``ALIASES``:
+``llama2``, ``llama3_2``, ``deepseek_coder``) are Llama checkpoints with their distinguishing
+config choices.
+
 TeleChat2 has no transformers implementation: its reference is a Llama model with biases only
 on o_proj and down_proj (TeleChat2's architecture), saved under TeleChat2's weight names.
 """
@@ -65,6 +72,34 @@ FAMILIES = {
         rope_parameters=dict(rope_type="default", rope_theta=1e6))),
 }
 MOE = ("mixtral", "qwen3_moe")
+_GPT2_SIZES = dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=64,
+                   bos_token_id=1, eos_token_id=2)
+LEGACY = {
+    "gpt2": (transformers.GPT2Config, transformers.GPT2LMHeadModel, dict(_GPT2_SIZES)),
+    "gpt_bigcode": (transformers.GPTBigCodeConfig, transformers.GPTBigCodeForCausalLM,
+                    dict(_GPT2_SIZES, multi_query=True)),
+    "gpt_bigcode_mha": (transformers.GPTBigCodeConfig, transformers.GPTBigCodeForCausalLM,
+                        dict(_GPT2_SIZES, multi_query=False)),
+    "bloom": (transformers.BloomConfig, transformers.BloomForCausalLM, dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, n_layer=LAYERS, n_head=4, bos_token_id=1,
+        eos_token_id=2, pad_token_id=0)),
+}
+FAMILIES.update(LEGACY)
+# Llama-family aliases whose numerics no other fixture covers (all model_type "llama"): Llama 2
+# (MHA, plain RoPE; CodeLlama and Yi differ only in rope_theta), Llama 3.2 (tied head + llama3
+# scaling), DeepSeek-Coder (linear RoPE scaling).
+ALIASES = {
+    "llama2": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        num_key_value_heads=4, rope_parameters=dict(rope_type="default", rope_theta=10000.0))),
+    "llama3_2": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        tie_word_embeddings=True, rope_parameters=dict(
+            rope_type="llama3", rope_theta=500000.0, factor=32.0, low_freq_factor=1.0,
+            high_freq_factor=4.0, original_max_position_embeddings=16))),
+    "deepseek_coder": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(
+        rope_parameters=dict(rope_type="linear", rope_theta=100000.0, factor=4.0))),
+}
+FAMILIES.update(ALIASES)
+SEEDS = {"llama2": 7}  # families whose default seed (100 + index) gives a too-small top-2 gap
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -72,7 +107,7 @@ def randomise(model: torch.nn.Module, seed: int) -> None:
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen) * 0.1
-            if name.endswith("norm.weight"):
+            if name.endswith(("norm.weight", "ln_1.weight", "ln_2.weight", "ln_f.weight")):
                 p.copy_(1.0 + noise)
             else:
                 p.copy_(noise)
@@ -123,7 +158,7 @@ def zero_llama_biases_for_telechat(model) -> None:
 
 def make(family: str, out: Path, seed: int) -> dict:
     config_cls, model_cls, extra = FAMILIES[family]
-    cfg = config_cls(**{**BASE, **extra})
+    cfg = config_cls(**(extra if family in LEGACY else {**BASE, **extra}))
     torch.manual_seed(seed)
     model = model_cls(cfg).eval()
     randomise(model, seed)
@@ -189,7 +224,7 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     for family in args.only:
-        info = make(family, out, seed=100 + list(FAMILIES).index(family))
+        info = make(family, out, seed=SEEDS.get(family, 100 + list(FAMILIES).index(family)))
         print(info)
         if info["min_top2_gap"] < 1e-3:
             raise SystemExit(f"{family}: greedy top-2 gap {info['min_top2_gap']} too small; "

@@ -3,7 +3,7 @@
 Read in this order:
 
 - ``config.py``         one YAML schema (model, parallel, data, training, optimizer, checkpoint,
-                        logging) loaded into dataclasses, with ``section.key=value`` overrides;
+                        logging, lora) loaded into dataclasses, with ``section.key=value`` overrides;
                         a bad key or size fails before any work with one line naming the key
                         (checks in ``config_validate.py``).
 - ``model_bridge.py``   the ``model`` section as a ``TransformerConfig`` and a ``GPTModel``.
@@ -26,6 +26,8 @@ Then the loop and its entry points (these use MindSpore and ``models/``; docs/tr
 - ``step.py``           ``TrainStep``: compiled forward+backward, gradient accumulation, dp
                         all-reduce, global-norm clipping, AdamW (written out, numpy-tested).
 - ``pretrain.py``       ``python training/pretrain.py --config FILE key=value ...`` (or msrun).
-- ``evaluate.py``       validation loss / perplexity of a checkpoint.
+- ``lora.py``           the ``lora`` section: LoRA adapters attached where the model is built.
+- ``evaluate.py``       validation loss / perplexity of a checkpoint; ``--tasks``: multiple-choice
+                        and exact-match scores on a JSON Lines file (``eval_tasks.py``).
 - ``generate.py``       text from a training checkpoint or a Hugging Face directory.
 """

@@ -6,7 +6,8 @@
     cfg.training.grad_accum_steps  # derived: global_batch / (micro_batch * dp)
 
 The file has one mapping per section (``model``, ``parallel``, ``data``, ``training``,
-``optimizer``, ``checkpoint``, ``logging``); a missing key keeps its default. An override is
+``optimizer``, ``checkpoint``, ``logging``, ``lora``); a missing key keeps its default. An
+override is
 ``section.key=value`` where ``value`` is read with ``yaml.safe_load`` (``2``, ``true``, ``null``,
 ``3e-4`` all do what they look like). Every problem -- an unknown key, a value of the wrong type,
 sizes that do not divide, a key written twice, a file that is a directory or not UTF-8 --
@@ -229,10 +230,25 @@ class LoggingConfig:
                             "(0: no sample)")
 
 
+@dataclass
+class LoRAConfig:
+    """LoRA adapters on the frozen model (training/lora.py, models/peft.py); off by default."""
+
+    enabled: bool = _f(False, "train LoRA adapters instead of every weight (base weights frozen)")
+    r: int = _f(8, "adapter rank (> 0)")
+    alpha: float = _f(16.0, "scaling numerator: the update is alpha / r * B A")
+    dropout: float = _f(0.0, "dropout on the adapter input, in [0, 1)")
+    target_modules: list[str] | None = _f(None, "Hugging Face module names to adapt, matched as "
+                                          "PEFT does (name or '.'-suffix, e.g. q_proj; null: "
+                                          "q_proj and v_proj)")
+    load: str | None = _f(None, "a PEFT adapter directory to start from (its adapter_config.json "
+                          "sets r, alpha, dropout and the modules)")
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig, "parallel": ParallelConfig, "data": DataConfig,
     "training": TrainingConfig, "optimizer": OptimizerConfig,
-    "checkpoint": CheckpointConfig, "logging": LoggingConfig,
+    "checkpoint": CheckpointConfig, "logging": LoggingConfig, "lora": LoRAConfig,
 }
 
 
@@ -247,6 +263,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON-serialisable), e.g. for checkpoint metadata."""

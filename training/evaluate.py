@@ -12,6 +12,12 @@ forward-only through the pipeline schedule). Prints ``valid loss 4.1234 | ppl 61
 on rank 0 and exits 0. Bad input (a config key, a path, no checkpoint to evaluate, a checkpoint
 that does not fit) prints ``<kind> error: <one line naming the key or file>`` and exits 2; the
 checkpoint is looked up before the model is built.
+
+Tasks (multiple-choice accuracy by log-likelihood, exact match of greedy answers) on a JSON
+Lines file, from a Hugging Face directory or a training checkpoint (``training.eval_tasks``)::
+
+    python training/evaluate.py --tasks tasks.jsonl --model HF_DIR_OR_CHECKPOINT \\
+        [--adapter LORA_DIR] [--output results.json]
 """
 from __future__ import annotations
 
@@ -81,6 +87,11 @@ def evaluate(cfg) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--tasks" in argv or any(a.startswith("--tasks=") for a in argv):
+        from training.eval_tasks import main as tasks_main
+
+        return tasks_main(argv)
     cfg = config_or_exit(argv)
     with exit_on_user_error():
         result = evaluate(cfg)

@@ -119,6 +119,10 @@ def model_from_checkpoint(path: Path):
     tp = int(saved["parallel"]["tp"])
     cfg = config_from_dict(saved, world_size=meta["world_size"])
     cfg.model.mtp.num_layers = 0  # multi-token prediction depths only serve training
+    if cfg.lora.enabled:  # adapters only in the checkpoint: frozen weights as training built them
+        from training.lora import model_from_checkpoint as lora_model
+
+        return lora_model(path, cfg, meta["world_size"]), meta["meta"]
     model = build_gpt(cfg)  # the saved YAML's TransformerConfig, as training built it
     split = {n: d for n, d in split_dims(model).items() if d is not None}
     full = {}

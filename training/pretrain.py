@@ -71,6 +71,9 @@ def check_supported(cfg) -> None:
     precision(cfg)
     check_model(cfg)
     check_tokenizer_file(cfg)
+    from training.lora import check_lora
+
+    check_lora(cfg)
 
 
 def check_model(cfg) -> None:
@@ -184,7 +187,8 @@ def build_model(cfg, dims, read_hf: bool = True):
     weights). A fresh model is the same model for every tp and pp size (layers initialise their
     master weights from seeds). pp > 1: this rank's ``PipelineModel``
     (``models.gpt_pipeline.build_pipeline``), else a ``GPTModel``. ``read_hf=False``: keep the
-    initial weights (the caller sets them)."""
+    initial weights (the caller sets them). With ``lora.enabled`` (pp = 1) the weights are frozen
+    and LoRA adapters attached (``training.lora.apply_config``)."""
     from models.hf import load_weights
     from models.safetensors_io import read_checkpoint
     from training.model_bridge import build_gpt, transformer_config
@@ -205,9 +209,12 @@ def build_model(cfg, dims, read_hf: bool = True):
                               jit=cfg.training.mode == "graph", tensors=tensors)
     from mcore.parallel_state import ModelGroups
 
+    from training.lora import apply_config
+
     model = build_gpt(cfg, groups=ModelGroups.from_dims(dims))
     if tensors is not None:
         load_weights(model, tensors)
+    apply_config(cfg, model)  # lora.enabled: freeze the weights, attach adapters (training/lora.py)
     return model
 
 
@@ -359,6 +366,12 @@ def run(cfg, stop_after: int | None = None) -> dict:
              f"mode {t.mode}, compute {dtype}"
              + (f", loss scale {loss_scale:g}" if loss_scale != 1 else "")
              + (f", resumed at step {step}" if step else ""))
+    if cfg.lora.enabled:
+        from models.peft import trainable_summary
+        from training.lora import lora_line
+
+        log.info(lora_line({**trainable_summary(model), "modules": len(model.lora.modules)},
+                           model.lora))
     if cfg.parallel.sp and dims.tp.size == 1:
         log.info("warning: parallel.sp=true has no effect with parallel.tp=1 (sequence "
                  "parallelism splits the sequence over tp); training without it")
@@ -402,6 +415,10 @@ def run(cfg, stop_after: int | None = None) -> dict:
         log.eval(step, valid_loss)
     if saved != step_dir(checkpoint_root(cfg), step):
         save(cfg, step, step_fn, data, dims)
+    from training.lora import save_adapter_dir
+
+    if (adapter := save_adapter_dir(cfg, model)) is not None:  # collective over tp
+        log.info(f"LoRA adapter (PEFT layout) written to {adapter}")
     text = None
     if cfg.logging.sample_tokens > 0:
         from training.generate import sampling_model

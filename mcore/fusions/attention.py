@@ -13,6 +13,10 @@ Masks: causal with the queries aligned to the END of the keys (query ``i`` of ``
 ``j <= i + t - s``; this is what a KV cache needs) or at ``q_offset`` (a static cache: keys
 past the written positions are hidden by the same rule), plus an optional key padding mask
 ``key_mask [b, t]`` (1 = real token, 0 = padding).
+
+ALiBi: with ``alibi_slopes`` (one float per LOCAL query head) the composed path adds
+``slope_head * (key_pos - query_pos)`` to the scaled scores before the mask (the fused kernel
+is not used then).
 """
 from __future__ import annotations
 
@@ -23,11 +27,12 @@ _NEG = -1.0e30
 
 
 def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 1024,
-                      q_offset=None):
+                      q_offset=None, alibi=None):
     """q ``[b, n, s, d]``, k / v ``[b, n_kv, t, d]`` (n divisible by n_kv) -> ``[b, n, s, d]``.
 
     ``q_offset``: position of query 0 among the keys (int or int32 scalar Tensor); None =
-    ``t - s`` (queries are the last s keys).
+    ``t - s`` (queries are the last s keys). ``alibi``: None or the ALiBi slopes of the ``n``
+    heads as a float32 Tensor ``[1, n_kv, g, 1, 1]``.
     """
     b, n, s, d = q.shape
     n_kv, t = k.shape[1], k.shape[2]
@@ -48,6 +53,9 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
         q_pos = ops.arange(start, stop, 1, dtype=ms.int32).reshape(stop - start, 1)
         q_pos = q_pos + (t - s if q_offset is None else q_offset)  # [c, 1] absolute positions
         keep = k_pos <= q_pos  # [c, t]
+        if alibi is not None:
+            distance = (k_pos - q_pos).astype(ms.float32)  # [c, t], <= 0 where kept
+            scores = scores + alibi * distance  # [1, n_kv, g, 1, 1] * [c, t]
         if keep_keys is not None:
             keep = ops.logical_and(keep, keep_keys)  # [b, 1, 1, c, t]
         scores = ops.masked_fill(scores, ops.logical_not(keep), _NEG)
@@ -66,14 +74,26 @@ class CoreAttention(nn.Cell):
     """Dispatching core attention; see the module docstring for the contract.
 
     ``use_fused``: None = decide from the device now (fused only on Ascend).
+    ``alibi_slopes``: None, or the ALiBi slopes of this rank's ``num_heads`` heads
+    (``mcore.transformer.positions.alibi_slopes_for_rank``); ``num_kv_heads`` (needed with
+    them) groups the heads as the composed path does.
     """
 
     def __init__(self, num_heads: int, scale: float, block_size: int = 1024,
-                 use_fused: bool | None = None):
+                 use_fused: bool | None = None, alibi_slopes=None, num_kv_heads: int = 1):
         super().__init__()
         self.num_heads = num_heads
         self.scale = float(scale)
         self.block_size = int(block_size)
+        self.alibi = None
+        if alibi_slopes is not None:
+            if len(alibi_slopes) != num_heads or num_heads % num_kv_heads:
+                raise ValueError(f"CoreAttention: {len(alibi_slopes)} alibi slopes for "
+                                 f"{num_heads} heads in {num_kv_heads} kv groups")
+            # [n] -> [1, n_kv, g, 1, 1], the head layout of blocked_attention's scores
+            self.alibi = Tensor(alibi_slopes, ms.float32).reshape(
+                1, num_kv_heads, num_heads // num_kv_heads, 1, 1)
+            use_fused = False
         self.use_fused = fused_available() if use_fused is None else bool(use_fused)
         if self.use_fused:
             # sparse_mode 3 (right-down causal) takes a compressed [2048, 2048] upper mask.
@@ -85,4 +105,5 @@ class CoreAttention(nn.Cell):
             return ops.flash_attention_score(q, k, v, self.num_heads, attn_mask=self.fused_mask,
                                              scalar_value=self.scale, input_layout="BNSD",
                                              sparse_mode=3)
-        return blocked_attention(q, k, v, self.scale, key_mask, self.block_size, q_offset)
+        return blocked_attention(q, k, v, self.scale, key_mask, self.block_size, q_offset,
+                                 self.alibi)

@@ -18,6 +18,9 @@ training steps use, does it for every parameter so marked, norm weights included
 Parameters are initialised from the full master weight drawn from ``seed`` (see
 ``mcore.tensor_parallel.random``), so any tp size gives the same model at step 0.
 
+``lora``: an optional LoRA adapter (``mcore.tensor_parallel.lora.attach_lora``) whose output is
+added before the bias; ``None`` by default.
+
 ``name`` identifies a layer: it seeds the initial weight (when ``seed`` is None) and names the
 parameters ``<name>.weight`` / ``<name>.bias``, so standalone layers with distinct names can
 share one optimizer (MindSpore needs unique parameter names there). Inside a Cell tree,
@@ -70,6 +73,8 @@ class _ParallelLinear(nn.Cell):
         self.input_size, self.output_size, self.group = input_size, output_size, group
         self.skip_bias_add, self.sequence_parallel = skip_bias_add, sequence_parallel
         self.layer_name = name
+        self.partitions = tuple(partitions) if partitions else None
+        self.lora = None  # a LoRAAdapter (mcore.tensor_parallel.lora.attach_lora) adds to y
         what = "output_size" if split_dim == 0 else "input_size"
         divide(output_size if split_dim == 0 else input_size, group, layer, name, what)
         for part in partitions or ():
@@ -136,6 +141,8 @@ class ColumnParallelLinear(_ParallelLinear):
 
     def construct(self, x):
         y = self.linear(self.enter(x))  # [b, s, in] -> [b, s, out/P]
+        if self.lora is not None:  # reads x before the f region (mcore/tensor_parallel/lora.py)
+            y = y + self.lora(x)
         if self.has_bias and not self.skip_bias_add:
             y = y + self.bias
         if self.gather_output:
@@ -180,4 +187,6 @@ class RowParallelLinear(_ParallelLinear):
         if self.sequence_parallel:
             check_sequence(x, self.group, "RowParallelLinear", self.layer_name)
         y = self.reduce(self.linear(x))  # partial sums -> [b, s, out] or [b, s/P, out]
+        if self.lora is not None:  # same layout as y (mcore/tensor_parallel/lora.py)
+            y = y + self.lora(x)
         return self.finish(y)

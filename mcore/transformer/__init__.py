@@ -9,7 +9,10 @@ from mcore.transformer.layer import TransformerLayer, TransformerLayerSubmodules
 from mcore.transformer.layer_specs import (gpt_layer_spec, gpt_layer_specs, moe_layer_specs,
                                            moe_mlp_spec)
 from mcore.transformer.mlp import MLP, MLPSubmodules
+from mcore.transformer.multi_query import (MultiQueryAttention, MultiQueryAttentionSubmodules,
+                                           ReplicatedLinear)
 from mcore.transformer.norm import LayerNorm, RMSNorm
+from mcore.transformer.positions import LearnedPositionEmbedding, alibi_slopes
 from mcore.transformer.rotary import RotaryEmbedding, apply_rotary
 from mcore.transformer.spec import IdentityOp, ModuleSpec, build_module
 
@@ -19,5 +22,6 @@ __all__ = [
     "RotaryEmbedding", "apply_rotary", "SelfAttention", "SelfAttentionSubmodules", "MLP",
     "MLPSubmodules", "TransformerLayer", "TransformerLayerSubmodules", "TransformerBlock",
     "KVCache", "StaticKVCache", "gpt_layer_spec", "gpt_layer_specs", "moe_layer_specs",
-    "moe_mlp_spec",
+    "moe_mlp_spec", "MultiQueryAttention", "MultiQueryAttentionSubmodules", "ReplicatedLinear",
+    "LearnedPositionEmbedding", "alibi_slopes",
 ]

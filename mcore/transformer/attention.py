@@ -12,6 +12,8 @@ Submodules (``SelfAttentionSubmodules``, built with ``build_module``):
   ``mcore.distributed.finalize`` sums them over tp (as Megatron sums ``q_layernorm`` /
   ``k_layernorm`` with the sequence-parallel norms), with or without sequence parallelism.
 - ``core_attention``: ``mcore.fusions.attention.CoreAttention`` (fused where the device has it).
+  With ``config.position_embedding == "alibi"`` it is built with this rank's ALiBi slopes
+  (``alibi_slopes=``, ``num_kv_heads=``); rotary is applied only with "rope".
 - ``linear_proj``: row-parallel output projection ``n d -> h``.
 
 Groups: ``groups.tp`` (``ModelGroups``; None = single process). Parameters are created in
@@ -29,8 +31,17 @@ from mindspore import nn, ops
 from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
 from mcore.transformer.norm import mark_sequence_parallel
+from mcore.transformer.positions import alibi_slopes_for_rank
 from mcore.transformer.rotary import apply_rotary
 from mcore.transformer.spec import IdentityOp, build_module
+
+
+def alibi_kwargs(config: TransformerConfig, tp_group, num_kv: int) -> dict:
+    """Extra core-attention arguments: this rank's ALiBi slopes when the config uses ALiBi."""
+    if config.position_embedding != "alibi":
+        return {}
+    return {"alibi_slopes": alibi_slopes_for_rank(config.num_attention_heads, tp_group.size,
+                                                  tp_group.rank), "num_kv_heads": num_kv}
 
 
 @dataclass
@@ -56,6 +67,7 @@ class SelfAttention(nn.Cell):
         self.num_heads = config.num_attention_heads // tp_group.size  # local query heads
         self.num_kv = config.num_query_groups // tp_group.size  # local key/value heads
         self.interleaved = config.rotary.interleaved
+        self.use_rotary = config.position_embedding == "rope"
         d, h = config.head_dim, config.hidden_size
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * d
         sp = config.parallel.sequence_parallel
@@ -74,7 +86,8 @@ class SelfAttention(nn.Cell):
             mark_sequence_parallel(self.k_layernorm)
         self.core_attention = build_module(submodules.core_attention, self.num_heads,
                                            config.softmax_scale,
-                                           block_size=config.attention.block_size)
+                                           block_size=config.attention.block_size,
+                                           **alibi_kwargs(config, tp_group, self.num_kv))
         self.linear_proj = build_module(submodules.linear_proj, config.num_attention_heads * d, h,
                                         tp_group=tp_group, bias=config.attention.out_bias,
                                         input_is_parallel=True, sequence_parallel=sp,
@@ -92,8 +105,9 @@ class SelfAttention(nn.Cell):
         q = ops.transpose(self.q_layernorm(q), (0, 2, 1, 3))  # [b, s, n, d] -> [b, n, s, d]
         k = ops.transpose(self.k_layernorm(k), (0, 2, 1, 3))  # [b, s, n_kv, d] -> [b, n_kv, s, d]
         v = ops.transpose(v, (0, 2, 1, 3))  # [b, s, n_kv, d] -> [b, n_kv, s, d]
-        q = apply_rotary(q, cos, sin, self.interleaved)
-        k = apply_rotary(k, cos, sin, self.interleaved)
+        if self.use_rotary:
+            q = apply_rotary(q, cos, sin, self.interleaved)
+            k = apply_rotary(k, cos, sin, self.interleaved)
         offset = None
         if cache is not None:
             k, v, offset = cache.update(self.layer_number, k, v)  # -> [b, n_kv, t, d]

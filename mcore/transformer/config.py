@@ -22,6 +22,7 @@ from mcore.moe.config import MoEConfig
 ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
 ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("rmsnorm", "layernorm")
+POSITION_EMBEDDINGS = ("rope", "learned", "alibi")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -161,6 +162,12 @@ class TransformerConfig:
     norm: "rmsnorm" or "layernorm"; norm_eps: its epsilon.
     sandwich_norm: extra norms on the attention and MLP outputs before the residual add (GLM-4-0414).
     mlp_fc1_bias / mlp_fc2_bias: biases on the MLP input (gate/up) / output (down) projections.
+    position_embedding: how positions enter: "rope" (rotary, ``rotary``), "learned" (a table of
+        ``max_position_embeddings`` absolute positions added to the token embedding; GPT-2) or
+        "alibi" (per-head linear attention biases, ``mcore.transformer.positions``; Bloom).
+        ``rotary`` is unused unless "rope".
+    max_position_embeddings: rows of the learned position table (required with "learned").
+    embedding_norm: a LayerNorm-type norm (``norm``) on the token embedding (Bloom).
     moe: ``mcore.moe.config.MoEConfig``; layers it marks (``is_moe_layer``) get a ``MoELayer``
         as their mlp (``gpt_layer_specs``).
     mtp: ``MTPConfig``: multi-token prediction depths on top of the last layer (``GPTModel``).
@@ -178,6 +185,9 @@ class TransformerConfig:
     sandwich_norm: bool = False
     mlp_fc1_bias: bool = False
     mlp_fc2_bias: bool = False
+    position_embedding: str = "rope"
+    max_position_embeddings: int | None = None
+    embedding_norm: bool = False
     rotary: RotaryConfig = field(default_factory=RotaryConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -204,8 +214,15 @@ class TransformerConfig:
                  f"must be one of {ACTIVATIONS}")
         _require(self.norm in NORMS, "norm", self.norm, f"must be one of {NORMS}")
         _require(self.norm_eps > 0, "norm_eps", self.norm_eps, "must be > 0")
+        _require(self.position_embedding in POSITION_EMBEDDINGS, "position_embedding",
+                 self.position_embedding, f"must be one of {POSITION_EMBEDDINGS}")
+        _require(self.position_embedding != "learned" or (
+            isinstance(self.max_position_embeddings, int) and self.max_position_embeddings > 0),
+            "max_position_embeddings", self.max_position_embeddings,
+            "must be a positive int with position_embedding='learned'")
         rot = self.head_dim * self.rotary.fraction
-        _require(abs(rot - round(rot)) < 1e-6 and round(rot) % 2 == 0 and rot > 0,
+        _require(self.position_embedding != "rope" or (
+            abs(rot - round(rot)) < 1e-6 and round(rot) % 2 == 0 and rot > 0),
                  "rotary.fraction", self.rotary.fraction,
                  f"head_dim * fraction = {rot} must be a positive even integer")
         if self.moe.num_experts:
@@ -227,8 +244,14 @@ class TransformerConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """Number of rotated dims per head (``head_dim * rotary.fraction``)."""
-        return int(round(self.head_dim * self.rotary.fraction))
+        """Number of rotated dims per head (``head_dim * rotary.fraction``; rounded down to an
+        even number, as the rotary tables of a non-"rope" config are built but unused)."""
+        return int(round(self.head_dim * self.rotary.fraction)) // 2 * 2 or 2
+
+    def local_kv_heads(self, tp: int) -> int:
+        """Key/value heads one tp rank holds: ``num_query_groups / tp``, or the single head of
+        multi-query attention (``num_query_groups == 1``), which every rank replicates."""
+        return 1 if self.num_query_groups == 1 else self.num_query_groups // tp
 
     @property
     def softmax_scale(self) -> float:

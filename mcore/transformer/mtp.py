@@ -8,7 +8,8 @@ at every position ``t``::
     h^k   = final_norm_k(TransformerLayer_k(x^k))
     loss_k = mean_t CE(Head(h^k_t), token_{t+k+1})
 
-``Emb`` and ``Head`` are the main model's embedding and output head (shared weights); the norms,
+``Emb`` and ``Head`` are the main model's token embedding (without the learned positions or
+embedding norm some legacy families add) and output head (shared weights); the norms,
 the projection (no bias) and the layer belong to the depth. The concatenation puts the
 embedding first, as DeepSeek's released MTP weights expect (``eh_proj [h, 2h]``), and a depth's
 normalised output feeds the next depth (Megatron's chaining; DeepSeek-V3 has D = 1). Positions

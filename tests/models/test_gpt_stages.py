@@ -193,3 +193,20 @@ def test_build_gpt_pipeline_reads_weights_from_hf_path():
     assert len(pipe.param_names[0]) == len(pipe.chunks[0].params) == len(full)
     for name, param in zip(pipe.param_names[0], pipe.chunks[0].params):
         np.testing.assert_array_equal(param.asnumpy(), full[name].asnumpy(), err_msg=name)
+
+
+def test_build_gpt_pipeline_refuses_a_tensor_the_model_does_not_use(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from mcore.parallel_state import ParallelDims
+    from models.errors import LoadError
+    from models.gpt_pipeline import build_gpt_pipeline
+    from models.safetensors_io import read_checkpoint, write_checkpoint
+
+    tensors = {n: lazy.load() for n, lazy in read_checkpoint(H.FIXTURE).items()}
+    tensors["model.layers.9.mlp.up_proj.weight"] = np.zeros((2, 2), np.float32)
+    write_checkpoint(tmp_path, tensors)
+    shutil.copy(Path(H.FIXTURE) / "config.json", tmp_path / "config.json")
+    with pytest.raises(LoadError, match=r"model\.layers\.9\.mlp\.up_proj\.weight"):
+        build_gpt_pipeline(None, ParallelDims.single(), jit=False, hf_path=tmp_path)

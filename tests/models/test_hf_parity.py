@@ -19,7 +19,9 @@ import models  # noqa: E402
 from models.safetensors_io import read_checkpoint  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "hf"
-FAMILIES = ["llama", "qwen2", "qwen3", "glm", "glm4", "telechat", "mixtral", "qwen3_moe"]
+FAMILIES = ["llama", "qwen2", "qwen3", "glm", "glm4", "telechat", "mixtral", "qwen3_moe",
+            "gpt2", "gpt_bigcode", "gpt_bigcode_mha", "bloom",  # legacy/ (found by model_type)
+            "llama2", "llama3_2", "deepseek_coder"]  # Llama-family aliases (model_type llama)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -74,7 +76,8 @@ def test_save_pretrained_round_trip_is_exact(loaded, tmp_path):
         np.testing.assert_array_equal(param.asnumpy(), mine[name].asnumpy(), err_msg=name)
 
 
-@pytest.mark.parametrize("family", ["glm4"])  # llama runs compiled in test_generate_and_errors
+# llama runs compiled in test_generate_and_errors; bloom: ALiBi inside the compiled core attention
+@pytest.mark.parametrize("family", ["glm4", "bloom"])
 def test_pynative_and_jit_give_same_logits(family):
     ref = np.load(FIXTURES / family / "reference.npz")
     model = models.from_pretrained(FIXTURES / family)

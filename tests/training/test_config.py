@@ -222,6 +222,8 @@ def _wrong_value(typ: str, draw_int, draw_text):
         return draw_text
     if typ.startswith("list of int"):
         return f"[{draw_int}, {draw_text}]"  # a word inside a list of ints
+    if typ.startswith("list of str"):
+        return draw_text  # a word is not a list
     return f"[{draw_int}, {draw_int}]"  # str fields: a list
 
 
