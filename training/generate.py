@@ -105,7 +105,8 @@ def _merged_experts(path: Path, parallel: dict, world_size: int, split: dict) ->
 def model_from_checkpoint(path: Path):
     """A one-process model with the weights of training checkpoint ``path`` (tp shards merged,
     pipeline stages joined: each stage holds its own layers under their global names; MoE
-    experts gathered over ep and etp); returns ``(model, meta)``."""
+    experts gathered over ep and etp; multi-token-prediction depths left out); returns
+    ``(model, meta)``."""
     from models.hf import load_weights
     from models.weights import split_dims, to_hf
     from training.checkpointing import load_checkpoint, read_meta
@@ -117,6 +118,7 @@ def model_from_checkpoint(path: Path):
     saved = meta["meta"]["config"]
     tp = int(saved["parallel"]["tp"])
     cfg = config_from_dict(saved, world_size=meta["world_size"])
+    cfg.model.mtp.num_layers = 0  # multi-token prediction depths only serve training
     if cfg.lora.enabled:  # adapters only in the checkpoint: frozen weights as training built them
         from training.lora import model_from_checkpoint as lora_model
 
@@ -127,7 +129,7 @@ def model_from_checkpoint(path: Path):
     for ranks in shard_ranks(saved["parallel"], meta["world_size"]):
         shards = [load_checkpoint(path, rank=r).model for r in ranks]
         for n in shards[0]:
-            if n in full:  # a tied embedding's head copy on the last stage: same weight
+            if n in full or n.startswith("mtp."):  # a tied head copy: same weight; MTP: unused
                 continue
             full[n] = (np.concatenate([s[n] for s in shards], split[n]) if n in split and tp > 1
                        else shards[0][n])
