@@ -62,6 +62,14 @@ losses come back through an explicit channel, never stored on a module:
 - ``construct`` / ``stage_forward`` return the same as for a dense model (router losses
   dropped: generation). A model without MoE layers returns ``aux``/``counts`` as one zero row.
 
+**Multi-token prediction** (``config.mtp.num_layers = D > 0``, ``mcore.transformer.mtp``):
+``model.mtp`` holds D extra depths built from ``mtp_layer_spec`` (default: ``layer_spec`` when
+it is one spec, else the config's dense ``gpt_layer_spec``); they share the embedding and the
+head. ``loss_terms(input_ids, labels, position_ids=None, key_mask=None) -> (loss, lm_loss, aux,
+counts, mtp [D])`` adds ``config.mtp.loss_factor * mtp.mean()`` to ``loss`` (so does
+``loss_with_aux``); ``construct`` and generation ignore the depths. Only a whole model (no
+pipeline stages) without sequence parallelism can have them (``ValueError`` otherwise).
+
 **Pipeline stages** (see docs/pipeline_parallel.md, "GPTModel as stages"). A stage holds the
 layers ``layer_range`` (built with their GLOBAL ``layer_number``: same initial weights, same
 parameter names ``decoder.layers.<global i>.*`` as the full model, so checkpoints and the HF
@@ -102,6 +110,8 @@ from mcore.tensor_parallel.mappings import (CopyToTPRegion, GatherFromSPRegion,
 from mcore.transformer.block import TransformerBlock, check_layer_range
 from mcore.transformer.config import TransformerConfig
 from mcore.transformer.kv_cache import KVCache
+from mcore.transformer.layer_specs import gpt_layer_spec
+from mcore.transformer.mtp import MultiTokenPrediction, shift_left
 from mcore.transformer.norm import norm_class
 from mcore.transformer.positions import LearnedPositionEmbedding
 from mcore.transformer.latent_cache import LatentKVCache, StaticLatentKVCache
@@ -131,7 +141,7 @@ class GPTModel(nn.Cell):
                  tie_embeddings: bool = False, groups: ModelGroups | None = None,
                  pre_process: bool = True, post_process: bool = True,
                  layer_range: range | None = None, embedding_group: ProcessGroup | None = None,
-                 tp_group: ProcessGroup | None = None):
+                 tp_group: ProcessGroup | None = None, mtp_layer_spec=None):
         super().__init__()
         groups = ModelGroups.resolve(groups, tp_group, "GPTModel")
         tp_group = groups.tp
@@ -181,6 +191,13 @@ class GPTModel(nn.Cell):
             self.output_layer = ColumnParallelLinear(config.hidden_size, vocab_size, tp_group,
                                                      bias=False, sequence_parallel=sp,
                                                      name="output_layer", params_dtype=dtype)
+        self.mtp = None
+        if config.mtp.num_layers:
+            _check_mtp(config, self.pre_process, self.post_process)
+            if mtp_layer_spec is None:  # a dense layer of this model's kind
+                mtp_layer_spec = (layer_spec if not isinstance(layer_spec, (list, tuple))
+                                  else gpt_layer_spec(config))
+            self.mtp = MultiTokenPrediction(config, mtp_layer_spec, groups)
         self.seq_split = tp_group.size if sp else 1  # the stage input is [b, s/seq_split, h]
         self.gather_logits = GatherFromTPRegion(tp_group)
         self.matmul_t = ops.MatMul(transpose_b=True)
@@ -278,7 +295,47 @@ class GPTModel(nn.Cell):
 
     def loss_with_aux(self, input_ids, labels, position_ids=None, key_mask=None):
         """``-> (loss [], lm_loss [], aux [L, 3], counts [L, E])`` with ``lm_loss`` the mean token
-        cross-entropy and ``loss = lm_loss + aux.sum()`` (see the module docstring)."""
-        token_loss, aux, counts = self.forward_with_aux(input_ids, position_ids, key_mask, labels)
-        lm_loss = token_loss.mean()  # [b, s] -> []
-        return lm_loss + aux.sum(), lm_loss, aux, counts
+        cross-entropy and ``loss = lm_loss + aux.sum()`` (plus the MTP term with
+        ``config.mtp``; see the module docstring)."""
+        loss, lm_loss, aux, counts, _ = self.loss_terms(input_ids, labels, position_ids, key_mask)
+        return loss, lm_loss, aux, counts
+
+    def loss_terms(self, input_ids, labels, position_ids=None, key_mask=None):
+        """``-> (loss [], lm_loss [], aux [L, 3], counts [L, E], mtp [D])``: ``loss_with_aux``'s
+        terms plus the per-depth multi-token-prediction losses (``mcore.transformer.mtp``;
+        one 0 without MTP); ``loss = lm_loss + aux.sum() + loss_factor * mtp.mean()``."""
+        if not self.post_process:
+            raise ValueError("GPTModel: labels given to a stage without post_process (no head)")
+        x, cos, sin = self._enter(input_ids, position_ids, None)
+        x, aux, counts = self.decoder.forward_with_aux(x, cos, sin, key_mask)  # x: final-normed
+        lm_loss = vocab_parallel_cross_entropy(self._head(x), labels, self.tp_group).mean()
+        loss = lm_loss + aux.sum()
+        if self.mtp is None:
+            return loss, lm_loss, aux, counts, ops.zeros((1,), ms.float32)
+        mtp = self._mtp_losses(x, input_ids, labels, cos, sin, key_mask)
+        return loss + self.mtp.loss_factor * mtp.mean(), lm_loss, aux, counts, mtp
+
+    def _mtp_losses(self, hidden, input_ids, labels, cos, sin, key_mask):
+        """Per-depth MTP losses ``[D]`` from the main model's head input ``hidden [b, s, h]``."""
+        losses = ()
+        for k, layer in enumerate(self.mtp.layers, start=1):
+            ids = shift_left(input_ids, k, 0)  # token t + k at t
+            target = shift_left(labels, k, -100)  # token t + k + 1 at t
+            hidden = layer(hidden, self.embedding(ids), cos, sin, key_mask)  # [b, s, h]
+            token_loss = vocab_parallel_cross_entropy(self._head(hidden), target, self.tp_group)
+            valid = (target != -100).astype(ms.float32)  # [b, s]
+            losses += (token_loss.sum() / ops.maximum(valid.sum(), 1.0),)
+        return ops.stack(losses)  # D x [] -> [D]
+
+
+def _check_mtp(config: TransformerConfig, pre_process: bool, post_process: bool) -> None:
+    """Multi-token prediction needs the embedding and the head on one stage, and the whole
+    sequence (no sequence parallelism)."""
+    D = config.mtp.num_layers
+    if not (pre_process and post_process):
+        raise ValueError(f"mtp.num_layers={D}: multi-token prediction needs the embedding and "
+                         "the output head on one stage; pipeline parallelism is not supported "
+                         "with it")
+    if config.parallel.sequence_parallel:
+        raise ValueError(f"mtp.num_layers={D}: multi-token prediction with sequence "
+                         "parallelism is not implemented")

@@ -53,6 +53,13 @@ class MoESection:
     normalize_topk: bool = _f(False, "divide the k chosen weights by their sum")
     num_groups: int = _f(0, "group-limited routing: expert groups (0: off)")
     group_topk: int = _f(0, "groups a token may choose from when num_groups > 0")
+    topk_method: Literal["greedy", "group_limited_greedy", "noaux_tc"] | None = _f(
+        None, "DeepSeek's selection (mcore/moe/hf_routing.py): greedy (top-k of all experts), "
+        "group_limited_greedy (V2: groups scored by their best expert), noaux_tc (V3: groups "
+        "scored by their best two, expert_bias for selection only); softmax scores are then "
+        "taken over all experts before the top-k (null: Mixtral's top-k of the logits, groups "
+        "scored by their best expert)")
+    routed_scaling_factor: float = _f(1.0, "multiply the routing weights by this")
     aux_loss_coeff: float = _f(0.01, "coefficient of the load-balancing loss added to the loss")
     z_loss_coeff: float = _f(0.0, "coefficient of the router z-loss")
     capacity_factor: float | None = _f(None, "expert capacity per token share (null: dropless); "
@@ -65,6 +72,18 @@ class MoESection:
                            "for selection only, moved after each applied step by "
                            "bias_update_rate * sign(mean load - load) (load over the global batch)")
     bias_update_rate: float = _f(1e-3, "step of the expert-bias update")
+
+
+@dataclass
+class MTPSection:
+    """``model.mtp``: DeepSeek-V3 multi-token prediction (``mcore.transformer.mtp``), off by
+    default."""
+
+    num_layers: int = _f(0, "prediction depths (Hugging Face num_nextn_predict_layers); depth k "
+                         "predicts the token k+1 ahead with one extra layer sharing the embedding "
+                         "and head (0: off; not with parallel.pp > 1 or parallel.sp)")
+    loss_factor: float = _f(0.1, "weight of the mean MTP loss added to the training loss "
+                            "(logged separately as mtp_loss)")
 
 
 @dataclass
@@ -101,6 +120,8 @@ class ModelConfig:
         "a list of layer indices or 'all' (null: none)")
     moe: MoESection = field(default_factory=MoESection, metadata={
         "doc": "mixture of experts (model.moe.*)", "derived": False})
+    mtp: MTPSection = field(default_factory=MTPSection, metadata={
+        "doc": "multi-token prediction (model.mtp.*)", "derived": False})
 
 
 @dataclass

@@ -115,6 +115,7 @@ def validate(cfg, world_size: int = 1) -> None:
         _divides("model.seq_length", m.seq_length, "2*parallel.cp", 2 * p.cp)
 
     _validate_moe(m.moe, p, m)
+    _validate_mtp(m.mtp, p)
     if o.distributed and m.moe.num_experts:
         raise ConfigError(f"optimizer.distributed=true with model.moe.num_experts="
                           f"{m.moe.num_experts}: the distributed optimizer does not shard expert "
@@ -145,6 +146,21 @@ def validate(cfg, world_size: int = 1) -> None:
                           f"optimizer.warmup_iters={o.warmup_iters}")
 
 
+def _validate_mtp(mtp, p) -> None:
+    """``model.mtp`` against itself and the layout (the embedding and the head on one stage)."""
+    if mtp.num_layers < 0:
+        raise ConfigError(f"model.mtp.num_layers must be >= 0, got {mtp.num_layers}")
+    if mtp.loss_factor < 0:
+        raise ConfigError(f"model.mtp.loss_factor must be >= 0, got {mtp.loss_factor}")
+    if mtp.num_layers and p.pp > 1:
+        raise ConfigError(f"model.mtp.num_layers={mtp.num_layers} with parallel.pp={p.pp}: "
+                          "multi-token prediction needs the embedding and the head on one stage "
+                          "(set parallel.pp=1)")
+    if mtp.num_layers and p.sp and p.tp > 1:
+        raise ConfigError(f"model.mtp.num_layers={mtp.num_layers} with parallel.sp=true: "
+                          "multi-token prediction with sequence parallelism is not implemented")
+
+
 def _validate_moe(moe, p, m) -> None:
     """``model.moe`` against itself and ``parallel.ep`` / ``parallel.etp`` / ``parallel.tp``."""
     num_layers = m.num_layers
@@ -161,6 +177,9 @@ def _validate_moe(moe, p, m) -> None:
     if moe.capacity_factor is not None and moe.capacity_factor <= 0:
         raise ConfigError(f"model.moe.capacity_factor must be > 0 (or null: dropless), got "
                           f"{moe.capacity_factor}")
+    if moe.routed_scaling_factor <= 0:
+        raise ConfigError(f"model.moe.routed_scaling_factor must be > 0, got "
+                          f"{moe.routed_scaling_factor}")
     E = moe.num_experts
     if E == 0:
         if p.ep > 1 or p.etp > 1:
@@ -179,6 +198,10 @@ def _validate_moe(moe, p, m) -> None:
     else:
         _divides("model.moe.ffn_hidden_size", moe.ffn_hidden_size, "parallel.etp", p.etp)
     _divides("model.moe.shared_ffn_hidden_size", moe.shared_ffn_hidden_size, "parallel.tp", p.tp)
+    if moe.topk_method is not None and (moe.topk_method == "greedy") != (moe.num_groups == 0):
+        raise ConfigError(f"model.moe.topk_method={moe.topk_method} "
+                          + ("takes no groups (set model.moe.num_groups to 0)" if moe.num_groups
+                             else "needs model.moe.num_groups > 0"))
     if moe.num_groups:
         _divides("model.moe.num_experts", E, "model.moe.num_groups", moe.num_groups)
         if not 1 <= moe.group_topk <= moe.num_groups:

@@ -2,8 +2,9 @@
 
 ``read_yaml(path)`` returns the parsed mapping (``{}`` for an empty file). It refuses, naming
 ``path``: a missing file, a directory, an unreadable file, bytes that are not UTF-8, text that
-is not YAML, a top level that is not a mapping, and a key written twice in one mapping (plain
-``yaml.safe_load`` keeps the last one silently; here the error names the key and both lines).
+is not YAML, a top level that is not a mapping, a key that is not a string (``? `` alone, ``1:``,
+``null:``), and a key written twice in one mapping (plain ``yaml.safe_load`` keeps the last one
+silently; here the error names the key and both lines).
 """
 from __future__ import annotations
 
@@ -29,6 +30,9 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, d
         except TypeError:  # an unhashable key (a list): the base constructor reports it
             continue
         line = key_node.start_mark.line + 1
+        if not isinstance(key, str):
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} on line {line} is not a name", key_node.start_mark)
         if first is not None:
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicated key '{key}' on line {line} (first on line {first})",
@@ -46,7 +50,7 @@ def _one_line(exc: yaml.YAMLError) -> str:
     problem = getattr(exc, "problem", None) or str(exc)
     mark = getattr(exc, "problem_mark", None)
     where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    if problem.startswith("duplicated key"):
+    if problem.startswith(("duplicated key", "key ")):
         where = ""  # the problem already names the lines
     return f"{problem}{where}"
 

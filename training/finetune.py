@@ -16,8 +16,8 @@ The pre-training loop (``training.pretrain.run``) with three things changed:
 
 Same config system and outputs as ``training/pretrain.py`` (``msrun ... training/finetune.py
 --config FILE parallel.tp=2`` on several ranks). Layouts: tp (with or without sp) x dp, with
-or without the distributed optimizer; pipeline parallelism and MoE models are refused for now
-(``ConfigError`` naming the key). Bad data stops the run with ``data error: FILE:LINE: ...``.
+or without the distributed optimizer; pipeline parallelism, MoE models and multi-token
+prediction are refused for now (``ConfigError`` naming the key). Bad data stops the run with ``data error: FILE:LINE: ...``.
 """
 from __future__ import annotations
 
@@ -46,6 +46,9 @@ def check_finetune(cfg) -> None:
     if cfg.model.moe.num_experts:
         raise ConfigError("model.moe.num_experts: training/finetune.py fine-tunes dense models "
                           "only for now (set it to 0)")
+    if cfg.model.mtp.num_layers:
+        raise ConfigError("model.mtp.num_layers: training/finetune.py does not train "
+                          "multi-token prediction for now (set it to 0)")
     if s.init_checkpoint is not None:
         if cfg.model.hf_path:
             raise ConfigError("sft.init_checkpoint and model.hf_path both set: start from one")

@@ -58,7 +58,8 @@ def _checkpoint_dir(source: Path) -> Path | None:
 def model_from_checkpoint(path: Path):
     """A one-process model with the weights of training checkpoint ``path``, whatever parallel
     layout wrote it (``mcore.checkpoint`` stores global tensors: tp shards, pipeline stages and
-    ep / etp expert shards read back as the whole model); returns ``(model, meta)``."""
+    ep / etp expert shards read back as the whole model; multi-token-prediction depths left
+    out); returns ``(model, meta)``."""
     import mindspore as ms
 
     from mcore.checkpoint import ShardSpec, load_tensors
@@ -69,6 +70,7 @@ def model_from_checkpoint(path: Path):
     meta = read_meta(path)
     saved = meta["meta"]["config"]
     cfg = config_from_dict(saved, world_size=meta["world_size"])
+    cfg.model.mtp.num_layers = 0  # multi-token prediction depths only serve training
     if cfg.lora.enabled:  # adapters only in the checkpoint: frozen weights as training built them
         from training.lora import model_from_checkpoint as lora_model
 

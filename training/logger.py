@@ -24,7 +24,9 @@ makes TensorBoard drop the older events of steps ``> k``. A progress line::
 
     step   20/300 | loss 4.8123 | lr 2.00e-03 | grad 0.912 | 10,342 tok/s | MFU 1.9% | ETA 1m12s
 
-and for a mixture-of-experts model (``moe_metrics``' entries passed to ``step``), after ``grad``:
+with multi-token prediction (``mtp_metrics``' entries) ``mtp 4.1234`` after ``grad`` (the mean
+MTP loss; in metrics.jsonl and TensorBoard as ``mtp_loss``, per depth ``mtp_loss_<k>``),
+and for a mixture-of-experts model (``moe_metrics``' entries passed to ``step``), after that:
 ``aux 0.0102 | experts 181/331/52.4 (min/max/std) | dropped 0.0%`` (the balancing loss, tokens
 routed per expert over every MoE layer, the share of assignments dropped over capacity); they
 are also in metrics.jsonl and TensorBoard (``train/moe_aux_loss``, ``train/moe_tokens_min``...).
@@ -113,6 +115,19 @@ def moe_metrics(aux_loss: float, tokens_per_expert, dropped: float, routed: floa
             "moe_dropped_share": float(dropped) / float(routed) if routed else 0.0}
 
 
+def mtp_metrics(losses) -> dict:
+    """The multi-token-prediction entries of a step record from the per-depth losses ``[D]``:
+    ``mtp_loss`` (their mean, the term ``model.mtp.loss_factor`` weighs) and, with D > 1,
+    ``mtp_loss_<k>`` for depth k. Pass them to ``RunLogger.step(..., **mtp_metrics(...))``."""
+    import numpy as np
+
+    losses = np.asarray(losses, np.float64).reshape(-1)
+    out = {"mtp_loss": float(losses.mean())}
+    if losses.size > 1:
+        out.update({f"mtp_loss_{k}": float(v) for k, v in enumerate(losses, start=1)})
+    return out
+
+
 def format_progress(step: int, total: int, loss: float, lr: float, grad_norm: float | None,
                     tokens_per_s: float, mfu: float | None, eta_s: float,
                     moe: dict | None = None) -> str:
@@ -121,7 +136,9 @@ def format_progress(step: int, total: int, loss: float, lr: float, grad_norm: fl
     parts = [f"step {step:>{width}}/{total}", f"loss {loss:.4f}", f"lr {lr:.2e}"]
     if grad_norm is not None:
         parts.append(f"grad {grad_norm:.3f}")
-    if moe:
+    if moe and "mtp_loss" in moe:
+        parts.append(f"mtp {moe['mtp_loss']:.4f}")
+    if moe and "moe_aux_loss" in moe:
         parts.append(f"aux {moe['moe_aux_loss']:.4f}")
         parts.append(f"experts {moe['moe_tokens_min']:.0f}/{moe['moe_tokens_max']:.0f}"
                      f"/{moe['moe_tokens_std']:.1f} (min/max/std)")
@@ -223,7 +240,9 @@ class RunLogger:
             if record.get(key) is not None:
                 self._scalar(f"train/{key}", record[key], step)
         if step % self.log_interval == 0 or step == self.total or step == 1:
-            moe = {k: record[k] for k in MOE_KEYS} if all(k in extra for k in MOE_KEYS) else None
+            moe = {k: record[k] for k in MOE_KEYS} if all(k in extra for k in MOE_KEYS) else {}
+            if "mtp_loss" in extra:
+                moe["mtp_loss"] = record["mtp_loss"]
             self.info(format_progress(step, self.total, loss, lr, grad_norm, tokens_per_s, mfu, eta,
                                       moe))
         return record

@@ -82,7 +82,7 @@ def _family(cfg) -> Family:
 
 def _knobs(cfg) -> dict:
     """The TransformerConfig parts the YAML sets for every family (and for ``hf_path``)."""
-    from mcore.transformer.config import ParallelConfig, PrecisionConfig
+    from mcore.transformer.config import MTPConfig, ParallelConfig, PrecisionConfig
 
     m = cfg.model
     recompute = m.recompute_layers if m.recompute_layers is not None else ()
@@ -91,7 +91,8 @@ def _knobs(cfg) -> dict:
                                 recompute_layers=recompute if recompute == "all" else tuple(recompute))
     # As in Megatron, sequence parallelism is off when tp = 1 (pretrain.py logs a warning).
     sp = bool(cfg.parallel.sp) and cfg.parallel.tp > 1
-    return {"precision": precision, "parallel": ParallelConfig(sequence_parallel=sp)}
+    mtp = MTPConfig(num_layers=m.mtp.num_layers, loss_factor=m.mtp.loss_factor)
+    return {"precision": precision, "parallel": ParallelConfig(sequence_parallel=sp), "mtp": mtp}
 
 
 def _rotary_check(cfg, fam: Family) -> None:
@@ -249,8 +250,14 @@ def moe_config(cfg):
     s = cfg.model.moe
     if s.num_experts == 0:
         return None
+    routing = {}
+    if s.topk_method is not None:
+        from mcore.moe.hf_routing import GROUP_SCORE_OF
+
+        routing = dict(pre_softmax=True, group_score=GROUP_SCORE_OF.get(s.topk_method, "max"))
     try:
-        return MoEConfig(num_experts=s.num_experts, top_k=s.top_k,
+        return MoEConfig(**routing, scaling_factor=s.routed_scaling_factor,
+                         num_experts=s.num_experts, top_k=s.top_k,
                          ffn_hidden_size=s.ffn_hidden_size or cfg.model.ffn_hidden_size,
                          shared_ffn_hidden_size=s.shared_ffn_hidden_size,
                          score_function=s.score_function, normalize_topk=s.normalize_topk,
@@ -259,4 +266,8 @@ def moe_config(cfg):
                          capacity_factor=s.capacity_factor, first_k_dense=s.first_k_dense,
                          expert_bias=s.expert_bias, bias_update_rate=s.bias_update_rate)
     except ValueError as exc:  # "moe.<field>=<value>: why"
-        raise ConfigError(f"model.{' '.join(str(exc).split())}") from None
+        text = " ".join(str(exc).split())
+        for field, key in (("moe.scaling_factor=", "moe.routed_scaling_factor="),
+                           ("moe.group_score=", "moe.topk_method=")):
+            text = text.replace(field, key, 1) if text.startswith(field) else text
+        raise ConfigError(f"model.{text}") from None

@@ -3,10 +3,12 @@ model (``model.moe_layers`` non-empty): the loss includes the router losses, and
 routing statistics are kept for the logger.
 
 - ``MoELossCell(model, loss_scale)``: ``(inputs, labels) -> (S * loss, lm_loss, aux [L, 3],
-  counts [L, E])`` with ``loss = lm_loss + aux.sum()`` (``GPTModel.loss_with_aux``);
+  counts [L, E], mtp [D])`` with ``loss = lm_loss + aux.sum() (+ mtp.loss_factor * mtp.mean())``
+  (``GPTModel.loss_terms``; ``mtp``: the multi-token-prediction losses, one 0 without MTP);
 - ``MoEForwardBackward``: like ``training.step.ForwardBackward`` (adds ``scale * dloss/dw``
   to the fp32 buffers) but differentiates the first output only (``value_and_grad`` with
-  ``has_aux``, inside the compiled construct) and returns ``(lm_loss, aux, counts)``;
+  ``has_aux``, inside the compiled construct) and returns ``(lm_loss, aux, counts, mtp)``.
+  ``TrainStep`` also uses these two for a dense model with multi-token prediction;
 - ``MoEStats``: per step, the router losses (mean over micro-batches and dp) and the tokens
   per expert (summed over micro-batches and dp), turned into ``training.logger.moe_metrics``;
 - ``bias_routers(model)`` / ``update_expert_biases``: aux-loss-free balancing. After each
@@ -47,21 +49,21 @@ from training.logger import moe_metrics
 
 
 class MoELossCell(nn.Cell):
-    """``(inputs [b, s] int32, labels [b, s] int32) -> (S * loss, lm_loss, aux, counts)``."""
+    """``(inputs [b, s] int32, labels [b, s] int32) -> (S * loss, lm_loss, aux, counts, mtp)``."""
 
     def __init__(self, model, loss_scale: float = 1.0):
         super().__init__()
         self.model, self.loss_scale = model, float(loss_scale)
 
     def construct(self, inputs, labels):
-        loss, lm_loss, aux, counts = self.model.loss_with_aux(inputs, labels)
+        loss, lm_loss, aux, counts, mtp = self.model.loss_terms(inputs, labels)
         if self.loss_scale != 1.0:
             loss = loss * self.loss_scale
-        return loss, lm_loss, aux, counts
+        return loss, lm_loss, aux, counts, mtp
 
 
 class MoEForwardBackward(nn.Cell):
-    """``construct(inputs, labels, scale) -> (lm_loss, aux [L, 3], counts [L, E])`` and
+    """``construct(inputs, labels, scale) -> (lm_loss, aux [L, 3], counts [L, E], mtp [D])`` and
     ``acc += scale / S * d(S loss)/dw``."""
 
     def __init__(self, loss_cell: MoELossCell, params, acc):
@@ -71,12 +73,12 @@ class MoEForwardBackward(nn.Cell):
         self.value_and_grad = ms.value_and_grad(loss_cell, None, params, has_aux=True)
 
     def construct(self, inputs, labels, scale):
-        (_, lm_loss, aux, counts), grads = self.value_and_grad(inputs, labels)
+        (_, lm_loss, aux, counts, mtp), grads = self.value_and_grad(inputs, labels)
         if self.unscale != 1.0:
             scale = scale * self.unscale
         for i in range(len(self.acc)):
             ops.assign_add(self.acc[i], grads[i] * scale)
-        return lm_loss, aux, counts
+        return lm_loss, aux, counts, mtp
 
 
 class MoEStats:

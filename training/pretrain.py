@@ -389,7 +389,8 @@ def run(cfg, stop_after: int | None = None, data_fn=None, init_fn=None,
         loss, grad_norm = step_fn(micro, lr)
         step += 1
         log.step(step, loss, lr, grad_norm, tokens=tokens_per_step, step_time=time.perf_counter() - t0,
-                 **(getattr(step_fn, "last_moe_metrics", None) or {}))
+                 **(getattr(step_fn, "last_moe_metrics", None) or {}),
+                 **(getattr(step_fn, "last_mtp_metrics", None) or {}))
         if skips := step_fn.skipped_in_a_row:
             limit = t.max_skipped_steps
             log.info(f"step {step}: loss {loss:.4g}, gradient norm {grad_norm:.4g}: update skipped "

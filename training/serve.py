@@ -8,7 +8,8 @@ directory, run directory, or HF directory). Endpoints: ``/v1/completions``,
 ``/v1/chat/completions``, ``/v1/models``, ``/health`` (see docs/serving.md). The served model
 name is ``--model-name`` (default: the source directory's name); requests naming another model
 get 404. Chat prompts use the ``chat_template`` of ``tokenizer_config.json`` beside the
-tokenizer file when there is one, else ``training.serving.chat.DEFAULT_TEMPLATE``.
+tokenizer file when there is one, else ``training.data.chat.DEFAULT_TEMPLATE`` (the same
+template fine-tuning uses, ``training.data.chat.load_template``).
 
 One process: the main thread owns the model (``training.serving.engine.Engine``, continuous
 batching of up to ``--max-batch`` requests over ``--max-model-len`` tokens each); uvicorn serves
@@ -99,13 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from training.serving.app import Service, build_app
-    from training.serving.chat import ChatFormatter
+    from training.data.chat import load_template
+    from training.data.sft import eos_token_of
     from training.serving.engine import Engine
 
     engine = Engine(model, tok, ns.max_batch, max_len, compiled=not ns.eager)
     engine.warmup()
     name = ns.model_name or Path(ns.source).resolve().name
-    service = Service(engine, tok, ChatFormatter.from_dir(src.tokenizer.parent), name, max_len)
+    service = Service(engine, tok, load_template(src.tokenizer.parent, eos_token_of(src.tokenizer.parent)), name, max_len)
     server = uvicorn.Server(uvicorn.Config(build_app(service), host=ns.host, port=ns.port,
                                            log_level="warning", timeout_graceful_shutdown=30))
     http = threading.Thread(target=server.run, name="http", daemon=True)
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         time.sleep(0.05)
     print(f"serving '{name}' on http://{ns.host}:{ns.port}/v1 (max batch {ns.max_batch}, "
-          f"context {max_len}, chat template: {service.chat.source})", flush=True)
+          f"context {max_len}, chat template: {service.chat.origin})", flush=True)
     try:
         engine.run()  # until SIGINT / SIGTERM and the running requests are done
     finally:

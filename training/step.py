@@ -58,6 +58,7 @@ from mindspore import Parameter, ParameterTuple, nn, ops
 from mcore.comm.collectives import all_reduce
 from mcore.distributed.finalize import GradFinalizer, grad_plans
 from mcore.parallel_state import ParallelDims
+from training.logger import mtp_metrics
 from training.optim import should_decay
 from training.packed_loss import packed_denominator, packed_mean_loss
 
@@ -274,6 +275,7 @@ class TrainState:
     bias_routers: tuple = ()  # MoE: [(row of the counts, router)] with expert_bias on
     last_moe_metrics = None  # MoE: training.logger.moe_metrics of the last step
     last_moe_counts = None  # MoE: tokens per expert [L, E] of the last step, global batch
+    last_mtp_metrics = None  # multi-token prediction: mtp_metrics of the last step
     update: AdamWUpdate
     opt: object  # OptimizerConfig: beta1, beta2
     adam_steps: int = 0  # updates applied (AdamW's t for the next update is adam_steps + 1)
@@ -376,13 +378,17 @@ class TrainStep(TrainState):
         decay = [should_decay(n, len(p.shape)) for n, p in self.named]
         self.loss_cell = LossCell(model)
         self.moe_layers = tuple(getattr(model, "moe_layers", ()))
+        self.mtp = getattr(model, "mtp", None) is not None
         if self.moe_layers:  # the loss includes the router losses (training/moe_step.py)
-            from training.moe_step import MoEForwardBackward, MoELossCell, MoEStats, bias_routers
+            from training.moe_step import MoEStats, bias_routers
 
             self.moe_stats, self.moe_top_k = MoEStats(), model.config.moe.top_k
             self.bias_routers = bias_routers(model)  # [(row, router)] with expert_bias on
             ids = {id(r.expert_bias) for _, r in self.bias_routers}
             self.buffers = tuple((n, p) for n, p in model.parameters_and_names() if id(p) in ids)
+        if self.moe_layers or self.mtp:  # loss = lm + router losses + MTP term (GPTModel.loss_terms)
+            from training.moe_step import MoEForwardBackward, MoELossCell
+
             self.forward_backward = MoEForwardBackward(MoELossCell(model, self.loss_scale),
                                                        self.params, self.acc)
         else:
@@ -397,27 +403,35 @@ class TrainStep(TrainState):
         one of the two means the update was skipped (``TrainState.apply_update``). A MoE model
         (``model.moe_layers``) trains on ``loss + router losses`` and reports the language-model
         loss; ``last_moe_metrics`` and ``last_moe_counts`` then hold the step's routing statistics,
-        and an applied step moves the routers' expert biases (``training/moe_step.py``)."""
+        and an applied step moves the routers' expert biases (``training/moe_step.py``). With
+        ``model.mtp`` it also trains on the MTP term, whose losses are in ``last_mtp_metrics``."""
         if len(micro_batches) != self.n_micro:
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
                              f"{self.n_micro}")
         scale = ms.Tensor(1.0 / self.n_micro, ms.float32)
-        total, extra = 0.0, ()
+        total, mtp_total, extra = 0.0, 0.0, ()
         if len(micro_batches[0]) == 4:  # packed: mean over the global batch's kept tokens
-            if self.moe_layers:
-                raise ValueError("packed (fine-tuning) batches are not supported with MoE layers")
+            if self.moe_layers or self.mtp:
+                raise ValueError("packed (fine-tuning) batches are not supported with MoE layers "
+                                 "or multi-token prediction")
             extra = (packed_denominator(micro_batches, self.dims.dp),)
         for batch in micro_batches:
             inputs, labels, *rest = [ms.Tensor(x, ms.int32) for x in batch]
             loss = self.forward_backward(inputs, labels, scale, *rest, *extra)
-            if self.moe_layers:  # (lm_loss, aux [L, 3], counts [L, E])
-                loss, aux, counts = loss
+            if self.moe_layers or self.mtp:  # (lm_loss, aux [L, 3], counts [L, E], mtp [D])
+                loss, aux, counts, mtp = loss
+                mtp_total = mtp_total + mtp.asnumpy().astype(np.float64)
+            if self.moe_layers:
                 self.moe_stats.add(aux, counts, batch[0].size * self.moe_top_k * len(self.moe_layers))
             total += float(loss.asnumpy())
         applied_before = self.adam_steps
         out = self.apply_update(lr, total / self.n_micro)
         if self.moe_layers:
             self.finish_moe(self.adam_steps > applied_before)
+        if self.mtp:  # per-depth losses, mean over micro-batches and dp
+            mtp, dp = ms.Tensor(np.asarray(mtp_total / self.n_micro, np.float32)), self.dims.dp
+            self.last_mtp_metrics = mtp_metrics((all_reduce(mtp, dp) / dp.size).asnumpy()
+                                                if dp.size > 1 else mtp.asnumpy())
         return out
 
     def evaluate(self, batches) -> float:

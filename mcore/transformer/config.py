@@ -10,6 +10,7 @@
   which layers are MoE (default ``num_experts=0``: dense).
 - ``ParallelConfig`` (``config.parallel``): sequence parallelism (group sizes come from ParallelDims).
 - ``PrecisionConfig`` (``config.precision``): parameter / compute dtypes and recompute.
+- ``MTPConfig`` (``config.mtp``): multi-token prediction depths and loss factor (default off).
 
 Every dataclass validates itself in ``__post_init__`` and raises ``ValueError`` naming the field.
 """
@@ -178,6 +179,24 @@ class PrecisionConfig:
 
 
 @dataclass
+class MTPConfig:
+    """Multi-token prediction (DeepSeek-V3; ``mcore.transformer.mtp``), off by default.
+
+    num_layers: prediction depths D (Hugging Face ``num_nextn_predict_layers``); depth k
+        predicts the token k + 1 positions ahead with one extra transformer layer.
+    loss_factor: lambda: the training loss is ``lm_loss + loss_factor * mean_k mtp_loss_k``.
+    """
+
+    num_layers: int = 0
+    loss_factor: float = 0.1
+
+    def __post_init__(self):
+        _require(isinstance(self.num_layers, int) and self.num_layers >= 0, "mtp.num_layers",
+                 self.num_layers, "must be an int >= 0")
+        _require(self.loss_factor >= 0, "mtp.loss_factor", self.loss_factor, "must be >= 0")
+
+
+@dataclass
 class TransformerConfig:
     """Architecture of a decoder stack.
 
@@ -201,6 +220,7 @@ class TransformerConfig:
         when ``rotary.scaling == "yarn"`` with ``mscale_all_dim`` (DeepSeek).
     moe: ``mcore.moe.config.MoEConfig``; layers it marks (``is_moe_layer``) get a ``MoELayer``
         as their mlp (``gpt_layer_specs``).
+    mtp: ``MTPConfig``: multi-token prediction depths on top of the last layer (``GPTModel``).
     """
 
     num_layers: int
@@ -225,6 +245,7 @@ class TransformerConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    mtp: MTPConfig = field(default_factory=MTPConfig)
 
     def __post_init__(self):
         for name in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size"):

@@ -11,12 +11,16 @@ the same gradient for every parameter; its parameter names and shapes are the pl
 KV-cache decoding with it is refused with a message. The same families' tp-replicated
 parameters (norms, row-parallel biases, Qwen3's q/k norms) get the tp=1 gradient at tp=2 after
 the finaliser.
+
+Multi-token prediction, in the same launch: three training steps of a tiny model with two MTP
+depths at tp=2 give the one-process losses, gradient norms and MTP losses.
 """
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from tests.models.test_gpt_mtp import check_mtp_tp_parity
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
@@ -159,11 +163,12 @@ def _worker(ctx):
                     np.testing.assert_array_equal(lazy.load(), original[name].load(), name)
         if family in SP_FAMILIES:
             _check_sequence_parallel(ctx, family, fixtures / family, one, two, ids, labels, dims)
+    check_mtp_tp_parity(ctx, dims)
 
 
 @pytest.fixture(scope="module")
 def job():
-    return run_ranks(2, "tests.models.test_tp_parity:_worker", timeout=400, stall_timeout=90)
+    return run_ranks(2, "tests.models.test_tp_parity:_worker", timeout=500, stall_timeout=90)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -174,6 +179,11 @@ def test_tp2_matches_tp1(job, family):
 @pytest.mark.parametrize("family", SP_FAMILIES)
 def test_tp2_sequence_parallel_matches_tp2(job, family):
     job.assert_ok(f"{family}_sp_")
+
+
+def test_tp2_mtp_training_matches_tp1(job):
+    """Multi-token prediction at tp=2 (``tests/models/test_gpt_mtp.py:check_mtp_tp_parity``)."""
+    job.assert_ok("mtp_training_tp2_matches_tp1")
 
 
 @pytest.mark.parametrize("family", SP_FAMILIES)

@@ -133,6 +133,12 @@ MOE = str(Path(__file__).resolve().parents[2] / "configs" / "tiny_moe_demo.yaml"
      "parallel.etp=4"),
     (["model.moe.shared_ffn_hidden_size=5", "parallel.tp=2"], 2,
      "model.moe.shared_ffn_hidden_size=5 is not divisible by parallel.tp=2"),
+    (["model.moe.topk_method=noaux_tc"], 1,
+     "model.moe.topk_method=noaux_tc needs model.moe.num_groups > 0"),
+    (["model.moe.topk_method=greedy", "model.moe.num_groups=2", "model.moe.group_topk=1"], 1,
+     "model.moe.topk_method=greedy takes no groups"),
+    (["model.moe.topk_method=best"], 1, "model.moe.topk_method: expected one of"),
+    (["model.moe.routed_scaling_factor=0"], 1, "model.moe.routed_scaling_factor must be > 0"),
 ])
 def test_moe_section_and_expert_parallel_errors_are_one_line(overrides, world, expect):
     msg = _error(overrides, path=MOE, world_size=world)
@@ -165,6 +171,10 @@ def test_moe_section_maps_onto_moe_config():
     assert (moe.aux_loss_coeff, moe.capacity_factor) == (0.01, 1.5)
     dense = load_config(MOE, ["model.moe.num_experts=0"])
     assert moe_config(dense) is None
+    v3 = moe_config(load_config(MOE, [
+        "model.moe.topk_method=noaux_tc", "model.moe.num_groups=2", "model.moe.group_topk=1",
+        "model.moe.score_function=sigmoid", "model.moe.routed_scaling_factor=2.5"]))
+    assert (v3.group_score, v3.pre_softmax, v3.scaling_factor) == ("top2_sum", True, 2.5)
     width = load_config(MOE, ["model.moe.ffn_hidden_size=null"])
     assert moe_config(width).ffn_hidden_size == width.model.ffn_hidden_size == 256
 

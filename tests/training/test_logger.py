@@ -83,6 +83,26 @@ def test_moe_metrics_in_line_jsonl_and_tensorboard(tmp_path):
     assert {f"train/{k}" for k in moe} <= tags
 
 
+def test_mtp_metrics_in_line_jsonl_and_tensorboard(tmp_path):
+    from training.logger import moe_metrics, mtp_metrics
+
+    assert mtp_metrics([2.5]) == {"mtp_loss": 2.5}
+    mtp = mtp_metrics(np.array([3.0, 4.0], np.float32))
+    assert mtp == {"mtp_loss": 3.5, "mtp_loss_1": 3.0, "mtp_loss_2": 4.0}
+    out = io.StringIO()
+    with RunLogger(tmp_path, total_steps=2, stream=out) as log:
+        log.step(1, 1.0, 1e-3, 0.5, 10, 0.1, **mtp)
+        log.step(2, 1.0, 1e-3, 0.5, 10, 0.1, **mtp, **moe_metrics(0.01, [1, 3], 0, 4))
+    first, second = out.getvalue().splitlines()[:2]
+    assert "| grad 0.500 | mtp 3.5000 | " in first and "aux" not in first
+    assert "| grad 0.500 | mtp 3.5000 | aux 0.0100 | experts 1/3/1.0" in second
+    records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert all({k: r[k] for k in mtp} == mtp for r in records)
+    (event_file,) = (tmp_path / "tensorboard").iterdir()
+    tags = {v.tag for e in read_events(event_file) for v in e.summary.value}
+    assert {"train/mtp_loss", "train/mtp_loss_1", "train/mtp_loss_2"} <= tags
+
+
 def test_non_zero_rank_writes_only_its_log(tmp_path):
     out = io.StringIO()
     with RunLogger(tmp_path, rank=1, world_size=2, total_steps=2, stream=out) as log:

@@ -134,7 +134,7 @@ def check_bias_replay(tmp: str) -> None:
     # MoE layer sends every token there.
     router = step.bias_routers[0][1]
     ops.assign(router.expert_bias, ms.Tensor([100.0, 0, 0, 0], ms.float32))
-    _, _, counts = step.forward_backward(ms.Tensor(micro[0][0]), ms.Tensor(micro[0][1]),
+    _, _, counts, _ = step.forward_backward(ms.Tensor(micro[0][0]), ms.Tensor(micro[0][1]),
                                          ms.Tensor(0.0, ms.float32))
     assert counts.asnumpy()[0, 0] == 2 * 32, counts
     print("BIAS_OK")

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.multirank import REPO_ROOT
-from training.serving.chat import ChatFormatter
+from training.data.chat import load_template
 from training.serving.protocol import APIError, parse_chat, parse_completion
 from training.serving.text_stream import TextStream
 
@@ -50,13 +50,13 @@ def test_chat_template_from_tokenizer_config(tmp_path):
                 "{% endfor %}{% if add_generation_prompt %}[assistant]{% endif %}")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(
         {"chat_template": template, "bos_token": {"content": "<s>"}, "eos_token": "</s>"}))
-    fmt = ChatFormatter.from_dir(tmp_path)
+    fmt = load_template(tmp_path, "</s>")
     msgs = [{"role": "user", "content": "hi"}]
-    assert fmt.format(msgs) == "<s>[user]hi[assistant]"
-    assert fmt.source.endswith("tokenizer_config.json")
-    default = ChatFormatter.from_dir(tmp_path / "missing")
-    assert default.source == "default"
-    assert default.format(msgs) == "<|user|>\nhi\n<|assistant|>\n"
+    assert fmt.render(msgs, add_generation_prompt=True) == "<s>[user]hi[assistant]"
+    assert fmt.origin.endswith("tokenizer_config.json")
+    default = load_template(tmp_path / "missing", "</s>")
+    assert default.origin == "default"
+    assert default.render(msgs, add_generation_prompt=True) == "<|user|>\nhi\n<|assistant|>\n"
 
 
 def test_request_validation_defaults_and_errors():

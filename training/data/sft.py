@@ -114,8 +114,13 @@ def sft_tokenizer_source(cfg) -> Path | None:
 
 
 def eos_token(cfg) -> str:
-    """The end-of-sequence token string: the template directory's ``eos_token`` or ours."""
-    directory = template_dir(cfg)
+    """The end-of-sequence token string of the run's template directory (``eos_token_of``)."""
+    return eos_token_of(template_dir(cfg))
+
+
+def eos_token_of(directory) -> str:
+    """The end-of-sequence token string: ``directory``'s ``tokenizer_config.json`` ``eos_token``,
+    else ours (``EOD_TOKEN``)."""
     conf = Path(directory) / "tokenizer_config.json" if directory else None
     if conf is not None and conf.is_file():
         from training.data.chat import _token_str

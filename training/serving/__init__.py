@@ -2,6 +2,6 @@
 
 ``engine``: continuous batching (one thread owns the model), ``slot_cache``: the per-row KV
 cache it decodes with, ``app``: the Starlette HTTP front end, ``protocol``: request validation
-and OpenAI response shapes, ``chat``: chat templates, ``text_stream``: detokenisation with stop
-strings.
+and OpenAI response shapes, ``text_stream``: detokenisation with stop strings. Chat
+templates are fine-tuning's (``training.data.chat``).
 """

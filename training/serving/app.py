@@ -28,7 +28,7 @@ from training.serving.engine import (SHUTTING_DOWN, Engine, EngineClosed, Event,
 
 @dataclass
 class Service:
-    """What the handlers need: the engine, its tokenizer, the chat formatter, the served
+    """What the handlers need: the engine, its tokenizer, the chat template (``training.data.chat.ChatTemplate``), the served
     model name and the context length (prompt + completion tokens)."""
 
     engine: Engine
@@ -156,7 +156,8 @@ def build_app(service: Service) -> Starlette:
     async def chat(request: HTTPRequest):
         try:
             messages, opts = api.parse_chat(await _body(request), name)
-            req, events = _request(service, service.chat.format(messages), opts, "messages")
+            prompt = service.chat.render(messages, add_generation_prompt=True)
+            req, events = _request(service, prompt, opts, "messages")
         except api.APIError as exc:
             return _error(exc)
         if not opts["stream"]:
