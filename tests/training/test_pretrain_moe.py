@@ -199,6 +199,19 @@ def test_moe_config_errors_before_work(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def _assert_steps_match(tmp, run_dir):
+    """Every step of ``run_dir`` has the one-process loss, gradient norm and router loss
+    (1e-5 relative) and the same tokens-per-expert statistics."""
+    one, many = _records(tmp / "full"), _records(run_dir)
+    assert sorted(many) == sorted(one) == list(range(1, STEPS + 1))
+    for step in one:
+        for key in ("loss", "grad_norm", "moe_aux_loss"):
+            a, b = one[step][key], many[step][key]
+            assert abs(b - a) <= 1e-5 * abs(a), (step, key, a, b)
+        for key in ("moe_tokens_min", "moe_tokens_max", "moe_tokens_std", "moe_dropped_share"):
+            assert many[step][key] == pytest.approx(one[step][key], rel=1e-6), (step, key)
+
+
 LAYOUTS = {  # name: (workers, extra keys); order tp-cp-ep-dp-pp
     "ep2": (2, ["parallel.ep=2"]),  # dp=2, edp=1
     "ep2_dp2": (4, ["parallel.ep=2"]),  # dp=4, edp=2
@@ -221,14 +234,7 @@ def test_expert_parallel_matches_one_process(reference, layout):
                         workers=workers, log_dir=str(log_dir))
     out = run_msrun(cmd, cwd=tmp, timeout=150 * workers)
     assert out.returncode == 0, out.stdout[-2000:] + worker_logs(log_dir)[-4000:]
-    one, many = _records(tmp / "full"), _records(run_dir)
-    assert sorted(many) == sorted(one) == list(range(1, STEPS + 1))
-    for step in one:
-        for key in ("loss", "grad_norm", "moe_aux_loss"):
-            a, b = one[step][key], many[step][key]
-            assert abs(b - a) <= 1e-5 * abs(a), (step, key, a, b)
-        for key in ("moe_tokens_min", "moe_tokens_max", "moe_dropped_share"):
-            assert many[step][key] == one[step][key], (step, key)
+    _assert_steps_match(tmp, run_dir)
     # Weights after 6 AdamW steps: an element whose gradient is ~0 gets an update of up to lr
     # from rounding-level gradient differences (m / sqrt(v)), hence the absolute tolerance.
     ref = load_checkpoint(tmp / "full" / "checkpoints" / f"step_{STEPS:06d}")
@@ -271,14 +277,7 @@ def test_pipeline_parallel_moe_matches_one_process(reference, run, layout, worke
     logs = worker_logs(log_dir)
     assert out.returncode == 0, out.stdout[-2000:] + logs[-4000:]
     assert "x pp 2" in logs and "sample (" in logs, logs[-3000:]
-    one, many = _records(tmp / "full"), _records(run_dir)
-    assert sorted(many) == sorted(one) == list(range(1, STEPS + 1))
-    for step in one:
-        for key in ("loss", "grad_norm", "moe_aux_loss"):
-            a, b = one[step][key], many[step][key]
-            assert abs(b - a) <= 1e-5 * abs(a), (step, key, a, b)
-        for key in ("moe_tokens_min", "moe_tokens_max", "moe_tokens_std", "moe_dropped_share"):
-            assert many[step][key] == pytest.approx(one[step][key], rel=1e-6), (step, key)
+    _assert_steps_match(tmp, run_dir)
     ref = load_checkpoint(tmp / "full" / "checkpoints" / f"step_{STEPS:06d}")
     ck = run_dir / "checkpoints" / f"step_{STEPS:06d}"
     meta = json.loads((ck / "meta.json").read_text())
