@@ -83,3 +83,18 @@ def test_multi_rank_launch_is_refused_with_one_line():
                          env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert out.returncode == 2
     assert out.stderr.strip().startswith("config error:") and "tp > 1" in out.stderr
+
+
+def test_a_template_that_refuses_the_messages_is_a_400(tmp_path):
+    from training.serving import protocol as api
+    from training.serving.app import _render
+
+    template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                "{{ raise_exception('no system role') }}{% endif %}{{ m['content'] }}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    fmt = load_template(tmp_path, "</s>")
+    assert _render(fmt, [{"role": "user", "content": "hi"}]) == "hi"
+    with pytest.raises(api.APIError) as err:
+        _render(fmt, [{"role": "system", "content": "x"}])
+    assert err.value.status == 400 and err.value.param == "messages"
+    assert "no system role" in err.value.message

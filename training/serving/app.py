@@ -21,6 +21,7 @@ from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from training.errors import DataError
 from training.serving import protocol as api
 from training.serving.engine import (SHUTTING_DOWN, Engine, EngineClosed, Event, Request,
                                      SamplingParams)
@@ -128,6 +129,15 @@ def _answer(build, events_done) -> JSONResponse:
                               api.usage(ev.prompt_tokens, ev.completion_tokens)))
 
 
+def _render(template, messages: list[dict]) -> str:
+    """The chat prompt; a template that refuses these messages (its ``raise_exception``, e.g.
+    roles that do not alternate) is the client's 400, naming ``messages``."""
+    try:
+        return template.render(messages, add_generation_prompt=True)
+    except DataError as exc:
+        raise api.APIError(400, str(exc), "messages") from None
+
+
 def build_app(service: Service) -> Starlette:
     name = service.name
 
@@ -156,7 +166,7 @@ def build_app(service: Service) -> Starlette:
     async def chat(request: HTTPRequest):
         try:
             messages, opts = api.parse_chat(await _body(request), name)
-            prompt = service.chat.render(messages, add_generation_prompt=True)
+            prompt = _render(service.chat, messages)
             req, events = _request(service, prompt, opts, "messages")
         except api.APIError as exc:
             return _error(exc)
