@@ -11,17 +11,20 @@ get 404. Chat prompts use the ``chat_template`` of ``tokenizer_config.json`` bes
 tokenizer file when there is one, else ``training.data.chat.DEFAULT_TEMPLATE`` (the same
 template fine-tuning uses, ``training.data.chat.load_template``).
 
-One process: the main thread owns the model (``training.serving.engine.Engine``, continuous
-batching of up to ``--max-batch`` requests over ``--max-model-len`` tokens each); uvicorn serves
-HTTP on a second thread. SIGINT / SIGTERM: stop accepting, fail the requests still waiting,
-finish the running ones, exit 0. Under msrun with more than one rank it stops with a config
-error: tensor-parallel serving is not implemented (checkpoints saved with tp > 1 are merged
-into the one process on load). Bad input (source, tokenizer, sizes) prints
-``<kind> error: <one line>`` and exits 2 before the model is built.
+The main thread owns the model (``training.serving.engine.Engine``, continuous batching of up
+to ``--max-batch`` requests over ``--max-model-len`` tokens each); uvicorn serves HTTP on a
+second thread. Under msrun with N ranks the model is split tp = N ways
+(``training.serving.tp_load``): rank 0 serves HTTP and schedules, announcing every model step to
+the other ranks, which replay it on their shards (``training.serving.lockstep``) and ignore
+SIGINT / SIGTERM. SIGINT / SIGTERM to the serving process (rank 0; its pid is in the ready
+line): stop accepting, fail the requests still waiting, finish the running ones, stop the other
+ranks, exit 0. Bad input (source, tokenizer, sizes) prints ``<kind> error: <one line>`` and
+exits 2 before the model is built (on every rank).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -72,42 +75,75 @@ def parse(argv: list[str] | None):
 
 
 def _check(ns) -> None:
-    from mcore.distributed_env import launched_world_size
     from training.config import ConfigError
 
-    if launched_world_size() > 1:
-        raise ConfigError(f"training/serve.py runs on one process (launched on "
-                          f"{launched_world_size()} ranks): tensor-parallel serving (tp > 1) is "
-                          "not implemented; run it with plain python")
     if ns.max_batch < 1:
         raise ConfigError(f"--max-batch={ns.max_batch}: must be >= 1")
     if not 0 <= ns.port < 65536:
         raise ConfigError(f"--port={ns.port}: must be in [0, 65535]")
 
 
+def _load_tp(src, world: int):
+    """``(model shard, tokenizer, dims)`` of this rank with tp = ``world``."""
+    from mcore.parallel_state import ParallelDims
+    from training.data.tokenizer import load_tokenizer
+    from training.errors import DataError
+    from training.serving.tp_load import load_shard
+
+    tok = load_tokenizer(src.tokenizer)
+    if tok.vocab_size > src.vocab_size:
+        raise DataError(f"tokenizer '{src.tokenizer}' has {tok.vocab_size} tokens but the model's "
+                        f"vocabulary has {src.vocab_size} ({src.path}): pass the tokenizer the "
+                        "model was trained with")
+    dims = ParallelDims.build(tp=world)
+    return load_shard(src, dims), tok, dims
+
+
 def main(argv: list[str] | None = None) -> int:
     ns = parse(argv)
+    from mcore.distributed_env import launched_world_size
+
+    world, lockstep = launched_world_size(), None
     with exit_on_user_error():
         _check(ns)
         from training.generate import load, resolve
 
         src = resolve(ns.source, ns.tokenizer)  # source and tokenizer exist: fail before work
         max_len = context_length(src, ns.max_model_len)
-        import mindspore as ms
+        if world > 1:
+            model, tok, dims = _load_tp(src, world)
+        else:
+            import mindspore as ms
 
-        ms.set_device("CPU")
-        model, tok = load(ns.source, ns.tokenizer)
+            ms.set_device("CPU")
+            model, tok = load(ns.source, ns.tokenizer)
+    from training.serving.engine import Engine
+    from training.serving.lockstep import Lockstep, follow
+
+    if world > 1:
+        lockstep = Lockstep(dims.tp, ns.max_batch, max_len)
+    engine = Engine(model, tok, ns.max_batch, max_len, compiled=not ns.eager, lockstep=lockstep)
+    engine.warmup()
+    if lockstep is not None and not lockstep.leader:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # rank 0 decides when every rank stops
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        steps = follow(engine, lockstep)
+        print(f"rank {dims.tp.rank}: stopped by rank 0 after {steps} steps", flush=True)
+        return 0
+    return _serve(ns, src, engine, tok, max_len, world)
+
+
+def _serve(ns, src, engine, tok, max_len: int, world: int) -> int:
+    """Rank 0 (or the one process): HTTP on a thread, the engine on this one."""
     import uvicorn
 
-    from training.serving.app import Service, build_app
     from training.data.chat import load_template
     from training.data.sft import eos_token_of
-    from training.serving.engine import Engine
+    from training.serving.app import Service, build_app
 
-    engine = Engine(model, tok, ns.max_batch, max_len, compiled=not ns.eager)
-    engine.warmup()
     name = ns.model_name or Path(ns.source).resolve().name
-    service = Service(engine, tok, load_template(src.tokenizer.parent, eos_token_of(src.tokenizer.parent)), name, max_len)
+    template = load_template(src.tokenizer.parent, eos_token_of(src.tokenizer.parent))
+    service = Service(engine, tok, template, name, max_len)
     server = uvicorn.Server(uvicorn.Config(build_app(service), host=ns.host, port=ns.port,
                                            log_level="warning", timeout_graceful_shutdown=30))
     http = threading.Thread(target=server.run, name="http", daemon=True)
@@ -125,10 +161,13 @@ def main(argv: list[str] | None = None) -> int:
     while not server.started:
         if not http.is_alive():
             print(f"serve error: cannot listen on {ns.host}:{ns.port}", file=sys.stderr)
+            engine.close()
+            engine.run()  # nothing is running: returns at once (and stops the other ranks)
             return 2
         time.sleep(0.05)
     print(f"serving '{name}' on http://{ns.host}:{ns.port}/v1 (max batch {ns.max_batch}, "
-          f"context {max_len}, chat template: {service.chat.origin})", flush=True)
+          f"context {max_len}, chat template: {service.chat.origin}, tp {world}, "
+          f"pid {os.getpid()})", flush=True)
     try:
         engine.run()  # until SIGINT / SIGTERM and the running requests are done
     finally:

@@ -77,12 +77,12 @@ def test_request_validation_defaults_and_errors():
     assert err.value.code == "invalid_json"
 
 
-def test_multi_rank_launch_is_refused_with_one_line():
-    env = {**os.environ, "MS_WORKER_NUM": "2"}
+def test_a_multi_rank_launch_with_a_bad_source_fails_before_communication():
+    env = {**os.environ, "MS_WORKER_NUM": "2"}  # as msrun sets it; init() would wait for peers
     out = subprocess.run([sys.executable, str(REPO_ROOT / "training" / "serve.py"), "nowhere"],
                          env=env, capture_output=True, text=True, timeout=120, cwd=REPO_ROOT)
     assert out.returncode == 2
-    assert out.stderr.strip().startswith("config error:") and "tp > 1" in out.stderr
+    assert out.stderr.strip().startswith("load error:") and "'nowhere'" in out.stderr
 
 
 def test_a_template_that_refuses_the_messages_is_a_400(tmp_path):

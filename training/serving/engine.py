@@ -23,6 +23,11 @@ Each request receives ``Event``s through its ``emit`` callback (called on the en
 text deltas, then one event with ``finish_reason`` ("stop" or "length") and the token counts,
 or one with ``error`` (the engine is closing). ``close()`` refuses new requests, fails the
 waiting ones and lets the running ones finish.
+
+Tensor parallelism: with a ``lockstep`` (``training.serving.lockstep``) rank 0's engine
+announces each prefill and decode step before running it (and IDLE while it waits, STOP when
+``run`` returns); the other ranks' engines replay them (``replay_prefill``,
+``replay_decode``) on their shards. ``warmup`` runs on every rank without messages.
 """
 from __future__ import annotations
 
@@ -120,7 +125,8 @@ class _PrefillStep(nn.Cell):
 class Engine:
     """See the module docstring."""
 
-    def __init__(self, model, tokenizer, max_batch: int, max_len: int, compiled: bool = True):
+    def __init__(self, model, tokenizer, max_batch: int, max_len: int, compiled: bool = True,
+                 lockstep=None):
         if max_batch < 1 or max_len < 2:
             raise ValueError(f"max_batch={max_batch}, max_len={max_len}: need >= 1 and >= 2")
         ms.set_context(mode=ms.PYNATIVE_MODE)  # host-side glue; the steps are jitted (compiled)
@@ -141,6 +147,7 @@ class Engine:
         self._waiting: deque = deque()
         self._closing = threading.Event()
         self.stats = {"steps": 0, "peak_batch": 0, "served": 0}
+        self._lockstep = lockstep
 
     # ----- any thread
     def submit(self, request: Request) -> None:
@@ -161,20 +168,37 @@ class Engine:
         """Compile the decode step of every width (all rows free) and the shortest prefill
         bucket."""
         for w in self.widths:
-            self._decode(w)
+            self._decode(w, announce=False)
         if self._prefill_fn == self._prefill_compiled:
             self._prefill_compiled([self.tokenizer.eod_id])
 
     def run(self) -> None:
-        while True:
-            self._collect(block=not any(self._rows) and not self._waiting)
-            if self._closing.is_set():
-                self._fail_waiting(SHUTTING_DOWN)
-            self._admit()
-            if any(self._rows):
-                self._step()
-            elif self._closing.is_set():
-                return
+        try:
+            while True:
+                idle = not any(self._rows) and not self._waiting
+                self._collect(block=idle)
+                if self._closing.is_set():
+                    self._fail_waiting(SHUTTING_DOWN)
+                if idle and not self._waiting and self._lockstep is not None:
+                    self._lockstep.send_idle()  # the other ranks wait in a collective
+                self._admit()
+                if any(self._rows):
+                    self._step()
+                elif self._closing.is_set():
+                    return
+        finally:
+            if self._lockstep is not None:
+                self._lockstep.send_stop()
+
+    # ----- the other ranks under tensor parallelism (training.serving.lockstep.follow)
+    def replay_prefill(self, row: int, prompt: list) -> None:
+        """Rank 0's prefill of ``prompt`` into ``row``."""
+        _, keys, values = self._prefill_fn(prompt)
+        self.cache.insert(row, keys, values, len(prompt))
+
+    def replay_decode(self, ids: np.ndarray, positions: np.ndarray) -> None:
+        """Rank 0's decode step of rows ``0 .. w-1`` (``ids``, ``positions``: ``[w]``)."""
+        self._run_decode(ids.reshape(-1, 1), positions.reshape(-1, 1))
 
     def _collect(self, block: bool) -> None:
         try:
@@ -203,12 +227,15 @@ class Engine:
 
     def _prefill(self, req: Request, row: int) -> None:
         length = len(req.prompt_ids)
+        if self._lockstep is not None:
+            self._lockstep.send_prefill(row, req.prompt_ids)
         logits, keys, values = self._prefill_fn(req.prompt_ids)
+        # inserted even if the request ends here: the row stays free, every rank's cache equal
+        self.cache.insert(row, keys, values, length)
         p = req.params
         state = _Row(req, TextStream(self.tokenizer.decode, list(p.stop)),
                      np.random.default_rng(p.seed), length)
         if self._accept(state, self._sample(state, logits)):
-            self.cache.insert(row, keys, values, length)
             self._rows[row] = state
 
     def _prefill_eager(self, prompt: list) -> tuple:
@@ -264,17 +291,22 @@ class Engine:
         top = max(i for i, r in enumerate(self._rows) if r is not None) + 1
         return next(w for w in self.widths if w >= top)
 
-    def _decode(self, b: int) -> np.ndarray:
-        """Logits ``[b, V]`` of one decode step over rows ``0 .. b-1``."""
-        t = self.max_len
+    def _decode(self, b: int, announce: bool = True) -> np.ndarray:
+        """Logits ``[b, V]`` of one decode step over rows ``0 .. b-1`` (announced to the other
+        tp ranks unless ``announce`` is False)."""
         ids = np.zeros((b, 1), np.int32)
-        pos = np.zeros((b, 1), np.int32)
-        key_mask = np.zeros((b, t), np.int32)
-        key_mask[:, 0] = 1  # a free row attends to column 0 only (keeps its softmax finite)
+        pos = np.zeros((b, 1), np.int32)  # a free row: dummy token 0 at position 0
         for i, row in enumerate(self._rows[:b]):
             if row is not None:
                 ids[i, 0], pos[i, 0] = row.last, row.position
-                key_mask[i, :row.position + 1] = 1
+        if announce and self._lockstep is not None:
+            self._lockstep.send_decode(ids[:, 0], pos[:, 0])
+        return self._run_decode(ids, pos)
+
+    def _run_decode(self, ids: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """The decode forward of ``ids``, ``pos`` ``[w, 1]``: each row attends to its columns
+        ``0 .. pos`` (a free row, at position 0, to column 0 only: a finite softmax)."""
+        key_mask = (np.arange(self.max_len)[None, :] <= pos).astype(np.int32)  # [w, T]
         self.cache.set_positions(pos[:, 0])
         logits = self._step_fn(ms.Tensor(ids), ms.Tensor(pos), ms.Tensor(key_mask))
         return logits.asnumpy()  # [b, V]
