@@ -1,5 +1,6 @@
-"""training/serve.py under msrun on 2 ranks (tp = 2, one launch): rank 0 serves HTTP on a port
-the test chose; 4 concurrent greedy completions (two of them streamed) equal one-process
+"""training/serve.py under msrun on 2 ranks (tp = 2, one launch): the served source is a
+training checkpoint holding the tiny Llama fixture's weights (so each rank reads its tp shards
+through ``mcore/checkpoint``); rank 0 serves HTTP on a port the test chose; 4 concurrent greedy completions (two of them streamed) equal one-process
 ``models.generate`` of each prompt alone; /health shows the requests shared decode steps;
 rank 1 replayed exactly rank 0's prefills and decode steps; SIGTERM to rank 0 (its pid from
 the ready line) stops both ranks and msrun exits 0.
@@ -14,8 +15,7 @@ import subprocess
 import threading
 import time
 import urllib.request
-
-import pytest
+from pathlib import Path
 
 from tests.msrun_util import msrun_command, msrun_env, worker_logs
 from tests.training.serve_fixture import SERVE, free_port, get_json, make_model_dir
@@ -37,10 +37,21 @@ def _complete(url: str, prompt: str, stream: bool) -> str:
         return "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
 
 
-def _reference(model_dir) -> list[str]:
-    import mindspore as ms
+def _checkpoint(model_dir: Path) -> Path:
+    """A one-process training checkpoint (step 1) of the HF fixture's weights and config."""
+    import models
+    from mcore.checkpoint import save_checkpoint
+    from training.config import load_config
 
-    ms.set_device("CPU")
+    cfg = load_config(None, [f"model.hf_path={model_dir}"])
+    model = models.from_pretrained(model_dir)
+    state = {n: p.asnumpy() for n, p in model.parameters_and_names()}
+    meta = {"config": cfg.to_dict(), "tokenizer": str(model_dir / "tokenizer.json")}
+    return save_checkpoint(model_dir.parent / "checkpoints", 1, state, {}, meta)
+
+
+def _reference(model_dir) -> list[str]:
+    """Greedy answers of the HF directory, one prompt at a time, in this process."""
     import models
     from training.generate import load
 
@@ -65,9 +76,13 @@ def _wait_ready(proc, log, deadline: float) -> int:
 
 
 def test_tp2_serves_greedy_answers_and_stops_every_rank(tmp_path):
+    import mindspore as ms
+
+    ms.set_device("CPU")
     model_dir = make_model_dir(tmp_path)
+    checkpoint = _checkpoint(model_dir)
     port, logs = free_port(), tmp_path / "logs"
-    cmd = msrun_command(SERVE, [model_dir, "--port", port, "--max-batch", "4",
+    cmd = msrun_command(SERVE, [checkpoint, "--port", port, "--max-batch", "4",
                                 "--max-model-len", "64", "--model-name", "tiny"],
                         log_dir=str(logs), cluster_time_out=60)
     proc = subprocess.Popen(["timeout", "-k", "5", "170", *cmd], cwd=tmp_path, env=msrun_env(),
