@@ -22,7 +22,12 @@ transformers' load-balancing loss on ``input_ids`` (``output_router_logits=True`
 Legacy families (``gpt2``, ``gpt_bigcode`` multi-query, ``gpt_bigcode_mha`` its per-head
 interleaved multi-head form, ``bloom`` with ALiBi; ``legacy/``):
 configs in their own key names (``LEGACY``), the same tiny sizes, 4 heads, 64 positions.
-``--only gpt2 gpt_bigcode bloom`` writes just those. Llama-family aliases (``ALIASES``:
+``--only gpt2 gpt_bigcode bloom`` writes just those.
+
+DeepSeek (``--only deepseek_v3 deepseek_v2``, ``DEEPSEEK``): 3 layers, layer 0 dense, MLA, 8
+experts in 2 groups, YaRN; V3 also gets a random MTP layer appended as layer 3 and a random
+``e_score_correction_bias``; the selection margins of every gate (group scores and the k-th
+kept expert) are checked like the router gaps above. Llama-family aliases (``ALIASES``:
 ``llama2``, ``llama3_2``, ``deepseek_coder``) are Llama checkpoints with their distinguishing
 config choices.
 
@@ -124,7 +129,8 @@ DEEPSEEK = {
                              mscale=0.707, mscale_all_dim=0.707))),
 }
 FAMILIES.update(DEEPSEEK)
-SEEDS = {"llama2": 7, "deepseek_v3": 1, "deepseek_v2": 9}  # default (100 + index): top-2 gap too small
+# families whose default seed (100 + index) gives a too-small top-2 or router gap
+SEEDS = {"llama2": 7, "deepseek_v3": 1, "deepseek_v2": 9}
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -259,7 +265,8 @@ def add_mtp_layer(target: Path, cfg, seed: int) -> None:
 
     file = target / "model.safetensors"
     tensors = load_file(str(file))
-    last, mtp = f"model.layers.{cfg.num_hidden_layers - 1}.", f"model.layers.{cfg.num_hidden_layers}."
+    n = cfg.num_hidden_layers
+    last, mtp = f"model.layers.{n - 1}.", f"model.layers.{n}."
     gen = torch.Generator().manual_seed(seed + 2)
     new = {mtp + n[len(last):]: torch.randn(t.shape, generator=gen) * 0.1
            for n, t in tensors.items() if n.startswith(last)}

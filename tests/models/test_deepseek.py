@@ -52,8 +52,8 @@ def test_bad_keys_are_named(key, value):
 
 
 def test_dense_mtp_layer_round_trip(tmp_path):
-    """A V3 config whose MTP layer is dense (moe_layer_freq=2: layer 2 MoE, 3 dense): save_pretrained
-    writes the MTP layer as layer num_hidden_layers under DeepSeek's names; use_mtp loads it
+    """A V3 config whose MTP layer is dense (moe_layer_freq=2: layer 2 MoE, 3 dense):
+    save_pretrained writes the MTP layer as layer num_hidden_layers under DeepSeek's names; use_mtp loads it
     back exactly; without use_mtp strict loading ignores it."""
     hf = {**read_config(FIXTURES / "deepseek_v3"), "moe_layer_freq": 2, "use_mtp": True}
     model = build_from_config(hf)
