@@ -5,7 +5,6 @@ training/pretrain.py trains it on the bundled corpus in graph mode with the MTP 
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
