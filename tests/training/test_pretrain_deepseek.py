@@ -1,7 +1,9 @@
 """configs/tiny_deepseek_v3_demo.yaml (shrunk): the YAML builds a DeepSeek-V3-shaped model (MLA,
 first layer dense, sigmoid group routing with correction bias, a shared expert, one MTP depth),
 training/pretrain.py trains it on the bundled corpus in graph mode with the MTP loss logged, and
-``save_pretrained`` of the YAML model reads back through ``models.from_pretrained``."""
+``save_pretrained`` of the YAML model reads back through ``models.from_pretrained``. On real
+ranks (one msrun launch of 4: tp=2 x ep=2 with etp=2, dp=2) every step has the one-process
+loss, gradient norm and MTP loss (1e-5 relative) and the same tokens per expert."""
 import json
 import subprocess
 import sys
@@ -9,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.msrun_util import msrun_command, run_msrun, worker_logs
 from tests.multirank import REPO_ROOT
 from training.config import ConfigError, load_config
 
@@ -59,15 +62,53 @@ def test_bad_mla_keys_are_named(overrides, message):
         transformer_config(load_config(CONFIG, TINY + overrides))
 
 
-def test_pretrain_trains_with_mtp(tmp_path):
-    cmd = [sys.executable, str(REPO_ROOT / "training" / "pretrain.py"), "--config", CONFIG,
-           *TINY, f"data.cache_dir={tmp_path / 'cache'}", f"logging.output_dir={tmp_path / 'run'}"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+PRETRAIN = str(REPO_ROOT / "training" / "pretrain.py")
+
+
+def _args(tmp, run: str, *extra) -> list[str]:
+    return ["--config", CONFIG, *TINY, f"data.cache_dir={tmp / 'cache'}",
+            f"logging.output_dir={tmp / run}", "checkpoint.save_interval=0", *extra]
+
+
+def _records(run_dir) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if r["kind"] == "train"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pretrain_deepseek")
+    res = subprocess.run([sys.executable, PRETRAIN, *_args(tmp, "full")], capture_output=True,
+                         text=True, timeout=600, cwd=tmp)
+    return tmp, res
+
+
+def test_pretrain_trains_with_mtp(reference):
+    tmp, res = reference
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
-            .splitlines()]
-    train = [r for r in rows if r["kind"] == "train"]
+    train = [r for _, r in sorted(_records(tmp / "full").items())]
     assert [r["step"] for r in train] == list(range(1, STEPS + 1))
     assert all(np.isfinite(r["mtp_loss"]) and r["mtp_loss"] > 0 for r in train)
     assert all(r["moe_dropped_share"] == 0.0 for r in train)
     assert train[-1]["loss"] < train[0]["loss"] - 0.05
+
+
+@pytest.mark.multirank
+def test_tp2_ep2_matches_one_process(reference):
+    tmp, res = reference
+    assert res.returncode == 0, res.stderr[-3000:]
+    log_dir = tmp / "logs_tp2_ep2"
+    cmd = msrun_command(PRETRAIN, _args(tmp, "tp2_ep2", "parallel.tp=2", "parallel.ep=2",
+                                        "parallel.etp=2"), workers=4, log_dir=str(log_dir))
+    out = run_msrun(cmd, cwd=tmp, timeout=600)
+    logs = worker_logs(log_dir)
+    assert out.returncode == 0, out.stdout[-2000:] + logs[-4000:]
+    assert "tp 2 x pp 1 x ep 2 x dp 2" in logs, logs[-2000:]
+    one, many = _records(tmp / "full"), _records(tmp / "tp2_ep2")
+    assert sorted(many) == sorted(one) == list(range(1, STEPS + 1))
+    for step in one:
+        for key in ("loss", "grad_norm", "mtp_loss"):
+            a, b = one[step][key], many[step][key]
+            assert abs(b - a) <= 1e-5 * abs(a), (step, key, a, b)
+        for key in ("moe_tokens_min", "moe_tokens_max", "moe_tokens_std"):
+            assert many[step][key] == pytest.approx(one[step][key], rel=1e-6), (step, key)
