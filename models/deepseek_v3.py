@@ -148,16 +148,16 @@ def weight_table(cfg: TransformerConfig, tie: bool) -> dict:
     return deepseek_table(cfg, tie, STORES_CORRECTION_BIAS)
 
 
-def ignored_tensor(hf: dict, cfg: TransformerConfig, name: str) -> bool:
-    """Whether checkpoint tensor ``name`` may stay unused: an MTP layer's tensors
-    (layers ``num_hidden_layers .. + num_nextn_predict_layers - 1``) when MTP is off, and the
-    copies of the embedding and head an MTP layer stores when it is on."""
-    depth = hf.get("num_nextn_predict_layers") or 0
+def ignored_tensor(cfg: TransformerConfig, name: str, names) -> bool:
+    """Whether checkpoint tensor ``name`` may stay unused: a tensor of an MTP layer (a layer
+    ``>= num_hidden_layers`` whose ``eh_proj.weight`` is among the checkpoint's ``names``) when
+    MTP is off, and the copies of the embedding and head an MTP layer stores when it is on.
+    Other surplus layers (a config with fewer layers than the checkpoint) stay errors."""
     parts = name.split(".")
     if len(parts) < 4 or parts[:2] != ["model", "layers"] or not parts[2].isdigit():
         return False
     index = int(parts[2])
-    if not cfg.num_layers <= index < cfg.num_layers + depth:
+    if index < cfg.num_layers or f"model.layers.{index}.eh_proj.weight" not in names:
         return False
     if not cfg.mtp.num_layers:
         return True

@@ -17,8 +17,8 @@ registered makes ``family_of`` import ``legacy`` (by name: ``models`` does not d
 look again, so ``from_pretrained`` finds a legacy family without the caller importing anything.
 A family may set ``BASE_PREFIX`` (its weight names' prefix, e.g. ``"transformer."``: a
 checkpoint of the base model without it is renamed on load) and ``IGNORED_SUFFIXES`` (buffers
-older checkpoints saved, e.g. GPT-2's ``.attn.bias`` causal mask) and ``ignored_tensor(hf,
-cfg, name)`` (checkpoint tensors strict loading accepts unused: DeepSeek-V3's MTP layer).
+older checkpoints saved, e.g. GPT-2's ``.attn.bias`` causal mask) and ``ignored_tensor(cfg,
+name, names)`` (checkpoint tensors strict loading accepts unused: DeepSeek-V3's MTP layer).
 Errors: unknown ``model_type``, an override that is not a config key, or a shape mismatch
 each raise one error naming the key or tensor. Faults of the files raise ``models.LoadError``
 naming the file and tensor: ``config.json`` missing, not JSON or lacking a required key; a bad
@@ -205,7 +205,7 @@ def check_names(model: GPTModel, tensors: dict, path: Path, strict: bool = True)
     ignored = _IGNORED_SUFFIXES + tuple(getattr(model.hf.family, "IGNORED_SUFFIXES", ()))
     skip = getattr(model.hf.family, "ignored_tensor", None)
     unexpected = sorted(n for n in set(tensors) - used if not n.endswith(ignored)
-                        and not (skip and skip(model.hf.config, model.config, n)))
+                        and not (skip and skip(model.config, n, tensors)))
     if unexpected:
         raise LoadError(f"{path}: {len(unexpected)} tensor(s) the model does not use: "
                         f"{_listing(unexpected)} (num_hidden_layers={model.config.num_layers}; "

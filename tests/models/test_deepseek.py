@@ -30,6 +30,14 @@ def test_generation_uses_the_latent_cache(family):
             and bool(table["decoder.layers.1.mlp.router.expert_bias"]) == (family == "deepseek_v3"))
 
 
+def test_fewer_layers_than_the_checkpoint_is_still_refused():
+    """Only the MTP layer (it has eh_proj) is skipped: a surplus decoder layer is an error."""
+    with pytest.raises(models.LoadError, match=r"'model\.layers\.2\..*num_hidden_layers=2"):
+        models.from_pretrained(FIXTURES / "deepseek_v3", num_hidden_layers=2)
+    assert models.from_pretrained(FIXTURES / "deepseek_v3", strict=False,
+                                  num_hidden_layers=2).config.num_layers == 2
+
+
 def test_v3_moe_mtp_layer_is_refused_naming_use_mtp():
     with pytest.raises(ValueError, match=r"^use_mtp=True: .*MoE layer"):
         models.from_pretrained(FIXTURES / "deepseek_v3", use_mtp=True)
