@@ -50,6 +50,7 @@ FAMILIES: dict[str, ModuleType] = {t: fam for fam in (llama, qwen, glm, telechat
 _OPTIONAL_KEYS = {"rope_scaling", "rope_parameters", "head_dim", "tie_word_embeddings",
                   "partial_rotary_factor", "attention_bias", "output_router_logits",
                   "router_aux_loss_coef", "use_mtp"}
+_MTP_TYPES = {"deepseek_v3", "deepseek_v2"}  # read use_mtp (V2 refuses it naming the key)
 
 
 @dataclass
@@ -154,6 +155,9 @@ def from_pretrained(path, tp_group: ProcessGroup | None = None, dims: ParallelDi
     for key, value in overrides.items():
         if key not in hf and key not in _OPTIONAL_KEYS:
             raise KeyError(f"override {key!r} is not a key of {config_file}")
+        if key == "use_mtp" and hf.get("model_type") not in _MTP_TYPES:
+            raise KeyError(f"override 'use_mtp': model_type={hf.get('model_type')!r} has no "
+                           f"multi-token prediction layers (only {sorted(_MTP_TYPES)})")
         hf[key] = value
     model_groups = _groups(tp_group, dims, groups)
     tensors = read_checkpoint(path)  # headers only: file faults surface before the model is built

@@ -43,6 +43,11 @@ def test_v3_moe_mtp_layer_is_refused_naming_use_mtp():
         models.from_pretrained(FIXTURES / "deepseek_v3", use_mtp=True)
 
 
+def test_use_mtp_on_another_family_is_refused():
+    with pytest.raises(KeyError, match=r"use_mtp.*model_type='llama'"):
+        models.from_pretrained(FIXTURES / "llama", use_mtp=True)
+
+
 def test_mtp_requested_without_mtp_layers_names_the_key():
     hf = read_config(FIXTURES / "deepseek_v3")
     with pytest.raises(ValueError, match=r"num_nextn_predict_layers=0"):
