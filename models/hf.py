@@ -17,7 +17,8 @@ registered makes ``family_of`` import ``legacy`` (by name: ``models`` does not d
 look again, so ``from_pretrained`` finds a legacy family without the caller importing anything.
 A family may set ``BASE_PREFIX`` (its weight names' prefix, e.g. ``"transformer."``: a
 checkpoint of the base model without it is renamed on load) and ``IGNORED_SUFFIXES`` (buffers
-older checkpoints saved, e.g. GPT-2's ``.attn.bias`` causal mask).
+older checkpoints saved, e.g. GPT-2's ``.attn.bias`` causal mask) and ``ignored_tensor(cfg,
+name, names)`` (checkpoint tensors strict loading accepts unused: DeepSeek-V3's MTP layer).
 Errors: unknown ``model_type``, an override that is not a config key, or a shape mismatch
 each raise one error naming the key or tensor. Faults of the files raise ``models.LoadError``
 naming the file and tensor: ``config.json`` missing, not JSON or lacking a required key; a bad
@@ -36,19 +37,20 @@ import mindspore as ms
 import numpy as np
 
 from mcore.parallel_state import ModelGroups, ParallelDims, ProcessGroup
-from models import glm, llama, mixtral, qwen, qwen3_moe, telechat
+from models import deepseek_v2, deepseek_v3, glm, llama, mixtral, qwen, qwen3_moe, telechat
 from models.errors import LoadError
 from models.gpt import GPTModel, StageSpec
 from models.safetensors_io import read_checkpoint, write_checkpoint
 from models.weights import split_dims, to_hf, to_local
 
 FAMILIES: dict[str, ModuleType] = {t: fam for fam in (llama, qwen, glm, telechat, mixtral,
-                                                        qwen3_moe)
+                                                        qwen3_moe, deepseek_v3, deepseek_v2)
                                    for t in fam.MODEL_TYPES}
 # Keys an override may add although config.json does not have them.
 _OPTIONAL_KEYS = {"rope_scaling", "rope_parameters", "head_dim", "tie_word_embeddings",
                   "partial_rotary_factor", "attention_bias", "output_router_logits",
-                  "router_aux_loss_coef"}
+                  "router_aux_loss_coef", "use_mtp"}
+_MTP_TYPES = {"deepseek_v3", "deepseek_v2"}  # read use_mtp (V2 refuses it naming the key)
 
 
 @dataclass
@@ -153,6 +155,9 @@ def from_pretrained(path, tp_group: ProcessGroup | None = None, dims: ParallelDi
     for key, value in overrides.items():
         if key not in hf and key not in _OPTIONAL_KEYS:
             raise KeyError(f"override {key!r} is not a key of {config_file}")
+        if key == "use_mtp" and hf.get("model_type") not in _MTP_TYPES:
+            raise KeyError(f"override 'use_mtp': model_type={hf.get('model_type')!r} has no "
+                           f"multi-token prediction layers (only {sorted(_MTP_TYPES)})")
         hf[key] = value
     model_groups = _groups(tp_group, dims, groups)
     tensors = read_checkpoint(path)  # headers only: file faults surface before the model is built
@@ -202,7 +207,9 @@ def check_names(model: GPTModel, tensors: dict, path: Path, strict: bool = True)
     if model.hf.tie:
         used.add("lm_head.weight")  # a tied head saved anyway is the embedding again
     ignored = _IGNORED_SUFFIXES + tuple(getattr(model.hf.family, "IGNORED_SUFFIXES", ()))
-    unexpected = sorted(n for n in set(tensors) - used if not n.endswith(ignored))
+    skip = getattr(model.hf.family, "ignored_tensor", None)
+    unexpected = sorted(n for n in set(tensors) - used if not n.endswith(ignored)
+                        and not (skip and skip(model.config, n, tensors)))
     if unexpected:
         raise LoadError(f"{path}: {len(unexpected)} tensor(s) the model does not use: "
                         f"{_listing(unexpected)} (num_hidden_layers={model.config.num_layers}; "

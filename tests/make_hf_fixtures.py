@@ -22,7 +22,12 @@ transformers' load-balancing loss on ``input_ids`` (``output_router_logits=True`
 Legacy families (``gpt2``, ``gpt_bigcode`` multi-query, ``gpt_bigcode_mha`` its per-head
 interleaved multi-head form, ``bloom`` with ALiBi; ``legacy/``):
 configs in their own key names (``LEGACY``), the same tiny sizes, 4 heads, 64 positions.
-``--only gpt2 gpt_bigcode bloom`` writes just those. Llama-family aliases (``ALIASES``:
+``--only gpt2 gpt_bigcode bloom`` writes just those.
+
+DeepSeek (``--only deepseek_v3 deepseek_v2``, ``DEEPSEEK``): 3 layers, layer 0 dense, MLA, 8
+experts in 2 groups, YaRN; V3 also gets a random MTP layer appended as layer 3 and a random
+``e_score_correction_bias``; the selection margins of every gate (group scores and the k-th
+kept expert) are checked like the router gaps above. Llama-family aliases (``ALIASES``:
 ``llama2``, ``llama3_2``, ``deepseek_coder``) are Llama checkpoints with their distinguishing
 config choices.
 
@@ -99,7 +104,33 @@ ALIASES = {
         rope_parameters=dict(rope_type="linear", rope_theta=100000.0, factor=4.0))),
 }
 FAMILIES.update(ALIASES)
-SEEDS = {"llama2": 7}  # families whose default seed (100 + index) gives a too-small top-2 gap
+# DeepSeek (MLA + DeepSeek routing): 3 layers, layer 0 dense (first_k_dense_replace=1), 8 routed
+# experts in 2 groups (topk_group=1), YaRN rotary. V3: q_lora_rank, sigmoid noaux_tc routing
+# with a random e_score_correction_bias, one shared expert, and a random MTP layer stored as
+# layer num_hidden_layers (written after transformers saved the model: it has no MTP module).
+# V2: V2-Lite style (q_lora_rank None), softmax group_limited_greedy, two shared experts.
+_DEEPSEEK = dict(num_hidden_layers=3, num_key_value_heads=4, moe_intermediate_size=32,
+                 n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+                 first_k_dense_replace=1, kv_lora_rank=16, qk_nope_head_dim=8,
+                 qk_rope_head_dim=4, v_head_dim=8, head_dim=4, max_position_embeddings=128,
+                 rms_norm_eps=1e-6)
+DEEPSEEK = {
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM, dict(
+        _DEEPSEEK, q_lora_rank=32, n_shared_experts=1, routed_scaling_factor=2.5,
+        norm_topk_prob=True, rope_interleave=True, num_nextn_predict_layers=1,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                             original_max_position_embeddings=32, beta_fast=32, beta_slow=1,
+                             mscale=1.0, mscale_all_dim=0.8))),
+    "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM, dict(
+        _DEEPSEEK, q_lora_rank=None, n_shared_experts=2, routed_scaling_factor=1.5,
+        topk_method="group_limited_greedy", norm_topk_prob=False,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
+                             original_max_position_embeddings=32, beta_fast=32, beta_slow=1,
+                             mscale=0.707, mscale_all_dim=0.707))),
+}
+FAMILIES.update(DEEPSEEK)
+# families whose default seed (100 + index) gives a too-small top-2 or router gap
+SEEDS = {"llama2": 7, "deepseek_v3": 1, "deepseek_v2": 9}
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:
@@ -164,6 +195,12 @@ def make(family: str, out: Path, seed: int) -> dict:
     randomise(model, seed)
     if family == "telechat":
         zero_llama_biases_for_telechat(model)
+    if family == "deepseek_v3":  # a buffer, not a parameter: randomise() leaves it at 0
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buf.copy_(torch.randn(buf.shape, generator=gen) * 0.1)
     # bf16 on disk; the reference computes in fp32 from exactly those rounded weights.
     with torch.no_grad():
         for p in model.parameters():
@@ -180,6 +217,8 @@ def make(family: str, out: Path, seed: int) -> dict:
         shard = "100KB" if family == "qwen3" else "50MB"
         model.to(torch.bfloat16).save_pretrained(target, max_shard_size=shard)
         ref_model = model_cls.from_pretrained(target, dtype=torch.float32).eval()
+    if family == "deepseek_v3":
+        add_mtp_layer(target, cfg, seed)
     rng = np.random.default_rng(seed)
     ids = rng.integers(3, VOCAB, size=(2, 8)).astype(np.int64)
     with torch.no_grad():
@@ -192,6 +231,8 @@ def make(family: str, out: Path, seed: int) -> dict:
         top2 = np.sort(full, -1)[..., -2:]
         gap = float((top2[..., 1] - top2[..., 0]).min())
         router_gap = router_topk_gap(ref_model, gen, cfg) if family in MOE else None
+        if family in DEEPSEEK:
+            router_gap = deepseek_router_gap(ref_model, gen, cfg)
         extra = {}
         if family in MOE:  # transformers' Switch loss (before router_aux_loss_coef) on input_ids
             extra["aux_loss"] = np.float32(
@@ -213,6 +254,57 @@ def router_topk_gap(model, tokens, cfg) -> float:
         gaps.append(float((ranked[:, k - 1] - ranked[:, k]).min()))
     if not gaps:
         raise SystemExit("no router logits returned: is this a mixture-of-experts model?")
+    return min(gaps)
+
+
+def add_mtp_layer(target: Path, cfg, seed: int) -> None:
+    """Append a random DeepSeek-V3 MTP layer (layer ``num_hidden_layers``: enorm, hnorm,
+    eh_proj, shared_head.norm, and a full decoder layer copied in shape from the last one) to
+    ``target/model.safetensors``, as released V3 checkpoints store it."""
+    from safetensors.torch import load_file
+
+    file = target / "model.safetensors"
+    tensors = load_file(str(file))
+    n = cfg.num_hidden_layers
+    last, mtp = f"model.layers.{n - 1}.", f"model.layers.{n}."
+    gen = torch.Generator().manual_seed(seed + 2)
+    new = {mtp + n[len(last):]: torch.randn(t.shape, generator=gen) * 0.1
+           for n, t in tensors.items() if n.startswith(last)}
+    h = cfg.hidden_size
+    for name in ("enorm.weight", "hnorm.weight", "shared_head.norm.weight"):
+        new[mtp + name] = 1.0 + torch.randn(h, generator=gen) * 0.1
+    new[mtp + "eh_proj.weight"] = torch.randn(h, 2 * h, generator=gen) * 0.1
+    tensors.update({n: t.to(torch.bfloat16) for n, t in new.items()})
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+def deepseek_router_gap(model, tokens, cfg) -> float:
+    """Smallest selection margin of every DeepSeek gate over ``tokens``: between the kept and
+    the best dropped group score, and between the k-th and (k+1)-th kept expert score."""
+    inputs = []
+    gates = [m for n, m in model.named_modules() if n.endswith("mlp.gate")]
+    hooks = [g.register_forward_hook(lambda mod, args, out: inputs.append((mod, args[0])))
+             for g in gates]
+    model(tokens)
+    for hook in hooks:
+        hook.remove()
+    k, G, kg = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+    gaps = []
+    for gate, x in inputs:
+        logits = x.reshape(-1, x.shape[-1]).float() @ gate.weight.float().T  # [T, E]
+        if cfg.model_type == "deepseek_v3":
+            scores = logits.sigmoid() + gate.e_score_correction_bias
+            group = scores.view(-1, G, scores.shape[-1] // G).topk(2, -1).values.sum(-1)
+        else:
+            scores = logits.softmax(-1)
+            group = scores.view(-1, G, scores.shape[-1] // G).max(-1).values
+        ranked_groups = group.sort(-1, descending=True).values
+        gaps.append(float((ranked_groups[:, kg - 1] - ranked_groups[:, kg]).min()))
+        keep = group.topk(kg, -1).indices  # [T, kg]
+        per = scores.view(-1, G, scores.shape[-1] // G)
+        kept = torch.gather(per, 1, keep[..., None].expand(-1, -1, per.shape[-1]))
+        ranked = kept.reshape(kept.shape[0], -1).sort(-1, descending=True).values
+        gaps.append(float((ranked[:, k - 1] - ranked[:, k]).min()))
     return min(gaps)
 
 

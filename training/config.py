@@ -87,13 +87,29 @@ class MTPSection:
 
 
 @dataclass
+class MLASection:
+    """``model.mla``: multi-latent attention sizes (``mcore.transformer.config.MLAConfig``,
+    docs/mla.md); read only with ``model.family: deepseek_v3``."""
+
+    q_lora_rank: int | None = _f(None, "width of the compressed query (null: one direct query "
+                                 "projection, DeepSeek-V2-Lite style)")
+    kv_lora_rank: int | None = _f(None, "width of the key/value latent the cache stores "
+                                  "(required with model.family=deepseek_v3)")
+    qk_nope_head_dim: int = _f(128, "per-head query/key dims without rotary")
+    qk_rope_head_dim: int = _f(64, "per-head rotary dims (the rotary key is shared by all heads)")
+    v_head_dim: int = _f(128, "per-head value width")
+
+
+@dataclass
 class ModelConfig:
     """Architecture of a dense decoder-only model; ``training.model_bridge.transformer_config``
     turns it (with ``training.dtype`` and ``parallel.sp``) into the ``TransformerConfig``."""
 
-    family: Literal["llama", "llama3_1", "qwen2_5", "qwen3", "glm4", "telechat2"] = _f(
+    family: Literal["llama", "llama3_1", "qwen2_5", "qwen3", "glm4", "telechat2",
+                    "deepseek_v3"] = _f(
         "llama", "model family: fixes the architecture choices the sizes below do not (qkv bias, "
-        "qk-norm, partial/interleaved rotary, sandwich norms, output biases; "
+        "qk-norm, partial/interleaved rotary, sandwich norms, output biases, multi-latent "
+        "attention; "
         "training/model_bridge.py FAMILIES) and the Hugging Face weight names")
     hf_path: str | None = _f(None, "Hugging Face checkpoint directory to start from: its config.json sets the "
                           "architecture (the size keys below are then not used for the model) and "
@@ -122,6 +138,9 @@ class ModelConfig:
         "doc": "mixture of experts (model.moe.*)", "derived": False})
     mtp: MTPSection = field(default_factory=MTPSection, metadata={
         "doc": "multi-token prediction (model.mtp.*)", "derived": False})
+    mla: MLASection = field(default_factory=MLASection, metadata={
+        "doc": "multi-latent attention (model.mla.*; model.family=deepseek_v3)",
+        "derived": False})
 
 
 @dataclass

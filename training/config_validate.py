@@ -15,8 +15,9 @@ class ConfigError(ValueError):
 
 def _positive(cfg, keys: list[str], minimum: int = 1) -> None:
     for key in keys:
-        s, n = key.split(".")
-        v = getattr(getattr(cfg, s), n)
+        v = cfg
+        for part in key.split("."):  # "model.mla.kv_lora_rank": nested sections
+            v = getattr(v, part)
         if v is not None and v < minimum:
             raise ConfigError(f"{key} must be >= {minimum}, got {v}")
 
@@ -37,7 +38,9 @@ def validate(cfg, world_size: int = 1) -> None:
                     "parallel.ep", "parallel.etp", "parallel.cp", "training.train_iters", "training.micro_batch_size",
                     "training.global_batch_size", "training.eval_iters", "data.corpus_max_bytes",
                     "logging.log_interval", "optimizer.decay_iters", "model.head_dim",
-                    "model.attention_block_size", "optimizer.bucket_size"])
+                    "model.attention_block_size", "optimizer.bucket_size", "model.mla.q_lora_rank",
+                    "model.mla.kv_lora_rank", "model.mla.qk_nope_head_dim",
+                    "model.mla.qk_rope_head_dim", "model.mla.v_head_dim"])
     _positive(cfg, ["training.seed", "training.eval_interval", "optimizer.warmup_iters",
                     "checkpoint.save_interval", "checkpoint.keep_last", "logging.sample_tokens",
                     "training.max_skipped_steps"],

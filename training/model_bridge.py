@@ -56,6 +56,7 @@ FAMILIES = {
     "glm4": Family("glm4", qkv_bias=True, rotary_fraction=0.5, rotary_interleaved=True,
                    sandwich_norm=True),
     "telechat2": Family("telechat", out_bias=True, mlp_fc2_bias=True, head_dim_key=False),
+    "deepseek_v3": Family("deepseek_v3", rotary_interleaved=True, head_dim_key=False),
 }
 MODEL_TYPES = {name: fam.model_type for name, fam in FAMILIES.items()}
 
@@ -125,6 +126,11 @@ def transformer_config(cfg):
     if cfg.model.hf_path:
         return hf_dir_config(cfg)[0]
     m, fam = cfg.model, _family(cfg)
+    if m.family == "deepseek_v3":
+        return _deepseek_config(cfg)
+    if m.mla.kv_lora_rank is not None:
+        raise ConfigError(f"model.mla.kv_lora_rank={m.mla.kv_lora_rank}: multi-latent attention "
+                          f"needs model.family=deepseek_v3 (have {m.family})")
     if m.head_dim is not None and not fam.head_dim_key:
         raise ConfigError(f"model.head_dim={m.head_dim}: model.family={m.family} has no separate "
                           "head width (set it to null)")
@@ -150,6 +156,53 @@ def transformer_config(cfg):
             **moe, **_knobs(cfg))
     except ValueError as exc:
         raise config_error(exc) from None
+
+
+def _deepseek_config(cfg):
+    """``model.family: deepseek_v3``: MLA sizes from ``model.mla``, the dense sizes, rotary
+    base and norm from ``model``, routing from ``model.moe`` (``moe_config``), through the
+    family file (``models.deepseek_v3.config_from_hf``) so that both routes build one model."""
+    from models.deepseek_v3 import config_from_hf
+
+    m = cfg.model
+    if m.mla.kv_lora_rank is None:
+        raise ConfigError("model.mla.kv_lora_rank=None: model.family=deepseek_v3 needs the "
+                          "latent width")
+    moe = _moe_kwargs(cfg)
+    hf = {k: v for k, v in hf_config(m).items() if k not in _DEEPSEEK_ROUTING}
+    try:
+        base = config_from_hf(hf)
+        attention = dataclasses.replace(base.attention, block_size=m.attention_block_size)
+        return dataclasses.replace(base, attention=attention, **moe, **_knobs(cfg))
+    except ValueError as exc:
+        text = str(exc)
+        raise (ConfigError(f"model.{text}") if text.startswith("mla.")
+               else config_error(exc)) from None
+
+
+# model.moe as DeepSeek config.json keys (written by hf_config for a saved directory).
+_DEEPSEEK_ROUTING = ("n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+                     "n_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
+                     "topk_method", "scoring_func", "norm_topk_prob", "routed_scaling_factor")
+
+
+def _deepseek_hf(model) -> dict:
+    """The MLA and routing keys of a ``deepseek_v3`` ``config.json``."""
+    a, moe = model.mla, model.moe
+    out = {"q_lora_rank": a.q_lora_rank, "kv_lora_rank": a.kv_lora_rank,
+           "qk_nope_head_dim": a.qk_nope_head_dim, "qk_rope_head_dim": a.qk_rope_head_dim,
+           "v_head_dim": a.v_head_dim, "rope_interleave": True,
+           # the MTP depths are written as layers num_layers + d; from_pretrained skips them
+           "num_nextn_predict_layers": model.mtp.num_layers}
+    if moe.num_experts:
+        ffn = moe.ffn_hidden_size or model.ffn_hidden_size
+        out.update(n_routed_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                   moe_intermediate_size=ffn, n_shared_experts=moe.shared_ffn_hidden_size // ffn,
+                   first_k_dense_replace=moe.first_k_dense, n_group=moe.num_groups or 1,
+                   topk_group=moe.group_topk or 1, topk_method=moe.topk_method or "greedy",
+                   scoring_func=moe.score_function, norm_topk_prob=moe.normalize_topk,
+                   routed_scaling_factor=moe.routed_scaling_factor)
+    return out
 
 
 def hf_dir_config(cfg):
@@ -193,11 +246,12 @@ def build_gpt(cfg, tp_group=None, stage=None, embedding_group=None, groups=None)
             cfg.model.tie_word_embeddings
     stage = stage or StageSpec.full(tcfg.num_layers)
     spec = family.layer_spec(tcfg)
-    if tcfg.moe.num_experts and not isinstance(spec, (list, tuple)):
-        from mcore.transformer.layer_specs import moe_layer_specs, moe_mlp_spec
+    if tcfg.moe.num_experts and not cfg.model.hf_path:  # the YAML's dispatcher
+        from mcore.transformer.layer_specs import gpt_layer_spec, moe_layer_specs, moe_mlp_spec
 
         dispatcher = DISPATCHERS[cfg.model.moe.dispatcher]
-        spec = moe_layer_specs(tcfg, spec, moe_mlp_spec(dispatcher=dispatcher))
+        base = gpt_layer_spec(tcfg) if isinstance(spec, (list, tuple)) else spec  # deepseek_v3
+        spec = moe_layer_specs(tcfg, base, moe_mlp_spec(dispatcher=dispatcher))
     model = GPTModel(tcfg, spec, vocab, tie_embeddings=tie, groups=groups,
                      tp_group=tp_group, pre_process=stage.pre_process,
                      post_process=stage.post_process, layer_range=stage.layer_range,
@@ -228,6 +282,8 @@ def hf_config(model) -> dict:
     if family == "glm4":
         out["partial_rotary_factor"] = 0.5
         out["attention_bias"] = True
+    if family == "deepseek_v3":
+        out.update(_deepseek_hf(model))
     return out
 
 

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # MoE configs (model.moe.num_experts > 0) have no Hugging Face dict form yet: the dense family
 # files do not map model.moe (the Mixtral / Qwen3-MoE families will). Their model build is
 # tested by tests/training/test_pretrain_moe.py; the check below keeps this list honest.
-MOE_CONFIGS = ["tiny_moe_demo.yaml"]
+MOE_CONFIGS = ["tiny_moe_demo.yaml", "tiny_deepseek_v3_demo.yaml"]
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name not in MOE_CONFIGS)
 # Smaller layers keep the big bench config quick; the family choices are what is compared.
 SHRINK = {"tiny_llama_bench.yaml": ["model.vocab_size=512", "model.hidden_size=64",
