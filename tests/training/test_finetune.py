@@ -9,8 +9,9 @@ mask of mcore/fusions/attention.py, training/finetune.py):
   and equal B's unpacked logits (graph mode, blocked attention with several blocks);
 - start from a training checkpoint (``sft.init_checkpoint``) and from a Hugging Face directory
   (``model.hf_path``, with its chat template), and the demo config end to end;
-- msrun: dp=2 (two micro-batches per rank, distributed optimizer) and tp=2 with sequence
-  parallelism give the one-process loss and gradient norm per step.
+- msrun: dp=2 (two micro-batches per rank, distributed optimizer), tp=2 with sequence
+  parallelism and pp=2 (1F1B over four packed micro-batches: every stage gets the positions and
+  segment ids) give the one-process loss and gradient norm per step.
 """
 import json
 from pathlib import Path
@@ -232,11 +233,12 @@ def test_finetune_runs_and_starts_from_a_checkpoint_or_hf_directory(reference):
 
 @pytest.mark.multirank
 def test_two_ranks_match_one_process(reference):
-    """dp=2 (two micro-batches per rank, ZeRO-1 optimizer) and tp=2 with sequence parallelism:
-    the one-process loss and gradient norm per step (two launches, ~40 s each)."""
+    """dp=2 (two micro-batches per rank, ZeRO-1 optimizer), tp=2 with sequence parallelism and
+    pp=2: the one-process loss and gradient norm per step (three launches, ~40 s each)."""
     tmp = reference
     for layout in (["parallel.tp=1", "optimizer.distributed=true"],
-                   ["parallel.tp=2", "parallel.sp=true"]):
+                   ["parallel.tp=2", "parallel.sp=true"],
+                   ["parallel.tp=1", "parallel.pp=2"]):
         run = "_".join(x.replace("=", "") for x in layout)
         cmd = msrun_command(str(REPO_ROOT / "training" / "finetune.py"),
                             _args(tmp, run, *layout), workers=2)
