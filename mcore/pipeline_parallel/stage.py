@@ -225,6 +225,8 @@ class _StageAuxBackward(nn.Cell):
         self.grad = ops.GradOperation(get_all=not stage.is_first, get_by_list=True)
 
     def construct(self, x, dout, aux_scale, position_ids=None, key_mask=None):
+        if position_ids is None and key_mask is None:
+            return self.grad(self.objective, self.weights)(x, dout, aux_scale)
         return self.grad(self.objective, self.weights)(x, dout, aux_scale, position_ids,
                                                        key_mask)
 
