@@ -18,6 +18,8 @@ hf_path=None) -> GPTPipelineModel`` (a ``mcore.pipeline_parallel.stage.PipelineM
   (``chunk_models[c]``), built with ``ModelGroups.from_dims(dims)``.
 - Loss (last virtual stage): mean token cross-entropy, vocab-parallel over tp: the same number
   as ``model(x, labels=labels).mean()`` of the full model (``training.step.LossCell``).
+  Packed sequences (the schedules' ``stage_inputs``): every stage takes ``position_ids`` and
+  ``key_mask`` (``GPTModel.stage_forward``) and the loss is the token-loss sum / ``denom``.
 - Activations between stages: ``[micro_batch, seq, hidden]`` float32, ``[micro_batch,
   seq / tp, hidden]`` when the stages are built with ``config.parallel.sequence_parallel``
   (``PipelineModel.sequence_parallel``, read from the first chunk's config).
@@ -71,21 +73,26 @@ class GPTStage(nn.Cell):
         super().__init__()
         self.model, self.with_aux = model, bool(with_aux)
 
-    def construct(self, x):
+    def construct(self, x, position_ids=None, key_mask=None):
         if self.with_aux:
-            return self.model.stage_forward_with_aux(x)
-        return self.model.stage_forward(x)
+            return self.model.stage_forward_with_aux(x, position_ids, key_mask)
+        return self.model.stage_forward(x, position_ids, key_mask)
 
 
 class VocabParallelMeanLoss(nn.Cell):
-    """``(logits [b, s, V/tp], labels [b, s]) -> mean token cross-entropy`` (scalar)."""
+    """``(logits [b, s, V/tp], labels [b, s]) -> mean token cross-entropy`` (scalar); with
+    ``denom`` (packed sequences, fp32 []): the sum of the token losses / ``denom`` (labels
+    -100 count 0; ``training.packed_loss``)."""
 
     def __init__(self, tp_group: ProcessGroup):
         super().__init__()
         self.tp_group = tp_group
 
-    def construct(self, logits, labels):
-        return vocab_parallel_cross_entropy(logits, labels, self.tp_group).mean()  # [b, s] -> []
+    def construct(self, logits, labels, denom=None):
+        loss = vocab_parallel_cross_entropy(logits, labels, self.tp_group)  # [b, s]
+        if denom is None:
+            return loss.mean()  # [b, s] -> []
+        return loss.sum() / denom  # [b, s] -> []
 
 
 @dataclass

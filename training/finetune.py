@@ -15,8 +15,9 @@ The pre-training loop (``training.pretrain.run``) with three things changed:
   an interrupted fine-tuning run exactly.
 
 Same config system and outputs as ``training/pretrain.py`` (``msrun ... training/finetune.py
---config FILE parallel.tp=2`` on several ranks). Layouts: tp (with or without sp) x dp, with
-or without the distributed optimizer; pipeline parallelism, MoE models and multi-token
+--config FILE parallel.tp=2`` on several ranks). Layouts: tp (with or without sp) x dp x pp
+(with vpp), with or without the distributed optimizer; with pp > 1 every stage gets the packed
+positions and segment ids (``training.pipeline_step``). MoE models and multi-token
 prediction are refused for now (``ConfigError`` naming the key). Bad data stops the run with ``data error: FILE:LINE: ...``.
 """
 from __future__ import annotations
@@ -35,14 +36,11 @@ DRY_RUN = "--dry-run"
 
 def check_finetune(cfg) -> None:
     """What fine-tuning needs beyond ``training.pretrain.check_supported`` (``ConfigError``)."""
-    s, p = cfg.sft, cfg.parallel
+    s = cfg.sft
     if not s.data:
         raise ConfigError("sft.data: give the chat JSON Lines file to fine-tune on")
     if not Path(s.data).is_file():
         raise ConfigError(f"sft.data: '{s.data}' is not a file")
-    if p.pp != 1:
-        raise ConfigError(f"parallel.pp={p.pp}: training/finetune.py supports tp, sp and dp for "
-                          "now (set it to 1)")
     if cfg.model.moe.num_experts:
         raise ConfigError("model.moe.num_experts: training/finetune.py fine-tunes dense models "
                           "only for now (set it to 0)")

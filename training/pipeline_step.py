@@ -21,6 +21,13 @@ One optimizer step on each pipeline rank:
    the tied weight once (the head copy is left out); clip; AdamW. Skipping a non-finite step and counting AdamW's steps is ``TrainState``'s
    (``apply_update``), shared with ``TrainStep``.
 
+Packed fine-tuning batches (``(inputs, labels, position_ids, segment_ids)`` 4-tuples,
+``training.packed_loss``): every stage gets each micro-batch's positions and segment ids (its
+attention ``key_mask``); the last stage's loss is the token-loss sum / ``N / (n D)`` (``N`` the
+kept tokens of the global batch, counted on the host on every rank), so the loss and gradients
+are those of ``TrainStep``'s: the mean over the kept tokens of the whole global batch. Not with
+MoE layers (``ValueError``, as in ``TrainStep``).
+
 Mixture of experts (the model has MoE layers): stages holding MoE layers add their router
 losses' gradients in their own backward (``models.gpt_pipeline``), so the gradients are those
 of ``lm_loss + aux.sum()`` as in ``TrainStep``; the step reports the language-model loss. Per
@@ -46,6 +53,7 @@ from mcore.distributed.finalize import grad_plans, sum_tied_grads
 from mcore.parallel_state import ParallelDims
 from mcore.pipeline_parallel.schedules import get_forward_backward_func
 from training.optim import should_decay
+from training.packed_loss import dp_sum, kept_tokens, packed_denominator
 from training.step import TrainState, apply_compute_dtype, build_update, tp_split_names
 
 
@@ -124,20 +132,32 @@ class PipelineTrainStep(TrainState):
     def _update(self, *args):  # the schedule runs in PyNative: compile the update explicitly
         return self._jit_update(*args)
 
-    def _run(self, batches, forward_only: bool):
-        data = iter([(ms.Tensor(x, ms.int32), ms.Tensor(y, ms.int32)) for x, y in batches])
+    def _run(self, batches, forward_only: bool, denom=None):
+        """The schedule over ``batches``; packed 4-tuples give every stage their positions and
+        segment ids and the loss ``denom`` (fp32 [])."""
+        data = iter([(ms.Tensor(b[0], ms.int32), ms.Tensor(b[1], ms.int32)) for b in batches])
+        stage_inputs = None
+        if denom is not None:
+            stage_inputs = [(ms.Tensor(b[2], ms.int32), ms.Tensor(b[3], ms.int32), denom)
+                            for b in batches]
         return self.schedule(_next_batch, data, self.pipeline, num_microbatches=len(batches),
                              seq_length=self.seq, micro_batch_size=self.mbs,
-                             forward_only=forward_only)
+                             forward_only=forward_only, stage_inputs=stage_inputs)
 
     def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
         """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs (only
-        the first and last stage read them). Returns ``(loss, grad_norm)``: loss averaged over
+        the first and last stage read them), or packed 4-tuples (every stage reads them; see
+        the module docstring). Returns ``(loss, grad_norm)``: loss averaged over
         micro-batches and dp, the same on every rank; non-finite: the update was skipped."""
         if len(micro_batches) != self.n_micro:
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
                              f"{self.n_micro}")
-        result = self._run(micro_batches, forward_only=False)
+        denom = None
+        if len(micro_batches[0]) == 4:  # packed: mean over the global batch's kept tokens
+            if self.moe_layers:
+                raise ValueError("packed (fine-tuning) batches are not supported with MoE layers")
+            denom = packed_denominator(micro_batches, self.dims.dp)
+        result = self._run(micro_batches, forward_only=False, denom=denom)
         grads = sum_tied_grads([g for chunk in result.grads for g in chunk], self.plans, self.dims)
         unscale = 1.0 / self.loss_scale
         for acc, g in zip(self.acc, grads):
@@ -151,7 +171,13 @@ class PipelineTrainStep(TrainState):
         return out
 
     def evaluate(self, batches) -> float:
-        """Mean loss over ``batches`` (forward only through the pipeline), then over dp."""
+        """Mean loss over ``batches`` (forward only through the pipeline), then over dp; packed
+        4-tuples: the mean over all their kept tokens on every dp rank."""
+        if batches and len(batches[0]) == 4:
+            one = ms.Tensor(1.0, ms.float32)  # loss_fn: sum of token losses
+            total = self._run(batches, forward_only=True, denom=one).loss * len(batches)
+            total, count = dp_sum([total, kept_tokens(batches)], self.dims.dp)
+            return float(total / max(count, 1.0))
         loss = np.array(self._run(batches, forward_only=True).loss, np.float32)
         if self.dims.dp.size > 1:
             loss = all_reduce(ms.Tensor(loss), self.dims.dp).asnumpy() / self.dims.dp.size

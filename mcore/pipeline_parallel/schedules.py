@@ -1,7 +1,7 @@
 """Pipeline schedules: no pipelining, 1F1B and interleaved 1F1B, behind one signature.
 
 ``forward_backward_func(forward_step_func, data_iterator, model, num_microbatches, seq_length,
-micro_batch_size, forward_only=False) -> ScheduleResult``
+micro_batch_size, forward_only=False, stage_inputs=None) -> ScheduleResult``
 
 - ``model``: a ``PipelineModel`` (this rank's compiled chunks, its ``ParallelDims``, the
   activation shape); ``get_forward_backward_func(pp, vpp)`` returns the function for a layout.
@@ -9,6 +9,10 @@ micro_batch_size, forward_only=False) -> ScheduleResult``
   once per micro-batch on the chunk that runs the first virtual stage (uses ``inputs``) and on
   the one that runs the last (uses ``labels``); other ranks never touch the data.
   ``data_iterator`` may be one iterator or a list with one per local chunk (as in Megatron).
+- ``stage_inputs`` (packed sequences, e.g. fine-tuning; None otherwise): per micro-batch
+  ``(position_ids, key_mask, denom)``, given on every rank. Every stage's forward and backward
+  take ``side = (position_ids, key_mask)`` and the last stage's loss ``denom``
+  (``stage.StageRunner``); these are not exchanged between stages.
 - Result on EVERY rank: ``loss`` (mean over micro-batches, broadcast from the last stage),
   ``grads[c]`` (per local chunk, parameter gradients of the micro-batch mean loss, accumulated),
   ``trace`` (the actions run, in order), ``peak_inflight`` (most micro-batches held at once
@@ -81,44 +85,54 @@ class _State:
         self.aux = [[] for _ in range(vpp)]  # per chunk: (aux, stats) per micro-batch
 
 
+def _side(stage_inputs, mb):
+    """``(side, denom)`` of micro-batch ``mb`` for the stage steps (``((), None)``: unpacked)."""
+    if stage_inputs is None:
+        return (), None
+    position_ids, key_mask, denom = stage_inputs[mb]
+    return (position_ids, key_mask), denom
+
+
 def _forward(st, step, v, last, runner, scale, forward_step_func, data_iterator,
-             forward_only):
+             forward_only, stage_inputs):
     """Run forward ``step`` of virtual stage ``v``; return a tensor it produced (for timing)."""
     mb, c = step.microbatch, step.chunk
+    side, denom = _side(stage_inputs, mb)
     x = st.inbox.pop(Msg("act", mb, v - 1)) if v > 0 else None
     if v in (0, last):       # the data: inputs for the first virtual stage, labels for the last
         it = data_iterator[c] if isinstance(data_iterator, (list, tuple)) else data_iterator
         inputs, labels = forward_step_func(it, runner)
         x = inputs if v == 0 else x
     if v == last and forward_only:
-        st.losses.append(runner.loss(x, labels))
+        st.losses.append(runner.loss(x, labels, side, denom))
         return st.losses[-1]
     if v == last:            # loss, input grad and param grads in one compiled step
-        loss, dx, dw, aux, stats = runner.loss_grads_and_aux(x, labels, scale)
+        loss, dx, dw, aux, stats = runner.loss_grads_and_aux(x, labels, scale, side, denom)
         st.losses.append(loss)
         st.held[(mb, c)] = (dx, dw)
         if runner.has_aux:
             st.aux[c].append((aux, stats))
         return loss
     if runner.has_aux and not forward_only:
-        out, aux, stats = runner.forward_with_aux(x)
+        out, aux, stats = runner.forward_with_aux(x, side)
         st.aux[c].append((aux, stats))
     else:
-        out = runner.forward(x)
+        out = runner.forward(x, side)
     st.outbox[Msg("act", mb, v)] = out
     if not forward_only:
         st.held[(mb, c)] = x   # the backward recomputes the stage from its input
     return out
 
 
-def _backward(st, step, v, last, runner, scale):
+def _backward(st, step, v, last, runner, scale, stage_inputs):
     """Run backward ``step`` of virtual stage ``v``; return a tensor it produced (for timing)."""
     mb, c = step.microbatch, step.chunk
     saved = st.held.pop((mb, c))
     if v == last:
         dx, dw = saved
     else:
-        dx, dw = runner.backward(saved, st.inbox.pop(Msg("grad", mb, v + 1)), scale)
+        dx, dw = runner.backward(saved, st.inbox.pop(Msg("grad", mb, v + 1)), scale,
+                                 _side(stage_inputs, mb)[0])
     st.grads[c] = _add(st.grads[c], dw)
     if v > 0:
         st.outbox[Msg("grad", mb, v)] = dx
@@ -126,7 +140,7 @@ def _backward(st, step, v, last, runner, scale):
 
 
 def _run_plan(plan, model: PipelineModel, forward_step_func, data_iterator, m, shape,
-              forward_only):
+              forward_only, stage_inputs=None):
     """Execute this rank's program (actions and exchanges); return a ``ScheduleResult``."""
     dims = model.dims
     pp, me, vpp = dims.pp.size, dims.pp_stage, len(model.chunks)
@@ -145,10 +159,10 @@ def _run_plan(plan, model: PipelineModel, forward_step_func, data_iterator, m, s
         v, runner = step.chunk * pp + me, model.chunks[step.chunk]
         if step.kind == "F":
             done = _forward(st, step, v, last, runner, model.loss_scale / m, forward_step_func,
-                            data_iterator, forward_only)
+                            data_iterator, forward_only, stage_inputs)
             peak = max(peak, len(st.held))
         else:
-            done = _backward(st, step, v, last, runner, model.loss_scale / m)
+            done = _backward(st, step, v, last, runner, model.loss_scale / m, stage_inputs)
         if model.time_actions:
             _sync(done)
             busy += time.perf_counter() - start
@@ -164,14 +178,17 @@ def _run_plan(plan, model: PipelineModel, forward_step_func, data_iterator, m, s
 def _schedule(orders_of_rank, name):
     def forward_backward(forward_step_func, data_iterator, model: PipelineModel,
                          num_microbatches: int, seq_length: int, micro_batch_size: int,
-                         forward_only: bool = False) -> ScheduleResult:
+                         forward_only: bool = False, stage_inputs=None) -> ScheduleResult:
         dims = model.dims
         pp, vpp = dims.pp.size, len(model.chunks)
         orders = [orders_of_rank(pp, vpp, r, num_microbatches, forward_only) for r in range(pp)]
         plan = build_plans(orders, vpp)[dims.pp_stage]
         shape = model.activation_shape(seq_length, micro_batch_size)
+        if stage_inputs is not None and len(stage_inputs) != num_microbatches:
+            raise ValueError(f"stage_inputs has {len(stage_inputs)} entries for "
+                             f"{num_microbatches} micro-batches")
         return _run_plan(plan, model, forward_step_func, data_iterator, num_microbatches, shape,
-                         forward_only)
+                         forward_only, stage_inputs)
 
     forward_backward.__name__ = forward_backward.__qualname__ = name
     forward_backward.__doc__ = f"{name}: see the ``mcore.pipeline_parallel.schedules`` docstring."

@@ -23,6 +23,12 @@ schedules need:
   gradients of ``scale * loss``, one compiled graph with ``value_and_grad`` inside (no
   recompute needed).
 
+Packed sequences (fine-tuning): every step also takes ``side = (position_ids, key_mask)``
+(int32 ``[b, s]``: positions restarting per sample, segment ids), passed to every layer as
+``layer(x, position_ids, key_mask)``, and the loss a ``denom``: ``loss_fn(output, labels,
+denom)``. Without them (``side=()``, ``denom=None``) the stage runs exactly as before
+(``layer(x)``, ``loss_fn(output, labels)``; the same compiled graphs).
+
 Stages with auxiliary losses (``with_aux=True``, e.g. mixture-of-experts router losses): every
 layer returns ``(x, aux, stats)`` and the stage ``(out, aux, stats)``, both concatenated over
 its layers along axis 0. ``aux`` is part of the TRAINING loss, ``stats`` are reported values
@@ -112,18 +118,22 @@ class PipelineStage(nn.Cell):
         self.post_process = post_process
         self.loss_fn = loss_fn
 
-    def construct(self, x):
+    def construct(self, x, position_ids=None, key_mask=None):
         if self.pre_process is not None:
             x = self.pre_process(x)
+        packed = position_ids is not None or key_mask is not None
         if self.with_aux:
             auxes, stats = (), ()
             for layer in self.stage_layers:
-                x, aux, stat = layer(x)
+                if packed:
+                    x, aux, stat = layer(x, position_ids, key_mask)
+                else:
+                    x, aux, stat = layer(x)
                 auxes += (aux,)
                 stats += (stat,)
         else:
             for layer in self.stage_layers:
-                x = layer(x)
+                x = layer(x, position_ids, key_mask) if packed else layer(x)
         if self.post_process is not None:
             x = self.post_process(x)
         if self.with_aux:
@@ -140,13 +150,18 @@ class _StageLoss(nn.Cell):
         super().__init__()
         self.stage = stage
 
-    def construct(self, x, labels, scale):
+    def construct(self, x, labels, scale, position_ids=None, key_mask=None, denom=None):
         if self.stage.with_aux:
-            out, aux, stats = self.stage(x)
-            loss = self.stage.loss_fn(out, labels)
+            out, aux, stats = self.stage(x, position_ids, key_mask)
+            loss = self._loss(out, labels, denom)
             return (loss + aux.sum()) * scale, loss, aux, stats
-        loss = self.stage.loss_fn(self.stage(x), labels)
+        loss = self._loss(self.stage(x, position_ids, key_mask), labels, denom)
         return loss * scale, loss
+
+    def _loss(self, out, labels, denom):
+        if denom is None:
+            return self.stage.loss_fn(out, labels)
+        return self.stage.loss_fn(out, labels, denom)
 
 
 class _StageLossGrad(nn.Cell):
@@ -162,9 +177,9 @@ class _StageLossGrad(nn.Cell):
         self.weights = ParameterTuple(stage.trainable_params())
         self.position = None if stage.is_first else 0
 
-    def construct(self, x, labels, scale):
+    def construct(self, x, labels, scale, position_ids=None, key_mask=None, denom=None):
         return ms.value_and_grad(self.loss, self.position, self.weights, has_aux=True)(
-            x, labels, scale)
+            x, labels, scale, position_ids, key_mask, denom)  # all six: no defaults inside
 
 
 class _StageBackward(nn.Cell):
@@ -179,8 +194,10 @@ class _StageBackward(nn.Cell):
         self.grad = ops.GradOperation(get_all=not stage.is_first, get_by_list=True,
                                       sens_param=True)
 
-    def construct(self, x, dout):
-        return self.grad(self.stage, self.weights)(x, dout)
+    def construct(self, x, dout, position_ids=None, key_mask=None):
+        if position_ids is None and key_mask is None:
+            return self.grad(self.stage, self.weights)(x, dout)
+        return self.grad(self.stage, self.weights)(x, position_ids, key_mask, dout)
 
 
 class _AuxObjective(nn.Cell):
@@ -192,8 +209,8 @@ class _AuxObjective(nn.Cell):
         super().__init__()
         self.stage = stage
 
-    def construct(self, x, dout, aux_scale):
-        out, aux, _ = self.stage(x)
+    def construct(self, x, dout, aux_scale, position_ids=None, key_mask=None):
+        out, aux, _ = self.stage(x, position_ids, key_mask)
         return (out * dout).sum() + aux.sum() * aux_scale
 
 
@@ -207,8 +224,11 @@ class _StageAuxBackward(nn.Cell):
         self.weights = ParameterTuple(stage.trainable_params())
         self.grad = ops.GradOperation(get_all=not stage.is_first, get_by_list=True)
 
-    def construct(self, x, dout, aux_scale):
-        return self.grad(self.objective, self.weights)(x, dout, aux_scale)
+    def construct(self, x, dout, aux_scale, position_ids=None, key_mask=None):
+        if position_ids is None and key_mask is None:
+            return self.grad(self.objective, self.weights)(x, dout, aux_scale)
+        return self.grad(self.objective, self.weights)(x, dout, aux_scale, position_ids,
+                                                       key_mask)
 
 
 class StageRunner:
@@ -227,44 +247,54 @@ class StageRunner:
             self._grad = _StageLossGrad(stage)
             self._grad = ms.jit(self._grad) if jit else self._grad
 
-    def forward(self, x):
-        """Stage output (no graph kept: the backward recomputes it from ``x``)."""
-        return self._fwd(x)[0] if self.has_aux else self._fwd(x)
+    def forward(self, x, side=()):
+        """Stage output (no graph kept: the backward recomputes it from ``x``). ``side``:
+        ``(position_ids, key_mask)`` of packed sequences, or ``()``."""
+        return self._fwd(x, *side)[0] if self.has_aux else self._fwd(x, *side)
 
-    def forward_with_aux(self, x):
+    def forward_with_aux(self, x, side=()):
         """``(out, aux, stats)`` of a ``has_aux`` stage (no graph kept)."""
         if not self.has_aux:
             raise ValueError("forward_with_aux: this stage has no auxiliary losses (with_aux)")
-        return self._fwd(x)
+        return self._fwd(x, *side)
 
-    def backward(self, x, dout, aux_scale: float = 1.0):
+    def backward(self, x, dout, aux_scale: float = 1.0, side=()):
         """``(input_grad or None, param_grads)`` of the stage at input ``x`` for output
         gradient ``dout``: one compiled forward + backward graph. A ``has_aux`` stage adds the
         gradient of ``aux_scale * aux.sum()`` (pass the loss's scale); others ignore it."""
         if self.has_aux:
-            grads = self._bwd(x, dout, ms.Tensor(aux_scale, ms.float32))
+            grads = self._bwd(x, dout, ms.Tensor(aux_scale, ms.float32), *side)
         else:
-            grads = self._bwd(x, dout)
+            grads = self._bwd(x, dout, *side)
         if self.stage.is_first:
             return None, tuple(grads)
         input_grads, param_grads = grads
         return input_grads[0], tuple(param_grads)
 
-    def loss(self, x, labels):
-        """Loss of one micro-batch (forward only; without the auxiliary losses)."""
-        return self.stage.loss_fn(self.forward(x), labels)
+    def loss(self, x, labels, side=(), denom=None):
+        """Loss of one micro-batch (forward only; without the auxiliary losses); ``denom``
+        (packed sequences) is passed to ``loss_fn`` as its third argument."""
+        out = self.forward(x, side)
+        if denom is None:
+            return self.stage.loss_fn(out, labels)
+        return self.stage.loss_fn(out, labels, denom)
 
-    def loss_and_grads(self, x, labels, scale: float):
+    def loss_and_grads(self, x, labels, scale: float, side=(), denom=None):
         """``(loss, input_grad or None, param_grads)`` with gradients of ``scale * loss``
         (``has_aux``: of ``scale * (loss + aux.sum())``; ``loss`` is without ``aux``)."""
-        return self.loss_grads_and_aux(x, labels, scale)[:3]
+        return self.loss_grads_and_aux(x, labels, scale, side, denom)[:3]
 
-    def loss_grads_and_aux(self, x, labels, scale: float):
+    def loss_grads_and_aux(self, x, labels, scale: float, side=(), denom=None):
         """``loss_and_grads`` plus the micro-batch's ``aux`` and ``stats`` (None, None for a
         stage without auxiliary losses)."""
         if self._grad is None:
             raise ValueError("loss_and_grads: this stage has no loss_fn (not the last stage)")
-        values, grads = self._grad(x, labels, ms.Tensor(scale, ms.float32))
+        scale = ms.Tensor(scale, ms.float32)
+        if side or denom is not None:
+            position_ids, key_mask = side if side else (None, None)
+            values, grads = self._grad(x, labels, scale, position_ids, key_mask, denom)
+        else:
+            values, grads = self._grad(x, labels, scale)
         loss, aux, stats = values[1], None, None
         if self.has_aux:
             aux, stats = values[2], values[3]

@@ -9,8 +9,10 @@ mask of mcore/fusions/attention.py, training/finetune.py):
   and equal B's unpacked logits (graph mode, blocked attention with several blocks);
 - start from a training checkpoint (``sft.init_checkpoint``) and from a Hugging Face directory
   (``model.hf_path``, with its chat template), and the demo config end to end;
-- msrun: dp=2 (two micro-batches per rank, distributed optimizer) and tp=2 with sequence
-  parallelism give the one-process loss and gradient norm per step.
+- msrun: dp=2 (two micro-batches per rank, distributed optimizer), tp=2 with sequence
+  parallelism, pp=2 (1F1B over four packed micro-batches: every stage gets the positions and
+  segment ids) and pp=2 x vpp=2 (interleaved, layers 1, 0, 0, 1 per virtual stage) give the
+  one-process loss and gradient norm per step.
 """
 import json
 from pathlib import Path
@@ -232,12 +234,16 @@ def test_finetune_runs_and_starts_from_a_checkpoint_or_hf_directory(reference):
 
 @pytest.mark.multirank
 def test_two_ranks_match_one_process(reference):
-    """dp=2 (two micro-batches per rank, ZeRO-1 optimizer) and tp=2 with sequence parallelism:
-    the one-process loss and gradient norm per step (two launches, ~40 s each)."""
+    """dp=2 (two micro-batches per rank, ZeRO-1 optimizer), tp=2 with sequence parallelism, pp=2
+    and pp=2 x vpp=2: the one-process loss and gradient norm per step (four launches, ~30 s
+    each)."""
     tmp = reference
     for layout in (["parallel.tp=1", "optimizer.distributed=true"],
-                   ["parallel.tp=2", "parallel.sp=true"]):
-        run = "_".join(x.replace("=", "") for x in layout)
+                   ["parallel.tp=2", "parallel.sp=true"],
+                   ["parallel.tp=1", "parallel.pp=2"],
+                   ["parallel.pp=2", "parallel.vpp=2", "parallel.layers_per_stage=[1,0,0,1]",
+                    "training.eval_iters=2"]):  # interleaving needs it divisible by pp
+        run = "_".join("".join(ch for ch in x if ch.isalnum() or ch in "._") for x in layout)
         cmd = msrun_command(str(REPO_ROOT / "training" / "finetune.py"),
                             _args(tmp, run, *layout), workers=2)
         out = run_msrun(cmd, cwd=tmp, timeout=150)
