@@ -19,17 +19,19 @@ layers ``num_hidden_layers + d``. They are ignored (also by strict loading) unle
 (or an override) sets ``use_mtp=True``; then ``TransformerConfig.mtp`` gets
 ``num_nextn_predict_layers`` depths whose ``enorm``, ``hnorm``, ``eh_proj``,
 ``shared_head.norm`` and decoder-layer tensors are loaded (``embed_tokens`` and
-``shared_head.head`` of an MTP layer repeat the main model's and are ignored). ``mcore`` refuses
-an MoE layer as MTP depth, so ``use_mtp`` on a checkpoint whose MTP layer is MoE (every
-released V3: the layer index is past ``first_k_dense_replace``) stops with one error naming
-``use_mtp``; only dense MTP layers load.
+``shared_head.head`` of an MTP layer repeat the main model's and are ignored). Every depth's layer
+is a MoE layer when layer ``num_hidden_layers`` is one by the routing keys (every released V3:
+the index is past ``first_k_dense_replace``), else dense (``mtp_layer_spec``); a MoE depth's
+router losses and expert counts join the decoder's (``models.gpt``, "Multi-token prediction").
 Rejected: ``attention_bias=true``.
 """
 from __future__ import annotations
 
+import dataclasses
+
 from mcore.moe.hf_routing import moe_config_from_hf
 from mcore.transformer.config import MLAConfig, MTPConfig, TransformerConfig
-from mcore.transformer.layer_specs import gpt_layer_specs
+from mcore.transformer.layer_specs import gpt_layer_spec, gpt_layer_specs, moe_mlp_spec
 from models.common import activation_from_hf, expert_entries, rope_from_hf
 from models.weights import NOT_STORED, Piece, pieces
 
@@ -71,17 +73,23 @@ def config_from_hf(hf: dict, routing_defaults: dict | None = None,
         activation=activation_from_hf(hf), norm_eps=hf.get("rms_norm_eps", 1e-6),
         rotary=rope_from_hf(hf, interleaved=interleaved), multi_latent_attention=True,
         mla=mla_from_hf(hf), mtp=mtp_from_hf(hf), **({"moe": moe} if moe else {}))
-    if cfg.mtp.num_layers and any(cfg.is_moe_layer(cfg.num_layers + d)
-                                  for d in range(cfg.mtp.num_layers)):
-        raise ValueError(f"use_mtp=True: the checkpoint's MTP layer (layer {cfg.num_layers}) "
-                         "is a MoE layer; only a dense MTP layer can be loaded (an MoE layer "
-                         "as MTP depth is not supported yet)")
     return cfg
 
 
 def layer_spec(cfg: TransformerConfig):
     """One spec per layer: MLA attention, a ``MoELayer`` mlp where ``cfg.moe`` says."""
     return gpt_layer_specs(cfg)
+
+
+def mtp_layer_spec(cfg: TransformerConfig, moe_mlp=None):
+    """The layer of every MTP depth: MLA attention with a MoE mlp (``moe_mlp``, default
+    ``moe_mlp_spec()``) when ``cfg.is_moe_layer(num_layers)`` (the checkpoint's layer
+    ``num_hidden_layers``), else dense."""
+    dense = gpt_layer_spec(cfg)
+    if not cfg.is_moe_layer(cfg.num_layers):
+        return dense
+    mlp = moe_mlp or moe_mlp_spec()
+    return dense.replace(submodules=dataclasses.replace(dense.submodules, mlp=mlp))
 
 
 def attention_entries(cfg: TransformerConfig, me: str, att: str) -> dict:
@@ -135,12 +143,13 @@ def deepseek_table(cfg: TransformerConfig, tie: bool, correction_bias: bool) -> 
     for i in range(cfg.num_layers):
         table.update(layer_entries(cfg, f"decoder.layers.{i}", f"model.layers.{i}",
                                    cfg.is_moe_layer(i), correction_bias))
-    for d in range(cfg.mtp.num_layers):  # dense only (config_from_hf)
+    mtp_moe = cfg.is_moe_layer(cfg.num_layers)  # every depth (mtp_layer_spec)
+    for d in range(cfg.mtp.num_layers):
         me, hf = f"mtp.layers.{d}", f"model.layers.{cfg.num_layers + d}"
         for ours, theirs in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
                              ("final_norm", "shared_head.norm")):
             table[f"{me}.{ours}.weight"] = pieces(f"{hf}.{theirs}.weight")
-        table.update(layer_entries(cfg, f"{me}.layer", hf, False, correction_bias))
+        table.update(layer_entries(cfg, f"{me}.layer", hf, mtp_moe, correction_bias))
     return table
 
 

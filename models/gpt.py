@@ -58,7 +58,8 @@ losses come back through an explicit channel, never stored on a module:
   (input of ``mcore.moe.update_expert_bias``; for logging).
 - ``forward_with_aux(input_ids, position_ids=None, key_mask=None, labels=None) -> (out, aux,
   counts)``: ``out`` is what ``construct`` returns; ``stage_forward_with_aux`` likewise for a
-  pipeline stage.
+  pipeline stage. Their rows are the decoder's MoE layers only (``decoder.moe_layers``: no
+  MTP depth runs there).
 - ``construct`` / ``stage_forward`` return the same as for a dense model (router losses
   dropped: generation). A model without MoE layers returns ``aux``/``counts`` as one zero row.
 
@@ -67,7 +68,11 @@ losses come back through an explicit channel, never stored on a module:
 it is one spec, else the config's dense ``gpt_layer_spec``); they share the embedding and the
 head. ``loss_terms(input_ids, labels, position_ids=None, key_mask=None) -> (loss, lm_loss, aux,
 counts, mtp [D])`` adds ``config.mtp.loss_factor * mtp.mean()`` to ``loss`` (so does
-``loss_with_aux``); ``construct`` and generation ignore the depths. Only a whole model (no
+``loss_with_aux``); ``construct`` and generation ignore the depths. A depth whose layer is MoE
+(``mtp_layer_spec`` with a ``MoELayer`` mlp, e.g. DeepSeek-V3's) counts as layer
+``num_layers + d`` of ``model.moe_layers``: its router losses are rows of ``aux`` (in ``loss``
+like the decoder's, not scaled by ``loss_factor``) and its expert counts rows of ``counts`` (the
+training step's expert-bias update and logs take them like the decoder's). Only a whole model (no
 pipeline stages) without sequence parallelism can have them (``ValueError`` otherwise).
 
 **Pipeline stages** (see docs/pipeline_parallel.md, "GPTModel as stages"). A stage holds the
@@ -182,7 +187,6 @@ class GPTModel(nn.Cell):
         self.decoder = TransformerBlock(config, layer_spec, groups=groups,
                                         layer_range=self.layer_range,
                                         post_process=self.post_process)
-        self.moe_layers = self.decoder.moe_layers
         self.output_layer = None
         if self.post_process and tie_embeddings:
             # [b, s/tp, h] -> [b, s, h] with sp (partial gradients reduce-scattered back)
@@ -198,6 +202,9 @@ class GPTModel(nn.Cell):
                 mtp_layer_spec = (layer_spec if not isinstance(layer_spec, (list, tuple))
                                   else gpt_layer_spec(config))
             self.mtp = MultiTokenPrediction(config, mtp_layer_spec, groups)
+        # rows of loss_terms' aux / counts: the decoder's MoE layers, then the MoE MTP depths
+        mtp_moe = () if self.mtp is None else self.mtp.moe_layers
+        self.moe_layers = self.decoder.moe_layers + mtp_moe
         self.seq_split = tp_group.size if sp else 1  # the stage input is [b, s/seq_split, h]
         self.gather_logits = GatherFromTPRegion(tp_group)
         self.matmul_t = ops.MatMul(transpose_b=True)
@@ -312,20 +319,35 @@ class GPTModel(nn.Cell):
         loss = lm_loss + aux.sum()
         if self.mtp is None:
             return loss, lm_loss, aux, counts, ops.zeros((1,), ms.float32)
-        mtp = self._mtp_losses(x, input_ids, labels, cos, sin, key_mask)
+        mtp, mtp_aux, mtp_counts = self._mtp_losses(x, input_ids, labels, cos, sin, key_mask)
+        if mtp_aux:  # MoE depths: rows num_layers + d after the decoder's (model.moe_layers)
+            mtp_aux, mtp_counts = ops.stack(mtp_aux), ops.stack(mtp_counts)  # [M, 3], [M, E]
+            loss = loss + mtp_aux.sum()
+            if self.decoder.moe_layers:
+                aux, counts = ops.concat((aux, mtp_aux), 0), ops.concat((counts, mtp_counts), 0)
+            else:  # the decoder's one zero row is not a layer
+                aux, counts = mtp_aux, mtp_counts
         return loss + self.mtp.loss_factor * mtp.mean(), lm_loss, aux, counts, mtp
 
     def _mtp_losses(self, hidden, input_ids, labels, cos, sin, key_mask):
-        """Per-depth MTP losses ``[D]`` from the main model's head input ``hidden [b, s, h]``."""
-        losses = ()
+        """``(losses [D], aux, counts)`` from the main model's head input ``hidden [b, s, h]``:
+        the per-depth MTP losses and the MoE depths' router losses ``[3]`` / counts ``[E]``
+        (tuples, one per MoE depth)."""
+        losses, auxes, counts = (), (), ()
         for k, layer in enumerate(self.mtp.layers, start=1):
             ids = shift_left(input_ids, k, 0)  # token t + k at t
             target = shift_left(labels, k, -100)  # token t + k + 1 at t
-            hidden = layer(hidden, self.embedding(ids), cos, sin, key_mask)  # [b, s, h]
+            if layer.is_moe:
+                hidden, aux, count = layer.forward_with_aux(hidden, self.embedding(ids), cos, sin,
+                                                            key_mask)  # [b, s, h]
+                auxes += (aux,)
+                counts += (count,)
+            else:
+                hidden = layer(hidden, self.embedding(ids), cos, sin, key_mask)  # [b, s, h]
             token_loss = vocab_parallel_cross_entropy(self._head(hidden), target, self.tp_group)
             valid = (target != -100).astype(ms.float32)  # [b, s]
             losses += (token_loss.sum() / ops.maximum(valid.sum(), 1.0),)
-        return ops.stack(losses)  # D x [] -> [D]
+        return ops.stack(losses), auxes, counts  # D x [] -> [D]
 
 
 def _check_mtp(config: TransformerConfig, pre_process: bool, post_process: bool) -> None:

@@ -113,7 +113,9 @@ def build_from_config(hf: dict, tp_group: ProcessGroup | None = None,
     model = GPTModel(cfg, family.layer_spec(cfg), hf["vocab_size"], tie_embeddings=tie,
                      groups=groups, pre_process=stage.pre_process,
                      post_process=stage.post_process, layer_range=stage.layer_range,
-                     embedding_group=embedding_group)
+                     embedding_group=embedding_group,
+                     mtp_layer_spec=(family.mtp_layer_spec(cfg) if cfg.mtp.num_layers
+                                     and hasattr(family, "mtp_layer_spec") else None))
     model.hf = HFInfo(family, dict(hf), tie)
     return model
 

@@ -246,16 +246,20 @@ def build_gpt(cfg, tp_group=None, stage=None, embedding_group=None, groups=None)
             cfg.model.tie_word_embeddings
     stage = stage or StageSpec.full(tcfg.num_layers)
     spec = family.layer_spec(tcfg)
+    moe_mlp = None
     if tcfg.moe.num_experts and not cfg.model.hf_path:  # the YAML's dispatcher
         from mcore.transformer.layer_specs import gpt_layer_spec, moe_layer_specs, moe_mlp_spec
 
-        dispatcher = DISPATCHERS[cfg.model.moe.dispatcher]
+        moe_mlp = moe_mlp_spec(dispatcher=DISPATCHERS[cfg.model.moe.dispatcher])
         base = gpt_layer_spec(tcfg) if isinstance(spec, (list, tuple)) else spec  # deepseek_v3
-        spec = moe_layer_specs(tcfg, base, moe_mlp_spec(dispatcher=dispatcher))
+        spec = moe_layer_specs(tcfg, base, moe_mlp)
+    mtp_spec = None  # a family's own MTP layer (deepseek_v3: MoE like its checkpoints' layer)
+    if tcfg.mtp.num_layers and hasattr(family, "mtp_layer_spec"):
+        mtp_spec = family.mtp_layer_spec(tcfg, moe_mlp)
     model = GPTModel(tcfg, spec, vocab, tie_embeddings=tie, groups=groups,
                      tp_group=tp_group, pre_process=stage.pre_process,
                      post_process=stage.post_process, layer_range=stage.layer_range,
-                     embedding_group=embedding_group)
+                     embedding_group=embedding_group, mtp_layer_spec=mtp_spec)
     model.hf = HFInfo(family, dict(hf), tie)
     return model
 

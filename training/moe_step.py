@@ -160,12 +160,16 @@ def stage_bias_routers(models, model_layers: tuple) -> list:
 
 def bias_routers(model) -> list:
     """``[(row, router)]``: the routers of ``model.moe_layers`` (row ``i`` of the counts is layer
-    ``moe_layers[i]``) whose ``expert_bias`` is on."""
+    ``moe_layers[i]``; ``num_layers + d`` is MTP depth ``d``) whose ``expert_bias`` is on."""
     block = model.decoder
     first = block.layer_range.start  # (a stage may hold no layer)
     out = []
     for row, index in enumerate(model.moe_layers):
-        router = block.layers[index - first].mlp.router
+        if index >= model.config.num_layers:  # a MoE multi-token-prediction depth
+            layer = model.mtp.layers[index - model.config.num_layers].layer
+        else:
+            layer = block.layers[index - first]
+        router = layer.mlp.router
         if router.use_bias:
             out.append((row, router))
     return out

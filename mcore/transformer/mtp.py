@@ -22,6 +22,10 @@ causal, so no position sees a later token than its own input.
 training loss (``GPTModel.loss_terms``). Tensor parallel: the embedding output and the hidden
 state are replicated over tp, the layer is tensor parallel like the decoder's, and ``eh_proj``
 is replicated (seeded from its name: identical on every rank, its gradient identical too).
+A depth's layer may be a MoE layer (DeepSeek-V3's released MTP layer is): its router losses
+(weighted by ``config.moe``'s coefficients, like the decoder's) and expert counts come back
+through ``MTPLayer.forward_with_aux``, and ``GPTModel.loss_terms`` appends them as rows
+``num_layers + d`` of its ``aux`` / ``counts`` (``MultiTokenPrediction.moe_layers``).
 Parameter names: ``mtp.layers.<d>.{enorm, hnorm}.weight``, ``mtp.layers.<d>.eh_proj.weight``,
 ``mtp.layers.<d>.layer.*`` (a ``TransformerLayer`` with ``layer_number = num_layers + d``, as
 Hugging Face checkpoints number it), ``mtp.layers.<d>.final_norm.weight``; ``d = k - 1``.
@@ -73,22 +77,33 @@ class MTPLayer(nn.Cell):
         self.hnorm = build_module(norm, h, eps=eps, dtype=dtype)
         self.eh_proj = ReplicatedLinear(2 * h, h, f"mtp.layers.{depth}.eh_proj", dtype)
         self.layer = build_module(layer_spec, config, layer_number=number, groups=groups)
-        if getattr(self.layer, "is_moe", False):
-            raise ValueError("mtp: the prediction layer must be dense (a MoE layer's router "
-                             "losses are not collected from MTP depths yet)")
+        self.is_moe = bool(getattr(self.layer, "is_moe", False))  # dense or MoE: the spec's
         self.final_norm = build_module(norm, h, eps=eps, dtype=dtype)
 
-    def construct(self, hidden, embedded, cos, sin, key_mask=None):
+    def _input(self, hidden, embedded):
         x = ops.concat((self.enorm(embedded), self.hnorm(hidden)), -1)  # [b, s, 2h]
-        x = self.eh_proj(x)  # [b, s, 2h] -> [b, s, h]
-        return self.final_norm(self.layer(x, cos, sin, key_mask, None))
+        return self.eh_proj(x)  # [b, s, 2h] -> [b, s, h]
+
+    def construct(self, hidden, embedded, cos, sin, key_mask=None):
+        """``-> [b, s, h]`` (a MoE layer's router losses are dropped here)."""
+        return self.final_norm(self.layer(self._input(hidden, embedded), cos, sin, key_mask, None))
+
+    def forward_with_aux(self, hidden, embedded, cos, sin, key_mask=None):
+        """MoE depths only: ``-> (out [b, s, h], aux [3], counts [E])`` (the layer's
+        ``forward_with_aux``)."""
+        x, aux, counts = self.layer.forward_with_aux(self._input(hidden, embedded), cos, sin,
+                                                     key_mask, None)
+        return self.final_norm(x), aux, counts
 
 
 class MultiTokenPrediction(nn.Cell):
-    """``config.mtp.num_layers`` ``MTPLayer``s in ``self.layers`` (see the module docstring)."""
+    """``config.mtp.num_layers`` ``MTPLayer``s in ``self.layers`` (see the module docstring);
+    ``moe_layers``: the layer numbers ``num_layers + d`` of the MoE depths."""
 
     def __init__(self, config: TransformerConfig, layer_spec, groups: ModelGroups | None = None):
         super().__init__()
         self.loss_factor = float(config.mtp.loss_factor)
         self.layers = nn.CellList([MTPLayer(config, layer_spec, d, groups)
                                    for d in range(config.mtp.num_layers)])
+        self.moe_layers = tuple(config.num_layers + d for d, layer in enumerate(self.layers)
+                                if layer.is_moe)

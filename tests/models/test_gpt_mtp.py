@@ -7,7 +7,10 @@
   ``loss_factor = 0`` the main parameters get exactly the gradients of a model without MTP;
 - a tiny model trained with MTP through ``TrainStep`` (YAML ``model.mtp``) lowers both losses
   and reports ``mtp_metrics``;
-- the errors: pipeline stages, sequence parallelism, bad config values, a MoE prediction layer.
+- MoE depths: MTP losses equal the composition, their router losses and counts are the rows
+  ``num_layers + d`` of ``aux`` / ``counts`` (in the loss), and a training step moves their
+  expert biases by those rows;
+- the errors: pipeline stages, sequence parallelism, bad config values.
 """
 from __future__ import annotations
 
@@ -162,8 +165,89 @@ def test_mtp_errors_name_the_key():
     moe = _config(moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=8))
     specs = gpt_layer_specs(moe)
     assert not GPTModel(moe, specs, V).mtp.layers[0].layer.is_moe  # default: a dense layer
-    with pytest.raises(ValueError, match="^mtp: the prediction layer must be dense"):
-        GPTModel(moe, specs, V, mtp_layer_spec=specs[-1])
+
+
+def _moe_mtp_model(first_k_dense=0):
+    """Two decoder layers (MoE from ``first_k_dense`` on) and two MoE MTP depths, every router
+    loss on and the expert bias on."""
+    from mcore.moe.config import MoEConfig
+    from mcore.transformer.layer_specs import gpt_layer_specs
+    from models.gpt import GPTModel
+
+    cfg = _config(moe=MoEConfig(num_experts=4, top_k=2, ffn_hidden_size=8, expert_bias=True,
+                                first_k_dense=first_k_dense, aux_loss_coeff=0.1,
+                                seq_aux_loss_coeff=0.05, z_loss_coeff=0.01))
+    moe_spec = gpt_layer_specs(cfg)[-1]
+    return GPTModel(cfg, gpt_layer_specs(cfg), V, mtp_layer_spec=moe_spec)
+
+
+@pytest.mark.parametrize("first_k_dense", [0, 1])
+def test_moe_mtp_depth_loss_equals_composition(first_k_dense):
+    """MoE depths: the MTP losses equal the composition (dropless routing is per token, so the
+    shortened sequences agree); their router losses and counts are rows ``num_layers + d`` of
+    ``aux`` / ``counts``, equal to the depth's layer called on the model's shifted inputs, and
+    ``loss = lm + aux.sum() + factor * mean(mtp)``. ``first_k_dense=1``: the depths' rows follow
+    the one MoE decoder layer's."""
+    import mindspore as ms
+    from mcore.transformer.mtp import shift_left
+    from training.moe_step import bias_routers
+
+    model = _moe_mtp_model(first_k_dense)
+    decoder_moe = (0, 1)[first_k_dense:]
+    assert model.moe_layers == decoder_moe + (2, 3)
+    ids, labels = _batch(3)
+    loss, lm, aux, counts, mtp = (t.asnumpy() for t in model.loss_terms(ms.Tensor(ids),
+                                                                         ms.Tensor(labels)))
+    lm_ref, mtp_ref = _composition(model, ids, labels)
+    np.testing.assert_allclose(lm, lm_ref, rtol=1e-5)
+    np.testing.assert_allclose(mtp, mtp_ref, rtol=1e-5)
+    assert aux.shape == (len(model.moe_layers), 3) and counts.shape == (len(model.moe_layers), 4)
+    # the depths' rows, recomputed from the modules on the full (shifted, filled) length
+    x = ms.Tensor(ids)
+    pos = ms.Tensor(np.broadcast_to(np.arange(S, dtype=np.int32), (B, S)).copy())
+    cos, sin = model.rotary(pos)
+    hidden = model.decoder(model.embedding(x), cos, sin)
+    rows = len(decoder_moe)
+    for k, depth in enumerate(model.mtp.layers, start=1):
+        emb = model.embedding(shift_left(x, k, 0))
+        h_in = depth.eh_proj(ms.ops.concat((depth.enorm(emb), depth.hnorm(hidden)), -1))
+        out, a, c = depth.layer.forward_with_aux(h_in, cos, sin)
+        hidden = depth.final_norm(out)
+        np.testing.assert_allclose(aux[rows + k - 1], a.asnumpy(), rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(counts[rows + k - 1], c.asnumpy())
+        assert counts[rows + k - 1].sum() == B * S * 2 and (a.asnumpy() > 0).all()
+    np.testing.assert_allclose(loss, lm_ref + aux.sum() + 0.3 * np.mean(mtp_ref), rtol=1e-5)
+    with_aux = model.loss_with_aux(ms.Tensor(ids), ms.Tensor(labels))
+    np.testing.assert_allclose(with_aux[0].asnumpy(), loss, rtol=1e-6)
+    np.testing.assert_array_equal(with_aux[3].asnumpy(), counts)
+    routers = bias_routers(model)  # the depths' routers move with rows 2 and 3 of the counts
+    assert [row for row, _ in routers] == list(range(len(model.moe_layers)))
+    assert routers[-1][1] is model.mtp.layers[1].layer.mlp.router
+
+
+def test_training_moves_the_mtp_depths_expert_bias():
+    """``TrainStep`` trains a model with MoE depths; each depth's router bias moves by its own
+    counts (rows ``num_layers + d``) like the decoder's routers."""
+    from mcore.parallel_state import ParallelDims
+    from training.config import load_config
+    from training.step import TrainStep
+
+    model = _moe_mtp_model()
+    opt = load_config(None, ["optimizer.warmup_iters=0"]).optimizer
+    step = TrainStep(model, ParallelDims.single(), opt, grad_accum_steps=1)
+    assert len(step.bias_routers) == 4
+    ids, labels = _batch(4)
+    before = [r.expert_bias.asnumpy().copy() for _, r in step.bias_routers]
+    loss, norm = step([(ids, labels)], 1e-2)
+    assert np.isfinite(loss) and np.isfinite(norm)
+    counts = step.last_moe_counts
+    assert counts.shape == (4, 4)
+    rate = model.config.moe.bias_update_rate
+    for (row, router), b0 in zip(step.bias_routers, before):
+        load = counts[row]
+        expect = b0 + rate * np.sign(load.mean() - load)
+        np.testing.assert_allclose(router.expert_bias.asnumpy(), expect, rtol=1e-6, atol=1e-7)
+    assert np.abs(step.bias_routers[3][1].expert_bias.asnumpy() - before[3]).max() > 0
 
 
 @pytest.mark.parametrize("override, expect", [

@@ -1,5 +1,6 @@
 """configs/tiny_deepseek_v3_demo.yaml (shrunk): the YAML builds a DeepSeek-V3-shaped model (MLA,
-first layer dense, sigmoid group routing with correction bias, a shared expert, one MTP depth),
+first layer dense, sigmoid group routing with correction bias, a shared expert, one MoE MTP
+depth),
 training/pretrain.py trains it on the bundled corpus in graph mode with the MTP loss logged, and
 ``save_pretrained`` of the YAML model reads back through ``models.from_pretrained``. On real
 ranks (one msrun launch of 4: tp=2 x ep=2 with etp=2, dp=2) every step has the one-process
@@ -42,6 +43,9 @@ def test_yaml_builds_the_deepseek_v3_shape(tmp_path):
         assert isinstance(layer.mlp, MoELayer) and layer.mlp.has_shared
         assert layer.mlp.router.use_bias and layer.mlp.moe.group_score == "top2_sum"
     assert model.mtp is not None and model.config.mtp.loss_factor == 0.3
+    depth = model.mtp.layers[0].layer  # MoE like a checkpoint's layer num_hidden_layers
+    assert isinstance(depth.mlp, MoELayer) and depth.mlp.router.use_bias
+    assert model.moe_layers == (1, 2, 3)  # its routing rows follow the decoder's
     model.save_pretrained(tmp_path)  # the MTP depth as layer 3, skipped by from_pretrained
     assert json.loads((tmp_path / "config.json").read_text())["num_nextn_predict_layers"] == 1
     again = models.from_pretrained(tmp_path)
