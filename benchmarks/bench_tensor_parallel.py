@@ -30,12 +30,13 @@ def _step(group, sp: bool = False):
 
     from mcore.tensor_parallel import shard
     from tests.mcore.tp_reference import build_mlp, data
+    from tests.ms_helpers import WeightedSum
 
     net = build_mlp(H, F, group, sp)
     x, w = data((B, S, H), 1), data((B, S, H), 2)
     if sp:
         x, w = (shard(a, group.size, group.rank, 1) for a in (x, w))
-    obj = _Objective(net)
+    obj = WeightedSum(net)
     fn = ms.jit(ms.value_and_grad(obj, grad_position=0, weights=net.trainable_params()))
     args = (ms.Tensor(x), ms.Tensor(w))
 
@@ -44,20 +45,6 @@ def _step(group, sp: bool = False):
         return dx.asnumpy()  # wait for the result
 
     return run
-
-
-def _Objective(net):
-    from mindspore import nn
-
-    class Objective(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def construct(self, x, w):
-            return (self.net(x) * w).sum()
-
-    return Objective()
 
 
 def _median_ms(run, barrier) -> float:

@@ -18,6 +18,18 @@ class Apply(nn.Cell):
         return self.fn(x, *self.args)
 
 
+class WeightedSum(nn.Cell):
+    """``(net(x) * w).sum()``: a scalar objective whose gradient w.r.t. ``net``'s output is
+    ``w`` (differentiate it to test or time a layer's backward with a chosen output gradient)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def construct(self, x, w):
+        return (self.net(x) * w).sum()
+
+
 def _eager(fn):
     return fn
 

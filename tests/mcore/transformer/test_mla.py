@@ -19,26 +19,13 @@ from mcore.transformer.config import (MLAConfig, RotaryConfig,  # noqa: E402
                                       TransformerConfig)
 from tests.mcore.transformer.mla_helpers import (B, H, S, full_weights,  # noqa: E402
                                                  load_full, mla_config, mla_net, reference_mla)
+from tests.ms_helpers import WeightedSum  # noqa: E402
 
 VARIANTS = {  # name -> mla_config kwargs
     "q_lora_yarn": dict(q_lora_rank=12, qkv_bias=True),
     "direct_q_yarn": dict(q_lora_rank=None),
     "q_lora_plain_rope": dict(q_lora_rank=12, scaling="none"),
 }
-
-
-def _objective(net):
-    from mindspore import nn
-
-    class Objective(nn.Cell):
-        def __init__(self):
-            super().__init__()
-            self.net = net
-
-        def construct(self, x, w):
-            return (self.net(x) * w).sum()
-
-    return Objective()
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -66,7 +53,7 @@ def test_backward_matches_reference_directional_derivatives(case):
     name, cfg, net, weights, x, w = case
     params = [p for p in net.get_parameters() if p.requires_grad]
     names = [n.split("attn.", 1)[1] for n, p in net.parameters_and_names() if p.requires_grad]
-    fn = ms.grad(_objective(net), grad_position=0, weights=params)
+    fn = ms.grad(WeightedSum(net), grad_position=0, weights=params)
     dx, dws = fn(ms.Tensor(x), ms.Tensor(w))
     grads = {"x": dx.asnumpy(), **{n: g.asnumpy() for n, g in zip(names, dws)}}
     assert set(grads) - {"x"} == set(weights), (sorted(grads), sorted(weights))
