@@ -6,9 +6,9 @@
 ``checkpoint.load``: a ``step_NNNNNN`` directory, or ``auto``/``none`` (both mean the newest
 valid checkpoint under ``checkpoint.dir`` / ``<logging.output_dir>/checkpoints``).
 ``training.eval_iters=0`` evaluates every validation sample (in whole micro-batches).
-Launch with the same number of ranks and ``parallel`` layout (tp, pp, vpp, layers_per_stage) as
-the run that saved it (``msrun`` works as for pretrain.py; with pp > 1 the validation batches run
-forward-only through the pipeline schedule). Prints ``valid loss 4.1234 | ppl 61.80 | N tokens | <checkpoint>``
+Any ``parallel`` layout (tp, pp, vpp, layers_per_stage, one process or several) reads a
+checkpoint saved on any other (``mcore.checkpoint`` reshards on load; ``msrun`` works as for
+pretrain.py; with pp > 1 the validation batches run forward-only through the pipeline schedule). Prints ``valid loss 4.1234 | ppl 61.80 | N tokens | <checkpoint>``
 on rank 0 and exits 0. Bad input (a config key, a path, no checkpoint to evaluate, a checkpoint
 that does not fit) prints ``<kind> error: <one line naming the key or file>`` and exits 2; the
 checkpoint is looked up before the model is built.
