@@ -4,14 +4,17 @@
 checkpoint's ``model_type`` is not one of ``models/`` (``models`` never imports ``legacy``).
 
 Families (``FAMILIES``: model_type -> module): GPT-2 (``gpt2``), StarCoder / WizardCoder /
-SantaCoder (``gpt_bigcode``, multi-query), BLOOM (``bloom``, ALiBi). ``legacy.mindformers``
+SantaCoder (``gpt_bigcode``, multi-query), BLOOM (``bloom``, ALiBi), Qwen2-MoE / Qwen2-57B-A14B
+(``qwen2_moe``, gated shared expert). ``legacy.mindformers``
 converts MindFormers legacy ``.ckpt`` + YAML (Llama-style) to a HF directory. See docs/legacy.md.
 """
-from legacy import bloom, gpt2, gpt_bigcode
+from legacy import bloom, gpt2, gpt_bigcode, qwen2_moe
 from models.hf import register_family
 
-FAMILIES = {kind: module for module in (gpt2, gpt_bigcode, bloom) for kind in module.MODEL_TYPES}
-for _module in (gpt2, gpt_bigcode, bloom):
+_MODULES = (gpt2, gpt_bigcode, bloom, qwen2_moe)
+
+FAMILIES = {kind: module for module in _MODULES for kind in module.MODEL_TYPES}
+for _module in _MODULES:
     register_family(_module)
 
-__all__ = ["FAMILIES", "gpt2", "gpt_bigcode", "bloom"]
+__all__ = ["FAMILIES", "gpt2", "gpt_bigcode", "bloom", "qwen2_moe"]

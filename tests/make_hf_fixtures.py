@@ -17,7 +17,8 @@ router logits over the whole greedy sequence are checked too: the gap between th
 the (k+1)-th expert of every token must exceed the same bound, so a 1e-4 difference cannot
 change which experts a token reaches. Their ``reference.npz`` also holds ``aux_loss``:
 transformers' load-balancing loss on ``input_ids`` (``output_router_logits=True``, before
-``router_aux_loss_coef``). ``--only mixtral qwen3_moe`` writes just those.
+``router_aux_loss_coef``). ``--only mixtral qwen3_moe`` writes just those. ``qwen2_moe``
+(legacy/): 3 layers, layer 1 dense, a gated shared expert, ``norm_topk_prob=True``.
 
 Legacy families (``gpt2``, ``gpt_bigcode`` multi-query, ``gpt_bigcode_mha`` its per-head
 interleaved multi-head form, ``bloom`` with ALiBi; ``legacy/``):
@@ -76,7 +77,7 @@ FAMILIES = {
         norm_topk_prob=False, decoder_sparse_step=1, mlp_only_layers=[0],
         rope_parameters=dict(rope_type="default", rope_theta=1e6))),
 }
-MOE = ("mixtral", "qwen3_moe")
+MOE = ("mixtral", "qwen3_moe", "qwen2_moe")
 _GPT2_SIZES = dict(vocab_size=VOCAB, n_embd=HIDDEN, n_layer=LAYERS, n_head=4, n_positions=64,
                    bos_token_id=1, eos_token_id=2)
 LEGACY = {
@@ -129,8 +130,14 @@ DEEPSEEK = {
                              mscale=0.707, mscale_all_dim=0.707))),
 }
 FAMILIES.update(DEEPSEEK)
+# Qwen2-MoE (legacy/qwen2_moe.py): 3 layers, layer 1 dense (mlp_only_layers), q/k/v biases, a
+# shared expert with its sigmoid gate, renormalised top-k.
+FAMILIES["qwen2_moe"] = (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM, dict(
+    num_hidden_layers=3, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+    num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
+    mlp_only_layers=[1], rope_parameters=dict(rope_type="default", rope_theta=1e6)))
 # families whose default seed (100 + index) gives a too-small top-2 or router gap
-SEEDS = {"llama2": 7, "deepseek_v3": 1, "deepseek_v2": 9}
+SEEDS = {"llama2": 7, "deepseek_v3": 1, "deepseek_v2": 9, "qwen2_moe": 1}
 
 
 def randomise(model: torch.nn.Module, seed: int) -> None:

@@ -21,7 +21,7 @@ from models.safetensors_io import read_checkpoint  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "hf"
 FAMILIES = ["llama", "qwen2", "qwen3", "glm", "glm4", "telechat", "mixtral", "qwen3_moe",
-            "gpt2", "gpt_bigcode", "gpt_bigcode_mha", "bloom",  # legacy/ (found by model_type)
+            "gpt2", "gpt_bigcode", "gpt_bigcode_mha", "bloom", "qwen2_moe",  # legacy/ (found by model_type)
             "llama2", "llama3_2", "deepseek_coder",  # Llama-family aliases (model_type llama)
             "deepseek_v3", "deepseek_v2"]  # MLA + DeepSeek routing; latent KV cache
 
