@@ -21,8 +21,9 @@ pre_process=True, post_process=True, layer_range=None, embedding_group=None, tp_
   parallelism yet (refused).
 - ``decoder``: ``TransformerBlock`` of ``layer_spec``: layers ``layer_range`` (global indices,
   default all), with its final norm only with ``post_process``.
-- ``output_layer``: column-parallel ``h -> V`` (``[V/tp, h]``), or the embedding weight when
-  ``tie_embeddings`` (only with ``post_process``).
+- ``output_layer``: column-parallel ``h -> V`` (``[V/tp, h]``; a ``NormHead`` with
+  ``config.norm_head``), or the embedding weight when ``tie_embeddings`` (only with
+  ``post_process``).
 
 ``model(input_ids [b, s])`` returns logits ``[b, s, V]`` (gathered over tp). With ``labels``
 ``[b, s]`` it returns the per-token vocab-parallel cross-entropy ``[b, s]`` instead (logits
@@ -102,6 +103,7 @@ weight tables apply unchanged).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import mindspore as ms
 from mindspore import nn, ops
@@ -109,7 +111,7 @@ from mindspore import nn, ops
 from mcore.parallel_state import ModelGroups, ProcessGroup
 from mcore.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
 from mcore.tensor_parallel.embedding import VocabParallelEmbedding
-from mcore.tensor_parallel.layers import ColumnParallelLinear
+from mcore.tensor_parallel.layers import ColumnParallelLinear, NormHead
 from mcore.tensor_parallel.mappings import (CopyToTPRegion, GatherFromSPRegion,
                                             GatherFromTPRegion)
 from mcore.transformer.block import TransformerBlock, check_layer_range
@@ -158,6 +160,8 @@ class GPTModel(nn.Cell):
             raise NotImplementedError("parallel.sequence_parallel=True with MoE layers "
                                       "(config.moe.num_experts > 0) is not implemented")
         learned = config.position_embedding == "learned"
+        if config.norm_head and tie_embeddings:
+            raise ValueError("norm_head=True needs an untied output head (tie_embeddings=False)")
         if sp and (learned or config.embedding_norm):
             raise NotImplementedError("parallel.sequence_parallel=True with learned position "
                                       "embeddings or an embedding norm is not implemented")
@@ -192,9 +196,10 @@ class GPTModel(nn.Cell):
             # [b, s/tp, h] -> [b, s, h] with sp (partial gradients reduce-scattered back)
             self.enter_head = GatherFromSPRegion(tp_group) if sp else CopyToTPRegion(tp_group)
         elif self.post_process:
-            self.output_layer = ColumnParallelLinear(config.hidden_size, vocab_size, tp_group,
-                                                     bias=False, sequence_parallel=sp,
-                                                     name="output_layer", params_dtype=dtype)
+            head = NormHead if config.norm_head else partial(ColumnParallelLinear, bias=False)
+            self.output_layer = head(config.hidden_size, vocab_size, tp_group,
+                                     sequence_parallel=sp, name="output_layer",
+                                     params_dtype=dtype)
         self.mtp = None
         if config.mtp.num_layers:
             _check_mtp(config, self.pre_process, self.post_process)

@@ -218,3 +218,26 @@ class ReplicatedLinear(_ParallelLinear):
 
     def construct(self, x):
         return self.finish(self.linear(x))  # [.., in] -> [.., out]
+
+
+class NormHead(ColumnParallelLinear):
+    """An output head whose weight rows are scaled to unit L2 norm before the product
+    (Baichuan2's ``NormHead``): ``y = x (W / ||W||_row)^T`` with ``||w|| = max(|w|_2, eps)``,
+    ``eps = 1e-12``. Each tp rank holds whole rows ``[V/P, h]``, so the normalisation needs no
+    communication; gradients flow through it (the stored ``weight`` is the raw one, as
+    checkpoints hold it). Otherwise a ``ColumnParallelLinear`` without bias."""
+
+    EPS = 1e-12
+
+    def __init__(self, input_size: int, output_size: int, tp_group: ProcessGroup, **kwargs):
+        super().__init__(input_size, output_size, tp_group, bias=False, **kwargs)
+        self.eps_sq = ms.Tensor(self.EPS * self.EPS, ms.float32)
+
+    def linear(self, x):
+        """x [.., in] -> x (W / ||W||_row)^T [.., out_local]."""
+        w = self.weight
+        sq = (w.astype(ms.float32) ** 2).sum(-1, keepdims=True)  # [V/P, h] -> [V/P, 1]
+        unit = w * ops.rsqrt(ops.maximum(sq, self.eps_sq)).astype(w.dtype)  # [V/P, h]
+        lead = x.shape[:-1]
+        y = self.matmul(x.reshape((-1, x.shape[-1])), unit)  # [N, in] -> [N, out]
+        return y.reshape(lead + (y.shape[-1],))

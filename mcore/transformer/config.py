@@ -213,6 +213,9 @@ class TransformerConfig:
         ``rotary`` is unused unless "rope".
     max_position_embeddings: rows of the learned position table (required with "learned").
     embedding_norm: a LayerNorm-type norm (``norm``) on the token embedding (Bloom).
+    norm_head: the output head normalises each vocabulary row of its weight to unit L2 norm
+        before the product (``mcore.tensor_parallel.layers.NormHead``; Baichuan2); needs an
+        untied head.
     multi_latent_attention: the attention of every layer is MLA (``config.mla``;
         ``gpt_layer_spec`` selects it). head_dim is then ``mla.qk_head_dim``, the rotary dims
         are ``mla.qk_rope_head_dim`` (``rotary.fraction`` unused) and the default softmax scale
@@ -238,6 +241,7 @@ class TransformerConfig:
     position_embedding: str = "rope"
     max_position_embeddings: int | None = None
     embedding_norm: bool = False
+    norm_head: bool = False
     rotary: RotaryConfig = field(default_factory=RotaryConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     multi_latent_attention: bool = False
