@@ -2,9 +2,11 @@
 
 A table maps a model parameter name (``decoder.layers.0.self_attention.linear_qkv.weight``) to
 a tuple of ``Piece``s concatenated along dim 0 (fused q/k/v, gate/up). A ``Piece`` is a HF
-tensor, or a strided part of one: its rows viewed as ``[groups, count, rows / (groups count)]``,
-keeping ``index`` of ``count`` (``count=2, index=1`` = second half; ``groups=n_kv, count=2`` =
-every other head of an interleaved k/v tensor). ``rows`` is the piece's row count at tp=1.
+tensor, or a strided part of one: its rows viewed as ``[groups, count, slot]``, keeping the
+``span`` slots from ``index`` of each group (``count=2, index=1`` = second half; ``groups=n_kv,
+count=2`` = every other head of an interleaved k/v tensor; ``groups=n_kv, count=qg + 2,
+index=0, span=qg`` = the queries of InternLM2's ``wqkv``, whose groups hold ``qg`` query heads,
+then a key and a value head). ``rows`` is the piece's row count at tp=1.
 Two switches cover layouts older checkpoints use: ``transposed`` (the HF tensor is stored
 ``[in, out]``, GPT-2's ``Conv1D``: it is transposed before anything else) and ``offset`` (the
 piece is the contiguous rows ``[offset, offset + rows)`` of the tensor: a fused ``[q; k; v]``
@@ -45,6 +47,7 @@ class Piece:
     index: int = 0
     transposed: bool = False
     offset: int | None = None
+    span: int = 1
 
     def take(self, full: np.ndarray) -> np.ndarray:
         """This piece of the HF tensor ``full``."""
@@ -62,7 +65,8 @@ class Piece:
             raise ValueError(f"{self.name}: {full.shape[0]} rows do not split into "
                              f"{self.groups} x {self.count}")
         view = full.reshape((self.groups, self.count, per) + full.shape[1:])
-        return view[:, self.index].reshape((self.groups * per,) + full.shape[1:])
+        kept = view[:, self.index:self.index + self.span]  # [groups, span, per, ...]
+        return kept.reshape((self.groups * self.span * per,) + full.shape[1:])
 
 
 def pieces(*names: str) -> tuple[Piece, ...]:
@@ -226,10 +230,11 @@ def to_hf(table: dict, full: dict, dims: dict | None = None, tp: int = 1, etp: i
             if piece.count == 1 and piece.groups == 1:
                 out[piece.name] = part
                 continue
-            per = piece.rows // piece.groups
+            per = piece.rows // (piece.groups * piece.span)
             buf = strided.setdefault(piece.name, np.zeros(
                 (piece.groups, piece.count, per) + part.shape[1:], part.dtype))
-            buf[:, piece.index] = part.reshape((piece.groups, per) + part.shape[1:])
+            buf[:, piece.index:piece.index + piece.span] = part.reshape(
+                (piece.groups, piece.span, per) + part.shape[1:])
     for name, buf in strided.items():
         out[name] = buf.reshape((-1,) + buf.shape[3:])
     for name, parts in ranged.items():

@@ -47,11 +47,12 @@ def rope_angles(positions, rot_dim, base):
     return np.outer(positions, inv)
 
 
-def rope(x, rot_dim, base, interleaved=False):
-    """Rotate the first ``rot_dim`` dims of ``x [b, s, n, d]`` by position (0..s-1): pairs
-    ``(i, i + rot_dim/2)`` (half-split) or ``(2i, 2i + 1)`` (interleaved); the rest passes."""
+def rope(x, rot_dim, base, interleaved=False, factor=1.0):
+    """Rotate the first ``rot_dim`` dims of ``x [b, s, n, d]`` by position (0..s-1, divided by
+    ``factor``: linear scaling): pairs ``(i, i + rot_dim/2)`` (half-split) or ``(2i, 2i + 1)``
+    (interleaved); the rest passes."""
     s = x.shape[1]
-    ang = rope_angles(np.arange(s), rot_dim, base)  # [s, r/2]
+    ang = rope_angles(np.arange(s) / factor, rot_dim, base)  # [s, r/2]
     cos, sin = np.cos(ang)[None, :, None], np.sin(ang)[None, :, None]  # [1, s, 1, r/2]
     rot, rest = x[..., :rot_dim], x[..., rot_dim:]
     if interleaved:
