@@ -8,14 +8,14 @@ SantaCoder (``gpt_bigcode``, multi-query), BLOOM (``bloom``, ALiBi), Qwen2-MoE /
 (``qwen2_moe``, gated shared expert). ``legacy.mindformers``
 converts MindFormers legacy ``.ckpt`` + YAML (Llama-style) to a HF directory. See docs/legacy.md.
 """
-from legacy import baichuan, bloom, gpt2, gpt_bigcode, internlm2, qwen2_moe, qwen_v1
+from legacy import baichuan, bloom, chatglm, gpt2, gpt_bigcode, internlm2, qwen2_moe, qwen_v1
 from models.hf import register_family
 
-_MODULES = (gpt2, gpt_bigcode, bloom, qwen2_moe, baichuan, internlm2, qwen_v1)
+_MODULES = (gpt2, gpt_bigcode, bloom, qwen2_moe, baichuan, internlm2, qwen_v1, chatglm)
 
 FAMILIES = {kind: module for module in _MODULES for kind in module.MODEL_TYPES}
 for _module in _MODULES:
     register_family(_module)
 
 __all__ = ["FAMILIES", "gpt2", "gpt_bigcode", "bloom", "qwen2_moe", "baichuan", "internlm2",
-           "qwen_v1"]
+           "qwen_v1", "chatglm"]

@@ -18,7 +18,9 @@ look again, so ``from_pretrained`` finds a legacy family without the caller impo
 A family may set ``BASE_PREFIX`` (its weight names' prefix, e.g. ``"transformer."``: a
 checkpoint of the base model without it is renamed on load) and ``IGNORED_SUFFIXES`` (buffers
 older checkpoints saved, e.g. GPT-2's ``.attn.bias`` causal mask) and ``ignored_tensor(cfg,
-name, names)`` (checkpoint tensors strict loading accepts unused: DeepSeek-V3's MTP layer).
+name, names)`` (checkpoint tensors strict loading accepts unused: DeepSeek-V3's MTP layer) and
+``vocab_size(hf)`` (the vocabulary when config.json names it otherwise: ChatGLM's
+``padded_vocab_size``; ``vocab_size_of``).
 Errors: unknown ``model_type``, an override that is not a config key, or a shape mismatch
 each raise one error naming the key or tensor. Faults of the files raise ``models.LoadError``
 naming the file and tensor: ``config.json`` missing, not JSON or lacking a required key; a bad
@@ -97,6 +99,13 @@ def family_of(hf: dict) -> ModuleType:
     return FAMILIES[kind]
 
 
+def vocab_size_of(hf: dict, family: ModuleType | None = None) -> int:
+    """The vocabulary (embedding rows) of a HF config: the family's ``vocab_size(hf)`` when it
+    has one, else ``vocab_size``."""
+    family = family or family_of(hf)
+    return family.vocab_size(hf) if hasattr(family, "vocab_size") else hf["vocab_size"]
+
+
 def build_from_config(hf: dict, tp_group: ProcessGroup | None = None,
                       stage: StageSpec | None = None, *,
                       embedding_group: ProcessGroup | None = None,
@@ -110,7 +119,7 @@ def build_from_config(hf: dict, tp_group: ProcessGroup | None = None,
     cfg = family.config_from_hf(hf)
     tie = bool(hf.get("tie_word_embeddings", family.TIE_DEFAULT))
     stage = stage or StageSpec.full(cfg.num_layers)
-    model = GPTModel(cfg, family.layer_spec(cfg), hf["vocab_size"], tie_embeddings=tie,
+    model = GPTModel(cfg, family.layer_spec(cfg), vocab_size_of(hf, family), tie_embeddings=tie,
                      groups=groups, pre_process=stage.pre_process,
                      post_process=stage.post_process, layer_range=stage.layer_range,
                      embedding_group=embedding_group,

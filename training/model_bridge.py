@@ -235,11 +235,12 @@ def build_gpt(cfg, tp_group=None, stage=None, embedding_group=None, groups=None)
     ``save_pretrained`` and the family's weight table work. Weights of ``model.hf_path`` are
     not read here (``models.hf.load_weights``)."""
     from models.gpt import GPTModel, StageSpec
-    from models.hf import FAMILIES as FAMILY_FILES, HFInfo
+    from models.hf import FAMILIES as FAMILY_FILES, HFInfo, vocab_size_of
 
     if cfg.model.hf_path:
         tcfg, family, hf = hf_dir_config(cfg)
-        vocab, tie = hf["vocab_size"], bool(hf.get("tie_word_embeddings", family.TIE_DEFAULT))
+        vocab = vocab_size_of(hf, family)
+        tie = bool(hf.get("tie_word_embeddings", family.TIE_DEFAULT))
     else:
         tcfg, hf = transformer_config(cfg), hf_config(cfg.model)
         family, vocab, tie = FAMILY_FILES[hf["model_type"]], cfg.model.vocab_size, \

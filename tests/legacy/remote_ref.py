@@ -95,11 +95,15 @@ def numpy_greedy(forward, ids: np.ndarray, steps: int) -> np.ndarray:
     return seq[:, ids.shape[1]:]
 
 
-def check_family(tmp_path, config: dict, tensors: dict, forward, seed: int = 0, steps: int = 6):
-    """See the module docstring; returns the loaded model."""
+def check_family(tmp_path, config: dict, tensors: dict, forward, seed: int = 0, steps: int = 6,
+                 vocab: int | None = None, buffers: tuple = ()):
+    """See the module docstring; returns the loaded model. ``vocab``: token ids are drawn
+    below it (default ``config["vocab_size"]``); ``buffers``: checkpoint tensors that are not
+    weights (loaded past, not saved back)."""
     path = write(tmp_path, config, tensors)
     model = models.from_pretrained(path)
-    ids = np.random.default_rng(seed).integers(3, config["vocab_size"], (2, 8)).astype(np.int32)
+    vocab = vocab or config["vocab_size"]
+    ids = np.random.default_rng(seed).integers(3, vocab, (2, 8)).astype(np.int32)
     ref = forward(ids)
     got = model(ms.Tensor(ids)).asnumpy()
     assert got.shape == ref.shape
@@ -115,7 +119,7 @@ def check_family(tmp_path, config: dict, tensors: dict, forward, seed: int = 0, 
     out = Path(tmp_path) / "saved"
     model.save_pretrained(out)
     saved = read_checkpoint(out)
-    assert set(saved) == set(tensors)
+    assert set(saved) == set(tensors) - set(buffers)
     for name, lazy in saved.items():
         np.testing.assert_array_equal(lazy.load(), tensors[name], err_msg=name)
     again = dict(models.from_pretrained(out).parameters_and_names())
