@@ -2,19 +2,21 @@
 mapping, layer spec, weight names.
 
 Architecture: pre-norm layers (RMSNorm with ``rmsnorm``, else LayerNorm with bias;
-``layernorm_epsilon``), grouped-query attention with a fused ``self_attention.query_key_value`` whose rows are
-``[q (n d); k (g d); v (g d)]`` (``g = multi_query_group_num`` key/value heads); a bias on it with ``add_qkv_bias`` or ``add_bias_linear``, on
-the output ``dense`` and the MLP with ``add_bias_linear``. ``d = kv_channels``. GLM rotary:
-interleaved pairs ``(2i, 2i + 1)`` over the first half of each head (``RotaryConfig(fraction=
-0.5, interleaved=True)``), base ``10000 * rope_ratio``. The MLP ``dense_h_to_4h`` packs
-``[gate; up]`` (``2 ffn_hidden_size`` rows) for SwiGLU, ``dense_4h_to_h`` projects back. The
-final norm is ``encoder.final_layernorm`` (``post_layer_norm``), the head
-``transformer.output_layer``, the embedding ``transformer.embedding.word_embeddings`` of
-``padded_vocab_size`` rows (``vocab_size``). The ``rotary_pos_emb.inv_freq`` buffer some
-checkpoints hold is ignored.
-Rejected: ``multi_query_attention=false`` (per-head interleaved rows; no released checkpoint
-uses it), ``apply_residual_connection_post_layernorm``, ``post_layer_norm=false``, prefix
-tuning (``pre_seq_len``).
+``layernorm_epsilon``), grouped-query attention with a fused
+``self_attention.query_key_value`` whose rows are ``[q (n d); k (g d); v (g d)]``
+(``g = multi_query_group_num`` key/value heads, ``d = kv_channels``); a bias on it with
+``add_qkv_bias`` or ``add_bias_linear``, on the output ``dense`` and the MLP with
+``add_bias_linear``. GLM rotary: interleaved pairs ``(2i, 2i + 1)`` over the first half of
+each head (``RotaryConfig(fraction=0.5, interleaved=True)``), base ``10000 * rope_ratio``.
+The MLP ``dense_h_to_4h`` packs ``[gate; up]`` (``2 ffn_hidden_size`` rows) for SwiGLU,
+``dense_4h_to_h`` projects back. The final norm is ``encoder.final_layernorm``
+(``post_layer_norm``), the head ``transformer.output_layer``, the embedding
+``transformer.embedding.word_embeddings`` of ``padded_vocab_size`` rows (``vocab_size``). The
+``rotary_pos_emb.inv_freq`` buffer some checkpoints hold is ignored.
+Rejected: ChatGLM-6B v1 configs (``position_encoding_2d``), ``multi_query_attention=false``
+(per-head interleaved rows; no released checkpoint uses it),
+``apply_residual_connection_post_layernorm``, ``post_layer_norm=false``, prefix tuning
+(``pre_seq_len``).
 """
 from __future__ import annotations
 
@@ -37,6 +39,9 @@ def config_from_hf(hf: dict) -> TransformerConfig:
                      ("post_layer_norm", False)):
         if hf.get(key, not bad) == bad:
             raise ValueError(f"{key}={str(bad).lower()}: not supported for chatglm")
+    if "position_encoding_2d" in hf:
+        raise ValueError("position_encoding_2d: a ChatGLM-6B (v1) config; only ChatGLM2/3, "
+                         "CodeGeeX2 and GLM-4 remote code are supported")
     if hf.get("pre_seq_len"):
         raise ValueError(f"pre_seq_len={hf['pre_seq_len']}: prefix tuning is not supported")
     n, h = hf["num_attention_heads"], hf["hidden_size"]

