@@ -14,25 +14,11 @@ import mindspore as ms  # noqa: E402
 ms.set_device("CPU")
 
 from legacy import baichuan  # noqa: E402
-from tests.legacy.remote_ref import (causal_attention, check_family, rand, rmsnorm,  # noqa: E402
-                                     rope, swiglu)
+from tests.legacy import remote_checkpoints as rc  # noqa: E402
+from tests.legacy.remote_ref import (causal_attention, check_family, rmsnorm, rope,  # noqa: E402
+                                     swiglu)
 
-V, F, L = 128, 96, 2
-
-
-def make(rng, h, n):
-    t = {"model.embed_tokens.weight": rand(rng, V, h, scale=0.5),
-         "model.norm.weight": rand(rng, h, offset=1.0), "lm_head.weight": rand(rng, V, h)}
-    for i in range(L):
-        p = f"model.layers.{i}."
-        t.update({p + "input_layernorm.weight": rand(rng, h, offset=1.0),
-                  p + "post_attention_layernorm.weight": rand(rng, h, offset=1.0),
-                  p + "self_attn.W_pack.weight": rand(rng, 3 * h, h),
-                  p + "self_attn.o_proj.weight": rand(rng, h, h),
-                  p + "mlp.gate_proj.weight": rand(rng, F, h),
-                  p + "mlp.up_proj.weight": rand(rng, F, h),
-                  p + "mlp.down_proj.weight": rand(rng, h, F)})
-    return t
+L = rc.LAYERS
 
 
 def slopes(n):
@@ -70,19 +56,10 @@ def forward(t, ids, h, n, alibi, eps=1e-6):
     return (x @ w.T).astype(np.float32)
 
 
-def config(h, n, position):
-    return {"architectures": ["BaichuanForCausalLM"], "model_type": "baichuan",
-            "vocab_size": V, "hidden_size": h, "intermediate_size": F, "num_hidden_layers": L,
-            "num_attention_heads": n, "hidden_act": "silu", "model_max_length": 64,
-            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "pad_token_id": 0,
-            "bos_token_id": 1, "eos_token_id": 2, "position_embedding": position,
-            "norm_head": True}
-
-
 @pytest.mark.parametrize("h,n,position", [(64, 4, "rope"), (48, 6, "alibi")])
 def test_baichuan2_matches_numpy(tmp_path, h, n, position):
-    t = make(np.random.default_rng(1), h, n)
-    model = check_family(tmp_path, config(h, n, position), t,
+    t, config = rc.baichuan(np.random.default_rng(1), h, n, position)
+    model = check_family(tmp_path, config, t,
                          lambda ids: forward(t, ids, h, n, position == "alibi"))
     assert model.config.norm_head and model.config.position_embedding == position
 

@@ -14,37 +14,11 @@ import mindspore as ms  # noqa: E402
 ms.set_device("CPU")
 
 from legacy import chatglm  # noqa: E402
-from tests.legacy.remote_ref import (causal_attention, check_family, rand, rmsnorm,  # noqa: E402
-                                     rope, swiglu)
+from tests.legacy import remote_checkpoints as rc  # noqa: E402
+from tests.legacy.remote_ref import causal_attention, check_family, rmsnorm, rope  # noqa: E402
 
-V, H, N, G, F, L = 128, 64, 4, 2, 96, 2
-D = H // N
-ENC = "transformer.encoder."
-INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
-
-
-def make(rng, layernorm, bias):
-    norm = ("weight", "bias") if layernorm else ("weight",)
-    t = {"transformer.embedding.word_embeddings.weight": rand(rng, V, H, scale=0.5),
-         "transformer.output_layer.weight": rand(rng, V, H),
-         INV_FREQ: (1.0 / 10000 ** (np.arange(0, D // 2, 2) / (D // 2))).astype(np.float32)}
-    for kind in norm:
-        t[ENC + "final_layernorm." + kind] = rand(rng, H, offset=kind == "weight")
-    for i in range(L):
-        p = f"{ENC}layers.{i}."
-        for kind in norm:
-            t[p + "input_layernorm." + kind] = rand(rng, H, offset=kind == "weight")
-            t[p + "post_attention_layernorm." + kind] = rand(rng, H, offset=kind == "weight")
-        t.update({p + "self_attention.query_key_value.weight": rand(rng, (N + 2 * G) * D, H),
-                  p + "self_attention.query_key_value.bias": rand(rng, (N + 2 * G) * D),
-                  p + "self_attention.dense.weight": rand(rng, H, N * D),
-                  p + "mlp.dense_h_to_4h.weight": rand(rng, 2 * F, H),
-                  p + "mlp.dense_4h_to_h.weight": rand(rng, H, F)})
-        if bias:
-            t.update({p + "self_attention.dense.bias": rand(rng, H),
-                      p + "mlp.dense_h_to_4h.bias": rand(rng, 2 * F),
-                      p + "mlp.dense_4h_to_h.bias": rand(rng, H)})
-    return t
+V, L, ENC = rc.VOCAB, rc.LAYERS, rc.GLM_ENC
+N, G, D = rc.GLM_HEADS, rc.GLM_GROUPS, rc.GLM_HEAD_DIM
 
 
 def forward(t, ids, layernorm, bias, rope_ratio, eps=1e-5):
@@ -76,27 +50,15 @@ def forward(t, ids, layernorm, bias, rope_ratio, eps=1e-5):
     return (x @ t["transformer.output_layer.weight"].T).astype(np.float32)
 
 
-def config(layernorm, bias, rope_ratio):
-    return {"architectures": ["ChatGLMModel"], "model_type": "chatglm", "padded_vocab_size": V,
-            "hidden_size": H, "ffn_hidden_size": F, "num_layers": L, "num_attention_heads": N,
-            "kv_channels": D, "multi_query_attention": True, "multi_query_group_num": G,
-            "rmsnorm": not layernorm, "layernorm_epsilon": 1e-5, "add_bias_linear": bias,
-            "add_qkv_bias": True, "post_layer_norm": True, "rope_ratio": rope_ratio,
-            "apply_residual_connection_post_layernorm": False, "seq_length": 64,
-            "original_rope": True, "tie_word_embeddings": False, "pad_token_id": 0,
-            "eos_token_id": 2}
-
-
 @pytest.mark.parametrize("layernorm,bias,rope_ratio", [(False, False, 1.0), (True, True, 50.0)])
 def test_chatglm_matches_numpy(tmp_path, layernorm, bias, rope_ratio):
-    t = make(np.random.default_rng(4), layernorm, bias)
-    check_family(tmp_path, config(layernorm, bias, rope_ratio), t,
-                 lambda ids: forward(t, ids, layernorm, bias, rope_ratio), vocab=V,
-                 buffers=(INV_FREQ,))
+    t, config = rc.chatglm(np.random.default_rng(4), layernorm, bias, rope_ratio)
+    check_family(tmp_path, config, t, lambda ids: forward(t, ids, layernorm, bias, rope_ratio),
+                 vocab=V, buffers=(rc.GLM_INV_FREQ,))
 
 
 def test_config_errors_name_the_key():
-    good = config(False, False, 1.0)
+    good = rc.chatglm(np.random.default_rng(0), False, False, 1.0)[1]
     for key, value in (("multi_query_attention", False), ("post_layer_norm", False),
                        ("apply_residual_connection_post_layernorm", True), ("pre_seq_len", 8),
                        ("position_encoding_2d", True)):
