@@ -60,6 +60,7 @@ from mcore.distributed.finalize import GradFinalizer, grad_plans
 from mcore.parallel_state import ParallelDims
 from training.logger import mtp_metrics
 from training.optim import should_decay
+from training.context_parallel import cp_micro_batch
 from training.packed_loss import packed_denominator, packed_mean_loss
 
 
@@ -112,7 +113,8 @@ def tp_split_names(model) -> set[str]:
 
 
 class LossCell(nn.Cell):
-    """(inputs [b, s] int32, labels [b, s] int32) -> mean token cross-entropy (scalar). Packed
+    """(inputs [b, s] int32, labels [b, s] int32) -> mean token cross-entropy (scalar); with
+    context parallelism ``position_ids [b, s/cp]`` give the positions of the rank's tokens. Packed
     batches add ``position_ids``, ``segment_ids`` (the model's ``key_mask``) [b, s] and
     ``denom`` (fp32 []): the sum of the token losses / ``denom`` (``training.packed_loss``)."""
 
@@ -121,19 +123,26 @@ class LossCell(nn.Cell):
         self.model = model
 
     def construct(self, inputs, labels, position_ids=None, segment_ids=None, denom=None):
-        if denom is None:
-            return self.model(inputs, None, None, labels).mean()  # [b, s] -> []
+        if denom is None:  # position_ids: None, or a cp rank's positions (training.context_parallel)
+            return self.model(inputs, position_ids, None, labels).mean()  # [b, s] -> []
         return self.model(inputs, position_ids, segment_ids, labels).sum() / denom  # -> []
 
 
-def mean_loss(loss_cell: LossCell, batches, dp_group) -> float:
+def mean_loss(loss_cell: LossCell, batches, dp_group, cp_group=None) -> float:
     """Forward only: mean of ``loss_cell`` over ``batches`` ((inputs, labels) numpy pairs, the
-    same count on every dp rank), averaged over the dp group (every rank gets the result);
-    packed 4-tuples: ``training.packed_loss.packed_mean_loss``."""
+    same count on every dp rank), averaged over ``dp_group`` (every rank gets the result);
+    packed 4-tuples: ``training.packed_loss.packed_mean_loss``. ``cp_group`` of size > 1: each
+    sequence is split over it (``training.context_parallel``) and ``dp_group`` must be the
+    dp x cp group."""
     if batches and len(batches[0]) == 4:
         return packed_mean_loss(loss_cell, batches, dp_group)
     total = 0.0
-    for inputs, labels in batches:
+    for batch in batches:
+        if cp_group is not None and cp_group.size > 1:
+            inputs, labels, pos = (ms.Tensor(x, ms.int32) for x in cp_micro_batch(batch, cp_group))
+            total += float(loss_cell(inputs, labels, pos).asnumpy())
+            continue
+        inputs, labels = batch
         total += float(loss_cell(ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32)).asnumpy())
     mean = np.array(total / max(len(batches), 1), np.float32)
     if dp_group.size > 1:
@@ -192,7 +201,7 @@ class AdamWUpdate(nn.Cell):
                                  for p in params])
         self.decay = tuple(decay)
         self.finalize = GradFinalizer(plans, dims)
-        self.dp = dims.dp
+        self.dp = dims.dp_cp  # the loss is averaged over dp x cp (dp when cp = 1)
         self.b1, self.b2, self.eps = float(opt_cfg.beta1), float(opt_cfg.beta2), float(opt_cfg.eps)
         self.wd, self.clip = float(opt_cfg.weight_decay), float(opt_cfg.clip_grad)
 
@@ -416,6 +425,8 @@ class TrainStep(TrainState):
                                  "or multi-token prediction")
             extra = (packed_denominator(micro_batches, self.dims.dp),)
         for batch in micro_batches:
+            if self.dims.cp.size > 1:  # this rank's s/cp tokens and their positions
+                batch = cp_micro_batch(batch, self.dims.cp)
             inputs, labels, *rest = [ms.Tensor(x, ms.int32) for x in batch]
             loss = self.forward_backward(inputs, labels, scale, *rest, *extra)
             if self.moe_layers or self.mtp:  # (lm_loss, aux [L, 3], counts [L, E], mtp [D])
@@ -435,5 +446,6 @@ class TrainStep(TrainState):
         return out
 
     def evaluate(self, batches) -> float:
-        """Mean loss over ``batches`` ((inputs, labels) pairs) on this rank, then over dp."""
-        return mean_loss(self.loss_cell, batches, self.dims.dp)
+        """Mean loss over ``batches`` ((inputs, labels) pairs) on this rank, then over dp (and
+        cp: each sequence split over it)."""
+        return mean_loss(self.loss_cell, batches, self.dims.dp_cp, self.dims.cp)

@@ -19,6 +19,13 @@ Submodules (``SelfAttentionSubmodules``, built with ``build_module``):
 Groups: ``groups.tp`` (``ModelGroups``; None = single process). Parameters are created in
 ``config.params_dtype``.
 
+Context parallelism (``groups.cp`` of size > 1): ``x`` holds this rank's ``s / cp`` tokens of
+each sequence in the load-balanced order of ``mcore.context_parallel`` (and ``cos, sin`` their
+positions); the core attention is replaced by the scheme ``config.parallel.context_parallel_comm``
+names (``mcore.transformer.context_parallel``: ``"a2a"`` runs ``core_attention`` on a head
+split of the whole sequence, ``"ring"`` passes key/value blocks around the cp group). No
+``key_mask``, no ``cache`` and no ALiBi then (``ValueError``).
+
 Forward: ``x [b, s, h]``, rotary ``cos, sin [b, 1, s, r]``, optional ``key_mask [b, t]``
 and ``cache`` (``KVCache`` in PyNative, ``StaticKVCache`` also under jit) -> ``[b, s, h]``.
 """
@@ -30,6 +37,7 @@ from mindspore import nn, ops
 
 from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
+from mcore.transformer.context_parallel import a2a_attention, ring_attention
 from mcore.transformer.norm import mark_sequence_parallel
 from mcore.transformer.positions import alibi_slopes_for_rank
 from mcore.transformer.rotary import apply_rotary
@@ -42,6 +50,20 @@ def alibi_kwargs(config: TransformerConfig, tp_group, num_kv: int) -> dict:
         return {}
     return {"alibi_slopes": alibi_slopes_for_rank(config.num_attention_heads, tp_group.size,
                                                   tp_group.rank), "num_kv_heads": num_kv}
+
+
+def check_cp_attention(config: TransformerConfig, tp: int, cp: int) -> None:
+    """``ValueError`` naming the setting when self-attention cannot run context parallel over
+    ``cp`` ranks: ALiBi (its biases need absolute query positions), or with the ``"a2a"``
+    scheme query or key/value heads per tp rank not divisible by cp."""
+    if config.position_embedding == "alibi":
+        raise ValueError("position_embedding='alibi' is not supported with context parallelism")
+    if config.parallel.context_parallel_comm == "a2a":
+        for name, heads in (("num_attention_heads", config.num_attention_heads),
+                            ("num_query_groups", config.num_query_groups)):
+            if heads % (tp * cp):
+                raise ValueError(f"{name}={heads} is not divisible by tp*cp={tp * cp}: the a2a "
+                                 "context-parallel scheme splits the heads over cp (use ring)")
 
 
 @dataclass
@@ -59,9 +81,14 @@ class SelfAttention(nn.Cell):
     def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules,
                  layer_number: int = 0, groups: ModelGroups | None = None):
         super().__init__()
-        tp_group = (groups or ModelGroups()).tp
+        groups = groups or ModelGroups()
+        tp_group, self.cp_group = groups.tp, groups.cp
         dtype = config.params_dtype
         config.check_tp(tp_group.size)
+        self.cp_comm = config.parallel.context_parallel_comm
+        self.softmax_scale = config.softmax_scale
+        if self.cp_group.size > 1:
+            check_cp_attention(config, tp_group.size, self.cp_group.size)
         self.layer_number = layer_number
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads // tp_group.size  # local query heads
@@ -108,9 +135,19 @@ class SelfAttention(nn.Cell):
         if self.use_rotary:
             q = apply_rotary(q, cos, sin, self.interleaved)
             k = apply_rotary(k, cos, sin, self.interleaved)
-        offset = None
-        if cache is not None:
-            k, v, offset = cache.update(self.layer_number, k, v)  # -> [b, n_kv, t, d]
-        out = self.core_attention(q, k, v, key_mask, offset)  # [b, n, s, d]
+        if self.cp_group.size > 1:  # s = this rank's s_global / cp tokens
+            if cache is not None or key_mask is not None:
+                raise ValueError("SelfAttention: context parallelism (groups.cp) trains on whole "
+                                 "causal sequences: no KV cache (decode with a model built "
+                                 "without cp, same weights) and no key_mask (packed samples)")
+            if self.cp_comm == "ring":
+                out = ring_attention(q, k, v, self.cp_group, self.softmax_scale)  # [b, n, s, d]
+            else:
+                out = a2a_attention(q, k, v, self.cp_group, self.core_attention)  # [b, n, s, d]
+        else:
+            offset = None
+            if cache is not None:
+                k, v, offset = cache.update(self.layer_number, k, v)  # -> [b, n_kv, t, d]
+            out = self.core_attention(q, k, v, key_mask, offset)  # [b, n, s, d]
         out = ops.transpose(out, (0, 2, 1, 3)).reshape(b, s, n * d)  # -> [b, s, n d]
         return self.linear_proj(out)  # [b, s, n d] -> [b, s, h]
