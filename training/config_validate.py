@@ -124,13 +124,17 @@ def validate(cfg, world_size: int = 1) -> None:
         if p.sp and p.tp > 1:
             _divides("model.seq_length", m.seq_length, "parallel.cp*parallel.tp (context and "
                      "sequence parallel)", p.cp * p.tp)
-        if p.cp_comm == "a2a":
-            for key, heads in (("model.num_heads", m.num_heads), ("model.num_kv_heads",
-                                                                   m.num_kv_heads)):
-                if heads % (p.tp * p.cp):
-                    raise ConfigError(f"{key}={heads} is not divisible by parallel.tp*parallel.cp"
-                                      f"={p.tp * p.cp}: parallel.cp_comm=a2a splits the heads "
-                                      "over cp (use parallel.cp_comm=ring)")
+        if p.cp_comm == "a2a":  # the heads of one tp rank are split over cp
+            if m.num_heads % (p.tp * p.cp):
+                raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tp*"
+                                  f"parallel.cp={p.tp * p.cp}: parallel.cp_comm=a2a splits the "
+                                  "heads over cp (use parallel.cp_comm=ring)")
+            kv = m.num_kv_heads // p.tp
+            if kv % p.cp and p.cp % kv:
+                raise ConfigError(f"model.num_kv_heads={m.num_kv_heads}: {kv} per tp rank neither "
+                                  f"divide nor are divisible by parallel.cp={p.cp} (parallel."
+                                  "cp_comm=a2a splits or replicates them over cp; use "
+                                  "parallel.cp_comm=ring)")
 
     _validate_moe(m.moe, p, m)
     _validate_mtp(m.mtp, p)

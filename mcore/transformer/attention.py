@@ -22,9 +22,9 @@ Groups: ``groups.tp`` (``ModelGroups``; None = single process). Parameters are c
 Context parallelism (``groups.cp`` of size > 1): ``x`` holds this rank's ``s / cp`` tokens of
 each sequence in the load-balanced order of ``mcore.context_parallel`` (and ``cos, sin`` their
 positions); the core attention is replaced by the scheme ``config.parallel.context_parallel_comm``
-names (``mcore.transformer.context_parallel``: ``"a2a"`` runs ``core_attention`` on a head
-split of the whole sequence, ``"ring"`` passes key/value blocks around the cp group). No
-``key_mask``, no ``cache`` and no ALiBi then (``ValueError``).
+names (``mcore.transformer.context_parallel.CPAttention``: ``"a2a"`` runs ``core_attention``
+on a head split of the whole sequence, ``"ring"`` passes key/value blocks around the cp group).
+No ``key_mask``, no ``cache`` and no ALiBi then (``ValueError``).
 
 Forward: ``x [b, s, h]``, rotary ``cos, sin [b, 1, s, r]``, optional ``key_mask [b, t]``
 and ``cache`` (``KVCache`` in PyNative, ``StaticKVCache`` also under jit) -> ``[b, s, h]``.
@@ -37,7 +37,7 @@ from mindspore import nn, ops
 
 from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
-from mcore.transformer.context_parallel import a2a_attention, ring_attention
+from mcore.transformer.context_parallel import CPAttention
 from mcore.transformer.norm import mark_sequence_parallel
 from mcore.transformer.positions import alibi_slopes_for_rank
 from mcore.transformer.rotary import apply_rotary
@@ -50,20 +50,6 @@ def alibi_kwargs(config: TransformerConfig, tp_group, num_kv: int) -> dict:
         return {}
     return {"alibi_slopes": alibi_slopes_for_rank(config.num_attention_heads, tp_group.size,
                                                   tp_group.rank), "num_kv_heads": num_kv}
-
-
-def check_cp_attention(config: TransformerConfig, tp: int, cp: int) -> None:
-    """``ValueError`` naming the setting when self-attention cannot run context parallel over
-    ``cp`` ranks: ALiBi (its biases need absolute query positions), or with the ``"a2a"``
-    scheme query or key/value heads per tp rank not divisible by cp."""
-    if config.position_embedding == "alibi":
-        raise ValueError("position_embedding='alibi' is not supported with context parallelism")
-    if config.parallel.context_parallel_comm == "a2a":
-        for name, heads in (("num_attention_heads", config.num_attention_heads),
-                            ("num_query_groups", config.num_query_groups)):
-            if heads % (tp * cp):
-                raise ValueError(f"{name}={heads} is not divisible by tp*cp={tp * cp}: the a2a "
-                                 "context-parallel scheme splits the heads over cp (use ring)")
 
 
 @dataclass
@@ -85,10 +71,9 @@ class SelfAttention(nn.Cell):
         tp_group, self.cp_group = groups.tp, groups.cp
         dtype = config.params_dtype
         config.check_tp(tp_group.size)
-        self.cp_comm = config.parallel.context_parallel_comm
-        self.softmax_scale = config.softmax_scale
-        if self.cp_group.size > 1:
-            check_cp_attention(config, tp_group.size, self.cp_group.size)
+        if self.cp_group.size > 1 and config.position_embedding == "alibi":
+            raise ValueError("position_embedding='alibi' is not supported with context "
+                             "parallelism (groups.cp of size > 1)")
         self.layer_number = layer_number
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads // tp_group.size  # local query heads
@@ -120,6 +105,10 @@ class SelfAttention(nn.Cell):
                                         input_is_parallel=True, sequence_parallel=sp,
                                         name=f"layers.{layer_number}.linear_proj",
                                         params_dtype=dtype)
+        self.cp_attention = None
+        if self.cp_group.size > 1:  # ValueError when the a2a scheme cannot split the heads
+            self.cp_attention = CPAttention(config.parallel.context_parallel_comm, self.cp_group,
+                                            self.core_attention, self.num_heads, self.num_kv)
 
     def construct(self, x, cos, sin, key_mask=None, cache=None):
         n, n_kv, d = self.num_heads, self.num_kv, self.head_dim
@@ -140,10 +129,7 @@ class SelfAttention(nn.Cell):
                 raise ValueError("SelfAttention: context parallelism (groups.cp) trains on whole "
                                  "causal sequences: no KV cache (decode with a model built "
                                  "without cp, same weights) and no key_mask (packed samples)")
-            if self.cp_comm == "ring":
-                out = ring_attention(q, k, v, self.cp_group, self.softmax_scale)  # [b, n, s, d]
-            else:
-                out = a2a_attention(q, k, v, self.cp_group, self.core_attention)  # [b, n, s, d]
+            out = self.cp_attention(q, k, v)  # [b, n, s, d]
         else:
             offset = None
             if cache is not None:
