@@ -31,6 +31,7 @@ from mindspore import nn, ops
 
 from mcore.comm import DifferentiableAllToAll
 from mcore.parallel_state import ProcessGroup
+from mcore.transformer.cp_ring import RingAttention, ring_attention
 
 CP_KINDS = ("ring", "a2a")
 
@@ -156,13 +157,12 @@ class CPAttention(nn.Cell):
         if kind == "a2a":
             self.impl = A2AAttention(cp_group, core_attention)
         else:
-            from mcore.transformer.cp_ring import RingAttention
-
             self.impl = RingAttention(cp_group, core_attention.scale)
 
     def construct(self, q, k, v):
         return self.impl(q, k, v)
 
 
-__all__ = ["CP_KINDS", "CPAttention", "A2AAttention", "a2a_attention", "local_chunk_ids", "gathered_to_original", "original_to_gathered",
+__all__ = ["CP_KINDS", "CPAttention", "A2AAttention", "RingAttention", "a2a_attention",
+           "ring_attention", "local_chunk_ids", "gathered_to_original", "original_to_gathered",
            "take_chunks", "check_heads"]
