@@ -46,12 +46,13 @@ def check_cp(cfg) -> None:
     from training.model_bridge import transformer_config
 
     tcfg = transformer_config(cfg)
+    source = f"model.hf_path={m.hf_path}" if m.hf_path else f"model.family={m.family}"
     if tcfg.multi_latent_attention:
-        raise ConfigError(f"{lead} context parallelism with multi-latent attention "
-                          f"(model.family={m.family}) is not implemented")
+        raise ConfigError(f"{lead} context parallelism with multi-latent attention ({source}) "
+                          "is not implemented")
     if tcfg.position_embedding == "alibi":
-        raise ConfigError(f"{lead} context parallelism with ALiBi positions (model.family="
-                          f"{m.family}) is not implemented")
+        raise ConfigError(f"{lead} context parallelism with ALiBi positions ({source}) is not "
+                          "implemented")
 
 
 def cp_micro_batch(batch, cp_group) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
