@@ -6,11 +6,13 @@
 One optimizer step, for ``n`` micro-batches on each of ``D`` data-parallel ranks:
 
 1. ``ForwardBackward`` (one compiled graph, run ``n`` times): ``loss_k = mean over tokens of
-   model(inputs, labels=labels)`` and ``acc += d(loss_k / n)/dw`` into fp32 buffers.
+   model(inputs, labels=labels)`` and ``acc += d(loss_k / n)/dw`` into fp32 buffers. With
+   context parallelism (``dims.cp`` > 1) each micro-batch is first cut to this rank's ``s / cp``
+   tokens and their positions (``training.context_parallel.cp_micro_batch``).
 2. ``AdamWUpdate`` (one compiled graph):
    - ``g, norm = GradFinalizer(acc)`` (``mcore.distributed.finalize``, driven by what each
-     parameter carries): ``g = all_reduce_sum(acc, dp) / D`` (the gradient of the mean loss over
-     the global batch; expert parameters: summed over edp, ``/ D``); the global norm counts
+     parameter carries): ``g = all_reduce_sum(acc, dp_cp) / D`` with ``D = dp x cp`` (the
+     gradient of the mean loss over the global batch; expert parameters: summed over edp, ``/ D``); the global norm counts
      every parameter once (tp-split shards' squares summed over tp, experts' over ep,
      replicated ones as they are). ``g *= min(1, clip / (norm + 1e-6))`` when ``clip > 0``.
    - AdamW, for update ``t`` (1-based), decoupled decay (the ``should_decay`` mask)::
@@ -297,7 +299,7 @@ class TrainState:
     def apply_update(self, lr: float, loss: float) -> tuple[float, float]:
         """Run ``self.update`` on the accumulated gradients with AdamW step ``adam_steps + 1``;
         count it as applied or skipped (``update_applied``). Returns ``(loss, grad_norm)``: the
-        loss averaged over dp, the norm before clipping (inf or nan for a skipped step)."""
+        loss averaged over dp (x cp), the norm before clipping (inf or nan for a skipped step)."""
         t = self.adam_steps + 1
         self.stepped = True
         bc1, bc2 = 1.0 - self.opt.beta1 ** t, 1.0 - self.opt.beta2 ** t
@@ -408,7 +410,7 @@ class TrainStep(TrainState):
     def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
         """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs, or
         packed 4-tuples (loss: mean over the global batch's kept tokens, ``training.packed_loss``).
-        Returns ``(loss, grad_norm)``: loss averaged over micro-batches and dp; a non-finite
+        Returns ``(loss, grad_norm)``: loss averaged over micro-batches and dp (x cp); a non-finite
         one of the two means the update was skipped (``TrainState.apply_update``). A MoE model
         (``model.moe_layers``) trains on ``loss + router losses`` and reports the language-model
         loss; ``last_moe_metrics`` and ``last_moe_counts`` then hold the step's routing statistics,
