@@ -5,9 +5,10 @@ parallel.tp=2`` (dp is what is left: world / (tp * cp * pp)). Supported layouts:
 ``parallel.vpp`` virtual stages per pipeline rank and ``parallel.layers_per_stage`` for uneven
 splits, and tp x cp x dp: ``parallel.cp`` splits every sequence over cp ranks
 (``training.context_parallel``; attention scheme ``parallel.cp_comm``; not with pp, MoE, MTP,
-MLA, ALiBi or LoRA; the sample at the end comes from a twin without cp). ``parallel.sp`` splits the activations outside the tensor-parallel regions along the
-sequence (``model.seq_length`` must divide by tp); as in Megatron it is switched off, with a
-warning in the log, when tp = 1; the sample at the end comes from a twin without it
+MLA, ALiBi or LoRA; the sample at the end comes from a twin without cp). ``parallel.sp``
+splits the activations outside the tensor-parallel regions along the sequence
+(``model.seq_length`` must divide by tp); as in Megatron it is switched off, with a warning in
+the log, when tp = 1; the sample at the end comes from a twin without it
 (``training.generate.sampling_model``). Mixture of experts (``model.moe.num_experts`` > 0):
 tp x ep x dp with experts split over ``parallel.etp``, or ep x pp (and vpp) x dp (tp and pp
 together, and sp, are refused for MoE);
