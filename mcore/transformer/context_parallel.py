@@ -30,6 +30,7 @@ from __future__ import annotations
 from mindspore import nn, ops
 
 from mcore.comm import DifferentiableAllToAll
+from mcore.fusions.attention import CoreAttention
 from mcore.parallel_state import ProcessGroup
 from mcore.transformer.cp_ring import RingAttention, ring_attention
 
@@ -139,10 +140,12 @@ class CPAttention(nn.Cell):
     """Context-parallel causal attention of load-balanced local sequences, one switch.
 
     ``kind``: ``"ring"`` or ``"a2a"`` (``parallel.cp_comm``). ``cp_group``: the context-parallel
-    ``ProcessGroup``. ``core_attention``: the layer's ``CoreAttention``; ``a2a`` calls it on the
-    full sequence of ``n/P`` heads, ``ring`` uses only its ``scale`` (it computes its partial
-    attentions itself). ``num_heads`` / ``num_kv_heads`` (this tensor-parallel rank's) are checked
-    at build time: ``ValueError`` naming ``parallel.cp_comm`` when ``a2a`` cannot split them.
+    ``ProcessGroup``. ``core_attention``: the layer's ``CoreAttention`` for its ``num_heads``
+    heads. ``a2a`` runs a ``CoreAttention`` with the same scale, block size and fused choice on
+    ``num_heads / P`` heads of the full sequence; ``ring`` uses only its ``scale`` and ``block_size``
+    (it computes its partial attentions itself). ``num_heads`` / ``num_kv_heads`` (this tensor-parallel
+    rank's) are checked at build time: ``ValueError`` naming ``parallel.cp_comm`` when ``a2a``
+    cannot split them; ALiBi slopes on ``core_attention`` are refused (not supported with cp).
 
     ``construct(q, k, v)``: q ``[b, n, s_local, d]``, k / v ``[b, n_kv, s_local, d]`` with
     ``s_local`` even, each rank holding chunks ``r`` and ``2P-1-r`` (``local_chunk_ids``) ->
@@ -153,11 +156,19 @@ class CPAttention(nn.Cell):
                  num_kv_heads: int):
         super().__init__()
         check_heads(kind, num_heads, num_kv_heads, cp_group.size)
+        if getattr(core_attention, "alibi", None) is not None:
+            raise ValueError("context parallel: ALiBi position biases are not supported with "
+                             "parallel.cp > 1")
         self.kind = kind
         if kind == "a2a":
+            if isinstance(core_attention, CoreAttention):  # the same attention on n / P heads
+                core_attention = CoreAttention(num_heads // cp_group.size, core_attention.scale,
+                                               core_attention.block_size,
+                                               use_fused=core_attention.use_fused)
             self.impl = A2AAttention(cp_group, core_attention)
         else:
-            self.impl = RingAttention(cp_group, core_attention.scale)
+            self.impl = RingAttention(cp_group, core_attention.scale,
+                                      getattr(core_attention, "block_size", 1024))
 
     def construct(self, q, k, v):
         return self.impl(q, k, v)

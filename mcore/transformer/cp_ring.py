@@ -67,22 +67,34 @@ _ring_shift_bwd = backward_copy(ring_shift)
 _arange_bwd = backward_copy(ops.arange)
 
 
-def causal_bias(pos):
-    """``[n, n]`` float32 from the positions ``pos`` ``[n]`` (int32): 0 where key ``j <= query
-    i``, a large negative number elsewhere."""
-    n = pos.shape[0]
-    keep = pos.reshape(1, n) <= pos.reshape(n, 1)  # [n, n]
-    return ops.masked_fill(ops.zeros((n, n), ms.float32), ops.logical_not(keep), _NEG)
+def _bias_rows(pos, start: int, stop: int):
+    """Causal additive mask of query rows ``[start, stop)`` against all ``t`` keys, from the
+    positions ``pos`` ``[t]`` (int32): ``[stop - start, t]``, 0 where key ``j <= query i``."""
+    keep = pos.reshape(1, -1) <= pos[start:stop].reshape(-1, 1)  # [c, t]
+    return ops.masked_fill(ops.zeros(keep.shape, ms.float32), ops.logical_not(keep), _NEG)
 
 
-def _attend(q, k, v, scale: float, bias):
-    """Partial attention: q ``[b, G, g, sq, d]``, k / v ``[b, G, 1, t, d]``, ``bias`` additive
-    (0.0 or ``[sq, t]``) -> (o ``[b, G, g, sq, d]``, lse ``[b, G, g, sq, 1]``)."""
-    scores = ops.matmul(q, ops.swapaxes(k, -1, -2)) * scale + bias  # [b, G, g, sq, t]
-    top = scores.max(axis=-1, keepdims=True)
-    e = ops.exp(scores - top)
-    total = e.sum(axis=-1, keepdims=True)
-    return ops.matmul(e, v) / total, top + ops.log(total)
+def _attend(q, k, v, scale: float, pos, block: int):
+    """Partial attention: q ``[b, G, g, sq, d]``, k / v ``[b, G, 1, t, d]``; ``pos`` None (no
+    mask) or the ``[t]`` positions of a causal block with ``sq == t`` -> (o ``[b, G, g, sq, d]``,
+    lse ``[b, G, g, sq, 1]``). Queries go ``block`` rows at a time: at most one
+    ``[b, G, g, block, t]`` score block is alive."""
+    kt = ops.swapaxes(k, -1, -2)  # [b, G, 1, d, t]
+    outs, lses = [], []
+    sq = q.shape[3]
+    for start in range(0, sq, block):
+        stop = start + block if start + block < sq else sq
+        scores = ops.matmul(_seq(q, start, stop) * scale, kt)  # [b, G, g, c, t]
+        if pos is not None:
+            scores = scores + _bias_rows(pos, start, stop)
+        top = scores.max(axis=-1, keepdims=True)
+        e = ops.exp(scores - top)
+        total = e.sum(axis=-1, keepdims=True)
+        outs.append(ops.matmul(e, v) / total)
+        lses.append(top + ops.log(total))
+    if len(outs) == 1:
+        return outs[0], lses[0]
+    return ops.cat(outs, 3), ops.cat(lses, 3)
 
 
 def _merge(o, lse, o_i, lse_i):
@@ -92,16 +104,26 @@ def _merge(o, lse, o_i, lse_i):
     return o * ops.exp(lse - new) + o_i * ops.exp(lse_i - new), new
 
 
-def _block_grads(q, k, v, do, lse, delta, scale: float, bias):
-    """Gradients of one block (shapes as ``_attend``; ``lse`` / ``delta`` ``[b, G, g, sq, 1]``)
-    -> (dq ``[b, G, g, sq, d]``, dk ``[b, G, 1, t, d]``, dv ``[b, G, 1, t, d]``)."""
-    probs = ops.exp(ops.matmul(q, ops.swapaxes(k, -1, -2)) * scale + bias - lse)  # [.., sq, t]
-    dv = ops.matmul(ops.swapaxes(probs, -1, -2), do).sum(axis=2, keepdims=True)
-    dp = ops.matmul(do, ops.swapaxes(v, -1, -2))  # [b, G, g, sq, t]
-    ds = probs * (dp - delta) * scale
-    dq = ops.matmul(ds, k)  # [b, G, g, sq, d]
-    dk = ops.matmul(ops.swapaxes(ds, -1, -2), q).sum(axis=2, keepdims=True)
-    return dq, dk, dv
+def _block_grads(q, k, v, do, lse, delta, scale: float, pos, block: int):
+    """Gradients of one block (shapes and ``pos`` as ``_attend``; ``lse`` / ``delta``
+    ``[b, G, g, sq, 1]``) -> (dq ``[b, G, g, sq, d]``, dk / dv ``[b, G, 1, t, d]``), ``block``
+    query rows at a time."""
+    kt, vt = ops.swapaxes(k, -1, -2), ops.swapaxes(v, -1, -2)  # [b, G, 1, d, t]
+    dqs, dk, dv = [], None, None
+    sq = q.shape[3]
+    for start in range(0, sq, block):
+        stop = start + block if start + block < sq else sq
+        qb, dob = _seq(q, start, stop), _seq(do, start, stop)
+        scores = ops.matmul(qb * scale, kt)  # [b, G, g, c, t]
+        if pos is not None:
+            scores = scores + _bias_rows(pos, start, stop)
+        probs = ops.exp(scores - _seq(lse, start, stop))
+        dv_b = ops.matmul(ops.swapaxes(probs, -1, -2), dob).sum(axis=2, keepdims=True)
+        ds = probs * (ops.matmul(dob, vt) - _seq(delta, start, stop))  # [b, G, g, c, t]
+        dqs.append(ops.matmul(ds, k) * scale)  # [b, G, g, c, d]
+        dk_b = ops.matmul(ops.swapaxes(ds, -1, -2), qb).sum(axis=2, keepdims=True) * scale
+        dk, dv = (dk_b, dv_b) if dk is None else (dk + dk_b, dv + dv_b)
+    return (dqs[0] if len(dqs) == 1 else ops.cat(dqs, 3)), dk, dv
 
 
 def _seq(x, start, stop):
@@ -113,10 +135,11 @@ class _RingCore(nn.Cell):
     """Ring attention returning ``(out [b, n, s, d], lse [b, n_kv, g, s, 1])``; its ``bprop``
     is the ring backward (``lse`` is an output only so the backward can use it)."""
 
-    def __init__(self, cp_group: ProcessGroup, scale: float):
+    def __init__(self, cp_group: ProcessGroup, scale: float, block_size: int):
         super().__init__()
         self.cp = cp_group
         self.scale = float(scale)
+        self.block = int(block_size)
 
     def _grouped(self, q, k, v):
         b, n, s, d = q.shape
@@ -131,16 +154,16 @@ class _RingCore(nn.Cell):
         s = q.shape[2]
         c = s // 2
         qg, kg, vg = self._grouped(q, k, v)
-        out, lse = _attend(qg, kg, vg, scale, causal_bias(ops.arange(0, s, 1, dtype=ms.int32)))
+        out, lse = _attend(qg, kg, vg, scale, ops.arange(0, s, 1, dtype=ms.int32), self.block)
         kv = ops.cat((kg, vg), 2)  # [b, G, 2, s, d]: the block that travels
         for i in range(1, p):
             kv = ring_shift(kv, self.cp)
             kb, vb = kv[:, :, 0:1], kv[:, :, 1:2]
             if (r - i) % p < r:  # block's first chunk, seen by every local query
-                o_i, l_i = _attend(qg, _seq(kb, 0, c), _seq(vb, 0, c), scale, 0.0)
+                o_i, l_i = _attend(qg, _seq(kb, 0, c), _seq(vb, 0, c), scale, None, self.block)
                 out, lse = _merge(out, lse, o_i, l_i)
             else:  # whole block, seen by the local second chunk only
-                o_i, l_i = _attend(_seq(qg, c, s), kb, vb, scale, 0.0)
+                o_i, l_i = _attend(_seq(qg, c, s), kb, vb, scale, None, self.block)
                 o1, l1 = _merge(_seq(out, c, s), _seq(lse, c, s), o_i, l_i)
                 out = ops.cat((_seq(out, 0, c), o1), 3)
                 lse = ops.cat((_seq(lse, 0, c), l1), 3)
@@ -154,8 +177,8 @@ class _RingCore(nn.Cell):
         lse = outs[1]
         do = douts[0].astype(ms.float32).reshape(qg.shape)
         delta = (do * outs[0].astype(ms.float32).reshape(qg.shape)).sum(axis=-1, keepdims=True)
-        bias = causal_bias(_arange_bwd(0, s, 1, dtype=ms.int32))
-        dq, dk, dv = _block_grads(qg, kg, vg, do, lse, delta, scale, bias)
+        pos = _arange_bwd(0, s, 1, dtype=ms.int32)
+        dq, dk, dv = _block_grads(qg, kg, vg, do, lse, delta, scale, pos, self.block)
         kv = ops.cat((kg, vg), 2)  # [b, G, 2, s, d]
         dkv = ops.cat((dk, dv), 2)  # gradient accumulator of the block held, travels with it
         for i in range(1, p):
@@ -164,13 +187,14 @@ class _RingCore(nn.Cell):
             kb, vb = kv[:, :, 0:1], kv[:, :, 1:2]
             if (r - i) % p < r:
                 dq_i, dk_i, dv_i = _block_grads(qg, _seq(kb, 0, c), _seq(vb, 0, c), do, lse,
-                                                delta, scale, 0.0)
+                                                delta, scale, None, self.block)
                 dq = dq + dq_i
                 first = _seq(dkv, 0, c) + ops.cat((dk_i, dv_i), 2)
                 dkv = ops.cat((first, _seq(dkv, c, s)), 3)
             else:
                 dq_i, dk_i, dv_i = _block_grads(_seq(qg, c, s), kb, vb, _seq(do, c, s),
-                                                _seq(lse, c, s), _seq(delta, c, s), scale, 0.0)
+                                                _seq(lse, c, s), _seq(delta, c, s), scale, None,
+                                                self.block)
                 dq = ops.cat((_seq(dq, 0, c), _seq(dq, c, s) + dq_i), 3)
                 dkv = dkv + ops.cat((dk_i, dv_i), 2)
         if p > 1:
@@ -183,14 +207,16 @@ class _RingCore(nn.Cell):
 class RingAttention(nn.Cell):
     """Ring context-parallel causal attention (see the module docstring).
 
-    ``cp_group``: the context-parallel ``ProcessGroup``; ``scale``: the softmax scale.
+    ``cp_group``: the context-parallel ``ProcessGroup``; ``scale``: the softmax scale;
+    ``block_size``: query rows per score block (at most one ``[b, n, block_size, s_local]``
+    score block is alive at a time).
     ``construct(q, k, v)``: q ``[b, n, s_local, d]``, k / v ``[b, n_kv, s_local, d]``
     (``s_local`` even, ``n`` divisible by ``n_kv``) -> ``[b, n, s_local, d]``.
     """
 
-    def __init__(self, cp_group: ProcessGroup, scale: float):
+    def __init__(self, cp_group: ProcessGroup, scale: float, block_size: int = 1024):
         super().__init__()
-        self.core = _RingCore(cp_group, scale)
+        self.core = _RingCore(cp_group, scale, block_size)
 
     def construct(self, q, k, v):
         if (self.core.cp.size > 1 and q.shape[2] % 2) or q.shape[1] % k.shape[1]:
@@ -199,6 +225,6 @@ class RingAttention(nn.Cell):
         return self.core(q, k, v)[0]
 
 
-def ring_attention(q, k, v, cp_group: ProcessGroup, scale: float):
+def ring_attention(q, k, v, cp_group: ProcessGroup, scale: float, block_size: int = 1024):
     """Ring attention of the local tensors (builds a ``RingAttention``; PyNative use)."""
-    return RingAttention(cp_group, scale)(q, k, v)
+    return RingAttention(cp_group, scale, block_size)(q, k, v)

@@ -77,7 +77,7 @@ def _errors(group, kind, mode, b, n, n_kv, s, d, seed=0):
     scale = d ** -0.5
     full = CoreAttention(n, scale, block_size=5)
     ref = _value_and_grads(full, q, k, v, w, "pynative")
-    cp = CPAttention(kind, group, CoreAttention(n // group.size, scale, block_size=5), n, n_kv)
+    cp = CPAttention(kind, group, CoreAttention(n, scale, block_size=5), n, n_kv)
     got = _value_and_grads(cp, *(_local(a, group.rank, group.size) for a in (q, k, v, w)), mode)
     errors = []
     for what, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
@@ -143,3 +143,15 @@ def test_a2a_refuses_heads_not_divisible():
     with pytest.raises(ValueError, match="cp_comm"):
         check_heads("zigzag", 4, 4, 2)
     check_heads("ring", 3, 3, 2)
+
+
+def test_cp_attention_refuses_alibi():
+    from mcore.fusions.attention import CoreAttention
+    from mcore.parallel_state import ProcessGroup
+    from mcore.transformer.context_parallel import CPAttention
+
+    group = ProcessGroup("cp", (0, 1), 0, "unused")  # built only: nothing is communicated
+    core = CoreAttention(2, 0.5, alibi_slopes=[0.5, 0.25], num_kv_heads=1)
+    for kind in ("ring", "a2a"):
+        with pytest.raises(ValueError, match="ALiBi"):
+            CPAttention(kind, group, core, 2, 1)
