@@ -158,7 +158,8 @@ class ModelGroups:
     (``GPTModel -> TransformerBlock -> TransformerLayer -> attention / MLP / MoELayer``).
 
     ``tp``: tensor parallel (attention heads, MLP hidden, vocabulary); ``cp``: context parallel
-    (not used by the layers yet); ``ep``: ranks that split the routed experts of a MoE layer
+    (``SelfAttention`` exchanges keys and values over it; the caller feeds each rank its part
+    of the sequence, ``mcore.context_parallel``); ``ep``: ranks that split the routed experts of a MoE layer
     (tokens are exchanged over it); ``etp``: ranks that split each expert's weights. Every
     field defaults to a size-one group, so ``ModelGroups()`` is a single-process model and
     ``ModelGroups(tp=group)`` only tensor parallel. A new axis is one new field here.

@@ -11,7 +11,8 @@ Who writes (each global element once): a dense parameter's owner has dp rank 0 (
 and tp rank 0 unless the parameter is split over tp; an expert parameter's owner has edp rank 0,
 and etp rank 0 unless it is split over etp; the last stage's copy of a tied embedding is never
 written (it equals the first stage's, which it loads). Distributed-optimizer pieces are written
-by every dp rank (each holds different elements) under the same tp / tied-copy rule.
+by every dp and cp rank (the optimizer shards over dp x cp: each holds different elements)
+under the same tp / tied-copy rule.
 """
 from __future__ import annotations
 

@@ -156,7 +156,11 @@ class ParallelConfig:
     ep: int = _f(1, "expert-parallel size: ranks that split the experts of each MoE layer")
     etp: int = _f(1, "expert tensor-parallel size: ranks that split each expert's weights (the "
                   "expert grid is etp x ep x edp x pp; etp = tp puts them on the tp ranks)")
-    cp: int = _f(1, "context-parallel size (training/pretrain.py refuses != 1 for now)")
+    cp: int = _f(1, "context-parallel size: every sequence is split over cp ranks (2*cp chunks, "
+                 "rank r holds chunks r and 2*cp-1-r; model.seq_length must divide by 2*cp)")
+    cp_comm: str = _f("a2a", "context-parallel attention scheme: 'a2a' (all-to-all to a head split, "
+                      "heads divisible by tp*cp) or 'ring' (key/value blocks passed around the "
+                      "cp ring)")
     sp: bool = _f(False, "sequence parallelism inside the tp group (no effect when tp = 1)")
     order: str = _f("tp-cp-ep-dp-pp", "rank order of the axes, first varies fastest")
     dp: int | None = _f(None, "data-parallel size, derived: world / (tp * cp * pp)", derived=True)

@@ -6,6 +6,9 @@
 from __future__ import annotations
 
 
+CP_COMMS = ("a2a", "ring")  # parallel.cp_comm: context-parallel attention schemes
+
+
 class ConfigError(ValueError):
     """A configuration problem, described in one line that names the offending key."""
 
@@ -114,8 +117,24 @@ def validate(cfg, world_size: int = 1) -> None:
                           f"{m.num_layers}")
     if p.sp:
         _divides("model.seq_length", m.seq_length, "parallel.tp (sequence parallel)", p.tp)
+    if p.cp_comm not in CP_COMMS:
+        raise ConfigError(f"parallel.cp_comm={p.cp_comm!r} must be one of {', '.join(CP_COMMS)}")
     if p.cp > 1:
         _divides("model.seq_length", m.seq_length, "2*parallel.cp", 2 * p.cp)
+        if p.sp and p.tp > 1:
+            _divides("model.seq_length", m.seq_length, "parallel.cp*parallel.tp (context and "
+                     "sequence parallel)", p.cp * p.tp)
+        if p.cp_comm == "a2a":  # the heads of one tp rank are split over cp
+            if m.num_heads % (p.tp * p.cp):
+                raise ConfigError(f"model.num_heads={m.num_heads} is not divisible by parallel.tp*"
+                                  f"parallel.cp={p.tp * p.cp}: parallel.cp_comm=a2a splits the "
+                                  "heads over cp (use parallel.cp_comm=ring)")
+            kv = m.num_kv_heads // p.tp
+            if kv % p.cp and p.cp % kv:
+                raise ConfigError(f"model.num_kv_heads={m.num_kv_heads}: {kv} per tp rank neither "
+                                  f"divide nor are divisible by parallel.cp={p.cp} (parallel."
+                                  "cp_comm=a2a splits or replicates them over cp; use "
+                                  "parallel.cp_comm=ring)")
 
     _validate_moe(m.moe, p, m)
     _validate_mtp(m.mtp, p)

@@ -44,6 +44,10 @@ def check_finetune(cfg) -> None:
     if cfg.model.moe.num_experts:
         raise ConfigError("model.moe.num_experts: training/finetune.py fine-tunes dense models "
                           "only for now (set it to 0)")
+    if cfg.parallel.cp > 1:
+        raise ConfigError(f"parallel.cp={cfg.parallel.cp}: fine-tuning trains on packed samples "
+                          "(segment masks), which the context-parallel attention does not take "
+                          "(set it to 1)")
     if cfg.model.mtp.num_layers:
         raise ConfigError("model.mtp.num_layers: training/finetune.py does not train "
                           "multi-token prediction for now (set it to 0)")

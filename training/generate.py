@@ -146,19 +146,21 @@ def load(source: str, tokenizer: str | None = None):
 
 
 def sampling_model(cfg, model, dims):
-    """``model``, or with sequence parallelism (KV-cache decoding feeds one token at a time, which
-    cannot be split over tp) a twin built without it holding the same weights: parameter names
-    and shapes do not depend on ``parallel.sp``."""
+    """``model``, or with sequence or context parallelism (KV-cache decoding feeds one token at a
+    time, which cannot be split over tp or cp) a twin built without them holding the same
+    weights: parameter names and shapes depend on neither ``parallel.sp`` nor ``parallel.cp``
+    (every cp rank of the job decodes the same text)."""
     import copy
 
     from mindspore import ops
 
     from training.pretrain import build_model
 
-    if not (cfg.parallel.sp and dims.tp.size > 1):
+    if not (cfg.parallel.sp and dims.tp.size > 1) and dims.cp.size == 1:
         return model
     plain_cfg = copy.deepcopy(cfg)
     plain_cfg.parallel.sp = False
+    plain_cfg.parallel.cp = 1  # context parallelism splits whole sequences, not decode steps
     plain = build_model(plain_cfg, dims, read_hf=False)
     pairs = (zip(model.chunk_models, plain.chunk_models) if hasattr(model, "chunk_models")
              else [(model, plain)])

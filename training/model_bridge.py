@@ -93,7 +93,8 @@ def _knobs(cfg) -> dict:
     # As in Megatron, sequence parallelism is off when tp = 1 (pretrain.py logs a warning).
     sp = bool(cfg.parallel.sp) and cfg.parallel.tp > 1
     mtp = MTPConfig(num_layers=m.mtp.num_layers, loss_factor=m.mtp.loss_factor)
-    return {"precision": precision, "parallel": ParallelConfig(sequence_parallel=sp), "mtp": mtp}
+    parallel = ParallelConfig(sequence_parallel=sp, context_parallel_comm=cfg.parallel.cp_comm)
+    return {"precision": precision, "parallel": parallel, "mtp": mtp}
 
 
 def _rotary_check(cfg, fam: Family) -> None:

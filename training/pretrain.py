@@ -1,12 +1,14 @@
 """Pre-train a decoder-only model: ``python training/pretrain.py --config FILE [section.key=value ...]``.
 
 On several ranks: ``msrun --worker_num=2 --local_worker_num=2 training/pretrain.py --config FILE
-parallel.tp=2`` (dp is what is left: world / (tp * pp)). Supported layouts: tp x pp x dp, with
+parallel.tp=2`` (dp is what is left: world / (tp * cp * pp)). Supported layouts: tp x pp x dp, with
 ``parallel.vpp`` virtual stages per pipeline rank and ``parallel.layers_per_stage`` for uneven
-splits (``parallel.cp`` is not wired into this loop yet and is refused before any
-work). ``parallel.sp`` splits the activations outside the tensor-parallel regions along the
-sequence (``model.seq_length`` must divide by tp); as in Megatron it is switched off, with a
-warning in the log, when tp = 1; the sample at the end comes from a twin without it
+splits, and tp x cp x dp: ``parallel.cp`` splits every sequence over cp ranks
+(``training.context_parallel``; attention scheme ``parallel.cp_comm``; not with pp, MoE, MTP,
+MLA, ALiBi or LoRA; the sample at the end comes from a twin without cp). ``parallel.sp``
+splits the activations outside the tensor-parallel regions along the sequence
+(``model.seq_length`` must divide by tp); as in Megatron it is switched off, with a warning in
+the log, when tp = 1; the sample at the end comes from a twin without it
 (``training.generate.sampling_model``). Mixture of experts (``model.moe.num_experts`` > 0):
 tp x ep x dp with experts split over ``parallel.etp``, or ep x pp (and vpp) x dp (tp and pp
 together, and sp, are refused for MoE);
@@ -54,10 +56,10 @@ def check_supported(cfg, tokenizer: bool = True) -> None:
     """Refuse what this loop does not implement yet, and any size the model build would reject
     later (``training.model_bridge.transformer_config``), naming the key (a ``ConfigError``).
     ``tokenizer=False``: the caller checks ``data.tokenizer`` itself (``training/finetune.py``)."""
+    from training.context_parallel import check_cp
+
     p = cfg.parallel
-    if p.cp != 1:
-        raise ConfigError(f"parallel.cp={p.cp}: training/pretrain.py supports tp, pp, ep and dp "
-                          "only for now (set it to 1)")
+    check_cp(cfg)
     if p.sp and p.tp > 1 and cfg.model.moe.num_experts:
         raise ConfigError("parallel.sp=true: sequence parallelism with MoE layers "
                           "(model.moe.num_experts > 0) is not implemented (set it to false)")
@@ -197,27 +199,38 @@ def build_model(cfg, dims, read_hf: bool = True):
 
     tensors = read_checkpoint(cfg.model.hf_path) if cfg.model.hf_path and read_hf else None
     if dims.pp.size > 1:
-        from mcore.parallel_state import ModelGroups
         from models.gpt_pipeline import build_pipeline
 
         p = cfg.parallel
 
         def make_stage(spec):
             return build_gpt(cfg, stage=spec, embedding_group=dims.embedding,
-                             groups=ModelGroups.from_dims(dims))
+                             groups=model_groups(cfg, dims))
 
         return build_pipeline(make_stage, transformer_config(cfg).num_layers, dims, vpp=p.vpp,
                               layers_per_stage=p.layers_per_stage,
                               jit=cfg.training.mode == "graph", tensors=tensors)
-    from mcore.parallel_state import ModelGroups
-
     from training.lora import apply_config
 
-    model = build_gpt(cfg, groups=ModelGroups.from_dims(dims))
+    model = build_gpt(cfg, groups=model_groups(cfg, dims))
     if tensors is not None:
         load_weights(model, tensors)
     apply_config(cfg, model)  # lora.enabled: freeze the weights, attach adapters (training/lora.py)
     return model
+
+
+def model_groups(cfg, dims):
+    """The ``ModelGroups`` of this rank's model: ``dims``' groups, without the cp group when
+    ``parallel.cp`` is 1 (a twin built for decoding in a context-parallel job,
+    ``training.generate.sampling_model``)."""
+    import dataclasses
+
+    from mcore.parallel_state import ModelGroups, ProcessGroup
+
+    groups = ModelGroups.from_dims(dims)
+    if cfg.parallel.cp == 1 and groups.cp.size > 1:
+        groups = dataclasses.replace(groups, cp=ProcessGroup.single("cp", dims.global_rank))
+    return groups
 
 
 def compute_dtype(model) -> str:
@@ -231,7 +244,7 @@ def build_dims(cfg):
     from mcore.parallel_state import ParallelDims
 
     p = cfg.parallel
-    return ParallelDims.build(tp=p.tp, pp=p.pp, ep=p.ep, etp=p.etp, order=p.order)
+    return ParallelDims.build(tp=p.tp, cp=p.cp, pp=p.pp, ep=p.ep, etp=p.etp, order=p.order)
 
 
 def build_step(cfg, model, dims, grad_accum_steps: int):
@@ -360,6 +373,7 @@ def run(cfg, stop_after: int | None = None, data_fn=None, init_fn=None,
         init_fn(cfg, step_fn, dims, log)
     step = resume(cfg, step_fn, data, dims, log)
     log.info(f"world {dims.world_size} (tp {dims.tp.size} x pp {dims.pp.size}"
+             + (f" x cp {dims.cp.size} ({cfg.parallel.cp_comm})" if dims.cp.size > 1 else "")
              + (f" x vpp {cfg.parallel.vpp}" if cfg.parallel.vpp > 1 else "")
              + (f" x ep {dims.ep.size}" if dims.ep.size > 1 else "")
              + f" x dp {dims.dp.size}"

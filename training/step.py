@@ -6,11 +6,13 @@
 One optimizer step, for ``n`` micro-batches on each of ``D`` data-parallel ranks:
 
 1. ``ForwardBackward`` (one compiled graph, run ``n`` times): ``loss_k = mean over tokens of
-   model(inputs, labels=labels)`` and ``acc += d(loss_k / n)/dw`` into fp32 buffers.
+   model(inputs, labels=labels)`` and ``acc += d(loss_k / n)/dw`` into fp32 buffers. With
+   context parallelism (``dims.cp`` > 1) each micro-batch is first cut to this rank's ``s / cp``
+   tokens and their positions (``training.context_parallel.cp_micro_batch``).
 2. ``AdamWUpdate`` (one compiled graph):
    - ``g, norm = GradFinalizer(acc)`` (``mcore.distributed.finalize``, driven by what each
-     parameter carries): ``g = all_reduce_sum(acc, dp) / D`` (the gradient of the mean loss over
-     the global batch; expert parameters: summed over edp, ``/ D``); the global norm counts
+     parameter carries): ``g = all_reduce_sum(acc, dp_cp) / D`` with ``D = dp x cp`` (the
+     gradient of the mean loss over the global batch; expert parameters: summed over edp, ``/ D``); the global norm counts
      every parameter once (tp-split shards' squares summed over tp, experts' over ep,
      replicated ones as they are). ``g *= min(1, clip / (norm + 1e-6))`` when ``clip > 0``.
    - AdamW, for update ``t`` (1-based), decoupled decay (the ``should_decay`` mask)::
@@ -60,6 +62,7 @@ from mcore.distributed.finalize import GradFinalizer, grad_plans
 from mcore.parallel_state import ParallelDims
 from training.logger import mtp_metrics
 from training.optim import should_decay
+from training.context_parallel import cp_micro_batch
 from training.packed_loss import packed_denominator, packed_mean_loss
 
 
@@ -112,7 +115,8 @@ def tp_split_names(model) -> set[str]:
 
 
 class LossCell(nn.Cell):
-    """(inputs [b, s] int32, labels [b, s] int32) -> mean token cross-entropy (scalar). Packed
+    """(inputs [b, s] int32, labels [b, s] int32) -> mean token cross-entropy (scalar); with
+    context parallelism ``position_ids [b, s/cp]`` give the positions of the rank's tokens. Packed
     batches add ``position_ids``, ``segment_ids`` (the model's ``key_mask``) [b, s] and
     ``denom`` (fp32 []): the sum of the token losses / ``denom`` (``training.packed_loss``)."""
 
@@ -121,19 +125,26 @@ class LossCell(nn.Cell):
         self.model = model
 
     def construct(self, inputs, labels, position_ids=None, segment_ids=None, denom=None):
-        if denom is None:
-            return self.model(inputs, None, None, labels).mean()  # [b, s] -> []
+        if denom is None:  # position_ids: None, or a cp rank's positions (training.context_parallel)
+            return self.model(inputs, position_ids, None, labels).mean()  # [b, s] -> []
         return self.model(inputs, position_ids, segment_ids, labels).sum() / denom  # -> []
 
 
-def mean_loss(loss_cell: LossCell, batches, dp_group) -> float:
+def mean_loss(loss_cell: LossCell, batches, dp_group, cp_group=None) -> float:
     """Forward only: mean of ``loss_cell`` over ``batches`` ((inputs, labels) numpy pairs, the
-    same count on every dp rank), averaged over the dp group (every rank gets the result);
-    packed 4-tuples: ``training.packed_loss.packed_mean_loss``."""
+    same count on every dp rank), averaged over ``dp_group`` (every rank gets the result);
+    packed 4-tuples: ``training.packed_loss.packed_mean_loss``. ``cp_group`` of size > 1: each
+    sequence is split over it (``training.context_parallel``) and ``dp_group`` must be the
+    dp x cp group."""
     if batches and len(batches[0]) == 4:
         return packed_mean_loss(loss_cell, batches, dp_group)
     total = 0.0
-    for inputs, labels in batches:
+    for batch in batches:
+        if cp_group is not None and cp_group.size > 1:
+            inputs, labels, pos = (ms.Tensor(x, ms.int32) for x in cp_micro_batch(batch, cp_group))
+            total += float(loss_cell(inputs, labels, pos).asnumpy())
+            continue
+        inputs, labels = batch
         total += float(loss_cell(ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32)).asnumpy())
     mean = np.array(total / max(len(batches), 1), np.float32)
     if dp_group.size > 1:
@@ -192,7 +203,7 @@ class AdamWUpdate(nn.Cell):
                                  for p in params])
         self.decay = tuple(decay)
         self.finalize = GradFinalizer(plans, dims)
-        self.dp = dims.dp
+        self.dp = dims.dp_cp  # the loss is averaged over dp x cp (dp when cp = 1)
         self.b1, self.b2, self.eps = float(opt_cfg.beta1), float(opt_cfg.beta2), float(opt_cfg.eps)
         self.wd, self.clip = float(opt_cfg.weight_decay), float(opt_cfg.clip_grad)
 
@@ -288,7 +299,7 @@ class TrainState:
     def apply_update(self, lr: float, loss: float) -> tuple[float, float]:
         """Run ``self.update`` on the accumulated gradients with AdamW step ``adam_steps + 1``;
         count it as applied or skipped (``update_applied``). Returns ``(loss, grad_norm)``: the
-        loss averaged over dp, the norm before clipping (inf or nan for a skipped step)."""
+        loss averaged over dp (x cp), the norm before clipping (inf or nan for a skipped step)."""
         t = self.adam_steps + 1
         self.stepped = True
         bc1, bc2 = 1.0 - self.opt.beta1 ** t, 1.0 - self.opt.beta2 ** t
@@ -399,7 +410,7 @@ class TrainStep(TrainState):
     def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
         """One optimizer step. ``micro_batches``: ``n`` (inputs, labels) numpy int32 pairs, or
         packed 4-tuples (loss: mean over the global batch's kept tokens, ``training.packed_loss``).
-        Returns ``(loss, grad_norm)``: loss averaged over micro-batches and dp; a non-finite
+        Returns ``(loss, grad_norm)``: loss averaged over micro-batches and dp (x cp); a non-finite
         one of the two means the update was skipped (``TrainState.apply_update``). A MoE model
         (``model.moe_layers``) trains on ``loss + router losses`` and reports the language-model
         loss; ``last_moe_metrics`` and ``last_moe_counts`` then hold the step's routing statistics,
@@ -416,6 +427,8 @@ class TrainStep(TrainState):
                                  "or multi-token prediction")
             extra = (packed_denominator(micro_batches, self.dims.dp),)
         for batch in micro_batches:
+            if self.dims.cp.size > 1:  # this rank's s/cp tokens and their positions
+                batch = cp_micro_batch(batch, self.dims.cp)
             inputs, labels, *rest = [ms.Tensor(x, ms.int32) for x in batch]
             loss = self.forward_backward(inputs, labels, scale, *rest, *extra)
             if self.moe_layers or self.mtp:  # (lm_loss, aux [L, 3], counts [L, E], mtp [D])
@@ -435,5 +448,6 @@ class TrainStep(TrainState):
         return out
 
     def evaluate(self, batches) -> float:
-        """Mean loss over ``batches`` ((inputs, labels) pairs) on this rank, then over dp."""
-        return mean_loss(self.loss_cell, batches, self.dims.dp)
+        """Mean loss over ``batches`` ((inputs, labels) pairs) on this rank, then over dp (and
+        cp: each sequence split over it)."""
+        return mean_loss(self.loss_cell, batches, self.dims.dp_cp, self.dims.cp)

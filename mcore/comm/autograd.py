@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import types
 
-from mindspore import nn
+from mindspore import nn, ops
 
 from mcore.comm.collectives import _check_divisible, all_gather, all_reduce, all_to_all, narrow
 from mcore.comm.collectives import reduce_scatter
@@ -41,9 +41,35 @@ def backward_copy(fn):
                               fn.__closure__)
 
 
+def all_to_all_bwd(x, group: ProcessGroup, split_dim: int = 0, concat_dim: int = 0):
+    """``all_to_all`` for ``bprop`` methods. A ``backward_copy`` of ``all_to_all`` would still
+    call the forward's ``all_gather`` (the graph compiler resolves the callee by its module
+    name), which fails in GRAPH_MODE ("The func graph is empty"); so the composed all-gather is
+    written out here, over the SUM all-reduce every path shares."""
+    if group.size == 1:
+        return x
+    if group.native:
+        return ops.AlltoAll(group.size, split_dim % x.ndim, concat_dim % x.ndim,
+                            group=group.comm_name)(x)
+    split_dim, concat_dim = split_dim % x.ndim, concat_dim % x.ndim
+    chunk = x.shape[split_dim] // group.size
+    one = ops.expand_dims(x, 0)  # [1, *x.shape]
+    zeros = ops.zeros(one.shape, one.dtype)
+    parts = []
+    for i in range(group.size):
+        parts.append(one if i == group.rank else zeros)
+    gathered = all_reduce_bwd(ops.cat(parts, axis=0), group)  # [P_src, *x.shape]
+    mine = narrow(gathered, split_dim + 1, group.rank * chunk, chunk)  # [P_src, *chunk_shape]
+    # [P_src, ..., c_k, ...] -> [..., P_src, c_k, ...] -> [..., P_src * c_k, ...]
+    moved = ops.moveaxis(mine, 0, concat_dim)
+    shape = list(x.shape)
+    shape[split_dim] = chunk
+    shape[concat_dim] = shape[concat_dim] * group.size
+    return moved.reshape(tuple(shape))
+
+
 all_gather_bwd = backward_copy(all_gather)
 all_reduce_bwd = backward_copy(all_reduce)
-all_to_all_bwd = backward_copy(all_to_all)
 reduce_scatter_bwd = backward_copy(reduce_scatter)
 
 

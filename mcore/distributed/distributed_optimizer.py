@@ -3,8 +3,11 @@
     update = DistributedAdamW(params, acc, decay, plans, dims, opt_cfg, bucket_size)
     norm, loss = update(lr, bc1, bc2, loss)       # same contract as training.step.AdamWUpdate
 
-The parameters are laid into flat buckets sharded over the ``D = dp`` ranks
-(``mcore.distributed.buckets``); data-parallel rank ``r`` owns shard ``r`` of every bucket: the
+The parameters are laid into flat buckets sharded over the ``D = dp x cp`` ranks of the
+``dp_cp`` group (as Megatron shards over its data-parallel group with context parallelism:
+every one of those ranks holds a copy of the weights and its share of the gradient; with cp = 1
+it is the dp group, and below "dp" means this group) (``mcore.distributed.buckets``); rank
+``r`` of it owns shard ``r`` of every bucket: the
 only copy of the AdamW moments of those elements, and the only rank that updates those weights.
 One compiled graph, in this order (the same collectives, in the same order, on every rank):
 
@@ -83,17 +86,19 @@ class DistributedAdamW(nn.Cell):
                                  f"parameters (the master weights), got {p.dtype}")
         self.params, self.acc = params, acc
         self.names = [plan.name for plan in plans]
-        self.dp, self.tp, self.pp = dims.dp, dims.tp, dims.pp
+        # sharded over dp x cp (Megatron's data-parallel group with context parallelism): every
+        # rank of dp_cp holds a copy of the weights; with cp = 1 this is the dp group
+        self.dp, self.tp, self.pp = dims.dp_cp, dims.tp, dims.pp
         shapes = [(n, p.shape) for n, p in zip(self.names, params)]
-        self.layout = bucket_layout(shapes, dims.dp.size, bucket_size)
-        self.pieces = self.layout.pieces(dims.dp.rank)
+        self.layout = bucket_layout(shapes, self.dp.size, bucket_size)
+        self.pieces = self.layout.pieces(self.dp.rank)
         index = {n: i for i, n in enumerate(self.names)}
         # per bucket: [(param index, flat offset, numel, shape)], padding, shard size
         self.slots = tuple(tuple((index[s.name], s.offset, s.numel, s.shape) for s in b.slots)
                            for b in self.layout.buckets)
         self.pads = tuple(b.padded - b.numel for b in self.layout.buckets)
         self.shard_sizes = tuple(b.shard_size for b in self.layout.buckets)
-        self.starts = tuple(dims.dp.rank * b.shard_size for b in self.layout.buckets)
+        self.starts = tuple(self.dp.rank * b.shard_size for b in self.layout.buckets)
         norm_of = {plan.name: plan.norm for plan in plans}
         decay_of = dict(zip(self.names, decay))
         # Masks over each whole bucket, sliced to the shard in the graph: every dp rank compiles

@@ -8,10 +8,13 @@ and the optimizer (Megatron's ``finalize_model_grads``), in one place for every 
 
 What each parameter gets is decided by what it carries (``GradPlan``, built once):
 
-- every gradient is the gradient of THIS rank's loss (mean over its micro-batches). The global
-  loss is the mean over the ``D = dp`` data-parallel ranks, so every gradient ends as a sum over
-  the ranks holding a copy of the parameter, times ``1 / D``:
-  - dense parameters: ``sum over dp`` (copies live on the dp group), ``/ D``;
+- every gradient is the gradient of THIS rank's loss (mean over its micro-batches and, with
+  context parallelism, over its ``s / cp`` tokens of each sequence). The global loss is the mean
+  over the ``D = dp x cp`` ranks of the ``dp_cp`` group (with cp = 1 that is the dp group), so
+  every gradient ends as a sum over the ranks holding a copy of the parameter, times ``1 / D``:
+  - dense parameters: ``sum over dp_cp`` (copies live on the dp and cp ranks; a cp rank's
+    gradient holds only its tokens' share, the attention backward having returned the key /
+    value gradients to the ranks that computed them), ``/ D``;
   - expert parameters (``param.expert``): ``sum over edp / D``. The expert's owner already
     holds the sum over its ep group of the ep ranks' contributions (the dispatcher's backward
     brings them back), and ``ep x edp`` ranks together are the ``dp`` ranks of one tp / pp
@@ -47,6 +50,7 @@ class GradPlan:
     """How one parameter's gradient is finalised.
 
     ``reduce``: the group its copies live on, ``"dp"`` (dense) or ``"edp"`` (expert);
+    ``"dp"`` stands for the ``dp_cp`` group (dp x cp; the dp group when cp = 1);
     ``sp_sum``: summed over tp (sequence-parallel replicated); ``tied``: summed over the
     embedding group (eagerly); ``norm``: its bucket in the global norm, ``"local"`` (replicated:
     counted on every rank, once), ``"tp"`` (split over tp), ``"expert"`` (split over ep),
@@ -105,7 +109,7 @@ class GradFinalizer(nn.Cell):
         self.plans = list(plans)
         self.on_edp = tuple(p.reduce == "edp" for p in plans)
         self.sp_sum = tuple(p.sp_sum for p in plans)
-        self.dp, self.edp, self.tp = dims.dp, dims.edp, dims.tp
+        self.dp, self.edp, self.tp = dims.dp_cp, dims.edp, dims.tp  # dp_cp: dp x cp ranks
         self.norm = GlobalGradNorm([p.norm for p in plans], dims)
 
     def construct(self, grads):

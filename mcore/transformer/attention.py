@@ -19,6 +19,13 @@ Submodules (``SelfAttentionSubmodules``, built with ``build_module``):
 Groups: ``groups.tp`` (``ModelGroups``; None = single process). Parameters are created in
 ``config.params_dtype``.
 
+Context parallelism (``groups.cp`` of size > 1): ``x`` holds this rank's ``s / cp`` tokens of
+each sequence in the load-balanced order of ``mcore.context_parallel`` (and ``cos, sin`` their
+positions); the core attention is replaced by the scheme ``config.parallel.context_parallel_comm``
+names (``mcore.transformer.context_parallel.CPAttention``: ``"a2a"`` runs ``core_attention``
+on a head split of the whole sequence, ``"ring"`` passes key/value blocks around the cp group).
+No ``key_mask``, no ``cache`` and no ALiBi then (``ValueError``).
+
 Forward: ``x [b, s, h]``, rotary ``cos, sin [b, 1, s, r]``, optional ``key_mask [b, t]``
 and ``cache`` (``KVCache`` in PyNative, ``StaticKVCache`` also under jit) -> ``[b, s, h]``.
 """
@@ -30,6 +37,7 @@ from mindspore import nn, ops
 
 from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
+from mcore.transformer.context_parallel import CPAttention
 from mcore.transformer.norm import mark_sequence_parallel
 from mcore.transformer.positions import alibi_slopes_for_rank
 from mcore.transformer.rotary import apply_rotary
@@ -59,9 +67,13 @@ class SelfAttention(nn.Cell):
     def __init__(self, config: TransformerConfig, submodules: SelfAttentionSubmodules,
                  layer_number: int = 0, groups: ModelGroups | None = None):
         super().__init__()
-        tp_group = (groups or ModelGroups()).tp
+        groups = groups or ModelGroups()
+        tp_group, self.cp_group = groups.tp, groups.cp
         dtype = config.params_dtype
         config.check_tp(tp_group.size)
+        if self.cp_group.size > 1 and config.position_embedding == "alibi":
+            raise ValueError("position_embedding='alibi' is not supported with context "
+                             "parallelism (groups.cp of size > 1)")
         self.layer_number = layer_number
         self.head_dim = config.head_dim
         self.num_heads = config.num_attention_heads // tp_group.size  # local query heads
@@ -93,6 +105,10 @@ class SelfAttention(nn.Cell):
                                         input_is_parallel=True, sequence_parallel=sp,
                                         name=f"layers.{layer_number}.linear_proj",
                                         params_dtype=dtype)
+        self.cp_attention = None
+        if self.cp_group.size > 1:  # ValueError when the a2a scheme cannot split the heads
+            self.cp_attention = CPAttention(config.parallel.context_parallel_comm, self.cp_group,
+                                            self.core_attention, self.num_heads, self.num_kv)
 
     def construct(self, x, cos, sin, key_mask=None, cache=None):
         n, n_kv, d = self.num_heads, self.num_kv, self.head_dim
@@ -108,9 +124,16 @@ class SelfAttention(nn.Cell):
         if self.use_rotary:
             q = apply_rotary(q, cos, sin, self.interleaved)
             k = apply_rotary(k, cos, sin, self.interleaved)
-        offset = None
-        if cache is not None:
-            k, v, offset = cache.update(self.layer_number, k, v)  # -> [b, n_kv, t, d]
-        out = self.core_attention(q, k, v, key_mask, offset)  # [b, n, s, d]
+        if self.cp_group.size > 1:  # s = this rank's s_global / cp tokens
+            if cache is not None or key_mask is not None:
+                raise ValueError("SelfAttention: context parallelism (groups.cp) trains on whole "
+                                 "causal sequences: no KV cache (decode with a model built "
+                                 "without cp, same weights) and no key_mask (packed samples)")
+            out = self.cp_attention(q, k, v)  # [b, n, s, d]
+        else:
+            offset = None
+            if cache is not None:
+                k, v, offset = cache.update(self.layer_number, k, v)  # -> [b, n_kv, t, d]
+            out = self.core_attention(q, k, v, key_mask, offset)  # [b, n, s, d]
         out = ops.transpose(out, (0, 2, 1, 3)).reshape(b, s, n * d)  # -> [b, s, n d]
         return self.linear_proj(out)  # [b, s, n d] -> [b, s, h]

@@ -151,9 +151,19 @@ class ParallelConfig:
     """Parallel behaviour that is not a group size (sizes come from ``ParallelDims``).
 
     sequence_parallel: activations outside attention/MLP are split along the sequence over tp.
+    context_parallel_comm: how self-attention exchanges keys and values when the layers' cp
+        group has more than one rank (``ModelGroups.cp``; ignored otherwise): ``"a2a"``
+        (all-to-all to a head split, Ulysses) or ``"ring"`` (key/value blocks passed around
+        the ring); ``mcore.transformer.context_parallel``.
     """
 
     sequence_parallel: bool = False
+    context_parallel_comm: str = "a2a"
+
+    def __post_init__(self):
+        if self.context_parallel_comm not in ("a2a", "ring"):
+            raise ValueError(f"parallel.context_parallel_comm={self.context_parallel_comm!r}: "
+                             "expected 'a2a' or 'ring'")
 
 
 @dataclass

@@ -89,6 +89,9 @@ class MultiLatentAttention(nn.Cell):
             raise ValueError("multi_latent_attention=False: MultiLatentAttention needs it set "
                              "(with config.mla sizes)")
         tp_group = (groups or ModelGroups()).tp
+        if (groups or ModelGroups()).cp.size > 1:
+            raise ValueError("MultiLatentAttention does not run context parallel (groups.cp of size "
+                             "> 1): only SelfAttention has the cp schemes")
         config.check_tp(tp_group.size)
         m, dtype, h = config.mla, config.params_dtype, config.hidden_size
         n = config.num_attention_heads

@@ -49,6 +49,9 @@ class MultiQueryAttention(nn.Cell):
                  layer_number: int = 0, groups: ModelGroups | None = None):
         super().__init__()
         tp_group = (groups or ModelGroups()).tp
+        if (groups or ModelGroups()).cp.size > 1:
+            raise ValueError("MultiQueryAttention does not run context parallel (groups.cp of size "
+                             "> 1): only SelfAttention has the cp schemes")
         if config.num_query_groups != 1:
             raise ValueError(f"num_query_groups={config.num_query_groups}: MultiQueryAttention "
                              "needs exactly one key/value head (use SelfAttention for GQA)")
