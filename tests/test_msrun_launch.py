@@ -76,11 +76,11 @@ def test_a_killed_rank_ends_the_msrun_job_within_seconds(tmp_path):
 
 
 def test_a_rank_frozen_longer_than_the_default_node_timeout_does_not_fail_the_job(tmp_path):
-    """A worker that gets no CPU at all for 45 s (SIGSTOP) sends no heartbeat; with MindSpore's
-    default MS_NODE_TIMEOUT (30 s) the scheduler declared it dead and msrun exited 1 after every
+    """A worker that gets no CPU at all for 36 s (SIGSTOP) sends no heartbeat; with MindSpore's
+    default MS_NODE_TIMEOUT (30 s; its monitor looks every 3 s) the scheduler declared it dead and msrun exited 1 after every
     rank had computed its result. ``init_if_needed`` sets a longer one, from the script itself
     (no msrun flag), so the job succeeds."""
-    args = ["--freeze-rank", 1, "--freeze-seconds", 45]
+    args = ["--freeze-rank", 1, "--freeze-seconds", 36]
     res = run_msrun(msrun_command(SCRIPT, args, workers=2), cwd=tmp_path, timeout=240)
     logs = worker_logs(tmp_path / "logs")
     assert res.returncode == 0, res.stdout[-2000:] + logs[-3000:]
