@@ -1,7 +1,8 @@
 """The one msrun launch of tests/training/test_finetune_moe.py (2 ranks, ``TMP`` the test's
-directory): fine-tune the tiny MoE model with ep=2, then LoRA on it with pp=2, then serve the
-DeepSeek-V3 fixture (MoE + MLA) with tp=2 through the serving engine in lockstep (rank 0
-schedules, rank 1 replays) and write rank 0's greedy answers to ``TMP/served_tp2.json``."""
+directory): serve the DeepSeek-V3 fixture (MoE + MLA) with tp=2 through the serving engine in
+lockstep (rank 0 schedules, rank 1 replays; rank 0's greedy answers to
+``TMP/served_tp2.json``), then fine-tune the tiny MoE model with ep=2, then LoRA on it with
+pp=2."""
 from __future__ import annotations
 
 import json
@@ -52,9 +53,9 @@ def main(tmp: str) -> None:
     from training.finetune import main as finetune
 
     tmp = Path(tmp)
+    serve_tp2(tmp)  # first: serve.py runs in a fresh process of its own
     assert finetune(finetune_args(tmp, "ep2", "parallel.ep=2")) == 0
     assert finetune(finetune_args(tmp, "lora_pp2", *LORA, "parallel.pp=2")) == 0
-    serve_tp2(tmp)
 
 
 if __name__ == "__main__":
