@@ -312,19 +312,24 @@ class GPTModel(nn.Cell):
         loss, lm_loss, aux, counts, _ = self.loss_terms(input_ids, labels, position_ids, key_mask)
         return loss, lm_loss, aux, counts
 
-    def loss_terms(self, input_ids, labels, position_ids=None, key_mask=None):
+    def loss_terms(self, input_ids, labels, position_ids=None, key_mask=None, denom=None):
         """``-> (loss [], lm_loss [], aux [L, 3], counts [L, E], mtp [D])``: ``loss_with_aux``'s
         terms plus the per-depth multi-token-prediction losses (``mcore.transformer.mtp``;
-        one 0 without MTP); ``loss = lm_loss + aux.sum() + loss_factor * mtp.mean()``."""
+        one 0 without MTP); ``loss = lm_loss + aux.sum() + loss_factor * mtp.mean()``.
+        ``denom`` (packed sequences, fp32 []): ``lm_loss`` and each depth's loss are their
+        token-loss sums / ``denom`` (``training.packed_loss``), and a depth's target at ``t``
+        counts only if ``key_mask[t + k] == key_mask[t]`` (same packed sample)."""
         if not self.post_process:
             raise ValueError("GPTModel: labels given to a stage without post_process (no head)")
         x, cos, sin = self._enter(input_ids, position_ids, None)
         x, aux, counts = self.decoder.forward_with_aux(x, cos, sin, key_mask)  # x: final-normed
-        lm_loss = vocab_parallel_cross_entropy(self._head(x), labels, self.tp_group).mean()
+        token_loss = vocab_parallel_cross_entropy(self._head(x), labels, self.tp_group)  # [b, s]
+        lm_loss = token_loss.mean() if denom is None else token_loss.sum() / denom
         loss = lm_loss + aux.sum()
         if self.mtp is None:
             return loss, lm_loss, aux, counts, ops.zeros((1,), ms.float32)
-        mtp, mtp_aux, mtp_counts = self._mtp_losses(x, input_ids, labels, cos, sin, key_mask)
+        mtp, mtp_aux, mtp_counts = self._mtp_losses(x, input_ids, labels, cos, sin, key_mask,
+                                                    denom)
         if mtp_aux:  # MoE depths: rows num_layers + d after the decoder's (model.moe_layers)
             mtp_aux, mtp_counts = ops.stack(mtp_aux), ops.stack(mtp_counts)  # [M, 3], [M, E]
             loss = loss + mtp_aux.sum()
@@ -334,14 +339,18 @@ class GPTModel(nn.Cell):
                 aux, counts = mtp_aux, mtp_counts
         return loss + self.mtp.loss_factor * mtp.mean(), lm_loss, aux, counts, mtp
 
-    def _mtp_losses(self, hidden, input_ids, labels, cos, sin, key_mask):
+    def _mtp_losses(self, hidden, input_ids, labels, cos, sin, key_mask, denom=None):
         """``(losses [D], aux, counts)`` from the main model's head input ``hidden [b, s, h]``:
         the per-depth MTP losses and the MoE depths' router losses ``[3]`` / counts ``[E]``
-        (tuples, one per MoE depth)."""
+        (tuples, one per MoE depth). With ``denom`` (packed): sums / ``denom``, targets only
+        inside a position's own segment of ``key_mask``."""
         losses, auxes, counts = (), (), ()
         for k, layer in enumerate(self.mtp.layers, start=1):
             ids = shift_left(input_ids, k, 0)  # token t + k at t
             target = shift_left(labels, k, -100)  # token t + k + 1 at t
+            if denom is not None and key_mask is not None:  # no target across a sample boundary
+                same = ops.equal(shift_left(key_mask, k, -1), key_mask)  # [b, s]
+                target = ops.select(same, target, ops.full_like(target, -100))
             if layer.is_moe:
                 hidden, aux, count = layer.forward_with_aux(hidden, self.embedding(ids), cos, sin,
                                                             key_mask)  # [b, s, h]
@@ -350,8 +359,11 @@ class GPTModel(nn.Cell):
             else:
                 hidden = layer(hidden, self.embedding(ids), cos, sin, key_mask)  # [b, s, h]
             token_loss = vocab_parallel_cross_entropy(self._head(hidden), target, self.tp_group)
-            valid = (target != -100).astype(ms.float32)  # [b, s]
-            losses += (token_loss.sum() / ops.maximum(valid.sum(), 1.0),)
+            if denom is None:
+                valid = (target != -100).astype(ms.float32)  # [b, s]
+                losses += (token_loss.sum() / ops.maximum(valid.sum(), 1.0),)
+            else:
+                losses += (token_loss.sum() / denom,)
         return ops.stack(losses), auxes, counts  # D x [] -> [D]
 
 

@@ -145,12 +145,14 @@ def build_gpt_pipeline(hf_config: dict | None, dims: ParallelDims, vpp: int = 1,
 
 def build_pipeline(make_stage, num_layers: int, dims: ParallelDims, vpp: int = 1,
                    layers_per_stage=None, jit: bool = True, tensors=None,
-                   source=None) -> GPTPipelineModel:
+                   source=None, prepare=None) -> GPTPipelineModel:
     """This rank's chunks, each ``make_stage(spec) -> GPTModel`` for its ``StageSpec`` (built
     with ``ModelGroups.from_dims(dims)`` and ``embedding_group=dims.embedding``; e.g. from a ``TransformerConfig``,
     as ``training.model_bridge.build_gpt`` does); ``tensors``: HF tensors to load (None: keep
     the initial weights; a tensor a chunk needs that is missing, or one the full model does not
-    use, is a ``LoadError`` naming ``source``)."""
+    use, is a ``LoadError`` naming ``source``); ``prepare(model)``: called on each chunk's
+    model after its weights are loaded and before its runner takes the trainable parameters
+    (e.g. LoRA: freeze the weights, attach adapters)."""
     pp, rank = dims.pp.size, dims.pp_stage
     specs = stage_specs(num_layers, pp, vpp, layers_per_stage)
     chunks, models, mine, names = [], [], [], []
@@ -160,6 +162,8 @@ def build_pipeline(make_stage, num_layers: int, dims: ParallelDims, vpp: int = 1
         if tensors is not None:
             check_names(model, tensors, Path(source or "tensors"))
             load_weights(model, tensors)
+        if prepare is not None:
+            prepare(model)
         loss = VocabParallelMeanLoss(dims.tp) if spec.post_process else None
         aux = bool(model.moe_layers)
         runner = StageRunner(PipelineStage([GPTStage(model, with_aux=aux)], loss_fn=loss,

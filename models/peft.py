@@ -75,14 +75,15 @@ def linear_modules(model) -> dict[str, tuple[object, int]]:
     return out
 
 
-def match_modules(names, target_modules: list[str] | str) -> list[str]:
+def match_modules(names, target_modules: list[str] | str, strict: bool = True) -> list[str]:
     """The names matched by ``target_modules`` (see the module doc); ``ValueError`` naming
-    ``target_modules`` if it is empty or an entry matches nothing."""
+    ``target_modules`` if it is empty or (``strict``) an entry matches nothing. ``strict=False``
+    (a pipeline stage holds part of the modules): matching nothing is allowed."""
     names = list(names)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     if isinstance(target_modules, str):
         found = [n for n in names if re.fullmatch(target_modules, n)]
-        if not found:
+        if not found and strict:
             raise ValueError(f"target_modules={target_modules!r}: the pattern matches no module "
                              f"(module names end in {leaves})")
         return found
@@ -91,7 +92,7 @@ def match_modules(names, target_modules: list[str] | str) -> list[str]:
     found = []
     for entry in target_modules:
         hits = [n for n in names if n == entry or n.endswith("." + entry)]
-        if not hits:
+        if not hits and strict:
             raise ValueError(f"target_modules: {entry!r} matches no module (module names end "
                              f"in {leaves})")
         found += [n for n in hits if n not in found]
@@ -99,9 +100,10 @@ def match_modules(names, target_modules: list[str] | str) -> list[str]:
 
 
 def apply_lora(model, r: int, alpha: float, target_modules: list[str] | str,
-               dropout: float = 0.0) -> LoRAInfo:
+               dropout: float = 0.0, strict: bool = True) -> LoRAInfo:
     """Attach adapters to the modules ``target_modules`` names and freeze every other parameter
-    (``requires_grad = False``); record the result as ``model.lora`` and return it."""
+    (``requires_grad = False``); record the result as ``model.lora`` and return it.
+    ``strict=False`` (a pipeline stage): an entry may match none of this model's modules."""
     if not isinstance(r, int) or r <= 0:
         raise ValueError(f"r={r!r}: the LoRA rank must be an integer > 0")
     if not 0.0 <= dropout < 1.0:
@@ -109,7 +111,7 @@ def apply_lora(model, r: int, alpha: float, target_modules: list[str] | str,
     if getattr(model, "lora", None) is not None:
         raise ValueError("apply_lora: the model already has LoRA adapters (merge_lora first)")
     available = linear_modules(model)
-    chosen = match_modules(available, target_modules)
+    chosen = match_modules(available, target_modules, strict)
     info = LoRAInfo(r, float(alpha), float(dropout), target_modules,
                     {n: available[n] for n in chosen})
     for p in model.get_parameters():
@@ -202,14 +204,16 @@ def read_adapter_config(path) -> dict:
     return config
 
 
-def load_adapter(model, path) -> LoRAInfo:
+def load_adapter(model, path, strict: bool = True) -> LoRAInfo:
     """Attach the adapters saved in ``path`` (PEFT layout) to ``model`` (any tp size) and set
     their values; ``LoadError`` naming the file (and tensor) for a bad config, a missing or a
-    misshapen tensor."""
+    misshapen tensor. ``strict=False``: ``model`` is a pipeline stage (``apply_lora``); it
+    reads the tensors of its own modules."""
     config = read_adapter_config(path)
     try:
         info = apply_lora(model, int(config["r"]), float(config["lora_alpha"]),
-                          config["target_modules"], float(config.get("lora_dropout") or 0.0))
+                          config["target_modules"], float(config.get("lora_dropout") or 0.0),
+                          strict)
     except (TypeError, ValueError) as exc:
         raise LoadError(f"{Path(path) / CONFIG_FILE}: {exc}") from None
     file = Path(path) / WEIGHTS_FILE

@@ -29,6 +29,7 @@ Then the loop and its entry points (these use MindSpore and ``models/``; docs/tr
                         all-reduce, global-norm clipping, AdamW (written out, numpy-tested).
 - ``pretrain.py``       ``python training/pretrain.py --config FILE key=value ...`` (or msrun).
 - ``lora.py``           the ``lora`` section: LoRA adapters attached where the model is built.
+- ``lora_stages.py``    LoRA on pipeline stages: per-stage adapters, one PEFT directory saved.
 - ``evaluate.py``       validation loss / perplexity of a checkpoint; ``--tasks``: multiple-choice
                         and exact-match scores on a JSON Lines file (``eval_tasks.py``).
 - ``generate.py``       text from a training checkpoint or a Hugging Face directory.

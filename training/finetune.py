@@ -17,8 +17,12 @@ The pre-training loop (``training.pretrain.run``) with three things changed:
 Same config system and outputs as ``training/pretrain.py`` (``msrun ... training/finetune.py
 --config FILE parallel.tp=2`` on several ranks). Layouts: tp (with or without sp) x dp x pp
 (with vpp), with or without the distributed optimizer; with pp > 1 every stage gets the packed
-positions and segment ids (``training.pipeline_step``). MoE models and multi-token
-prediction are refused for now (``ConfigError`` naming the key). Bad data stops the run with ``data error: FILE:LINE: ...``.
+positions and segment ids (``training.pipeline_step``). MoE models train with the layouts
+pre-training allows them (ep x tp x dp with etp, ep x pp x dp): the router sees every position
+of a packed row and adds its losses per micro-batch, as in pre-training
+(``training.moe_step``). Multi-token prediction (pp = 1): each depth's loss is its token-loss
+sum over the global batch / the main loss's kept-token count, with targets inside their own
+sample only (``GPTModel.loss_terms``). Bad data stops the run with ``data error: FILE:LINE: ...``.
 """
 from __future__ import annotations
 
@@ -41,16 +45,10 @@ def check_finetune(cfg) -> None:
         raise ConfigError("sft.data: give the chat JSON Lines file to fine-tune on")
     if not Path(s.data).is_file():
         raise ConfigError(f"sft.data: '{s.data}' is not a file")
-    if cfg.model.moe.num_experts:
-        raise ConfigError("model.moe.num_experts: training/finetune.py fine-tunes dense models "
-                          "only for now (set it to 0)")
     if cfg.parallel.cp > 1:
         raise ConfigError(f"parallel.cp={cfg.parallel.cp}: fine-tuning trains on packed samples "
                           "(segment masks), which the context-parallel attention does not take "
                           "(set it to 1)")
-    if cfg.model.mtp.num_layers:
-        raise ConfigError("model.mtp.num_layers: training/finetune.py does not train "
-                          "multi-token prediction for now (set it to 0)")
     if s.init_checkpoint is not None:
         if cfg.model.hf_path:
             raise ConfigError("sft.init_checkpoint and model.hf_path both set: start from one")

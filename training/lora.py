@@ -25,8 +25,9 @@ def targets(cfg) -> list[str]:
         else list(DEFAULT_TARGETS)
 
 
-def _module_names(cfg) -> list[str]:
-    """HF names of the model's linear layers (from the family's weight table, no weights)."""
+def _module_names(cfg, experts: bool = False) -> list[str]:
+    """HF names of the model's linear layers (from the family's weight table, no weights);
+    ``experts``: the MoE experts' modules instead (which LoRA does not adapt)."""
     from training.model_bridge import hf_dir_config, transformer_config
 
     if cfg.model.hf_path:
@@ -41,6 +42,10 @@ def _module_names(cfg) -> list[str]:
             cfg.model.tie_word_embeddings
     names = []
     for pname, plist in family.weight_table(tcfg, tie).items():
+        if experts:
+            for stack in getattr(plist, "experts", ()):
+                names += [p.name.removesuffix(".weight") for p in stack]
+            continue
         module = pname.rsplit(".", 2)
         is_linear = pname == "output_layer.weight" or (len(module) == 3 and module[1].startswith(
             "linear_") and module[2] == "weight")
@@ -54,7 +59,7 @@ def _module_names(cfg) -> list[str]:
 def check_lora(cfg) -> None:
     """Refuse a bad ``lora`` section before any work (``ConfigError`` naming the key): ``r``,
     ``alpha``, ``dropout`` out of range, a ``target_modules`` entry that matches no module of
-    the model, ``load`` without its adapter_config.json, and pipeline parallelism."""
+    the model or that matches MoE expert weights, ``load`` without its adapter_config.json."""
     lo = cfg.lora
     if lo.r <= 0:
         raise ConfigError(f"lora.r={lo.r}: the LoRA rank must be > 0")
@@ -64,24 +69,27 @@ def check_lora(cfg) -> None:
         raise ConfigError(f"lora.dropout={lo.dropout}: must be in [0, 1)")
     if not lo.enabled:
         return
-    if cfg.parallel.pp > 1:
-        raise ConfigError(f"lora.enabled with parallel.pp={cfg.parallel.pp}: LoRA trains with "
-                          "tp and dp only for now (set parallel.pp=1)")
     if lo.load is not None:
         if not (Path(lo.load) / "adapter_config.json").is_file():
             raise ConfigError(f"lora.load: '{lo.load}' has no adapter_config.json")
         return
     from models.peft import match_modules
 
+    if experts := match_modules(_module_names(cfg, experts=True), targets(cfg), strict=False):
+        raise ConfigError(f"lora.target_modules={targets(cfg)} matches MoE expert weights "
+                          f"({experts[0]}, ...): LoRA on experts is not implemented (target "
+                          "attention, dense or shared-expert modules, e.g. with a regex string)")
     try:
         match_modules(_module_names(cfg), targets(cfg))
     except ValueError as exc:
         raise ConfigError(f"lora.{exc}") from None
 
 
-def apply_config(cfg, model, log=None) -> dict | None:
+def apply_config(cfg, model, log=None, stage: bool = False) -> dict | None:
     """Attach the ``lora`` section's adapters to ``model`` (freezing the rest); log and return
-    ``models.peft.trainable_summary`` (None when LoRA is off). ``log``: a ``str -> None``."""
+    ``models.peft.trainable_summary`` (None when LoRA is off). ``log``: a ``str -> None``.
+    ``stage``: ``model`` is one pipeline stage (``training.lora_stages``): it adapts the
+    matched modules it holds, and must hold at least one (``ConfigError`` otherwise)."""
     if not cfg.lora.enabled:
         return None
     from models.errors import LoadError
@@ -90,13 +98,17 @@ def apply_config(cfg, model, log=None) -> dict | None:
     lo = cfg.lora
     try:
         if lo.load is not None:
-            info = load_adapter(model, lo.load)
+            info = load_adapter(model, lo.load, strict=not stage)
         else:
-            info = apply_lora(model, lo.r, lo.alpha, targets(cfg), lo.dropout)
+            info = apply_lora(model, lo.r, lo.alpha, targets(cfg), lo.dropout, strict=not stage)
     except LoadError as exc:
         raise ConfigError(f"lora.load: {exc}") from None
     except ValueError as exc:
         raise ConfigError(f"lora.{exc}") from None
+    if not info.modules:
+        raise ConfigError(f"lora.target_modules={targets(cfg)}: the pipeline stage of layers "
+                          f"{list(model.decoder.layer_range)} holds none of them; with "
+                          "parallel.pp > 1 every stage needs an adapted module")
     summary = trainable_summary(model)
     summary["modules"] = len(info.modules)
     if log is not None:
@@ -119,12 +131,20 @@ def lora_line(summary: dict, info) -> str:
 
 
 def save_adapter_dir(cfg, model) -> Path | None:
-    """Write the adapters to ``<logging.output_dir>/adapter`` (PEFT layout); collective over tp."""
-    if not cfg.lora.enabled or getattr(model, "lora", None) is None:
+    """Write the adapters to ``<logging.output_dir>/adapter`` (PEFT layout); collective over tp
+    (and over pp for a pipeline: ``training.lora_stages.save_stage_adapters``)."""
+    if not cfg.lora.enabled:
+        return None
+    out = Path(cfg.logging.output_dir) / "adapter"
+    if hasattr(model, "chunk_models"):
+        from training.lora_stages import save_stage_adapters
+
+        save_stage_adapters(model, out, base_model_name_or_path=cfg.model.hf_path)
+        return out
+    if getattr(model, "lora", None) is None:
         return None
     from models.peft import save_adapter
 
-    out = Path(cfg.logging.output_dir) / "adapter"
     save_adapter(model, out, base_model_name_or_path=cfg.model.hf_path)
     return out
 

@@ -49,22 +49,26 @@ from training.logger import moe_metrics
 
 
 class MoELossCell(nn.Cell):
-    """``(inputs [b, s] int32, labels [b, s] int32) -> (S * loss, lm_loss, aux, counts, mtp)``."""
+    """``(inputs [b, s] int32, labels [b, s] int32) -> (S * loss, lm_loss, aux, counts, mtp)``.
+    Packed batches add ``position_ids``, ``segment_ids`` [b, s] and ``denom`` (fp32 []): the
+    language-model and MTP losses are token-loss sums / ``denom`` (``GPTModel.loss_terms``,
+    ``training.packed_loss``); the router losses are per micro-batch as without packing."""
 
     def __init__(self, model, loss_scale: float = 1.0):
         super().__init__()
         self.model, self.loss_scale = model, float(loss_scale)
 
-    def construct(self, inputs, labels):
-        loss, lm_loss, aux, counts, mtp = self.model.loss_terms(inputs, labels)
+    def construct(self, inputs, labels, position_ids=None, segment_ids=None, denom=None):
+        loss, lm_loss, aux, counts, mtp = self.model.loss_terms(inputs, labels, position_ids,
+                                                                segment_ids, denom)
         if self.loss_scale != 1.0:
             loss = loss * self.loss_scale
         return loss, lm_loss, aux, counts, mtp
 
 
 class MoEForwardBackward(nn.Cell):
-    """``construct(inputs, labels, scale) -> (lm_loss, aux [L, 3], counts [L, E], mtp [D])`` and
-    ``acc += scale / S * d(S loss)/dw``."""
+    """``construct(inputs, labels, scale, position_ids=None, segment_ids=None, denom=None) ->
+    (lm_loss, aux [L, 3], counts [L, E], mtp [D])`` and ``acc += scale / S * d(S loss)/dw``."""
 
     def __init__(self, loss_cell: MoELossCell, params, acc):
         super().__init__()
@@ -72,8 +76,9 @@ class MoEForwardBackward(nn.Cell):
         self.unscale = 1.0 / loss_cell.loss_scale
         self.value_and_grad = ms.value_and_grad(loss_cell, None, params, has_aux=True)
 
-    def construct(self, inputs, labels, scale):
-        (_, lm_loss, aux, counts, mtp), grads = self.value_and_grad(inputs, labels)
+    def construct(self, inputs, labels, scale, position_ids=None, segment_ids=None, denom=None):
+        (_, lm_loss, aux, counts, mtp), grads = self.value_and_grad(inputs, labels, position_ids,
+                                                                    segment_ids, denom)
         if self.unscale != 1.0:
             scale = scale * self.unscale
         for i in range(len(self.acc)):

@@ -25,8 +25,9 @@ Packed fine-tuning batches (``(inputs, labels, position_ids, segment_ids)`` 4-tu
 ``training.packed_loss``): every stage gets each micro-batch's positions and segment ids (its
 attention ``key_mask``); the last stage's loss is the token-loss sum / ``N / (n D)`` (``N`` the
 kept tokens of the global batch, counted on the host on every rank), so the loss and gradients
-are those of ``TrainStep``'s: the mean over the kept tokens of the whole global batch. Not with
-MoE layers (``ValueError``, as in ``TrainStep``).
+are those of ``TrainStep``'s: the mean over the kept tokens of the whole global batch. MoE
+stages route every position of a packed row (their router losses and counts as without
+packing).
 
 Mixture of experts (the model has MoE layers): stages holding MoE layers add their router
 losses' gradients in their own backward (``models.gpt_pipeline``), so the gradients are those
@@ -154,8 +155,6 @@ class PipelineTrainStep(TrainState):
                              f"{self.n_micro}")
         denom = None
         if len(micro_batches[0]) == 4:  # packed: mean over the global batch's kept tokens
-            if self.moe_layers:
-                raise ValueError("packed (fine-tuning) batches are not supported with MoE layers")
             denom = packed_denominator(micro_batches, self.dims.dp)
         result = self._run(micro_batches, forward_only=False, denom=denom)
         grads = sum_tied_grads([g for chunk in result.grads for g in chunk], self.plans, self.dims)

@@ -191,8 +191,9 @@ def build_model(cfg, dims, read_hf: bool = True):
     weights). A fresh model is the same model for every tp and pp size (layers initialise their
     master weights from seeds). pp > 1: this rank's ``PipelineModel``
     (``models.gpt_pipeline.build_pipeline``), else a ``GPTModel``. ``read_hf=False``: keep the
-    initial weights (the caller sets them). With ``lora.enabled`` (pp = 1) the weights are frozen
-    and LoRA adapters attached (``training.lora.apply_config``)."""
+    initial weights (the caller sets them). With ``lora.enabled`` the weights are frozen and
+    LoRA adapters attached (``training.lora.apply_config``; with pp > 1 on each stage's chunks,
+    ``training.lora_stages``)."""
     from models.hf import load_weights
     from models.safetensors_io import read_checkpoint
     from training.model_bridge import build_gpt, transformer_config
@@ -200,6 +201,8 @@ def build_model(cfg, dims, read_hf: bool = True):
     tensors = read_checkpoint(cfg.model.hf_path) if cfg.model.hf_path and read_hf else None
     if dims.pp.size > 1:
         from models.gpt_pipeline import build_pipeline
+
+        from training.lora import apply_config
 
         p = cfg.parallel
 
@@ -209,7 +212,8 @@ def build_model(cfg, dims, read_hf: bool = True):
 
         return build_pipeline(make_stage, transformer_config(cfg).num_layers, dims, vpp=p.vpp,
                               layers_per_stage=p.layers_per_stage,
-                              jit=cfg.training.mode == "graph", tensors=tensors)
+                              jit=cfg.training.mode == "graph", tensors=tensors,
+                              prepare=lambda m: apply_config(cfg, m, stage=True))
     from training.lora import apply_config
 
     model = build_gpt(cfg, groups=model_groups(cfg, dims))
@@ -384,11 +388,10 @@ def run(cfg, stop_after: int | None = None, data_fn=None, init_fn=None,
              + (f", loss scale {loss_scale:g}" if loss_scale != 1 else "")
              + (f", resumed at step {step}" if step else ""))
     if cfg.lora.enabled:
-        from models.peft import trainable_summary
         from training.lora import lora_line
+        from training.lora_stages import summary
 
-        log.info(lora_line({**trainable_summary(model), "modules": len(model.lora.modules)},
-                           model.lora))
+        log.info(lora_line(*summary(model)))
     if cfg.parallel.sp and dims.tp.size == 1:
         log.info("warning: parallel.sp=true has no effect with parallel.tp=1 (sequence "
                  "parallelism splits the sequence over tp); training without it")

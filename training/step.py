@@ -415,16 +415,15 @@ class TrainStep(TrainState):
         (``model.moe_layers``) trains on ``loss + router losses`` and reports the language-model
         loss; ``last_moe_metrics`` and ``last_moe_counts`` then hold the step's routing statistics,
         and an applied step moves the routers' expert biases (``training/moe_step.py``). With
-        ``model.mtp`` it also trains on the MTP term, whose losses are in ``last_mtp_metrics``."""
+        ``model.mtp`` it also trains on the MTP term, whose losses are in ``last_mtp_metrics``.
+        Packed batches with either: the language-model and MTP losses are sums / the global
+        batch's kept-token count (``GPTModel.loss_terms``), the router losses as unpacked."""
         if len(micro_batches) != self.n_micro:
             raise ValueError(f"got {len(micro_batches)} micro-batches, expected grad_accum_steps="
                              f"{self.n_micro}")
         scale = ms.Tensor(1.0 / self.n_micro, ms.float32)
         total, mtp_total, extra = 0.0, 0.0, ()
         if len(micro_batches[0]) == 4:  # packed: mean over the global batch's kept tokens
-            if self.moe_layers or self.mtp:
-                raise ValueError("packed (fine-tuning) batches are not supported with MoE layers "
-                                 "or multi-token prediction")
             extra = (packed_denominator(micro_batches, self.dims.dp),)
         for batch in micro_batches:
             if self.dims.cp.size > 1:  # this rank's s/cp tokens and their positions

@@ -25,7 +25,10 @@ tells ``TransformerLayer`` that this mlp returns ``(y, aux, counts)``. Paralleli
 are split over ``groups.etp`` (``GroupedMLP``); the partial outputs are reduce-scattered over
 etp and all-gathered over tp. The shared expert is a tensor-parallel ``MLP`` over ``groups.tp``.
 ``moe.ffn_hidden_size`` must be divisible by etp (``T`` need not be by tp: see
-``ExpertRegion``). Expert weights are created in ``config.params_dtype`` and carry
+``ExpertRegion``). With ``groups.ep`` of size one every dispatcher is ``AllGatherDispatcher``
+(then a local permutation with no communication, the same numbers, and it compiles: the
+all-to-all one plans on the host and runs eagerly only), so a model built from a Hugging Face
+directory decodes and serves compiled at any tp. Expert weights are created in ``config.params_dtype`` and carry
 ``param.expert = True``; the router weight stays float32.
 """
 from __future__ import annotations
@@ -36,7 +39,7 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 
 from mcore.moe.config import MoEConfig
-from mcore.moe.dispatcher import AllToAllDispatcher
+from mcore.moe.dispatcher import AllGatherDispatcher, AllToAllDispatcher
 from mcore.moe.experts import GroupedMLP
 from mcore.moe.groups import ExpertRegion, check_supported
 from mcore.moe.permute import pad_to_capacity, unpad_from_capacity
@@ -88,7 +91,8 @@ class MoELayer(nn.Cell):
             raise NotImplementedError("MoELayer: sequence_parallel with tp > 1 is not supported")
         self.router = TopKRouter(h, moe, name=f"layers.{layer_number}.router")
         self.region = ExpertRegion(groups, E)
-        self.dispatcher = build_module(submodules.dispatcher, E, groups.ep)
+        dispatcher = submodules.dispatcher if groups.ep.size > 1 else AllGatherDispatcher
+        self.dispatcher = build_module(dispatcher, E, groups.ep)
         num_local = E // groups.ep.size
         self.experts = build_module(submodules.experts, config, ffn_hidden_size=moe.ffn_hidden_size,
                                     num_experts=E, first_expert=groups.ep.rank * num_local,

@@ -181,14 +181,23 @@ def test_bad_lora_config_is_one_config_error(override, key, capsys):
     assert err[0].startswith("config error: ") and key in err[0], err
 
 
-def test_lora_with_pipeline_parallelism_is_refused():
+def test_a_pipeline_stage_without_an_adapted_module_is_refused():
+    """pp=2 with adapters on the head only: the first stage would train nothing."""
+    from models.gpt_pipeline import stage_specs
     from training.config import ConfigError, load_config
-    from training.lora import check_lora
+    from training.lora import apply_config, check_lora
+    from training.model_bridge import build_gpt
 
-    cfg = load_config(None, ["model.num_layers=2", "lora.enabled=true", "parallel.pp=2"],
-                      world_size=2)
-    with pytest.raises(ConfigError, match=r"^lora.enabled with parallel.pp=2"):
-        check_lora(cfg)
+    cfg = load_config(None, ["model.num_layers=2", "model.hidden_size=32", "model.num_heads=4",
+                             "model.num_kv_heads=2", "model.ffn_hidden_size=64",
+                             "model.tie_word_embeddings=false", "lora.enabled=true",
+                             "lora.target_modules=[lm_head]", "parallel.pp=2"], world_size=2)
+    check_lora(cfg)  # the whole model has the module
+    first, last = stage_specs(2, 2)
+    apply_config(cfg, build_gpt(cfg, stage=last), stage=True)
+    with pytest.raises(ConfigError, match=r"^lora.target_modules=\['lm_head'\]: the pipeline "
+                                          r"stage of layers \[0\] holds none of them"):
+        apply_config(cfg, build_gpt(cfg, stage=first), stage=True)
 
 
 PEFT_FIXTURE = FIXTURE.parent.parent / "peft" / "llama_lora"  # made by tests/make_peft_fixture.py

@@ -7,7 +7,8 @@ any thread; ``run()`` (the owning thread) loops until ``close()`` and the batch 
 1. **Admit**: while a row is free and a request waits, run its prompt alone (prefill: a
    compiled forward over the prompt right-padded to a power-of-two length, one compilation
    per bucket; PyNative with ``compiled=False``), sample its first token from the last
-   logits, and copy its keys and values into the free row (``SlotKVCache.insert``).
+   logits, and copy its keys and values into the free row (``SlotKVCache.insert``; a
+   multi-latent-attention model keeps its latents instead, ``latent=True``).
 2. **Step**: one decode forward for rows ``0 .. w-1`` at once (``[w, 1]`` token ids, each row at
    its own position), ``w`` the smallest of ``widths`` (1, 4, 16, ... and ``max_batch``) that
    covers the highest busy row (requests take the lowest free row); compiled under
@@ -132,9 +133,12 @@ class Engine:
         ms.set_context(mode=ms.PYNATIVE_MODE)  # host-side glue; the steps are jitted (compiled)
         cfg = model.config
         shape = (max_batch, cfg.num_query_groups // model.tp_group.size, max_len, cfg.head_dim)
+        if cfg.multi_latent_attention:  # one latent "head" per token and layer, any tp
+            shape = (max_batch, 1, max_len, cfg.mla.kv_lora_rank + cfg.mla.qk_rope_head_dim)
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_len = max_batch, max_len
-        self.cache = SlotKVCache(len(model.layer_range), shape)
+        self.cache = SlotKVCache(len(model.layer_range), shape,
+                                 latent=cfg.multi_latent_attention)
         step = _DecodeStep(model, self.cache)
         self._step_fn = ms.jit(step) if compiled else step
         self._prefill_fn = self._prefill_compiled if compiled else self._prefill_eager

@@ -14,7 +14,11 @@ column each row writes at the next step (the number of tokens that row has cache
   keys, values, L)`` (PyNative, between steps: copy a prefilled prompt's first ``L`` keys and
   values of every layer into columns ``[0, L)`` of one row) are the serving engine's calls.
 
-Same ``update`` contract as ``mcore.transformer.KVCache`` / ``StaticKVCache``.
+Same ``update`` contract as ``mcore.transformer.KVCache`` / ``StaticKVCache``. With
+``latent=True`` (multi-latent attention, ``mcore.transformer.latent_cache``) each layer keeps
+one buffer ``[b, 1, max_len, kv_lora_rank + qk_rope_head_dim]`` written by
+``update_latent(layer, ckv)`` (same rows, columns and query offset as ``update``); ``insert``
+then copies the prefilled latents only.
 """
 from __future__ import annotations
 
@@ -24,17 +28,19 @@ from mindspore import Parameter, ParameterTuple, Tensor, nn, ops
 
 
 class SlotKVCache(nn.Cell):
-    """See the module docstring. ``shape`` = ``(b, n_kv, max_len, head_dim)``; ``layers``: the
-    number of layers (global layer numbers ``0 .. layers - 1``)."""
+    """See the module docstring. ``shape`` = ``(b, n_kv, max_len, head_dim)`` (latent: ``(b, 1,
+    max_len, latent width)``); ``layers``: the number of layers (global layer numbers
+    ``0 .. layers - 1``)."""
 
-    def __init__(self, layers: int, shape: tuple, dtype=ms.float32):
+    def __init__(self, layers: int, shape: tuple, dtype=ms.float32, latent: bool = False):
         super().__init__()
+        self.latent = bool(latent)
         self.batch, self.max_len = shape[0], shape[2]
         zeros = Tensor(np.zeros(shape, np.float32)).astype(dtype)
         self.keys = ParameterTuple(Parameter(zeros.copy(), name=f"slot_k{i}", requires_grad=False)
                                    for i in range(layers))  # [b, n_kv, max_len, d] each
-        self.values = ParameterTuple(Parameter(zeros.copy(), name=f"slot_v{i}",
-                                               requires_grad=False) for i in range(layers))
+        self.values = () if latent else ParameterTuple(
+            Parameter(zeros.copy(), name=f"slot_v{i}", requires_grad=False) for i in range(layers))
         self.position = Parameter(Tensor(np.zeros(shape[0], np.int32)), name="slot_position",
                                   requires_grad=False)
         self.slots = Tensor(np.arange(self.max_len, dtype=np.int32).reshape(1, 1, -1, 1))
@@ -60,6 +66,9 @@ class SlotKVCache(nn.Cell):
     def update(self, layer: int, k, v):
         return self._write(self.keys[layer], k), self._write(self.values[layer], v), \
             self.max_len - 1
+
+    def update_latent(self, layer: int, ckv):
+        return self._write(self.keys[layer], ckv), self.max_len - 1
 
     def insert(self, row: int, keys: list, values: list, length: int) -> None:
         """Copy the first ``length`` positions of one prefilled sequence (per layer
