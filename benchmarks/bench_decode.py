@@ -4,8 +4,9 @@ beside Hugging Face ``generate`` on the PyTorch twin of the same model, in the s
 Model: the Llama of ``configs/tiny_llama_bench.yaml`` (vocabulary 32000, hidden 512, 4 layers,
 8 heads / 2 kv heads, SwiGLU 1408, fp32), random weights, saved with ``save_pretrained``; the
 twin is ``transformers.LlamaForCausalLM.from_pretrained`` of that directory. A 32-token prompt,
-``NEW`` new tokens (no stop token), batch 1 and 8; ``ROUNDS`` timed rounds after a warm-up
-call (compilation excluded from the rounds, reported on its own with the number of graphs).
+``NEW`` new tokens (no stop token), batch 1 and 8; ``ROUNDS`` timed rounds of each, the two
+alternating (a persistent torch worker), after a warm-up call (compilation excluded from the
+rounds, reported on its own with the number of graphs).
 
 new tokens/s = batch * NEW / seconds (best round; the median is printed too) and the ratio
 msformers / HF per batch. The torch side runs in a subprocess (``hf_generate_worker.py``) under
@@ -36,7 +37,7 @@ ms.set_device("CPU")
 import models  # noqa: E402
 from models.compiled_decode import decode_stats  # noqa: E402
 
-PROMPT, NEW, ROUNDS, BATCHES = 32, 64, 3, (1, 8)
+PROMPT, NEW, ROUNDS, BATCHES = 32, 64, 5, (1, 8)
 HF_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 32000,
              "hidden_size": 512, "intermediate_size": 1408, "num_hidden_layers": 4,
              "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
@@ -54,17 +55,36 @@ def _torch_python() -> str | None:
     return sys.executable if have else None
 
 
-def _hf_reference(hf_dir: Path, prompts_file: Path) -> dict | None:
-    python = _torch_python()
-    if python is None:
-        print("\nHF reference skipped: torch/transformers not importable here and "
-              "MSFORMERS_TORCH_PYTHON not set")
-        return None
-    run = subprocess.run([python, str(WORKER), str(hf_dir), str(prompts_file), str(NEW),
-                          str(ROUNDS)], capture_output=True, text=True, timeout=1800)
-    if run.returncode != 0:
-        pytest.fail(f"hf_generate_worker failed:\n{run.stderr[-2000:]}")
-    return json.loads(run.stdout.strip().splitlines()[-1])
+class _HFWorker:
+    """``hf_generate_worker.py`` in a subprocess: ``run(b) -> (tokens, seconds)``."""
+
+    def __init__(self, python: str, hf_dir: Path, prompts_file: Path):
+        self.proc = subprocess.Popen([python, str(WORKER), str(hf_dir), str(prompts_file),
+                                      str(NEW)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.versions = self._answer()["versions"]
+
+    def _answer(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            pytest.fail(f"hf_generate_worker exited with status {self.proc.wait()}")
+        return json.loads(line)
+
+    def run(self, b: int) -> tuple:
+        self.proc.stdin.write(f"{b}\n")
+        self.proc.stdin.flush()
+        out = self._answer()
+        return out["tokens"], out["seconds"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def _time_ours(model, prompts) -> tuple:
+    start = time.perf_counter()
+    tokens = models.generate(model, prompts, NEW)
+    return tokens, time.perf_counter() - start
 
 
 def test_default_decode_vs_hf_generate(tmp_path):
@@ -72,32 +92,33 @@ def test_default_decode_vs_hf_generate(tmp_path):
     model.save_pretrained(tmp_path / "hf")
     prompts = np.random.default_rng(0).integers(3, 32000, (max(BATCHES), PROMPT)).astype(np.int32)
     np.save(tmp_path / "prompts.npy", prompts)
-    ours = {}
+    python = _torch_python()
+    hf = None if python is None else _HFWorker(python, tmp_path / "hf", tmp_path / "prompts.npy")
+    ours, ref, warm = {b: [] for b in BATCHES}, {b: [] for b in BATCHES}, {}
     for b in BATCHES:
-        start = time.perf_counter()
-        models.generate(model, prompts[:b], NEW)  # warm up: compiles this bucket's graphs
-        warm = time.perf_counter() - start
-        seconds = []
-        for _ in range(ROUNDS):
-            start = time.perf_counter()
-            tokens = models.generate(model, prompts[:b], NEW)
-            seconds.append(time.perf_counter() - start)
-        ours[b] = {"tokens": tokens, "seconds": seconds, "warm_up": warm}
+        warm[b] = _time_ours(model, prompts[:b])[1]  # compiles this bucket's graphs
+        for _ in range(ROUNDS):  # alternate the two, so both see the same machine load
+            ours[b].append(_time_ours(model, prompts[:b]))
+            if hf is not None:
+                ref[b].append(hf.run(b))
+    if hf is not None:
+        hf.close()
     stats = decode_stats(model)
-    ref = _hf_reference(tmp_path / "hf", tmp_path / "prompts.npy")
     print(f"\ncompiled decode: {stats['graphs']} graphs in {stats['buckets']} buckets, "
           f"{stats['compile_seconds']:.1f} s compiling"
-          + (f"; reference: {ref['versions']}" if ref else ""))
+          + (f"; reference: {hf.versions}" if hf else "; HF reference skipped: torch/transformers"
+             " not importable here and MSFORMERS_TORCH_PYTHON not set"))
     for b in BATCHES:
-        mine = b * NEW / min(ours[b]["seconds"])
+        secs = [s for _, s in ours[b]]
+        mine = b * NEW / min(secs)
         line = (f"greedy decode batch {b} ({PROMPT}+{NEW}): models.generate {mine:.1f} new tok/s "
-                f"(median {b * NEW / statistics.median(ours[b]['seconds']):.1f}, first call "
-                f"{ours[b]['warm_up']:.1f} s)")
-        if ref is not None:
-            theirs = b * NEW / min(ref[str(b)]["seconds"])
-            same = np.mean(np.array(ours[b]["tokens"]) == np.array(ref[str(b)]["tokens"]))
+                f"(median {b * NEW / statistics.median(secs):.1f}, first call {warm[b]:.1f} s)")
+        if hf is not None:
+            theirs_s = [s for _, s in ref[b]]
+            theirs = b * NEW / min(theirs_s)
+            same = np.mean(np.array(ours[b][-1][0]) == np.array(ref[b][-1][0]))
             line += (f" | HF generate {theirs:.1f} new tok/s (median "
-                     f"{b * NEW / statistics.median(ref[str(b)]['seconds']):.1f}) | "
-                     f"x{mine / theirs:.2f} | tokens equal {same:.0%}")
+                     f"{b * NEW / statistics.median(theirs_s):.1f}) | x{mine / theirs:.2f} | "
+                     f"tokens equal {same:.0%}")
         print(line)
-        assert all(len(row) == NEW for row in ours[b]["tokens"])
+        assert all(len(row) == NEW for row in ours[b][-1][0])
