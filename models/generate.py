@@ -6,17 +6,22 @@ they are left-padded, padding keys are masked out and positions count real token
 each row gives the same tokens as when generated alone.
 
 With ``use_cache=True`` the prompt is run once (prefill) and each step then feeds only the
-newest token (``KVCache``): O(new tokens) work per step. ``use_cache=False`` recomputes the
-whole sequence every step (the reference the benchmark compares against).
+newest token: O(new tokens) work per step. ``use_cache=False`` recomputes the whole sequence
+every step in PyNative (the reference the benchmark compares against).
+By default (``compiled=True``) the steps run under ``mindspore.jit`` with a ``StaticKVCache``
+preallocated per request size bucket (``models.compiled_decode``: graphs compiled once per
+bucket and reused by later calls; greedy decoding keeps the token loop on the device). A model
+whose forward does not compile (dropless MoE, ``compiled_decode.compiles``) decodes in PyNative.
+``compiled=False`` runs them in PyNative with a growing ``KVCache``; both give the same tokens.
 Sampling (``do_sample``): logits / ``temperature``, then top-k, then top-p (nucleus), then a
-draw from ``numpy.random.default_rng(seed)``. Steps run in PyNative, or compiled with
-``compiled=True`` (a ``StaticKVCache`` sized prompt + ``max_new_tokens``).
+draw from ``numpy.random.default_rng(seed)`` (on the host, in either mode).
 """
 from __future__ import annotations
 
 import mindspore as ms
 import numpy as np
-from mindspore import nn
+
+from models.compiled_decode import compiles, decoder_for
 
 
 def left_pad(prompts, pad_id: int):
@@ -66,40 +71,6 @@ def choose_next(logits: np.ndarray, do_sample: bool, temperature: float, top_k: 
     return np.array([rng.choice(len(p), p=p) for p in probs])
 
 
-class _CachedStep(nn.Cell):
-    """One forward of ``model`` with a ``StaticKVCache`` attached (compiled by ``mindspore.jit``)."""
-
-    def __init__(self, model, cache):
-        super().__init__()
-        self.model, self.cache = model, cache
-
-    def construct(self, ids, positions, key_mask=None):
-        logits = self.model(ids, positions, key_mask, None, self.cache)
-        self.cache.advance(ids.shape[1])
-        return logits
-
-
-def _stepper(model, use_cache: bool, compiled: bool, batch: int, max_len: int):
-    """``step(ids, positions, key_mask) -> logits`` for this generation."""
-    if not use_cache:
-        return model
-    if not compiled:
-        cache = model.new_cache()
-
-        def step(ids, positions, key_mask):
-            return model(ids, positions, key_mask, None, cache)
-        return step
-    # One compiled step per (batch, max_len), kept on the model so that later generations reuse
-    # the compiled graphs; the cache is rewound (stale slots are hidden by the causal offset).
-    steps = model.__dict__.setdefault("_compiled_decode_steps", {})
-    if (batch, max_len) not in steps:
-        cache = model.new_cache(batch, max_len)
-        steps[(batch, max_len)] = (ms.jit(_CachedStep(model, cache)), cache)
-    step, cache = steps[(batch, max_len)]
-    cache.rewind()
-    return step
-
-
 def decode_loop(next_tokens, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int,
                 stop_tokens=(), pad_token_id: int = 0, use_cache: bool = True) -> list[list[int]]:
     """The token loop shared by ``generate`` and ``models.generate_pipeline``: per prompt, the
@@ -135,26 +106,54 @@ def decode_loop(next_tokens, ids: np.ndarray, mask: np.ndarray, max_new_tokens: 
     return out
 
 
+def _cut_at_stop(tokens: np.ndarray, stop) -> list[list[int]]:
+    """Each row of ``tokens [b, n]`` up to and including its first ``stop`` token."""
+    out = []
+    for row in tokens.tolist():
+        ends = [i for i, t in enumerate(row) if t in stop]
+        out.append(row[:ends[0] + 1] if ends else row)
+    return out
+
+
 def generate(model, input_ids, max_new_tokens: int, do_sample: bool = False,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              stop_tokens=(), pad_token_id: int = 0, use_cache: bool = True,
-             compiled: bool = False) -> list[list[int]]:
+             compiled: bool = True) -> list[list[int]]:
     """See the module docstring. ``input_ids``: list of token lists, array or Tensor ``[b, s]``.
-    ``compiled``: run the cached steps under ``mindspore.jit`` with a ``StaticKVCache`` (one
-    compilation for the prompt shape and one for the 1-token step)."""
+    ``compiled``: compiled steps with a static cache (default), or PyNative (False)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 0")
     ids, mask = left_pad(input_ids, pad_token_id)
+    if use_cache and compiled and compiles(model):
+        return _generate_compiled(model, ids, mask, max_new_tokens, do_sample, temperature, top_k,
+                                  top_p, seed, stop_tokens, pad_token_id)
     rng = np.random.default_rng(seed)
-    max_len = ids.shape[1] + max_new_tokens
-    static = compiled and use_cache
-    step = _stepper(model, use_cache, compiled, ids.shape[0], max_len)
+    cache = model.new_cache() if use_cache else None
 
     def next_tokens(step_ids, step_pos, key_mask):
-        if key_mask is not None and static:  # a static cache needs the mask over all max_len slots
-            key_mask = np.pad(key_mask, ((0, 0), (0, max_len - key_mask.shape[1])), constant_values=1)
         key_mask = None if key_mask is None else ms.Tensor(key_mask)
-        logits = step(ms.Tensor(step_ids), ms.Tensor(step_pos), key_mask)
+        logits = model(ms.Tensor(step_ids), ms.Tensor(step_pos), key_mask, None, cache)
         return choose_next(logits[:, -1, :].asnumpy(), do_sample, temperature, top_k, top_p, rng)
 
     return decode_loop(next_tokens, ids, mask, max_new_tokens, stop_tokens, pad_token_id, use_cache)
+
+
+def _generate_compiled(model, ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p,
+                       seed, stop_tokens, pad_token_id) -> list[list[int]]:
+    """``generate`` with the compiled steps of the request's bucket (``models.compiled_decode``)."""
+    decoder, width = decoder_for(model, ids.shape[0], ids.shape[1], max_new_tokens)
+    pad = width - ids.shape[1]  # left-pad the prompts to the bucket width
+    ids = np.pad(ids, ((0, 0), (pad, 0)), constant_values=pad_token_id)
+    mask = np.pad(mask, ((0, 0), (pad, 0)))  # [b, s] -> [b, W]
+    if not do_sample:
+        stop = set(int(t) for t in stop_tokens)
+        return _cut_at_stop(decoder.greedy(ids, mask, max_new_tokens, stop), stop)
+    rng = np.random.default_rng(seed)
+    key_mask = decoder.full_mask(mask)
+    decoder.start()
+
+    def next_tokens(step_ids, step_pos, _):
+        logits = decoder.logits(ms.Tensor(step_ids), ms.Tensor(step_pos), key_mask)
+        return choose_next(logits.asnumpy(), do_sample, temperature, top_k, top_p, rng)
+
+    return decode_loop(next_tokens, ids, mask, max_new_tokens, stop_tokens, pad_token_id)

@@ -22,7 +22,9 @@ as one batch (``models.generate``: ragged prompts are left-padded, each row give
 gives alone). Greedy unless ``--temperature`` > 0 (then top-k, top-p sampling, seeded).
 Generation of a row ends at end-of-document or ``--max-new-tokens``; its text is then cut
 before the first ``--stop`` string in the generated part. stdout: the texts (several are
-separated by a line of 40 ``-``); stderr: ``N new tokens in T s (R tokens/s)``.
+separated by a line of 40 ``-``); stderr: ``N new tokens in T s (R tokens/s)``. Decoding is
+compiled (``models.generate`` defaults: static KV cache, graphs per size bucket); ``--eager``
+runs it in PyNative (same tokens, slower; for debugging).
 Bad input (source, tokenizer missing or larger than the model's vocabulary) prints
 ``<kind> error: <one line naming the file>`` and exits 2 before the model is built.
 """
@@ -179,30 +181,35 @@ def cut_at_stop(text: str, stop) -> str:
 
 def generate_texts(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
                    temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                   stop=()) -> tuple[list[str], int]:
+                   stop=(), compiled: bool = True) -> tuple[list[str], int]:
     """``(texts, new_tokens)``: each prompt followed by its generated text (ended by end-of-
     document or ``max_new_tokens``, then cut before the first ``stop`` string), and the number
-    of tokens generated over the batch. ``model``: a ``GPTModel``, or a ``PipelineModel`` of GPT
-    stages (then every rank of the job calls this and gets the same texts)."""
+    of tokens generated over the batch. ``model``: a ``GPTModel`` (compiled decoding unless
+    ``compiled=False``), or a ``PipelineModel`` of GPT stages (PyNative; then every rank of the
+    job calls this and gets the same texts)."""
     import mindspore as ms
 
     import models
     from models.generate_pipeline import generate_pipeline
 
-    ms.set_context(mode=ms.PYNATIVE_MODE)  # the KV-cache decoder runs eagerly
+    ms.set_context(mode=ms.PYNATIVE_MODE)  # host-side loop; the decode steps are jitted
     ids = tokenizer.encode_batch(list(prompts))
-    run = generate_pipeline if hasattr(model, "chunk_models") else models.generate
-    new = run(model, ids, max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-              top_k=top_k, top_p=top_p, seed=seed, stop_tokens=[tokenizer.eod_id])
+    opts = dict(do_sample=temperature > 0, temperature=temperature or 1.0, top_k=top_k,
+                top_p=top_p, seed=seed, stop_tokens=[tokenizer.eod_id])
+    if hasattr(model, "chunk_models"):
+        new = generate_pipeline(model, ids, max_new_tokens, **opts)
+    else:
+        new = models.generate(model, ids, max_new_tokens, compiled=compiled, **opts)
     texts = [p + cut_at_stop(tokenizer.decode(n), stop) for p, n in zip(prompts, new)]
     return texts, sum(len(n) for n in new)
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int = 0, top_k: int = 0, stop=()) -> str:
+                  top_p: float = 1.0, seed: int = 0, top_k: int = 0, stop=(),
+                  compiled: bool = True) -> str:
     """``generate_texts`` for one prompt: the prompt followed by its generated text."""
     texts, _ = generate_texts(model, tokenizer, [prompt], max_new_tokens, temperature, top_k,
-                              top_p, seed, stop)
+                              top_p, seed, stop, compiled)
     return texts[0]
 
 
@@ -232,6 +239,8 @@ def parse(argv: list[str] | None):
                     "(repeatable)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the run's)")
+    ap.add_argument("--eager", action="store_true", help="decode in PyNative instead of compiled "
+                    "graphs (same tokens; debugging)")
     return ap.parse_args(argv)
 
 
@@ -246,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = load(ns.source, ns.tokenizer)
         t0 = time.perf_counter()
         texts, n = generate_texts(model, tok, prompts, ns.max_new_tokens, ns.temperature,
-                                  ns.top_k, ns.top_p, ns.seed, ns.stop)
+                                  ns.top_k, ns.top_p, ns.seed, ns.stop, compiled=not ns.eager)
         seconds = time.perf_counter() - t0
     print(f"\n{SEPARATOR}\n".join(texts), flush=True)
     print(f"{n} new tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tokens/s)",

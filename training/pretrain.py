@@ -328,8 +328,8 @@ def validate(cfg, step_fn, data) -> float | None:
 
 
 def sample(model, tokenizer, seed: int, max_new_tokens: int, prompt: str | None = None) -> str:
-    """A sampled continuation of ``prompt`` (default ``SAMPLE["prompt"]``; PyNative; every rank
-    must call it)."""
+    """A sampled continuation of ``prompt`` (default ``SAMPLE["prompt"]``; compiled decoding,
+    ``training.generate.generate_text``; every rank must call it)."""
     from training.generate import generate_text
 
     opts = {**SAMPLE, **({"prompt": prompt} if prompt is not None else {})}

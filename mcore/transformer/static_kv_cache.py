@@ -2,12 +2,13 @@
 
 Each layer owns two non-trainable Parameters ``[b, n_kv, max_len, d]``; ``position`` (an
 int32 Parameter) is the number of positions already written. ``update(layer, k, v)`` writes
-the new ``[b, n_kv, s, d]`` keys/values at ``[position, position + s)`` (``s == 1``, or a
-prefill at ``position == 0``) and returns the whole buffers plus ``position`` as the query
-offset: query ``i`` sits at ``position + i`` and sees keys ``j <= position + i``, which also
-hides the unwritten slots. Shapes never change, so a step compiles once per (batch, s).
-The caller advances ``position`` after each step's forward (``advance``, inside the same
-compiled function); the model never does.
+the new ``[b, n_kv, s, d]`` keys/values at ``[position, position + s)`` (``s == 1``: one
+column scattered in place, ``position < max_len``; or a prefill at ``position == 0``) and
+returns the whole buffers plus ``position`` as the query offset: query ``i`` sits at
+``position + i`` and sees keys ``j <= position + i``, which also hides the unwritten slots.
+Shapes never change, so a step compiles once per (batch, s). The caller advances
+``position`` after each step's forward (``advance``, inside the same compiled function); the
+model never does.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class StaticKVCache(nn.Cell):
                                      for i in layers) if values else ()  # [b, n_kv, max_len, dv]
         self.position = Parameter(Tensor(0, ms.int32), name="position", requires_grad=False)
         self.slots = Tensor(np.arange(self.max_len, dtype=np.int32).reshape(1, 1, -1, 1))
+        grid = np.stack(np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij"), -1)
+        self.rows_heads = Tensor(grid.astype(np.int32))  # [b, n_kv, 2]: (row, head) of each slot
 
     @property
     def length(self) -> int:
@@ -56,13 +59,15 @@ class StaticKVCache(nn.Cell):
 
     def _write(self, buf, new):
         s = new.shape[2]
-        if s != self.max_len:  # [b, n_kv, s, d] -> [b, n_kv, max_len, d] (s == 1 broadcasts)
-            if s == 1:
-                new = ops.broadcast_to(new, buf.shape)
-            else:
-                pad = ops.zeros((new.shape[0], new.shape[1], self.max_len - s, new.shape[3]),
-                                new.dtype)
-                new = ops.cat((new, pad), 2)
+        if s == 1:  # one token: scatter its [b, n_kv, d] into column ``position`` in place
+            column = ops.broadcast_to(self.position.reshape(1, 1, 1),
+                                      self.rows_heads.shape[:2] + (1,))  # [b, n_kv, 1]
+            index = ops.cat((self.rows_heads, column), -1)  # [b, n_kv, 3]: (row, head, column)
+            # [b, n_kv, 1, d] -> [b, n_kv, d]: one d-vector per (row, head) index
+            return ops.scatter_nd_update(buf, index, new.squeeze(2))
+        if s != self.max_len:  # [b, n_kv, s, d] -> [b, n_kv, max_len, d]
+            pad = ops.zeros((new.shape[0], new.shape[1], self.max_len - s, new.shape[3]), new.dtype)
+            new = ops.cat((new, pad), 2)
         start = self.position
         written = ops.logical_and(self.slots >= start, self.slots < start + s)  # [1, 1, T, 1]
         out = ops.where(written, new, buf)

@@ -35,6 +35,32 @@ def test_compiled_generation_with_static_cache_matches_transformers(model):
     np.testing.assert_array_equal(np.array(got), ref["greedy"][:, :3])
 
 
+def test_compiled_default_equals_pynative(model):
+    prompts = [[5, 9, 200, 31, 7, 66], [77, 12, 3]]  # ragged: left padding and a key mask
+    eager = models.generate(model, prompts, 12, compiled=False)
+    assert models.generate(model, prompts, 12) == eager  # compiled is the default
+    assert all(len(set(row)) > 1 for row in eager)  # not a degenerate model
+    stop = [eager[0][9], eager[1][3]]  # rows stop at different steps, after a stop check
+    assert models.generate(model, prompts, 12, stop_tokens=stop) == \
+        models.generate(model, prompts, 12, stop_tokens=stop, compiled=False)
+    opts = dict(do_sample=True, temperature=1.5, top_k=50, top_p=0.9, seed=11)
+    assert models.generate(model, prompts, 6, **opts) == \
+        models.generate(model, prompts, 6, compiled=False, **opts)
+
+
+def test_compiled_steps_are_reused_within_a_size_bucket(model):
+    from models.compiled_decode import bucket, decode_stats
+
+    assert bucket(3, 5) == bucket(9, 20) == (16, 64) and bucket(17, 48) == (32, 128)
+    models.generate(model, [[5, 9, 200]] * 2, 5)
+    before = decode_stats(model)
+    models.generate(model, [[1, 2, 3, 4, 5, 6, 7, 8, 9]] * 2, 20)  # same bucket: no new graph
+    assert decode_stats(model) == before
+    models.generate(model, [list(range(1, 21))] * 2, 5)  # W = 32, same cache: one new prefill
+    after = decode_stats(model)
+    assert (after["graphs"], after["buckets"]) == (before["graphs"] + 1, before["buckets"])
+
+
 def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
     prompt = [[5, 9, 200, 31]]
     greedy = models.generate(model, prompt, 2)
