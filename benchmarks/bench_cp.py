@@ -34,6 +34,7 @@ SEQ = int(os.environ.get("MSF_BENCH_CP_SEQ", "4096"))
 HEADS, KV_HEADS, HEAD_DIM, STEPS, CP = 8, 2, 64, 3, 2
 ROWS = [("cp1", "full"), ("cp2_ring", "ring"), ("cp2_a2a", "a2a")]
 FP32 = 4
+BLOCK = 1024  # CoreAttention's default query block, also the ring's
 
 
 def theory_bytes(kind: str, s: int = SEQ, cp: int = CP, n: int = HEADS, n_kv: int = KV_HEADS,
@@ -43,7 +44,7 @@ def theory_bytes(kind: str, s: int = SEQ, cp: int = CP, n: int = HEADS, n_kv: in
     ``scores``: score / probability elements alive at the peak. The composed full attention
     keeps the probabilities of every query block for the backward (``n s^2``); a2a runs it on
     ``n / cp`` heads of the full sequence; ring keeps none (its backward recomputes them) and
-    holds one block of ``n (s / cp)^2`` at a time. ``kv``: keys and values held: the whole
+    holds one block of ``n x BLOCK x s / cp`` at a time. ``kv``: keys and values held: the whole
     sequence (full), the full sequence of ``max(n_kv / cp, 1)`` heads (a2a), two ``s / cp``
     blocks (ring: its own and the travelling one).
     """
@@ -51,7 +52,8 @@ def theory_bytes(kind: str, s: int = SEQ, cp: int = CP, n: int = HEADS, n_kv: in
         return {"scores": FP32 * n * s * s, "kv": FP32 * 2 * n_kv * s * d}
     if kind == "a2a":
         return {"scores": FP32 * (n // cp) * s * s, "kv": FP32 * 2 * max(n_kv // cp, 1) * s * d}
-    return {"scores": FP32 * n * (s // cp) ** 2, "kv": FP32 * 2 * 2 * n_kv * (s // cp) * d}
+    return {"scores": FP32 * n * min(BLOCK, s // cp) * (s // cp),
+            "kv": FP32 * 2 * 2 * n_kv * (s // cp) * d}
 
 
 def _launch(tmp, kind: str) -> list[dict]:

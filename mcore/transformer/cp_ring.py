@@ -30,7 +30,6 @@ Exchange (``ring_shift``): a SUM all-reduce over the cp group (the only collecti
 has on CPU, see ``mcore.comm``). With ``P = 2`` one call swaps the two blocks. With ``P > 2``
 each rank's block is summed with zeros in its own round (``P`` rounds, one block in memory at a
 time), so no rank holds every block at once; that costs ``P`` block transfers per shift.
-Only ``P <= 2`` has run on real ranks in this project's tests.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Context-parallel attention (ring and a2a) at cp=2 on two real ranks equals full causal
-attention computed in the same process (one launch).
+"""Context-parallel attention (ring and a2a) at cp=2 on two real ranks (one launch) and at cp=4
+on four (a second, small launch) equals full causal attention computed in the same process.
 
 Every rank draws the same full q, k, v and output weight ``w`` ``[b, heads, s, d]``, computes
 the reference ``sum(attention(q, k, v) * w)`` and its gradients on the whole sequence, then the
@@ -30,6 +30,14 @@ CASES = [
     ("ring", "pynative", 1, 4, 2, 12, 8),
     ("ring", "pynative", 1, 4, 1, 8, 4),
     ("ring", "jit", 1, 4, 2, 8, 4),
+]
+# cp=4 (a second, smaller launch): the ring's shift with more than two ranks (one all-reduce per
+# source) and ranks that see blocks from both lower and higher ranks; a2a with one kv head
+# replicated four times.
+CASES4 = [
+    ("ring", "pynative", 1, 4, 2, 16, 4),
+    ("ring", "pynative", 1, 4, 1, 24, 4),
+    ("a2a", "pynative", 1, 4, 1, 16, 4),
 ]
 
 
@@ -118,6 +126,16 @@ def _worker(ctx):
     _hypothesis_lengths(ctx, dims.cp)
 
 
+def _worker4(ctx):
+    from mcore.parallel_state import ParallelDims
+
+    dims = ParallelDims.build(cp=4)
+    for case in CASES4:
+        errors = _errors(dims.cp, *case)
+        with ctx.check(_name(*case)):
+            assert not errors, errors
+
+
 @pytest.fixture(scope="module")
 def job():
     return run_ranks(P, "tests.mcore.transformer.test_context_parallel:_worker", timeout=300,
@@ -131,6 +149,17 @@ def test_cp_attention_equals_full_attention(job, case):
 
 def test_cp_attention_hypothesis_sequence_lengths(job):
     job.assert_ok("hypothesis_lengths")
+
+
+@pytest.fixture(scope="module")
+def job4():
+    return run_ranks(4, "tests.mcore.transformer.test_context_parallel:_worker4", timeout=300,
+                     stall_timeout=90)
+
+
+@pytest.mark.parametrize("case", [_name(*c) for c in CASES4])
+def test_cp4_attention_equals_full_attention(job4, case):
+    job4.assert_ok(case)
 
 
 def test_a2a_refuses_heads_not_divisible():
