@@ -90,8 +90,9 @@ class Worker:
 
     def _read(self, tag: str) -> list[str]:
         for line in self.proc.stdout:
-            if line.startswith(tag + " "):
-                return line.split()[1:]
+            words = line.split()
+            if words and words[0] == tag:
+                return words[1:]
         raise RuntimeError(f"train_step_worker exited ({self.proc.wait()}) before '{tag}'")
 
     def ask(self, cmd: str, tag: str) -> list[str]:
