@@ -11,7 +11,8 @@ times, inside each rank (median of ``ITERS`` steps, ranks in lock-step behind a 
 - ``tp2_sp``: the same with sequence parallelism (all-gather in, reduce-scatter out).
 
 ``tp2 - tp1_2ranks / 2`` is roughly the communication cost. The table is printed and stored
-in ``extra_info`` of the benchmark record.
+in ``extra_info`` of the benchmark record; gated (``benchmarks/gate.py``):
+``tensor_parallel.tp2_speedup`` (single-process time / tp2 time, higher is better).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import time
 
 import numpy as np
 import pytest
+
+from benchmarks.gate import gate_value
 
 B, S, H, F = 4, 256, 512, 2048
 ITERS, WARMUP = 10, 2
@@ -86,6 +89,7 @@ def test_column_row_mlp_fwd_bwd(benchmark):
     for name in ("tp1_2ranks", "tp2", "tp2_sp"):
         rows[name] = max(job.value(name, r) for r in range(2))  # the slower rank sets the pace
     benchmark.extra_info.update({k: round(v, 2) for k, v in rows.items()})
+    gate_value(benchmark, "tensor_parallel.tp2_speedup", rows["single process"] / rows["tp2"])
     print(f"\nColumn->Row MLP fwd+bwd, b={B} s={S} h={H} ffn={F}, fp32, median ms per step:")
     for name, ms_per_step in rows.items():
         print(f"  {name:<16} {ms_per_step:8.1f}")

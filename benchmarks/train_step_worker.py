@@ -3,7 +3,11 @@
 ``python benchmarks/train_step_worker.py CONFIG MODE``: builds the model of CONFIG and a
 ``TrainStep``, prints ``ready <tokens per step> <flops per token>``, then reads commands on
 stdin, one per line: ``step`` -> runs one optimizer step on fixed random tokens and prints
-``done <loss>``; ``stats`` -> prints ``rss <peak resident set size in bytes>``; ``gemm`` ->
+``done <loss>``; ``stats`` -> prints ``rss <peak resident set size in bytes>``; ``export DIR``
+-> writes the current weights (a Hugging Face directory), the batch and the optimizer settings
+for ``benchmarks/torch_twin.py`` and prints ``exported``; ``phases`` -> runs one step in its
+parts and prints ``phases <forward s> <forward+backward s> <update s>`` (the forward alone is
+a separate compiled graph, compiled untimed, then timed; backward = second - first); ``gemm`` ->
 prints ``gemm <FLOP/s of a 2048^2 fp32 numpy matmul> <same with MindSpore ops.matmul>`` (best
 of 10 each) measured in this process
 (same threads, same neighbours on a shared machine); ``quit``.
@@ -11,11 +15,44 @@ The execution mode is process-global, so each mode gets its own process.
 """
 from __future__ import annotations
 
+import json
 import resource
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def export(directory: str, model, batches, opt, lr: float) -> None:
+    """The inputs of ``benchmarks/torch_twin.py`` (see its docstring) in ``directory``."""
+    import numpy as np
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    (inputs, labels), = batches  # the twin runs one micro-batch per step
+    np.savez(out / "batch.npz", inputs=inputs, labels=labels)
+    (out / "bench.json").write_text(json.dumps({
+        "lr": lr, "beta1": opt.beta1, "beta2": opt.beta2, "eps": opt.eps,
+        "weight_decay": opt.weight_decay, "clip_grad": opt.clip_grad, "threads": None}))
+
+
+def phases(step, batches, lr: float) -> tuple[float, float, float]:
+    """Seconds of the forward alone, of forward + backward (``ForwardBackward``) and of the
+    update (``apply_update``) of one optimizer step (one micro-batch)."""
+    import mindspore as ms
+
+    (inputs, labels), = batches
+    x, y = ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32)
+    step.loss_cell(x, y).asnumpy()  # the forward alone is its own graph: compile it untimed
+    t0 = time.perf_counter()
+    step.loss_cell(x, y).asnumpy()
+    t1 = time.perf_counter()
+    loss = float(step.forward_backward(x, y, ms.Tensor(1.0, ms.float32)).asnumpy())
+    t2 = time.perf_counter()
+    step.apply_update(lr, loss)
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
 def main(config: str, mode: str) -> None:
@@ -47,6 +84,11 @@ def main(config: str, mode: str) -> None:
         if cmd == "step":
             loss, _ = step(batches, 1e-4)
             print(f"done {loss}", flush=True)
+        elif cmd.startswith("export "):
+            export(cmd.split(maxsplit=1)[1], model, batches, cfg.optimizer, lr=1e-4)
+            print("exported", flush=True)
+        elif cmd == "phases":
+            print("phases " + " ".join(f"{s:.6f}" for s in phases(step, batches, 1e-4)), flush=True)
         elif cmd == "stats":
             print(f"rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}", flush=True)
         elif cmd == "gemm":

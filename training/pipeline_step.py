@@ -53,6 +53,7 @@ from mcore.comm.collectives import all_reduce
 from mcore.distributed.finalize import grad_plans, sum_tied_grads
 from mcore.parallel_state import ParallelDims
 from mcore.pipeline_parallel.schedules import get_forward_backward_func
+from training.adamw import compile_update
 from training.optim import should_decay
 from training.packed_loss import dp_sum, kept_tokens, packed_denominator
 from training.step import TrainState, apply_compute_dtype, build_update, tp_split_names
@@ -99,7 +100,7 @@ class PipelineTrainStep(TrainState):
         decay = [should_decay(n, len(p.shape)) for n, p in self.named]
         self.plans = grad_plans(self.named, split, dims)
         self.update = build_update(self.params, self.acc, decay, self.plans, dims, opt_cfg)
-        self._jit_update = ms.jit(self.update)
+        self._jit_update = compile_update(self.update)
         self._init_moe(pipeline.chunk_models)
 
     def _init_moe(self, models) -> None:

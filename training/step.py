@@ -9,7 +9,8 @@ One optimizer step, for ``n`` micro-batches on each of ``D`` data-parallel ranks
    model(inputs, labels=labels)`` and ``acc += d(loss_k / n)/dw`` into fp32 buffers. With
    context parallelism (``dims.cp`` > 1) each micro-batch is first cut to this rank's ``s / cp``
    tokens and their positions (``training.context_parallel.cp_micro_batch``).
-2. ``AdamWUpdate`` (one compiled graph):
+2. ``AdamWUpdate`` (``training/adamw.py``: small compiled graphs, AdamW by MindSpore's fused
+   in-place kernel, which needs no per-parameter temporaries):
    - ``g, norm = GradFinalizer(acc)`` (``mcore.distributed.finalize``, driven by what each
      parameter carries): ``g = all_reduce_sum(acc, dp_cp) / D`` with ``D = dp x cp`` (the
      gradient of the mean loss over the global batch; expert parameters: summed over edp, ``/ D``); the global norm counts
@@ -58,8 +59,9 @@ import numpy as np
 from mindspore import Parameter, ParameterTuple, nn, ops
 
 from mcore.comm.collectives import all_reduce
-from mcore.distributed.finalize import GradFinalizer, grad_plans
+from mcore.distributed.finalize import grad_plans
 from mcore.parallel_state import ParallelDims
+from training.adamw import AdamWUpdate
 from training.logger import mtp_metrics
 from training.optim import should_decay
 from training.context_parallel import cp_micro_batch
@@ -177,61 +179,6 @@ class ForwardBackward(nn.Cell):
         for i in range(len(self.acc)):
             ops.assign_add(self.acc[i], grads[i] * scale)
         return loss
-
-
-class AdamWUpdate(nn.Cell):
-    """Finalise the accumulated gradients (``mcore.distributed.finalize.GradFinalizer``: dp /
-    edp mean, sequence-parallel sums, global norm), clip by global norm, AdamW, zero the buffers.
-
-    ``construct(lr, bc1, bc2, loss)``: ``bc1 = 1 - b1^t``, ``bc2 = 1 - b2^t`` (bias corrections),
-    ``loss``: this rank's loss (mean over its micro-batches). Returns ``(grad_norm, mean loss
-    over dp)`` as tensors. ``grad_norm`` is measured before clipping. Unless both are finite
-    (``update_applied``), weights and moments keep their values.
-
-    ``plans``: one ``GradPlan`` per parameter (``mcore.distributed.finalize.grad_plans``); a
-    tied embedding's sum over stages runs eagerly before (``sum_tied_grads``, pipeline only).
-    """
-
-    sharded = False  # whole moments (mcore.distributed's DistributedAdamW shards them)
-
-    def __init__(self, params, acc, decay: list[bool], plans: list, dims: ParallelDims, opt_cfg):
-        super().__init__()
-        self.params, self.acc = params, acc
-        self.m = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"adam_m.{p.name}")
-                                 for p in params])
-        self.v = ParameterTuple([Parameter(ops.zeros(p.shape, ms.float32), name=f"adam_v.{p.name}")
-                                 for p in params])
-        self.decay = tuple(decay)
-        self.finalize = GradFinalizer(plans, dims)
-        self.dp = dims.dp_cp  # the loss is averaged over dp x cp (dp when cp = 1)
-        self.b1, self.b2, self.eps = float(opt_cfg.beta1), float(opt_cfg.beta2), float(opt_cfg.eps)
-        self.wd, self.clip = float(opt_cfg.weight_decay), float(opt_cfg.clip_grad)
-
-    def construct(self, lr, bc1, bc2, loss):
-        n = len(self.params)
-        grads, norm = self.finalize(self.acc)
-        if self.dp.size > 1:
-            loss = all_reduce(loss, self.dp) / self.dp.size
-        coef = ops.ones((), ms.float32)
-        if self.clip > 0:
-            coef = ops.minimum(coef, self.clip / (norm + 1e-6))
-        ok = ops.logical_and(ops.isfinite(norm), ops.isfinite(loss))  # [] bool: update_applied
-        for i in range(n):
-            g = grads[i] * coef
-            m = self.b1 * self.m[i] + (1.0 - self.b1) * g
-            v = self.b2 * self.v[i] + (1.0 - self.b2) * g * g
-            w = self.params[i]
-            if self.decay[i]:
-                w = w - lr * self.wd * w
-            w = w - lr * (m / bc1) / (ops.sqrt(v / bc2) + self.eps)
-            m = ops.select(ok, m, self.m[i])  # a skipped step changes nothing
-            v = ops.select(ok, v, self.v[i])
-            w = ops.select(ok, w, self.params[i])
-            ops.assign(self.m[i], m)
-            ops.assign(self.v[i], v)
-            ops.assign(self.params[i], w)
-            ops.assign(self.acc[i], ops.zeros(g.shape, ms.float32))
-        return norm, loss
 
 
 def build_update(params, acc, decay: list[bool], plans: list, dims: ParallelDims, opt_cfg):
