@@ -13,6 +13,8 @@ msformers / HF per batch. The torch side runs in a subprocess (``hf_generate_wor
 the interpreter of ``$MSFORMERS_TORCH_PYTHON``, or this one when it can import torch and
 transformers; without either, the reference is skipped with a note. Greedy tokens of the two
 are compared (fraction equal; tiny fp32 differences may flip a near-tie late in a row).
+Gated (``benchmarks/gate.py``): ``decode.batch{b}_vs_hf`` = our new tok/s / HF's, per batch; the
+pytest-benchmark record itself times one more batch-1 call.
 
     MSFORMERS_TORCH_PYTHON=/path/to/torch/python \
         .venv/bin/python -m pytest benchmarks/bench_decode.py -s
@@ -35,6 +37,7 @@ ms = pytest.importorskip("mindspore")
 ms.set_device("CPU")
 
 import models  # noqa: E402
+from benchmarks.gate import gate_value  # noqa: E402
 from models.compiled_decode import decode_stats  # noqa: E402
 
 PROMPT, NEW, ROUNDS, BATCHES = 32, 64, 5, (1, 8)
@@ -87,7 +90,7 @@ def _time_ours(model, prompts) -> tuple:
     return tokens, time.perf_counter() - start
 
 
-def test_default_decode_vs_hf_generate(tmp_path):
+def test_default_decode_vs_hf_generate(benchmark, tmp_path):
     model = models.build_from_config(HF_CONFIG)
     model.save_pretrained(tmp_path / "hf")
     prompts = np.random.default_rng(0).integers(3, 32000, (max(BATCHES), PROMPT)).astype(np.int32)
@@ -120,5 +123,8 @@ def test_default_decode_vs_hf_generate(tmp_path):
             line += (f" | HF generate {theirs:.1f} new tok/s (median "
                      f"{b * NEW / statistics.median(theirs_s):.1f}) | x{mine / theirs:.2f} | "
                      f"tokens equal {same:.0%}")
+            gate_value(benchmark, f"decode.batch{b}_vs_hf", mine / theirs, "higher")
+        benchmark.extra_info[f"batch{b}_new_tok_s"] = mine
         print(line)
         assert all(len(row) == NEW for row in ours[b][-1][0])
+    benchmark.pedantic(_time_ours, args=(model, prompts[:1]), rounds=1, iterations=1)
