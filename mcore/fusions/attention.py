@@ -27,6 +27,8 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
+from mcore.fusions.registry import choice
+
 _NEG = -1.0e30
 
 
@@ -75,8 +77,9 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
 
 
 def fused_available() -> bool:
-    """True when the device has a fused flash-attention kernel (Ascend)."""
-    return ms.get_context("device_target") == "Ascend"
+    """True when the registry picks the device's fused flash-attention kernel (Ascend, unless
+    ``MSFORMERS_FUSIONS=composed``)."""
+    return choice("attention") == "device"
 
 
 class CoreAttention(nn.Cell):

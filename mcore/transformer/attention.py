@@ -32,7 +32,7 @@ from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
 from mcore.transformer.norm import mark_sequence_parallel
 from mcore.transformer.positions import alibi_slopes_for_rank
-from mcore.transformer.rotary import apply_rotary
+from mcore.transformer.rotary import ApplyRotary
 from mcore.transformer.spec import IdentityOp, build_module
 
 
@@ -68,6 +68,7 @@ class SelfAttention(nn.Cell):
         self.num_kv = config.num_query_groups // tp_group.size  # local key/value heads
         self.interleaved = config.rotary.interleaved
         self.use_rotary = config.position_embedding == "rope"
+        self.rotary = ApplyRotary(self.interleaved)
         d, h = config.head_dim, config.hidden_size
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * d
         sp = config.parallel.sequence_parallel
@@ -106,8 +107,8 @@ class SelfAttention(nn.Cell):
         k = ops.transpose(self.k_layernorm(k), (0, 2, 1, 3))  # [b, s, n_kv, d] -> [b, n_kv, s, d]
         v = ops.transpose(v, (0, 2, 1, 3))  # [b, s, n_kv, d] -> [b, n_kv, s, d]
         if self.use_rotary:
-            q = apply_rotary(q, cos, sin, self.interleaved)
-            k = apply_rotary(k, cos, sin, self.interleaved)
+            q = self.rotary(q, cos, sin)
+            k = self.rotary(k, cos, sin)
         offset = None
         if cache is not None:
             k, v, offset = cache.update(self.layer_number, k, v)  # -> [b, n_kv, t, d]
