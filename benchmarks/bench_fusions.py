@@ -24,6 +24,7 @@ ms.set_device("CPU")
 
 from mindspore import Tensor, nn, ops  # noqa: E402
 
+from mcore.fusions.attention import CoreAttention  # noqa: E402
 from mcore.fusions.registry import choice  # noqa: E402
 from mcore.transformer.mlp import silu  # noqa: E402
 from mcore.transformer.norm import RMSNorm  # noqa: E402
@@ -67,6 +68,8 @@ def _cases():
         "swiglu": (_swiglu_kernel(), ComposedSwiGLU(FFN), (t(B, S, 2 * FFN),), t(B, S, FFN)),
         "rotary_q": (ApplyRotary(fused=True), ApplyRotary(fused=False), (t(B, HEADS, S, D), cos, sin),
                      t(B, HEADS, S, D)),
+        "attention": (CoreAttention(HEADS, D ** -0.5), CoreAttention(HEADS, D ** -0.5, use_fused=False),
+                      (t(B, HEADS, S, D), t(B, KV, S, D), t(B, KV, S, D)), t(B, HEADS, S, D)),
     }
 
 
@@ -103,7 +106,7 @@ def _sync(grads):
         g.asnumpy()
 
 
-@pytest.mark.parametrize("name", ["rms_norm", "swiglu", "rotary_q"])
+@pytest.mark.parametrize("name", ["rms_norm", "swiglu", "rotary_q", "attention"])
 def test_fused_kernel(benchmark, name):
     if choice(name.split("_q")[0]) != "cpu_kernel":
         pytest.skip("no CPU kernel here (no compiler, or MSFORMERS_FUSIONS=composed)")

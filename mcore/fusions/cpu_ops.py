@@ -8,6 +8,8 @@ Callers check the dtype and use the composed op for anything but float32.
 - ``CpuSwiGLU()(y [..., 2f]) -> [..., f]``: ``silu(y[..., :f]) * y[..., f:]``
 - ``CpuRotary(interleaved)(x [b, n, s, d], cos, sin [b or 1, 1, s, r]) -> [b, n, s, d]``;
   cos and sin are treated as constants (their gradient is zero: they come from positions).
+- ``CpuCausalAttention(scale)(q [b, n, s, d], k, v [b, n_kv, t, d]) -> [b, n, s, d]``: causal,
+  queries aligned to the end of the keys, grouped kv heads; one score row per thread.
 
 Build them through ``mcore.fusions.registry``, which compiles the library and falls back to
 the composed ops when that fails.
@@ -23,12 +25,38 @@ def _custom(library: str, name: str, out_shape, out_dtype, bprop=None):
                       func_type="aot", bprop=bprop)
 
 
+# Output shape / dtype functions of the kernels (named functions: MindSpore's parser cannot
+# read lambdas inside a multi-line call). Shapes are lists, dtypes MindSpore types.
 def _same(shape, *rest):
     return shape
 
 
 def _same_dtype(dtype, *rest):
     return dtype
+
+
+def _second_two(skip, first, second, *rest):
+    return first, second
+
+
+def _first_and_rows(first, *rest):
+    return first, first[:-1]  # [..., h] and [...]
+
+
+def _twice(first, *rest):
+    return first, first
+
+
+def _second_three(skip, first, second, third, *rest):
+    return first, second, third
+
+
+def _half_last(shape):
+    return shape[:-1] + [shape[-1] // 2]  # [..., 2f] -> [..., f]
+
+
+def _second(skip, second, *rest):
+    return second
 
 
 class CpuRMSNorm(nn.Cell):
@@ -38,15 +66,13 @@ class CpuRMSNorm(nn.Cell):
     def __init__(self, library: str, eps: float):
         super().__init__()
         self.eps = Tensor([eps], ms.float32)
-        backward = _custom(library, "RmsNormBwd",
-                           lambda dy, x, w, r: (x, w), lambda dy, x, w, r: (x, w))
+        backward = _custom(library, "RmsNormBwd", _second_two, _second_two)
 
         def bprop(x, w, eps, out, dout):
             dx, dw = backward(dout[0], x, w, out[1])
             return dx, dw, ops.zeros_like(eps)
 
-        self.forward = _custom(library, "RmsNormFwd",
-                               lambda x, w, e: (x, x[:-1]), lambda x, w, e: (x, x), bprop)
+        self.forward = _custom(library, "RmsNormFwd", _first_and_rows, _twice, bprop)
 
     def construct(self, x, weight):
         return self.forward(x, weight, self.eps)[0]
@@ -57,13 +83,12 @@ class CpuSwiGLU(nn.Cell):
 
     def __init__(self, library: str):
         super().__init__()
-        backward = _custom(library, "SwiGLUBwd", lambda d, y: y, lambda d, y: y)
+        backward = _custom(library, "SwiGLUBwd", _second, _second)
 
         def bprop(y, out, dout):
             return (backward(dout, y),)
 
-        self.forward = _custom(library, "SwiGLUFwd", lambda y: y[:-1] + [y[-1] // 2],
-                               _same_dtype, bprop)
+        self.forward = _custom(library, "SwiGLUFwd", _half_last, _same_dtype, bprop)
 
     def construct(self, y):
         return self.forward(y)
@@ -84,3 +109,23 @@ class CpuRotary(nn.Cell):
 
     def construct(self, x, cos, sin):
         return self.forward(x, cos, sin)
+
+
+class CpuCausalAttention(nn.Cell):
+    """Causal attention with the queries aligned to the end of the keys (``blocked_attention``
+    without masks): ``q [b, n, s, d], k / v [b, n_kv, t, d] -> [b, n, s, d]``, ``s <= t``,
+    ``n % n_kv == 0``. Keeps the log-sum-exp ``[b, n, s]`` for the backward, never ``[s, t]``."""
+
+    def __init__(self, library: str, scale: float):
+        super().__init__()
+        self.scale = Tensor([scale], ms.float32)
+        backward = _custom(library, "AttnCausalBwd", _second_three, _second_three)
+
+        def bprop(q, k, v, scale, out, dout):
+            dq, dk, dv = backward(dout[0], q, k, v, out[0], out[1], scale)
+            return dq, dk, dv, ops.zeros_like(scale)
+
+        self.forward = _custom(library, "AttnCausalFwd", _first_and_rows, _twice, bprop)
+
+    def construct(self, q, k, v):
+        return self.forward(q, k, v, self.scale)[0]

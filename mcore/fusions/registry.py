@@ -18,7 +18,7 @@ for that layer only. The ops (their ``composed`` entry is the reference the laye
 | rms_norm | ``RMSNorm`` math in ``mcore.transformer.norm`` | ``CpuRMSNorm`` | ``ops.rms_norm`` |
 | swiglu | ``silu(gate) * up`` in ``mcore.transformer.mlp`` | ``CpuSwiGLU`` | ``ops.swiglu`` |
 | rotary | ``apply_rotary`` in ``mcore.transformer.rotary`` | ``CpuRotary`` | composed |
-| attention | ``blocked_attention`` (``fusions/attention.py``) | composed | ``flash_attention_score`` |
+| attention | ``blocked_attention`` (``fusions/attention.py``) | ``CpuCausalAttention`` | ``flash_attention_score`` |
 
 Fused kernels cover float32 inputs on CPU; layers call the composed op for other dtypes.
 """
@@ -73,7 +73,7 @@ REGISTRY = {op.name: op for op in (
             cpu_builder=cpu_ops.CpuSwiGLU, device_builders={"Ascend": _AscendSwiGLU}),
     FusedOp("rotary", "mcore.transformer.rotary.apply_rotary", cpu_builder=cpu_ops.CpuRotary),
     FusedOp("attention", "mcore.fusions.attention.blocked_attention",
-            device_builders={"Ascend": None}),  # CoreAttention calls flash_attention_score itself
+            cpu_builder=cpu_ops.CpuCausalAttention, device_builders={"Ascend": None}),  # CoreAttention calls flash_attention_score itself
 )}
 
 
@@ -115,7 +115,8 @@ def fused_cell(name: str, fused: bool | None = None, **kwargs) -> nn.Cell | None
 
     ``fused``: None = decide from the device and ``$MSFORMERS_FUSIONS``; False = composed;
     True = as None, but an error when no fused implementation is available here.
-    ``kwargs`` go to the builder (``eps`` for rms_norm, ``interleaved`` for rotary).
+    ``kwargs`` go to the builder (``eps`` for rms_norm, ``interleaved`` for rotary, ``scale`` for
+    attention).
     """
     if name not in REGISTRY:
         raise KeyError(f"unknown fused op {name!r}; registered: {sorted(REGISTRY)}")

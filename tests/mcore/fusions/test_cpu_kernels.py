@@ -13,13 +13,14 @@ ms.set_device("CPU")
 
 from mindspore import Tensor, nn, ops  # noqa: E402
 
+from mcore.fusions.attention import CoreAttention  # noqa: E402
 from mcore.fusions.registry import choice, fused_cell  # noqa: E402
 from mcore.transformer.mlp import silu  # noqa: E402
 from mcore.transformer.norm import RMSNorm  # noqa: E402
 from mcore.transformer.rotary import apply_rotary  # noqa: E402
 from tests.ms_helpers import compiler  # noqa: E402
 
-SETTINGS = settings(max_examples=12, deadline=None)
+SETTINGS = settings(max_examples=8, deadline=None)
 
 
 class ComposedRMSNorm(nn.Cell):
@@ -81,8 +82,7 @@ def tensor(rng, *shape, scale=1.0):
 
 
 def test_kernels_are_built_on_cpu():
-    assert {choice(n) for n in ("rms_norm", "swiglu", "rotary")} == {"cpu_kernel"}
-    assert choice("attention") == "composed"
+    assert {choice(n) for n in ("rms_norm", "swiglu", "rotary", "attention")} == {"cpu_kernel"}
 
 
 @SETTINGS
@@ -116,6 +116,48 @@ def test_rotary(b, n, s, half, extra, cos_batch, interleaved, seed):
                  inputs, wrt=1)
 
 
+def attention_reference(q, k, v, scale, probe):
+    """numpy float64: causal GQA attention (queries at the end of the keys) and the gradients
+    of ``sum(out * probe)`` w.r.t. q, k, v."""
+    b, n, s, d = q.shape
+    n_kv, t = k.shape[1], k.shape[2]
+    kr = np.repeat(k, n // n_kv, axis=1)  # [b, n_kv, t, d] -> [b, n, t, d]
+    vr = np.repeat(v, n // n_kv, axis=1)
+    scores = np.einsum("bnsd,bntd->bnst", q, kr) * scale
+    hidden = np.arange(t)[None, :] > np.arange(s)[:, None] + (t - s)  # [s, t]
+    scores = np.where(hidden, -np.inf, scores)
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    out = p @ vr
+    dp = probe @ np.swapaxes(vr, -1, -2)  # [b, n, s, t]
+    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
+    dq = ds @ kr * scale
+    dk = (np.swapaxes(ds, -1, -2) @ q * scale).reshape(b, n_kv, n // n_kv, t, d).sum(2)
+    dv = (np.swapaxes(p, -1, -2) @ probe).reshape(b, n_kv, n // n_kv, t, d).sum(2)
+    return out, [dq, dk, dv]
+
+
+@SETTINGS
+@given(b=st.integers(1, 2), n_kv=st.integers(1, 3), group=st.integers(1, 3), s=st.integers(1, 19),
+       cached=st.integers(0, 6), d=st.integers(1, 17), seed=st.integers(0, 99))
+def test_causal_attention(b, n_kv, group, s, cached, d, seed):
+    """Keys = ``cached`` earlier positions + the ``s`` queries' own. Reference: numpy (the
+    composed ``blocked_attention`` is compared under jit below; its PyNative backward fails on
+    some shapes with size-1 dims, a MindSpore matmul-broadcast issue)."""
+    rng = np.random.default_rng(seed)
+    n, t = n_kv * group, s + cached
+    arrays = [rng.standard_normal(shape).astype(np.float32)
+              for shape in ((b, n, s, d), (b, n_kv, t, d), (b, n_kv, t, d), (b, n, s, d))]
+    kernel = CoreAttention(n, d ** -0.5)
+    assert kernel.use_kernel
+    out, grads = forward_and_grads(kernel, [Tensor(a) for a in arrays[:3]], Tensor(arrays[3]))
+    out_ref, grads_ref = attention_reference(*[a.astype(np.float64) for a in arrays[:3]],
+                                             d ** -0.5, arrays[3].astype(np.float64))
+    np.testing.assert_allclose(out, out_ref, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads, grads_ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_rotary_non_contiguous_input():
     rng = np.random.default_rng(3)
     x = ops.swapaxes(tensor(rng, 2, 7, 3, 10), 1, 2)  # [b, s, n, d] -> [b, n, s, d] (a view)
@@ -123,16 +165,20 @@ def test_rotary_non_contiguous_input():
     assert_agree(fused_cell("rotary", True), ComposedRotary(False), (x, cos, sin), wrt=1)
 
 
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_kernels_under_jit(interleaved):
+def test_kernels_under_jit():
     rng = np.random.default_rng(1)
     assert_agree(fused_cell("rms_norm", True, eps=1e-5), ComposedRMSNorm(1e-5),
                  (tensor(rng, 3, 5, 37), tensor(rng, 37)), mode="jit")
     assert_agree(fused_cell("swiglu", True), ComposedSwiGLU(), (tensor(rng, 3, 5, 2 * 23),),
                  mode="jit")
-    assert_agree(fused_cell("rotary", True, interleaved=interleaved), ComposedRotary(interleaved),
-                 (tensor(rng, 2, 3, 7, 12), tensor(rng, 2, 1, 7, 8), tensor(rng, 2, 1, 7, 8)),
-                 mode="jit", wrt=1)
+    for interleaved in (False, True):
+        assert_agree(fused_cell("rotary", True, interleaved=interleaved),
+                     ComposedRotary(interleaved),
+                     (tensor(rng, 2, 3, 7, 12), tensor(rng, 2, 1, 7, 8), tensor(rng, 2, 1, 7, 8)),
+                     mode="jit", wrt=1)
+    assert_agree(CoreAttention(6, 0.3), CoreAttention(6, 0.3, block_size=4, use_fused=False),
+                 (tensor(rng, 2, 6, 9, 5), tensor(rng, 2, 3, 11, 5), tensor(rng, 2, 3, 11, 5)),
+                 mode="jit")
 
 
 @pytest.mark.parametrize("dtype", [ms.float16, ms.bfloat16])
