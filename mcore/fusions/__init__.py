@@ -1,2 +1,3 @@
-"""Fused kernels behind one dispatch: the device's fused op where it has one, a composed
-implementation elsewhere (``attention.py``: core attention)."""
+"""Fused kernels behind one registry (``registry.py``): each op has a composed reference and a
+per-device choice made when a layer is built; ``attention.py`` is core attention,
+``cpu_build.py`` / ``cpu_ops.py`` / ``csrc/`` the C++ CPU kernels. See docs/fusions.md."""

@@ -4,6 +4,9 @@
 
 - the device's fused flash-attention kernel (``ops.flash_attention_score``, Ascend only), used
   for causal prefill without a padding mask (``s == t``); and
+- on CPU, the C++ kernel of the ``mcore.fusions`` registry (op "attention") for float32 causal
+  attention without ``key_mask``, ``q_offset`` or ALiBi (training and prefill; the kernel keeps
+  one score row per thread, never ``[s, t]``); and
 - ``blocked_attention``, a composed implementation that runs everywhere. It handles grouped
   key/value heads without copying them (queries are viewed as ``[b, g_kv, heads_per_group, s, d]``)
   and walks the queries in blocks of ``block_size`` rows, so at most one
@@ -26,6 +29,8 @@ from __future__ import annotations
 
 import mindspore as ms
 from mindspore import Tensor, nn, ops
+
+from mcore.fusions.registry import choice, fused_cell
 
 _NEG = -1.0e30
 
@@ -75,14 +80,16 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
 
 
 def fused_available() -> bool:
-    """True when the device has a fused flash-attention kernel (Ascend)."""
-    return ms.get_context("device_target") == "Ascend"
+    """True when the registry picks the device's fused flash-attention kernel (Ascend, unless
+    ``MSFORMERS_FUSIONS=composed``)."""
+    return choice("attention") == "device"
 
 
 class CoreAttention(nn.Cell):
     """Dispatching core attention; see the module docstring for the contract.
 
-    ``use_fused``: None = decide from the device now (fused only on Ascend).
+    ``use_fused``: None = decide from the device now (Ascend: flash attention; CPU: the C++
+    kernel, see the module docstring); False = always ``blocked_attention``.
     ``alibi_slopes``: None, or the ALiBi slopes of this rank's ``num_heads`` heads
     (``mcore.transformer.positions.alibi_slopes_for_rank``); ``num_kv_heads`` (needed with
     them) groups the heads as the composed path does.
@@ -104,6 +111,12 @@ class CoreAttention(nn.Cell):
                 1, num_kv_heads, num_heads // num_kv_heads, 1, 1)
             use_fused = False
         self.use_fused = fused_available() if use_fused is None else bool(use_fused)
+        kernel = None
+        if choice("attention") == "cpu_kernel" and self.alibi is None and use_fused is not False:
+            kernel = fused_cell("attention", scale=self.scale)
+        self.use_kernel = kernel is not None
+        if self.use_kernel:
+            self.kernel = kernel
         if self.use_fused:
             # sparse_mode 3 (right-down causal) takes a compressed [2048, 2048] upper mask.
             causal = ops.triu(ops.ones((2048, 2048), ms.uint8), 1)
@@ -114,5 +127,8 @@ class CoreAttention(nn.Cell):
             return ops.flash_attention_score(q, k, v, self.num_heads, attn_mask=self.fused_mask,
                                              scalar_value=self.scale, input_layout="BNSD",
                                              sparse_mode=3)
+        if (self.use_kernel and key_mask is None and q_offset is None and q.dtype == ms.float32
+                and q.shape[2] <= k.shape[2] and v.shape[3] == q.shape[3]):
+            return self.kernel(q, k, v)
         return blocked_attention(q, k, v, self.scale, key_mask, self.block_size, q_offset,
                                  self.alibi)

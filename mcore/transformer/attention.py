@@ -40,7 +40,7 @@ from mcore.transformer.config import TransformerConfig
 from mcore.transformer.context_parallel import CPAttention
 from mcore.transformer.norm import mark_sequence_parallel
 from mcore.transformer.positions import alibi_slopes_for_rank
-from mcore.transformer.rotary import apply_rotary
+from mcore.transformer.rotary import ApplyRotary
 from mcore.transformer.spec import IdentityOp, build_module
 
 
@@ -80,6 +80,7 @@ class SelfAttention(nn.Cell):
         self.num_kv = config.num_query_groups // tp_group.size  # local key/value heads
         self.interleaved = config.rotary.interleaved
         self.use_rotary = config.position_embedding == "rope"
+        self.rotary = ApplyRotary(self.interleaved)
         d, h = config.head_dim, config.hidden_size
         qkv_size = (config.num_attention_heads + 2 * config.num_query_groups) * d
         sp = config.parallel.sequence_parallel
@@ -122,8 +123,8 @@ class SelfAttention(nn.Cell):
         k = ops.transpose(self.k_layernorm(k), (0, 2, 1, 3))  # [b, s, n_kv, d] -> [b, n_kv, s, d]
         v = ops.transpose(v, (0, 2, 1, 3))  # [b, s, n_kv, d] -> [b, n_kv, s, d]
         if self.use_rotary:
-            q = apply_rotary(q, cos, sin, self.interleaved)
-            k = apply_rotary(k, cos, sin, self.interleaved)
+            q = self.rotary(q, cos, sin)
+            k = self.rotary(k, cos, sin)
         if self.cp_group.size > 1:  # s = this rank's s_global / cp tokens
             if cache is not None or key_mask is not None:
                 raise ValueError("SelfAttention: context parallelism (groups.cp) trains on whole "

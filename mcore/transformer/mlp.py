@@ -6,13 +6,18 @@ Gated: ``linear_fc1`` projects ``h -> 2 f`` and its local weight on rank r is ``
 ``linear_fc1`` is column-parallel, ``linear_fc2`` row-parallel over ``groups.tp``
 (``ModelGroups``; None = single process); parameters in ``config.params_dtype``.
 ``[b, s, h] -> [b, s, h]``.
+
+Gated float32 activations go through the fused "swiglu" op of ``mcore.fusions`` when the
+registry has one for the device (``fused``: None = the registry decides, False = composed).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mindspore as ms
 from mindspore import nn, ops
 
+from mcore.fusions.registry import fused_cell
 from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
 from mcore.transformer.spec import build_module
@@ -34,7 +39,7 @@ class MLP(nn.Cell):
 
     def __init__(self, config: TransformerConfig, submodules: MLPSubmodules,
                  groups: ModelGroups | None = None, ffn_hidden_size: int | None = None,
-                 layer_number: int = 0):
+                 layer_number: int = 0, fused: bool | None = None):
         super().__init__()
         tp_group = (groups or ModelGroups()).tp
         ffn = ffn_hidden_size or config.ffn_hidden_size
@@ -54,6 +59,10 @@ class MLP(nn.Cell):
                                        input_is_parallel=True, sequence_parallel=sp,
                                        name=f"layers.{layer_number}.linear_fc2",
                                        params_dtype=config.params_dtype)
+        kernel = fused_cell("swiglu", fused) if self.gated else None
+        self.use_kernel = kernel is not None
+        if self.use_kernel:
+            self.swiglu = kernel
 
     def _act(self, x):
         if self.activation == "gelu":
@@ -66,7 +75,9 @@ class MLP(nn.Cell):
 
     def construct(self, x):
         y = self.linear_fc1(x)  # [b, s, h] -> [b, s, 2f/tp] (gated) or [b, s, f/tp]
-        if self.gated:
+        if self.use_kernel and y.dtype == ms.float32:
+            y = self.swiglu(y)  # [b, s, 2f/tp] -> [b, s, f/tp]
+        elif self.gated:
             gate, up = ops.split(y, self.local_ffn, -1)  # [b, s, 2f/tp] -> 2 x [b, s, f/tp]
             y = silu(gate) * up
         else:

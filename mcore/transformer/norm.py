@@ -5,6 +5,10 @@ config-derived superset) and map ``[..., h] -> [..., h]``. Parameter names follo
 ``weight`` (and ``bias`` for LayerNorm) under the attribute path of a parent Cell. A standalone
 norm names them ``<name>.weight`` / ``<name>.bias``: give two standalone norms different
 ``name``s to optimize them together (MindSpore needs unique parameter names).
+
+RMSNorm takes the fused kernel of ``mcore.fusions`` (op "rms_norm") when the registry has one
+for the device and both the input and the weight are float32 (``fused``: None = the registry
+decides, False = always the composed math below).
 """
 from __future__ import annotations
 
@@ -12,17 +16,25 @@ import mindspore as ms
 from mindspore import Parameter, nn, ops
 from mindspore.common.initializer import initializer
 
+from mcore.fusions.registry import fused_cell
+
 
 class RMSNorm(nn.Cell):
     """``y = x / sqrt(mean(x^2) + eps) * weight`` (statistics in fp32, output in x's dtype)."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, dtype=ms.float32,
-                 name: str = "rmsnorm", **unused):
+                 name: str = "rmsnorm", fused: bool | None = None, **unused):
         super().__init__()
         self.eps = float(eps)
         self.weight = Parameter(initializer("ones", (hidden_size,), dtype), name=f"{name}.weight")
+        kernel = fused_cell("rms_norm", fused, eps=self.eps) if dtype == ms.float32 else None
+        self.use_kernel = kernel is not None
+        if self.use_kernel:
+            self.kernel = kernel
 
     def construct(self, x):
+        if self.use_kernel and x.dtype == ms.float32:
+            return self.kernel(x, self.weight)
         if x.dtype == ms.float32:
             return self.weight * (x * ops.rsqrt(ops.mean(x * x, -1, True) + self.eps))
         x32 = x.astype(ms.float32)

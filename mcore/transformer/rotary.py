@@ -14,6 +14,9 @@ and the cos/sin multiplier ("attention factor") for the configured scaling:
 
 Layouts: "half-split" rotates pairs ``(i, i + r/2)`` (Llama, Qwen); "interleaved" rotates
 pairs ``(2i, 2i + 1)`` (GLM). Partial rotary rotates the first ``rotary_dim`` dims of each head.
+
+``apply_rotary`` is the composed reference; ``ApplyRotary`` (a Cell, built once per layer) uses
+the fused "rotary" op of ``mcore.fusions`` for float32 inputs when the device has one.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import mindspore as ms
 import numpy as np
 from mindspore import Tensor, nn, ops
 
+from mcore.fusions.registry import fused_cell
 from mcore.transformer.config import RotaryConfig
 
 
@@ -128,3 +132,24 @@ def apply_rotary(x, cos, sin, interleaved: bool = False):
     if x_pass is None:
         return out
     return ops.cat((out, x_pass), -1)
+
+
+class ApplyRotary(nn.Cell):
+    """``apply_rotary`` as a Cell: ``(x [b, n, s, d], cos, sin [b or 1, 1, s, r]) -> [b, n, s, d]``.
+
+    ``fused``: None = the registry decides (float32 inputs only), False = composed. The fused
+    op treats cos and sin as constants (zero gradient), as positions are.
+    """
+
+    def __init__(self, interleaved: bool = False, fused: bool | None = None):
+        super().__init__()
+        self.interleaved = bool(interleaved)
+        kernel = fused_cell("rotary", fused, interleaved=self.interleaved)
+        self.use_kernel = kernel is not None
+        if self.use_kernel:
+            self.kernel = kernel
+
+    def construct(self, x, cos, sin):
+        if self.use_kernel and x.dtype == ms.float32 and cos.dtype == ms.float32:
+            return self.kernel(x, cos, sin)
+        return apply_rotary(x, cos, sin, self.interleaved)

@@ -1,0 +1,99 @@
+"""Build the C++ CPU kernels of ``csrc/`` once per machine and return the shared library path.
+
+``build_cpu_kernels()`` compiles ``csrc/cpu_kernels.cc`` with the machine's C++ compiler
+(``$CXX``, else ``g++``) at first use. Flags: ``-O3 -march=native -fopenmp -ffast-math`` when
+the compiler accepts them (fast-math lets exp vectorise; the kernels never rely on inf or NaN),
+else ``-O3`` alone (a compiler without OpenMP still builds a serial library).
+
+Cache: ``$MSFORMERS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/msformers/kernels``, else
+``~/.cache/msformers/kernels`` (never the repository). The file name carries a hash of the
+source, the compiler's version line and the flags, so a changed source or compiler builds
+anew. Several processes (msrun ranks) may build at the same moment: each compiles into its own
+temporary file in the cache directory and ``os.replace``-s it onto the final name, an atomic
+rename, so a reader sees either no library or a complete one.
+
+Failure (no compiler, a compile error, an unwritable cache) raises ``KernelBuildError`` with
+the command and the compiler's message; ``mcore.fusions.registry`` turns it into the composed
+fallback. One build per process: the result is memoised.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cc"
+FAST_FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
+PLAIN_FLAGS = ("-O3",)
+
+
+class KernelBuildError(RuntimeError):
+    """The CPU kernels could not be compiled (message: command and compiler output)."""
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept (see the module docstring)."""
+    explicit = os.environ.get("MSFORMERS_KERNEL_CACHE")
+    if explicit:
+        return Path(explicit)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "msformers" / "kernels"
+
+
+def compiler() -> str:
+    """The compiler executable (``$CXX`` or ``g++``); KernelBuildError when it is missing."""
+    name = os.environ.get("CXX", "g++")
+    path = shutil.which(name)
+    if path is None:
+        raise KernelBuildError(f"no C++ compiler: {name!r} is not on PATH (set CXX or install "
+                               "g++; the composed ops are used meanwhile)")
+    return path
+
+
+def _version(cxx: str) -> str:
+    out = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.splitlines()[0] if out.stdout else cxx
+
+
+def _compile(cxx: str, flags: tuple[str, ...], target: Path) -> None:
+    """Compile SOURCE into ``target`` through a temporary file and an atomic rename."""
+    fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    cmd = [cxx, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
+        if out.returncode != 0:
+            raise KernelBuildError(f"{' '.join(cmd)} failed:\n{out.stderr.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.lru_cache(maxsize=None)
+def build_cpu_kernels() -> str:
+    """Path of the compiled kernel library (built now if the cache has none)."""
+    cxx = compiler()
+    source = SOURCE.read_bytes()
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KernelBuildError(f"kernel cache {directory} is not writable: {exc}") from exc
+    version = _version(cxx)
+    errors = []
+    for flags in (FAST_FLAGS, PLAIN_FLAGS):
+        key = hashlib.sha256(source + "\0".join((version, *flags)).encode()).hexdigest()[:16]
+        target = directory / f"cpu_kernels_{key}.so"
+        if target.exists():
+            return str(target)
+        try:
+            _compile(cxx, flags, target)
+            return str(target)
+        except (KernelBuildError, subprocess.TimeoutExpired) as exc:
+            errors.append(str(exc))
+    raise KernelBuildError("\n".join(errors))

@@ -1,0 +1,131 @@
+"""MindSpore Cells around the C++ CPU kernels (``csrc/cpu_kernels.cc``), float32 only.
+
+Each Cell calls an ``ops.Custom(func_type="aot")`` forward whose ``bprop`` calls the matching
+backward kernel, so they differentiate in PyNative, under ``mindspore.jit`` and in GRAPH_MODE.
+Callers check the dtype and use the composed op for anything but float32.
+
+- ``CpuRMSNorm(eps)(x [..., h], weight [h]) -> [..., h]``
+- ``CpuSwiGLU()(y [..., 2f]) -> [..., f]``: ``silu(y[..., :f]) * y[..., f:]``
+- ``CpuRotary(interleaved)(x [b, n, s, d], cos, sin [b or 1, 1, s, r]) -> [b, n, s, d]``;
+  cos and sin are treated as constants (their gradient is zero: they come from positions).
+- ``CpuCausalAttention(scale)(q [b, n, s, d], k, v [b, n_kv, t, d]) -> [b, n, s, d]``: causal,
+  queries aligned to the end of the keys, grouped kv heads; one score row per thread.
+
+Build them through ``mcore.fusions.registry``, which compiles the library and falls back to
+the composed ops when that fails.
+"""
+from __future__ import annotations
+
+import mindspore as ms
+from mindspore import Tensor, nn, ops
+
+
+def _custom(library: str, name: str, out_shape, out_dtype, bprop=None):
+    return ops.Custom(f"{library}:{name}", out_shape=out_shape, out_dtype=out_dtype,
+                      func_type="aot", bprop=bprop)
+
+
+# Output shape / dtype functions of the kernels (named functions: MindSpore's parser cannot
+# read lambdas inside a multi-line call). Shapes are lists, dtypes MindSpore types.
+def _same(shape, *rest):
+    return shape
+
+
+def _same_dtype(dtype, *rest):
+    return dtype
+
+
+def _second_two(skip, first, second, *rest):
+    return first, second
+
+
+def _first_and_rows(first, *rest):
+    return first, first[:-1]  # [..., h] and [...]
+
+
+def _twice(first, *rest):
+    return first, first
+
+
+def _second_three(skip, first, second, third, *rest):
+    return first, second, third
+
+
+def _half_last(shape):
+    return shape[:-1] + [shape[-1] // 2]  # [..., 2f] -> [..., f]
+
+
+def _second(skip, second, *rest):
+    return second
+
+
+class CpuRMSNorm(nn.Cell):
+    """``weight * x / sqrt(mean(x^2, -1) + eps)`` with the rstd of the forward kept for the
+    backward (one pass over x each way)."""
+
+    def __init__(self, library: str, eps: float):
+        super().__init__()
+        self.eps = Tensor([eps], ms.float32)
+        backward = _custom(library, "RmsNormBwd", _second_two, _second_two)
+
+        def bprop(x, w, eps, out, dout):
+            dx, dw = backward(dout[0], x, w, out[1])
+            return dx, dw, ops.zeros_like(eps)
+
+        self.forward = _custom(library, "RmsNormFwd", _first_and_rows, _twice, bprop)
+
+    def construct(self, x, weight):
+        return self.forward(x, weight, self.eps)[0]
+
+
+class CpuSwiGLU(nn.Cell):
+    """``[gate | up] [..., 2f] -> silu(gate) * up [..., f]``."""
+
+    def __init__(self, library: str):
+        super().__init__()
+        backward = _custom(library, "SwiGLUBwd", _second, _second)
+
+        def bprop(y, out, dout):
+            return (backward(dout, y),)
+
+        self.forward = _custom(library, "SwiGLUFwd", _half_last, _same_dtype, bprop)
+
+    def construct(self, y):
+        return self.forward(y)
+
+
+class CpuRotary(nn.Cell):
+    """Rotate the first ``r`` dims of each head; the rest pass through (``apply_rotary``)."""
+
+    def __init__(self, library: str, interleaved: bool = False):
+        super().__init__()
+        kind = "Interleaved" if interleaved else "Half"
+        backward = _custom(library, f"Rope{kind}Bwd", _same, _same_dtype)
+
+        def bprop(x, cos, sin, out, dout):
+            return backward(dout, cos, sin), ops.zeros_like(cos), ops.zeros_like(sin)
+
+        self.forward = _custom(library, f"Rope{kind}Fwd", _same, _same_dtype, bprop)
+
+    def construct(self, x, cos, sin):
+        return self.forward(x, cos, sin)
+
+
+class CpuCausalAttention(nn.Cell):
+    """Causal attention with the queries aligned to the end of the keys (``blocked_attention``
+    without masks): ``q [b, n, s, d], k / v [b, n_kv, t, d] -> [b, n, s, d]``, ``s <= t``,
+    ``n % n_kv == 0``. Keeps the log-sum-exp ``[b, n, s]`` for the backward, never ``[s, t]``."""
+
+    def __init__(self, library: str, scale: float):
+        super().__init__()
+        self.scale = Tensor([scale], ms.float32)
+        backward = _custom(library, "AttnCausalBwd", _second_three, _second_three)
+
+        def bprop(q, k, v, scale, out, dout):
+            dq, dk, dv = backward(dout[0], q, k, v, out[0], out[1], scale)
+            return dq, dk, dv, ops.zeros_like(scale)
+
+        self.forward = _custom(library, "AttnCausalFwd", _first_and_rows, _twice, bprop)
+
+    def construct(self, q, k, v):
+        return self.forward(q, k, v, self.scale)[0]

@@ -1,0 +1,135 @@
+"""The registry of fused ops: for each, a composed reference and per-device fused builders.
+
+One rule: every fused op has a composed reference that runs on every device and a test that the
+two agree forward and backward (``tests/mcore/fusions``). The choice is made when a layer is
+built (``fused_cell``), never per call:
+
+- CPU: the C++ kernel of ``csrc/`` (compiled at first use, ``cpu_build``) when the compiler is
+  there and the build succeeds; else the composed op (a warning says why, once per process).
+- Ascend: the device's own fused op where the registry lists one (``device_builders``).
+- Anything else: the composed op.
+
+Switch (debugging): ``MSFORMERS_FUSIONS=composed`` forces the composed op everywhere;
+``MSFORMERS_FUSIONS=auto`` (the default) chooses as above; ``fused=False`` on a layer forces it
+for that layer only. The ops (their ``composed`` entry is the reference the layers use):
+
+| name | composed | CPU kernel | Ascend |
+|---|---|---|---|
+| rms_norm | ``RMSNorm`` math in ``mcore.transformer.norm`` | ``CpuRMSNorm`` | ``ops.rms_norm`` |
+| swiglu | ``silu(gate) * up`` in ``mcore.transformer.mlp`` | ``CpuSwiGLU`` | ``ops.swiglu`` |
+| rotary | ``apply_rotary`` in ``mcore.transformer.rotary`` | ``CpuRotary`` | composed |
+| attention | ``blocked_attention`` (``fusions/attention.py``) | ``CpuCausalAttention`` | ``flash_attention_score`` |
+
+Fused kernels cover float32 inputs on CPU; layers call the composed op for other dtypes.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import mindspore as ms
+from mindspore import nn, ops
+
+from mcore.fusions import cpu_ops
+from mcore.fusions.cpu_build import KernelBuildError, build_cpu_kernels
+
+ENV = "MSFORMERS_FUSIONS"
+MODES = ("auto", "composed")
+
+
+@dataclass(frozen=True)
+class FusedOp:
+    """One registry entry. ``cpu_builder(library, **kwargs)`` and each
+    ``device_builders[device](**kwargs)`` return a Cell computing the same function as the
+    composed reference (documented in the module docstring table)."""
+
+    name: str
+    reference: str
+    cpu_builder: Callable | None = None
+    device_builders: dict = field(default_factory=dict)
+
+
+class _AscendRMSNorm(nn.Cell):
+    def __init__(self, eps: float):
+        super().__init__()
+        self.eps = float(eps)
+
+    def construct(self, x, weight):
+        return ops.rms_norm(x, weight, self.eps)[0]
+
+
+class _AscendSwiGLU(nn.Cell):
+    def construct(self, y):
+        return ops.swiglu(y, -1)
+
+
+REGISTRY = {op.name: op for op in (
+    FusedOp("rms_norm", "mcore.transformer.norm.RMSNorm",
+            cpu_builder=cpu_ops.CpuRMSNorm, device_builders={"Ascend": _AscendRMSNorm}),
+    FusedOp("swiglu", "mcore.transformer.mlp.silu(gate) * up",
+            cpu_builder=cpu_ops.CpuSwiGLU, device_builders={"Ascend": _AscendSwiGLU}),
+    FusedOp("rotary", "mcore.transformer.rotary.apply_rotary", cpu_builder=cpu_ops.CpuRotary),
+    FusedOp("attention", "mcore.fusions.attention.blocked_attention",
+            cpu_builder=cpu_ops.CpuCausalAttention, device_builders={"Ascend": None}),  # CoreAttention calls flash_attention_score itself
+)}
+
+
+def fusions_mode() -> str:
+    """``$MSFORMERS_FUSIONS`` (default "auto"); ValueError naming the variable when unknown."""
+    mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV}={mode!r}: expected one of {MODES}")
+    return mode
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_library() -> str | None:
+    """The compiled CPU kernel library, or None (with one warning) when it cannot be built."""
+    try:
+        return build_cpu_kernels()
+    except KernelBuildError as exc:
+        warnings.warn(f"mcore.fusions: CPU kernels unavailable, using composed ops: {exc}",
+                      RuntimeWarning, stacklevel=2)
+        return None
+
+
+def choice(name: str, device: str | None = None) -> str:
+    """What ``fused_cell(name)`` builds on ``device`` (default: the current target):
+    "cpu_kernel", "device" or "composed"."""
+    op = REGISTRY[name]
+    device = device or ms.get_context("device_target")
+    if fusions_mode() == "composed":
+        return "composed"
+    if device == "CPU" and op.cpu_builder is not None and cpu_library() is not None:
+        return "cpu_kernel"
+    if device in op.device_builders:
+        return "device"
+    return "composed"
+
+
+def fused_cell(name: str, fused: bool | None = None, **kwargs) -> nn.Cell | None:
+    """The fused Cell for op ``name`` on this device, or None: use the composed reference.
+
+    ``fused``: None = decide from the device and ``$MSFORMERS_FUSIONS``; False = composed;
+    True = as None, but an error when no fused implementation is available here.
+    ``kwargs`` go to the builder (``eps`` for rms_norm, ``interleaved`` for rotary, ``scale`` for
+    attention).
+    """
+    if name not in REGISTRY:
+        raise KeyError(f"unknown fused op {name!r}; registered: {sorted(REGISTRY)}")
+    if fused is False:
+        return None
+    how = choice(name)
+    if how == "composed":
+        if fused:
+            raise RuntimeError(f"fused op {name!r}: no fused implementation on "
+                               f"{ms.get_context('device_target')} ({ENV}={fusions_mode()})")
+        return None
+    op = REGISTRY[name]
+    if how == "cpu_kernel":
+        return op.cpu_builder(cpu_library(), **kwargs)
+    builder = op.device_builders[ms.get_context("device_target")]
+    return None if builder is None else builder(**kwargs)

@@ -1,0 +1,91 @@
+"""The fusions registry: the per-device choice, the composed switch, the fallback when the
+kernels cannot be built, and the kernel cache under concurrent first use."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import mindspore as ms  # noqa: E402
+ms.set_device("CPU")
+
+from mcore.fusions import cpu_build, registry  # noqa: E402
+from mcore.fusions.attention import CoreAttention  # noqa: E402
+from mcore.transformer.norm import RMSNorm  # noqa: E402
+from tests.multirank import REPO_ROOT  # noqa: E402
+
+
+@pytest.fixture
+def fresh_build():
+    """Forget the memoised library before and after (the test changes the environment)."""
+    cpu_build.build_cpu_kernels.cache_clear()
+    registry.cpu_library.cache_clear()
+    yield
+    cpu_build.build_cpu_kernels.cache_clear()
+    registry.cpu_library.cache_clear()
+
+
+def test_every_op_has_a_reference():
+    assert set(registry.REGISTRY) == {"rms_norm", "swiglu", "rotary", "attention"}
+    for op in registry.REGISTRY.values():
+        assert op.reference and (op.cpu_builder or op.device_builders)
+
+
+def test_forced_composed(monkeypatch):
+    monkeypatch.setenv(registry.ENV, "composed")
+    assert {registry.choice(n) for n in registry.REGISTRY} == {"composed"}
+    assert registry.choice("attention", device="Ascend") == "composed"
+    assert registry.fused_cell("rms_norm", eps=1e-6) is None
+    assert not RMSNorm(8).use_kernel
+    assert not CoreAttention(2, 0.5).use_fused
+    with pytest.raises(RuntimeError, match="rms_norm"):
+        registry.fused_cell("rms_norm", True, eps=1e-6)
+
+
+def test_device_choice(monkeypatch):
+    monkeypatch.setenv(registry.ENV, "auto")
+    assert registry.choice("attention", device="Ascend") == "device"
+    assert registry.choice("rms_norm", device="Ascend") == "device"
+    assert registry.choice("rotary", device="GPU") == "composed"
+    assert registry.choice("rms_norm") == "cpu_kernel"
+    assert RMSNorm(8).use_kernel and not RMSNorm(8, fused=False).use_kernel
+    assert not RMSNorm(8, dtype=ms.float16).use_kernel
+
+
+def test_bad_switch_names_the_variable(monkeypatch):
+    monkeypatch.setenv(registry.ENV, "fast")
+    with pytest.raises(ValueError, match=registry.ENV):
+        registry.choice("rms_norm")
+    with pytest.raises(KeyError, match="unknown fused op"):
+        registry.fused_cell("gelu")
+
+
+@pytest.mark.parametrize("cxx", ["no-such-compiler-xyz", "false"])
+def test_no_compiler_falls_back_to_composed(cxx, fresh_build, monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", cxx)
+    monkeypatch.setenv("MSFORMERS_KERNEL_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(cpu_build.KernelBuildError, match="no C\\+\\+ compiler" if "xyz" in cxx
+                       else "failed"):
+        cpu_build.build_cpu_kernels()
+    with pytest.warns(RuntimeWarning, match="using composed ops"):
+        assert registry.choice("rms_norm") == "composed"
+    norm, reference = RMSNorm(8, name="a"), RMSNorm(8, fused=False, name="b")
+    assert not norm.use_kernel
+    x = ms.Tensor(np.random.default_rng(0).standard_normal((2, 8)).astype(np.float32))
+    np.testing.assert_array_equal(norm(x).asnumpy(), reference(x).asnumpy())
+
+
+def test_concurrent_first_build(tmp_path):
+    """Three processes build into one empty cache at once: one library, no temporary left."""
+    env = {**os.environ, "MSFORMERS_KERNEL_CACHE": str(tmp_path)}
+    code = ("import sys; sys.path.insert(0, %r); from mcore.fusions.cpu_build import "
+            "build_cpu_kernels; print(build_cpu_kernels())" % str(REPO_ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env=env) for _ in range(3)]
+    paths = {p.communicate(timeout=300)[0].strip() for p in procs}
+    assert all(p.returncode == 0 for p in procs)
+    assert len(paths) == 1 and os.path.dirname(paths.pop()) == str(tmp_path)
+    assert [f.suffix for f in tmp_path.iterdir()] == [".so"]
