@@ -1,8 +1,9 @@
 """Build the C++ CPU kernels of ``csrc/`` once per machine and return the shared library path.
 
 ``build_cpu_kernels()`` compiles ``csrc/cpu_kernels.cc`` with the machine's C++ compiler
-(``$CXX``, else ``g++``) at first use. Flags: ``-O3 -march=native -fopenmp -ffast-math`` when
-the compiler accepts them (fast-math lets exp vectorise; the kernels never rely on inf or NaN),
+(``$CXX``, else ``g++``) at first use. Flags: ``-O3 -march=native -fopenmp -fno-math-errno`` when
+the compiler accepts them (never ``-ffast-math``: loading such a library switches the process to
+flush-to-zero for subnormals, and it drops the inf / NaN that non-finite-step detection needs),
 else ``-O3`` alone (a compiler without OpenMP still builds a serial library).
 
 Cache: ``$MSFORMERS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/msformers/kernels``, else
@@ -27,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cc"
-FAST_FLAGS = ("-O3", "-march=native", "-fopenmp", "-ffast-math")
+FAST_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 PLAIN_FLAGS = ("-O3",)
 
 

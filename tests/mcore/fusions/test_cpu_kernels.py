@@ -23,6 +23,12 @@ from tests.ms_helpers import compiler  # noqa: E402
 SETTINGS = settings(max_examples=8, deadline=None)
 
 
+@pytest.fixture(autouse=True)
+def _kernels_on(monkeypatch):
+    """The CPU kernels are opt-in (``MSFORMERS_FUSIONS=kernels``); every check here uses them."""
+    monkeypatch.setenv("MSFORMERS_FUSIONS", "kernels")
+
+
 class ComposedRMSNorm(nn.Cell):
     def __init__(self, eps):
         super().__init__()

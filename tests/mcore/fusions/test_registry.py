@@ -50,6 +50,10 @@ def test_device_choice(monkeypatch):
     assert registry.choice("attention", device="Ascend") == "device"
     assert registry.choice("rms_norm", device="Ascend") == "device"
     assert registry.choice("rotary", device="GPU") == "composed"
+    assert registry.choice("rms_norm") == "composed"  # CPU kernels are opt-in
+    assert not RMSNorm(8).use_kernel
+    monkeypatch.setenv(registry.ENV, "kernels")
+    assert registry.choice("attention", device="Ascend") == "device"
     assert registry.choice("rms_norm") == "cpu_kernel"
     assert RMSNorm(8).use_kernel and not RMSNorm(8, fused=False).use_kernel
     assert not RMSNorm(8, dtype=ms.float16).use_kernel
@@ -65,6 +69,7 @@ def test_bad_switch_names_the_variable(monkeypatch):
 
 @pytest.mark.parametrize("cxx", ["no-such-compiler-xyz", "false"])
 def test_no_compiler_falls_back_to_composed(cxx, fresh_build, monkeypatch, tmp_path):
+    monkeypatch.setenv(registry.ENV, "kernels")
     monkeypatch.setenv("CXX", cxx)
     monkeypatch.setenv("MSFORMERS_KERNEL_CACHE", str(tmp_path / "cache"))
     with pytest.raises(cpu_build.KernelBuildError, match="no C\\+\\+ compiler" if "xyz" in cxx

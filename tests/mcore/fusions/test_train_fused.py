@@ -1,5 +1,5 @@
-"""A tiny Llama trains to the same losses with the CPU kernels on and forced off
-(``MSFORMERS_FUSIONS=composed``), in graph mode (the training default; PyNative and jit are
+"""A tiny Llama trains to the same losses with the CPU kernels on (``MSFORMERS_FUSIONS=kernels``)
+and forced off (``MSFORMERS_FUSIONS=composed``), in graph mode (the training default; PyNative and jit are
 covered op by op in test_cpu_kernels.py)."""
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def check_train_same_loss(mode: str) -> None:
     ms.set_device("CPU")
     set_mode(mode)
     cfg = load_config(None, TINY)
-    start, fused, n_fused = _train(cfg, None, "auto", 4)
+    start, fused, n_fused = _train(cfg, None, "kernels", 4)
     _, composed, n_composed = _train(cfg, start, "composed", 4)
     # 2 layers: 2 x (2 norms + rotary + attention + swiglu) + final norm
     assert (n_fused, n_composed) == (11, 0), (n_fused, n_composed)
