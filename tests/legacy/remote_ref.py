@@ -122,3 +122,14 @@ def check_family(tmp_path, config: dict, tensors: dict, forward, seed: int = 0, 
     for name, lazy in saved.items():
         np.testing.assert_array_equal(lazy.load(), tensors[name], err_msg=name)
     return model
+
+
+class InMemoryTensor:
+    """An array with the ``shape`` / ``load()`` interface of ``models.safetensors_io.LazyTensor``,
+    for calling the weight-table functions (``models.weights.to_local``) without a file."""
+
+    def __init__(self, value: np.ndarray):
+        self.value, self.shape = value, value.shape
+
+    def load(self) -> np.ndarray:
+        return self.value

@@ -12,8 +12,8 @@ import mindspore as ms  # noqa: E402
 ms.set_device("CPU")
 
 from legacy import internlm2  # noqa: E402
-from tests.legacy.remote_ref import (causal_attention, check_family, rand, rmsnorm,  # noqa: E402
-                                     rope, swiglu)
+from tests.legacy.remote_ref import (InMemoryTensor, causal_attention, check_family,  # noqa: E402
+                                     rand, rmsnorm, rope, swiglu)
 
 V, H, N, G, F, L = 128, 64, 4, 2, 96, 2
 D = H // N
@@ -83,14 +83,6 @@ def test_rope_scaling_mapping():
         internlm2.config_from_hf(config(False, {"type": "yarn", "factor": 2.0}))
 
 
-class _Lazy:
-    def __init__(self, value):
-        self.value, self.shape = value, value.shape
-
-    def load(self):
-        return self.value
-
-
 @pytest.mark.parametrize("tp", [1, 2])
 def test_grouped_wqkv_splits_by_head_on_each_tp_rank_and_round_trips(tp):
     from models.weights import to_hf, to_local
@@ -99,8 +91,8 @@ def test_grouped_wqkv_splits_by_head_on_each_tp_rank_and_round_trips(tp):
     table = {k: v for k, v in internlm2.weight_table(cfg, False).items() if "linear_qkv" in k}
     wqkv = np.random.default_rng(0).standard_normal(((N + 2 * G) * D, H)).astype(np.float32)
     bias = np.arange((N + 2 * G) * D, dtype=np.float32)
-    hf = {"model.layers.0.attention.wqkv.weight": _Lazy(wqkv),
-          "model.layers.0.attention.wqkv.bias": _Lazy(bias)}
+    hf = {"model.layers.0.attention.wqkv.weight": InMemoryTensor(wqkv),
+          "model.layers.0.attention.wqkv.bias": InMemoryTensor(bias)}
     name = "decoder.layers.0.self_attention.linear_qkv."
     shapes = {name + "weight": ((N + 2 * G) * D // tp, H), name + "bias": ((N + 2 * G) * D // tp,)}
     dims = dict.fromkeys(shapes, 0)

@@ -19,6 +19,7 @@ from mcore.transformer.positions import alibi_slopes, alibi_slopes_for_rank  # n
 from models.hf import FAMILIES, build_from_config, family_of, register_family  # noqa: E402
 from models.weights import Piece, to_hf, to_local  # noqa: E402
 from tests.fresh_process import run_python  # noqa: E402
+from tests.legacy.remote_ref import InMemoryTensor  # noqa: E402
 
 
 def test_models_does_not_import_legacy_and_finds_it_by_model_type():
@@ -118,14 +119,6 @@ def test_gpt2_rejects_what_it_does_not_implement():
         build_from_config({**hf, "activation_function": "swish"})
 
 
-class _Lazy:
-    def __init__(self, value):
-        self.value, self.shape = value, value.shape
-
-    def load(self):
-        return self.value
-
-
 @pytest.mark.parametrize("tp", [1, 2])
 def test_transposed_and_row_range_pieces_round_trip(tp):
     rng = np.random.default_rng(1)
@@ -133,7 +126,7 @@ def test_transposed_and_row_range_pieces_round_trip(tp):
     fused = rng.standard_normal((8, 4)).astype(np.float32)  # Linear [q (4); kv (4)]
     table = {"qkv": tuple(Piece("conv", 2, count=3, index=j, transposed=True) for j in range(3)),
              "q": (Piece("fused", 4, offset=0),), "kv": (Piece("fused", 4, offset=4),)}
-    hf = {"conv": _Lazy(conv), "fused": _Lazy(fused)}
+    hf = {"conv": InMemoryTensor(conv), "fused": InMemoryTensor(fused)}
     dims = {"qkv": 0, "q": 0, "kv": None}
     shapes = {"qkv": (6 // tp, 4), "q": (4 // tp, 4), "kv": (4, 4)}
     ranks = [to_local(table, hf, shapes, dims, tp, r) for r in range(tp)]
