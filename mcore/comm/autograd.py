@@ -26,6 +26,7 @@ import types
 from mindspore import nn, ops
 
 from mcore.comm.collectives import _check_divisible, all_gather, all_reduce, all_to_all, narrow
+from mcore.comm.collectives import all_to_all_from_gathered
 from mcore.comm.collectives import reduce_scatter
 from mcore.parallel_state import ProcessGroup
 
@@ -52,20 +53,13 @@ def all_to_all_bwd(x, group: ProcessGroup, split_dim: int = 0, concat_dim: int =
         return ops.AlltoAll(group.size, split_dim % x.ndim, concat_dim % x.ndim,
                             group=group.comm_name)(x)
     split_dim, concat_dim = split_dim % x.ndim, concat_dim % x.ndim
-    chunk = x.shape[split_dim] // group.size
     one = ops.expand_dims(x, 0)  # [1, *x.shape]
     zeros = ops.zeros(one.shape, one.dtype)
     parts = []
     for i in range(group.size):
         parts.append(one if i == group.rank else zeros)
     gathered = all_reduce_bwd(ops.cat(parts, axis=0), group)  # [P_src, *x.shape]
-    mine = narrow(gathered, split_dim + 1, group.rank * chunk, chunk)  # [P_src, *chunk_shape]
-    # [P_src, ..., c_k, ...] -> [..., P_src, c_k, ...] -> [..., P_src * c_k, ...]
-    moved = ops.moveaxis(mine, 0, concat_dim)
-    shape = list(x.shape)
-    shape[split_dim] = chunk
-    shape[concat_dim] = shape[concat_dim] * group.size
-    return moved.reshape(tuple(shape))
+    return all_to_all_from_gathered(gathered, x.shape, group, split_dim, concat_dim)
 
 
 all_gather_bwd = backward_copy(all_gather)

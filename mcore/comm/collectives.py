@@ -108,19 +108,28 @@ def all_to_all(x, group: ProcessGroup, split_dim: int = 0, concat_dim: int = 0):
     received from ranks 0..P-1 are concatenated along ``concat_dim``."""
     if group.size == 1:
         return x
-    chunk = _check_divisible(x, group, split_dim, "all_to_all")
+    _check_divisible(x, group, split_dim, "all_to_all")
     if group.native:
         return ops.AlltoAll(group.size, split_dim % x.ndim, concat_dim % x.ndim,
                             group=group.comm_name)(x)
     split_dim, concat_dim = split_dim % x.ndim, concat_dim % x.ndim
     gathered = all_gather(ops.expand_dims(x, 0), group, dim=0)  # [P_src, *x.shape]
+    return all_to_all_from_gathered(gathered, x.shape, group, split_dim, concat_dim)
+
+
+def all_to_all_from_gathered(gathered, shape, group: ProcessGroup, split_dim: int,
+                             concat_dim: int):
+    """The composed ``all_to_all``'s result from ``gathered [P_src, *shape]`` (every rank's
+    input, stacked): this rank's chunk of each source, concatenated along ``concat_dim``.
+    ``split_dim`` / ``concat_dim`` are non-negative."""
+    chunk = shape[split_dim] // group.size
     mine = narrow(gathered, split_dim + 1, group.rank * chunk, chunk)  # [P_src, *chunk_shape]
     # [P_src, ..., c_k, ...] -> [..., P_src, c_k, ...] -> [..., P_src * c_k, ...]
     moved = ops.moveaxis(mine, 0, concat_dim)
-    shape = list(x.shape)
-    shape[split_dim] = chunk
-    shape[concat_dim] = shape[concat_dim] * group.size
-    return moved.reshape(tuple(shape))
+    out = list(shape)
+    out[split_dim] = chunk
+    out[concat_dim] = out[concat_dim] * group.size
+    return moved.reshape(tuple(out))
 
 
 def all_to_all_uneven(x, group: ProcessGroup, send_counts: list[int],
