@@ -36,8 +36,11 @@ _NEG = -1.0e30
 
 
 def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 1024,
-                      q_offset=None, alibi=None):
+                      q_offset=None, alibi=None, causal: bool = True):
     """q ``[b, n, s, d]``, k / v ``[b, n_kv, t, d]`` (n divisible by n_kv) -> ``[b, n, s, d]``.
+
+    ``causal=False``: every query sees every key (bidirectional encoders, cross-attention);
+    ``key_mask`` then only hides padding and other segments, and ``q_offset`` is ignored.
 
     ``q_offset``: position of query 0 among the keys (int or int32 scalar Tensor); None =
     ``t - s`` (queries are the last s keys). ``alibi``: None or the ALiBi slopes of the ``n``
@@ -62,7 +65,8 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
         scores = scores * scale
         q_pos = ops.arange(start, stop, 1, dtype=ms.int32).reshape(stop - start, 1)
         q_pos = q_pos + (t - s if q_offset is None else q_offset)  # [c, 1] absolute positions
-        keep = k_pos <= q_pos  # [c, t]
+        # [c, t]; bidirectional: every key, as a broadcastable all-true mask
+        keep = k_pos <= q_pos if causal else ops.ones((1, t), ms.bool_)
         if alibi is not None:
             distance = (k_pos - q_pos).astype(ms.float32)  # [c, t], <= 0 where kept
             scores = scores + alibi * distance  # [1, n_kv, g, 1, 1] * [c, t]
@@ -93,12 +97,18 @@ class CoreAttention(nn.Cell):
     ``alibi_slopes``: None, or the ALiBi slopes of this rank's ``num_heads`` heads
     (``mcore.transformer.positions.alibi_slopes_for_rank``); ``num_kv_heads`` (needed with
     them) groups the heads as the composed path does.
+    ``causal=False``: bidirectional attention (always the composed path); see
+    ``blocked_attention``.
     """
 
     def __init__(self, num_heads: int, scale: float, block_size: int = 1024,
-                 use_fused: bool | None = None, alibi_slopes=None, num_kv_heads: int = 1):
+                 use_fused: bool | None = None, alibi_slopes=None, num_kv_heads: int = 1,
+                 causal: bool = True):
         super().__init__()
         self.num_heads = num_heads
+        self.causal = bool(causal)
+        if not self.causal:
+            use_fused = False
         self.scale = float(scale)
         self.block_size = int(block_size)
         self.alibi = None
@@ -131,4 +141,4 @@ class CoreAttention(nn.Cell):
                 and q.shape[2] <= k.shape[2] and v.shape[3] == q.shape[3]):
             return self.kernel(q, k, v)
         return blocked_attention(q, k, v, self.scale, key_mask, self.block_size, q_offset,
-                                 self.alibi)
+                                 self.alibi, self.causal)

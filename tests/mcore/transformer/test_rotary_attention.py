@@ -68,13 +68,15 @@ def test_yarn_interpolates_low_frequencies_and_scales_attention():
     np.testing.assert_allclose(scaled[-1], plain[-1] / 4, rtol=1e-5)  # slowest: interpolated
 
 
-def attention_ref(q, k, v, scale, key_mask=None):
+def attention_ref(q, k, v, scale, key_mask=None, causal=True):
     b, n, s, d = q.shape
     n_kv, t = k.shape[1], k.shape[2]
     k = np.repeat(k, n // n_kv, 1)
     v = np.repeat(v, n // n_kv, 1)
     scores = q @ k.transpose(0, 1, 3, 2) * scale  # [b, n, s, t]
     allowed = np.arange(t)[None, :] <= np.arange(s)[:, None] + t - s
+    if not causal:
+        allowed = np.ones_like(allowed)
     allowed = np.broadcast_to(allowed, scores.shape).copy()
     if key_mask is not None:
         allowed &= key_mask[:, None, None, :] > 0
@@ -96,6 +98,21 @@ def test_blocked_attention_matches_reference(n, n_kv, block):
     got = blocked_attention(ms.Tensor(q), ms.Tensor(k), ms.Tensor(v), 0.3, ms.Tensor(mask),
                             block).asnumpy()
     np.testing.assert_allclose(got, attention_ref(q, k, v, 0.3, mask), atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv", [4, 2])
+def test_bidirectional_attention_sees_every_unmasked_key(n_kv):
+    r = rng(40 + n_kv)
+    q = r.standard_normal((2, 4, 6, 8)).astype(np.float32)
+    k = r.standard_normal((2, n_kv, 6, 8)).astype(np.float32)
+    v = r.standard_normal((2, n_kv, 6, 8)).astype(np.float32)
+    mask = np.ones((2, 6), np.int32)
+    mask[0, 4:] = 0  # right padding in row 0 (an encoder batch)
+    attn = CoreAttention(num_heads=4, scale=0.3, block_size=4, num_kv_heads=n_kv, causal=False)
+    got = ms.jit(attn)(ms.Tensor(q), ms.Tensor(k), ms.Tensor(v), ms.Tensor(mask)).asnumpy()
+    np.testing.assert_allclose(got, attention_ref(q, k, v, 0.3, mask, causal=False), atol=1e-5)
+    causal = attention_ref(q, k, v, 0.3, mask)
+    assert np.abs(got - causal).max() > 1e-2  # the first queries now see later keys
 
 
 def test_core_attention_composed_on_cpu_and_under_jit():
