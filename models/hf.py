@@ -118,6 +118,13 @@ def build_from_config(hf: dict, tp_group: ProcessGroup | None = None,
     family = family_of(hf)
     cfg = family.config_from_hf(hf)
     tie = bool(hf.get("tie_word_embeddings", family.TIE_DEFAULT))
+    if hasattr(family, "build_model"):  # not a decoder-only GPTModel (encoders, encoder-decoders)
+        if stage is not None and stage != StageSpec.full(cfg.num_layers):
+            raise ValueError(f"model_type {hf.get('model_type')!r}: no pipeline stages "
+                             f"(the model is built whole)")
+        model = family.build_model(hf, cfg, tie=tie, groups=groups)
+        model.hf = HFInfo(family, dict(hf), tie)
+        return model
     stage = stage or StageSpec.full(cfg.num_layers)
     model = GPTModel(cfg, family.layer_spec(cfg), vocab_size_of(hf, family), tie_embeddings=tie,
                      groups=groups, pre_process=stage.pre_process,
@@ -228,7 +235,10 @@ def check_names(model: GPTModel, tensors: dict, path: Path, strict: bool = True)
 
 
 def _stage_holds(model: GPTModel, name: str) -> bool:
-    """Whether a parameter of the full model belongs to ``model``'s pipeline stage."""
+    """Whether a parameter of the full model belongs to ``model``'s pipeline stage (a model a
+    family's ``build_model`` made, which has no ``layer_range``, holds every parameter)."""
+    if not hasattr(model, "layer_range"):
+        return True
     if name.startswith("decoder.layers."):
         return int(name.split(".")[2]) in model.layer_range
     if name.startswith(("position_embedding.", "embedding_norm.")):
