@@ -46,6 +46,21 @@ class ComposedSwiGLU(nn.Cell):
         return silu(gate) * up
 
 
+class AddNorm(nn.Cell):
+    """``s + RMSNorm(s)`` with ``s = x + r`` through ``RMSNorm.add_and_norm`` (both outputs reach
+    the probe): fused = the add_rms_norm kernel, else the composed add and norm."""
+
+    def __init__(self, fused: bool):
+        super().__init__()
+        self.norm = RMSNorm(H, 1e-5, fused=fused, name="fused" if fused else "plain")
+        if fused and not self.norm.fuse_residual_add():
+            raise RuntimeError("no add_rms_norm kernel here")
+
+    def construct(self, x, r):
+        s, y = self.norm.add_and_norm(x, r)
+        return s + y
+
+
 def _grad_step(cell: nn.Cell, n_inputs: int):
     """A compiled ``inputs -> grads of sum(cell(*inputs) * probe)`` over all inputs."""
     positions = tuple(range(n_inputs))
@@ -67,6 +82,7 @@ def _cases():
     return {
         "rms_norm": (RMSNorm(H, 1e-5, fused=True, name="k"), RMSNorm(H, 1e-5, fused=False, name="r"),
                      (t(B, S, H),), t(B, S, H)),
+        "add_rms_norm": (AddNorm(True), AddNorm(False), (t(B, S, H), t(B, S, H)), t(B, S, H)),
         "swiglu": (fused_cell("swiglu", True), ComposedSwiGLU(FFN), (t(B, S, 2 * FFN),), t(B, S, FFN)),
         "rotary_q": (ApplyRotary(fused=True), ApplyRotary(fused=False), (t(B, HEADS, S, D), cos, sin),
                      t(B, HEADS, S, D)),
@@ -103,7 +119,7 @@ def _sync(grads):
         g.asnumpy()
 
 
-@pytest.mark.parametrize("name", ["rms_norm", "swiglu", "rotary_q", "attention"])
+@pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "swiglu", "rotary_q", "attention"])
 def test_fused_kernel(benchmark, name):
     if choice({"rotary_q": "rotary"}.get(name, name)) != "cpu_kernel":
         pytest.skip("no CPU kernel here: set MSFORMERS_FUSIONS=kernels (and have a C++ compiler)")
@@ -118,5 +134,5 @@ def test_fused_kernel(benchmark, name):
     # a gated metric (benchmarks/gate.py's record format): lower is better
     benchmark.extra_info.setdefault("gate", {})[f"fusions.{name}"] = {"value": ratio,
                                                                       "better": "lower"}
-    print(f"\n{name:>9} fwd+bwd: kernel {kernel_s * 1e3:7.2f} ms | composed {reference_s * 1e3:7.2f} ms"
+    print(f"\n{name:>12} fwd+bwd: kernel {kernel_s * 1e3:7.2f} ms | composed {reference_s * 1e3:7.2f} ms"
           f" | ratio {ratio:.2f}")

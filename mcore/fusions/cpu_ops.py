@@ -5,6 +5,8 @@ backward kernel, so they differentiate in PyNative, under ``mindspore.jit`` and 
 Callers check the dtype and use the composed op for anything but float32.
 
 - ``CpuRMSNorm(eps)(x [..., h], weight [h]) -> [..., h]``
+- ``CpuAddRMSNorm(eps)(x [..., h], residual [..., h], weight [h]) -> (s, RMSNorm(s))`` with
+  ``s = x + residual`` (the residual add before a decoder layer's pre-MLP norm)
 - ``CpuSwiGLU()(y [..., 2f]) -> [..., f]``: ``silu(y[..., :f]) * y[..., f:]``
 - ``CpuRotary(interleaved)(x [b, n, s, d], cos, sin [b or 1, 1, s, r]) -> [b, n, s, d]``;
   cos and sin are treated as constants (their gradient is zero: they come from positions).
@@ -47,6 +49,18 @@ def _twice(first, *rest):
     return first, first
 
 
+def _sum_norm_rows(first, *rest):
+    return first, first, first[:-1]  # s, y [..., h] and rstd [...]
+
+
+def _thrice(first, *rest):
+    return first, first, first
+
+
+def _first_and_fourth(first, second, third, fourth, *rest):
+    return first, fourth
+
+
 def _second_three(skip, first, second, third, *rest):
     return first, second, third
 
@@ -76,6 +90,26 @@ class CpuRMSNorm(nn.Cell):
 
     def construct(self, x, weight):
         return self.forward(x, weight, self.eps)[0]
+
+
+class CpuAddRMSNorm(nn.Cell):
+    """``s = x + residual; (s, weight * s / sqrt(mean(s^2, -1) + eps))`` in one pass; the
+    backward gives both addends the same gradient ``ds + RMSNorm'(dy)``."""
+
+    def __init__(self, library: str, eps: float):
+        super().__init__()
+        self.eps = Tensor([eps], ms.float32)
+        backward = _custom(library, "AddRmsNormBwd", _first_and_fourth, _first_and_fourth)
+
+        def bprop(x, residual, w, eps, out, dout):
+            ds, dw = backward(dout[0], dout[1], out[0], w, out[2])
+            return ds, ds, dw, ops.zeros_like(eps)
+
+        self.forward = _custom(library, "AddRmsNormFwd", _sum_norm_rows, _thrice, bprop)
+
+    def construct(self, x, residual, weight):
+        out = self.forward(x, residual, weight, self.eps)
+        return out[0], out[1]
 
 
 class CpuSwiGLU(nn.Cell):

@@ -15,12 +15,13 @@ built (``fused_cell``), never per call:
 
 Switch: ``MSFORMERS_FUSIONS=composed`` forces the composed op everywhere;
 ``MSFORMERS_FUSIONS=auto`` (the default) chooses as above; ``MSFORMERS_FUSIONS=kernels`` adds the
-CPU kernels; ``fused=False`` on a layer forces it
-for that layer only. The ops (their ``composed`` entry is the reference the layers use):
+CPU kernels, ``kernels:rms_norm,swiglu`` those of the listed ops only (the others composed);
+``fused=False`` on a layer forces it for that layer only. The ops (their ``composed`` entry is the reference the layers use):
 
 | name | composed | CPU kernel | Ascend |
 |---|---|---|---|
 | rms_norm | ``RMSNorm`` math in ``mcore.transformer.norm`` | ``CpuRMSNorm`` | ``ops.rms_norm`` |
+| add_rms_norm | ``x + r`` then ``RMSNorm`` (``RMSNorm.add_and_norm``) | ``CpuAddRMSNorm`` | composed |
 | swiglu | ``silu(gate) * up`` in ``mcore.transformer.mlp`` | ``CpuSwiGLU`` | ``ops.swiglu`` |
 | rotary | ``apply_rotary`` in ``mcore.transformer.rotary`` | ``CpuRotary`` | composed |
 | attention | ``blocked_attention`` (``fusions/attention.py``) | ``CpuCausalAttention`` | ``flash_attention_score`` |
@@ -74,6 +75,8 @@ class _AscendSwiGLU(nn.Cell):
 REGISTRY = {op.name: op for op in (
     FusedOp("rms_norm", "mcore.transformer.norm.RMSNorm",
             cpu_builder=cpu_ops.CpuRMSNorm, device_builders={"Ascend": _AscendRMSNorm}),
+    FusedOp("add_rms_norm", "mcore.transformer.norm.RMSNorm.add_and_norm",
+            cpu_builder=cpu_ops.CpuAddRMSNorm),
     FusedOp("swiglu", "mcore.transformer.mlp.silu(gate) * up",
             cpu_builder=cpu_ops.CpuSwiGLU, device_builders={"Ascend": _AscendSwiGLU}),
     FusedOp("rotary", "mcore.transformer.rotary.apply_rotary", cpu_builder=cpu_ops.CpuRotary),
@@ -82,12 +85,28 @@ REGISTRY = {op.name: op for op in (
 )}
 
 
+def _parse_switch() -> tuple[str, frozenset | None]:
+    """``(mode, ops)`` from ``$MSFORMERS_FUSIONS``: ``kernels:rms_norm,swiglu`` is mode
+    "kernels" for the listed ops only (``ops`` None: every op). ValueError naming the variable
+    for an unknown mode or op."""
+    raw = os.environ.get(ENV, "auto").strip().lower() or "auto"
+    mode, _, listed = raw.partition(":")
+    if mode not in MODES or (listed and mode != "kernels"):
+        raise ValueError(f"{ENV}={raw!r}: expected one of {MODES} or 'kernels:<op>,<op>'")
+    if not listed:
+        return mode, None
+    ops_ = frozenset(n.strip() for n in listed.split(",") if n.strip())
+    unknown = sorted(ops_ - set(REGISTRY))
+    if unknown:
+        raise ValueError(f"{ENV}={raw!r}: unknown fused op(s) {unknown}; "
+                         f"registered: {sorted(REGISTRY)}")
+    return mode, ops_
+
+
 def fusions_mode() -> str:
-    """``$MSFORMERS_FUSIONS`` (default "auto"); ValueError naming the variable when unknown."""
-    mode = os.environ.get(ENV, "auto").strip().lower() or "auto"
-    if mode not in MODES:
-        raise ValueError(f"{ENV}={mode!r}: expected one of {MODES}")
-    return mode
+    """The mode of ``$MSFORMERS_FUSIONS`` (default "auto"); ValueError naming the variable when
+    unknown."""
+    return _parse_switch()[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -106,11 +125,11 @@ def choice(name: str, device: str | None = None) -> str:
     "cpu_kernel", "device" or "composed"."""
     op = REGISTRY[name]
     device = device or ms.get_context("device_target")
-    mode = fusions_mode()
+    mode, selected = _parse_switch()
     if mode == "composed":
         return "composed"
     if (mode == "kernels" and device == "CPU" and op.cpu_builder is not None
-            and cpu_library() is not None):
+            and (selected is None or name in selected) and cpu_library() is not None):
         return "cpu_kernel"
     if device in op.device_builders:
         return "device"
@@ -122,7 +141,7 @@ def fused_cell(name: str, fused: bool | None = None, **kwargs) -> nn.Cell | None
 
     ``fused``: None = decide from the device and ``$MSFORMERS_FUSIONS``; False = composed;
     True = as None, but an error when no fused implementation is available here.
-    ``kwargs`` go to the builder (``eps`` for rms_norm, ``interleaved`` for rotary, ``scale`` for
+    ``kwargs`` go to the builder (``eps`` for rms_norm and add_rms_norm, ``interleaved`` for rotary, ``scale`` for
     attention).
     """
     if name not in REGISTRY:

@@ -4,7 +4,9 @@
     out = h + post_mlp_norm(mlp(pre_mlp_norm(h)))
 
 ``post_attn_norm`` / ``post_mlp_norm`` are ``IdentityOp`` unless the architecture uses
-"sandwich" norms (GLM-4-0414). Shapes: ``[b, s, h] -> [b, s, h]``.
+"sandwich" norms (GLM-4-0414). Shapes: ``[b, s, h] -> [b, s, h]``. When ``pre_mlp_norm`` is an
+``RMSNorm`` the add that forms ``h`` and that norm run as one fused op (``RMSNorm.add_and_norm``;
+a CPU kernel where ``mcore.fusions`` has one, else the same composed math).
 
 Groups: ``groups`` (a ``ModelGroups``; None = single process) is passed unchanged to the
 attention and the mlp. Mixture of experts: when the mlp declares ``returns_aux`` (a
@@ -25,7 +27,7 @@ from mindspore import nn
 
 from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
-from mcore.transformer.norm import mark_sequence_parallel
+from mcore.transformer.norm import RMSNorm, mark_sequence_parallel
 from mcore.transformer.spec import IdentityOp, build_module
 
 
@@ -55,6 +57,8 @@ class TransformerLayer(nn.Cell):
         self.mlp = build_module(submodules.mlp, config, groups=groups, layer_number=layer_number)
         self.post_mlp_norm = build_module(submodules.post_mlp_norm, h, eps=eps, dtype=dtype)
         self.is_moe = bool(getattr(self.mlp, "returns_aux", False))
+        self.fuse_add_norm = (isinstance(self.pre_mlp_norm, RMSNorm)
+                              and self.pre_mlp_norm.fuse_residual_add())
         if config.parallel.sequence_parallel:
             for norm in (self.input_norm, self.post_attn_norm, self.pre_mlp_norm,
                          self.post_mlp_norm):
@@ -67,18 +71,23 @@ class TransformerLayer(nn.Cell):
         self.mlp.recompute()
 
     def _attention(self, x, cos, sin, key_mask, cache):
-        return x + self.post_attn_norm(self.self_attention(self.input_norm(x), cos, sin, key_mask,
-                                                           cache))
+        """``(h, pre_mlp_norm(h))`` with ``h = x + post_attn_norm(attention(input_norm(x)))``."""
+        out = self.post_attn_norm(self.self_attention(self.input_norm(x), cos, sin, key_mask,
+                                                      cache))
+        if self.fuse_add_norm:
+            return self.pre_mlp_norm.add_and_norm(x, out)
+        h = x + out
+        return h, self.pre_mlp_norm(h)
 
     def construct(self, x, cos, sin, key_mask=None, cache=None):
         """``[b, s, h] -> [b, s, h]`` (a MoE layer's router losses are dropped here)."""
         if self.is_moe:
             return self.forward_with_aux(x, cos, sin, key_mask, cache)[0]
-        h = self._attention(x, cos, sin, key_mask, cache)
-        return h + self.post_mlp_norm(self.mlp(self.pre_mlp_norm(h)))
+        h, normed = self._attention(x, cos, sin, key_mask, cache)
+        return h + self.post_mlp_norm(self.mlp(normed))
 
     def forward_with_aux(self, x, cos, sin, key_mask=None, cache=None):
         """MoE layers only: ``-> (out [b, s, h], aux [3], counts [E])`` (see the module docstring)."""
-        h = self._attention(x, cos, sin, key_mask, cache)
-        y, aux, counts = self.mlp(self.pre_mlp_norm(h))
+        h, normed = self._attention(x, cos, sin, key_mask, cache)
+        y, aux, counts = self.mlp(normed)
         return h + self.post_mlp_norm(y), aux, counts

@@ -8,7 +8,9 @@ norm names them ``<name>.weight`` / ``<name>.bias``: give two standalone norms d
 
 RMSNorm takes the fused kernel of ``mcore.fusions`` (op "rms_norm") when the registry has one
 for the device and both the input and the weight are float32 (``fused``: None = the registry
-decides, False = always the composed math below).
+decides, False = always the composed math below). ``RMSNorm.add_and_norm(x, r)`` returns
+``(x + r, RMSNorm(x + r))``, the residual add of a decoder layer and its pre-MLP norm; after
+``fuse_residual_add()`` it runs as one kernel (op "add_rms_norm") where the registry has one.
 """
 from __future__ import annotations
 
@@ -31,6 +33,27 @@ class RMSNorm(nn.Cell):
         self.use_kernel = kernel is not None
         if self.use_kernel:
             self.kernel = kernel
+        self.fused = fused
+        self.use_add_kernel = False
+
+    def fuse_residual_add(self) -> bool:
+        """Build the fused add + norm kernel for ``add_and_norm`` when the registry has one
+        (float32 weight; never with ``fused=False``). True when it is used."""
+        if self.weight.dtype == ms.float32 and self.fused is not False:
+            kernel = fused_cell("add_rms_norm", eps=self.eps)
+            if kernel is not None:
+                self.add_kernel = kernel
+                self.use_add_kernel = True
+        return self.use_add_kernel
+
+    def add_and_norm(self, x, residual):
+        """``(s, RMSNorm(s))`` with ``s = x + residual`` (``[..., h]`` each); float32 ``x``
+        takes the fused kernel when built (``residual`` cast to float32 first, as the add
+        would promote it)."""
+        if self.use_add_kernel and x.dtype == ms.float32:
+            return self.add_kernel(x, residual.astype(ms.float32), self.weight)
+        s = x + residual
+        return s, self.construct(s)
 
     def construct(self, x):
         if self.use_kernel and x.dtype == ms.float32:

@@ -3,38 +3,15 @@
 // Every entry point has the aot signature: params holds the inputs then the outputs, all
 // contiguous float32; shapes/ndims describe them. Rows are the product of all leading dims.
 // Each function returns 0 on success, 1 on a shape it does not handle.
+// The norms are in norm_kernels.cc; helpers shared by both files in common.h.
 #include <cfloat>
 #include <cmath>
-#include <cstdint>
 #include <cstring>
 #include <vector>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
+
+#include "common.h"
 
 namespace {
-
-int64_t leading(int nd, const int64_t *shape) {  // product of all dims but the last
-  int64_t n = 1;
-  for (int i = 0; i < nd - 1; ++i) n *= shape[i];
-  return n;
-}
-
-int threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
-}
 
 inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
@@ -86,68 +63,6 @@ int rope(void **params, int *ndims, int64_t **shapes) {
 }  // namespace
 
 extern "C" {
-
-// x [..., H], w [H], eps [1] -> y [..., H] = w * x * rstd, rstd [...] = 1 / sqrt(mean(x^2) + eps)
-int RmsNormFwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
-  const float eps = static_cast<const float *>(params[2])[0];
-  float *y = static_cast<float *>(params[3]);
-  float *rstd = static_cast<float *>(params[4]);
-  const int64_t H = shapes[0][ndims[0] - 1], rows = leading(ndims[0], shapes[0]);
-#pragma omp parallel for schedule(static)
-  for (int64_t n = 0; n < rows; ++n) {
-    const float *xr = x + n * H;
-    float *yr = y + n * H;
-    float sq = 0.0f;
-#pragma omp simd reduction(+ : sq)
-    for (int64_t j = 0; j < H; ++j) sq += xr[j] * xr[j];
-    const float r = 1.0f / std::sqrt(sq / static_cast<float>(H) + eps);
-    rstd[n] = r;
-#pragma omp simd
-    for (int64_t j = 0; j < H; ++j) yr[j] = w[j] * (xr[j] * r);
-  }
-  return 0;
-}
-
-// dy [..., H], x [..., H], w [H], rstd [...] -> dx [..., H], dw [H]
-//   dx = rstd * (dy w) - x rstd^3 mean(dy w x);  dw = sum_rows dy x rstd
-int RmsNormBwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *dy = static_cast<const float *>(params[0]);
-  const float *x = static_cast<const float *>(params[1]);
-  const float *w = static_cast<const float *>(params[2]);
-  const float *rstd = static_cast<const float *>(params[3]);
-  float *dx = static_cast<float *>(params[4]);
-  float *dw = static_cast<float *>(params[5]);
-  const int64_t H = shapes[0][ndims[0] - 1], rows = leading(ndims[0], shapes[0]);
-  const int nt = threads();
-  std::vector<float> partial(static_cast<size_t>(nt) * H, 0.0f);
-#pragma omp parallel
-  {
-    float *acc = partial.data() + static_cast<size_t>(thread_id()) * H;
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < rows; ++n) {
-      const float *dyr = dy + n * H, *xr = x + n * H;
-      float *dxr = dx + n * H;
-      const float r = rstd[n];
-      float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t j = 0; j < H; ++j) dot += dyr[j] * w[j] * xr[j];
-      const float coef = dot / static_cast<float>(H) * r * r * r;
-#pragma omp simd
-      for (int64_t j = 0; j < H; ++j) {
-        dxr[j] = r * dyr[j] * w[j] - xr[j] * coef;
-        acc[j] += dyr[j] * xr[j] * r;
-      }
-    }
-  }
-  for (int64_t j = 0; j < H; ++j) {
-    float s = 0.0f;
-    for (int t = 0; t < nt; ++t) s += partial[static_cast<size_t>(t) * H + j];
-    dw[j] = s;
-  }
-  return 0;
-}
 
 // y [..., 2F] = [gate | up] -> out [..., F] = silu(gate) * up
 int SwiGLUFwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {

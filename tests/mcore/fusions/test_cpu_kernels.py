@@ -38,6 +38,31 @@ class ComposedRMSNorm(nn.Cell):
         return w * (x * ops.rsqrt(ops.mean(x * x, -1, True) + self.eps))
 
 
+class ComposedAddRMSNorm(nn.Cell):
+    """``[s | RMSNorm(s)]`` with ``s = x + r`` (both outputs in one tensor, so that one probe
+    reaches both gradients)."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.norm = ComposedRMSNorm(eps)
+
+    def construct(self, x, r, w):
+        s = x + r
+        return ops.concat((s, self.norm(s, w)), -1)  # 2 x [..., h] -> [..., 2h]
+
+
+class BothOutputs(nn.Cell):
+    """A two-output op as ``[first | second]`` along the last dim."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+
+    def construct(self, *inputs):
+        first, second = self.op(*inputs)
+        return ops.concat((first, second), -1)  # 2 x [..., h] -> [..., 2h]
+
+
 class ComposedSwiGLU(nn.Cell):
     def construct(self, y):
         gate, up = ops.split(y, y.shape[-1] // 2, -1)  # [..., 2f] -> 2 x [..., f]
@@ -88,7 +113,8 @@ def tensor(rng, *shape, scale=1.0):
 
 
 def test_kernels_are_built_on_cpu():
-    assert {choice(n) for n in ("rms_norm", "swiglu", "rotary", "attention")} == {"cpu_kernel"}
+    assert {choice(n) for n in ("rms_norm", "add_rms_norm", "swiglu", "rotary",
+                                "attention")} == {"cpu_kernel"}
 
 
 @SETTINGS
@@ -98,6 +124,28 @@ def test_rms_norm(rows, h, eps, seed):
     rng = np.random.default_rng(seed)
     inputs = (tensor(rng, *rows, h, scale=3.0), tensor(rng, h))
     assert_agree(fused_cell("rms_norm", True, eps=eps), ComposedRMSNorm(eps), inputs)
+
+
+@SETTINGS
+@given(rows=st.lists(st.integers(1, 5), min_size=1, max_size=3), h=st.integers(1, 70),
+       eps=st.sampled_from([1e-6, 1e-5, 0.1]), seed=st.integers(0, 99))
+def test_add_rms_norm(rows, h, eps, seed):
+    rng = np.random.default_rng(seed)
+    inputs = (tensor(rng, *rows, h, scale=3.0), tensor(rng, *rows, h), tensor(rng, h))
+    assert_agree(BothOutputs(fused_cell("add_rms_norm", True, eps=eps)), ComposedAddRMSNorm(eps),
+                 inputs)
+
+
+def test_rms_norm_add_and_norm_casts_the_residual():
+    """``RMSNorm.add_and_norm``: kernel and composed agree; an fp16 residual (an fp16 matmul's
+    output in mixed precision) is promoted as the plain add would."""
+    rng = np.random.default_rng(4)
+    fused, plain = RMSNorm(24, name="a"), RMSNorm(24, fused=False, name="b")
+    assert fused.fuse_residual_add() and not plain.fuse_residual_add()
+    x, r = tensor(rng, 2, 5, 24), tensor(rng, 2, 5, 24).astype(ms.float16)
+    for got, want in zip(fused.add_and_norm(x, r), plain.add_and_norm(x, r)):
+        assert got.dtype == want.dtype == ms.float32
+        np.testing.assert_allclose(got.asnumpy(), want.asnumpy(), rtol=1e-5, atol=1e-6)
 
 
 @SETTINGS
@@ -175,6 +223,8 @@ def test_kernels_under_jit():
     rng = np.random.default_rng(1)
     assert_agree(fused_cell("rms_norm", True, eps=1e-5), ComposedRMSNorm(1e-5),
                  (tensor(rng, 3, 5, 37), tensor(rng, 37)), mode="jit")
+    assert_agree(BothOutputs(fused_cell("add_rms_norm", True, eps=1e-5)), ComposedAddRMSNorm(1e-5),
+                 (tensor(rng, 3, 5, 37), tensor(rng, 3, 5, 37), tensor(rng, 37)), mode="jit")
     assert_agree(fused_cell("swiglu", True), ComposedSwiGLU(), (tensor(rng, 3, 5, 2 * 23),),
                  mode="jit")
     for interleaved in (False, True):

@@ -29,7 +29,7 @@ def fresh_build():
 
 
 def test_every_op_has_a_reference():
-    assert set(registry.REGISTRY) == {"rms_norm", "swiglu", "rotary", "attention"}
+    assert set(registry.REGISTRY) == {"rms_norm", "add_rms_norm", "swiglu", "rotary", "attention"}
     for op in registry.REGISTRY.values():
         assert op.reference and (op.cpu_builder or op.device_builders)
 
@@ -59,10 +59,21 @@ def test_device_choice(monkeypatch):
     assert not RMSNorm(8, dtype=ms.float16).use_kernel
 
 
+def test_per_op_selection(monkeypatch):
+    """``kernels:<op>,<op>``: the CPU kernels of the listed ops only."""
+    monkeypatch.setenv(registry.ENV, "kernels:rms_norm, swiglu")
+    assert {n: registry.choice(n) for n in registry.REGISTRY} == {
+        "rms_norm": "cpu_kernel", "swiglu": "cpu_kernel", "add_rms_norm": "composed",
+        "rotary": "composed", "attention": "composed"}
+    assert registry.choice("attention", device="Ascend") == "device"
+
+
 def test_bad_switch_names_the_variable(monkeypatch):
-    monkeypatch.setenv(registry.ENV, "fast")
-    with pytest.raises(ValueError, match=registry.ENV):
-        registry.choice("rms_norm")
+    for bad, what in (("fast", "expected one of"), ("composed:rms_norm", "expected one of"),
+                      ("kernels:rms_norm,gelu", r"unknown fused op\(s\) \['gelu'\]")):
+        monkeypatch.setenv(registry.ENV, bad)
+        with pytest.raises(ValueError, match=f"{registry.ENV}=.*{what}"):
+            registry.choice("rms_norm")
     with pytest.raises(KeyError, match="unknown fused op"):
         registry.fused_cell("gelu")
 

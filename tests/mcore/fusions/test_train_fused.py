@@ -13,7 +13,8 @@ TINY = ["model.vocab_size=256", "model.hidden_size=32", "model.num_layers=2", "m
 
 
 def _kernel_cells(model) -> int:
-    return sum(bool(getattr(cell, "use_kernel", False)) for _, cell in model.cells_and_names())
+    return sum(bool(getattr(cell, "use_kernel", False)) + bool(getattr(cell, "use_add_kernel", False))
+               for _, cell in model.cells_and_names())
 
 
 def _train(cfg, state, fusions: str, steps: int):
@@ -54,8 +55,8 @@ def check_train_same_loss(mode: str) -> None:
     cfg = load_config(None, TINY)
     start, fused, n_fused = _train(cfg, None, "kernels", 4)
     _, composed, n_composed = _train(cfg, start, "composed", 4)
-    # 2 layers: 2 x (2 norms + rotary + attention + swiglu) + final norm
-    assert (n_fused, n_composed) == (11, 0), (n_fused, n_composed)
+    # 2 layers: 2 x (2 norms + residual add & norm + rotary + attention + swiglu) + final norm
+    assert (n_fused, n_composed) == (13, 0), (n_fused, n_composed)
     loss_f, loss_c = np.array(fused), np.array(composed)
     assert loss_f[-1, 0] < loss_f[0, 0], "the model did not train"
     np.testing.assert_allclose(loss_f, loss_c, rtol=1e-5)

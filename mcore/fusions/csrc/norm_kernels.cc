@@ -1,0 +1,121 @@
+// RMSNorm kernels for mcore/fusions (aot signature as in cpu_kernels.cc; float32, contiguous):
+// RMSNorm alone, and the residual add fused into it (the pre-MLP norm of a decoder layer).
+// The row math is shared: the fused kernel is the add followed by the same row functions.
+#include <cmath>
+#include <vector>
+
+#include "common.h"
+
+namespace {
+
+// y = w * x * rstd for one row; returns rstd = 1 / sqrt(mean(x^2) + eps).
+inline float rms_row_fwd(const float *x, const float *w, float eps, float *y, int64_t H) {
+  float sq = 0.0f;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < H; ++j) sq += x[j] * x[j];
+  const float r = 1.0f / std::sqrt(sq / static_cast<float>(H) + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) y[j] = w[j] * (x[j] * r);
+  return r;
+}
+
+// dx = base + rstd (dy w) - x rstd^3 mean(dy w x) for one row (base: nullptr = 0);
+// acc += dy x rstd (this thread's share of dw).
+inline void rms_row_bwd(const float *dy, const float *x, const float *w, float r,
+                        const float *base, float *dx, float *acc, int64_t H) {
+  float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+  for (int64_t j = 0; j < H; ++j) dot += dy[j] * w[j] * x[j];
+  const float coef = dot / static_cast<float>(H) * r * r * r;
+#pragma omp simd
+  for (int64_t j = 0; j < H; ++j) {
+    dx[j] = (base ? base[j] : 0.0f) + (r * dy[j] * w[j] - x[j] * coef);
+    acc[j] += dy[j] * x[j] * r;
+  }
+}
+
+// Backward over all rows: dx (plus dbase when given) and dw summed over rows in a fixed
+// order (per-thread partial sums, then the threads in order).
+void rms_bwd(const float *dy, const float *x, const float *w, const float *rstd,
+             const float *dbase, float *dx, float *dw, int64_t rows, int64_t H) {
+  const int nt = threads();
+  std::vector<float> partial(static_cast<size_t>(nt) * H, 0.0f);
+#pragma omp parallel
+  {
+    float *acc = partial.data() + static_cast<size_t>(thread_id()) * H;
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < rows; ++n)
+      rms_row_bwd(dy + n * H, x + n * H, w, rstd[n], dbase ? dbase + n * H : nullptr,
+                  dx + n * H, acc, H);
+  }
+  for (int64_t j = 0; j < H; ++j) {
+    float s = 0.0f;
+    for (int t = 0; t < nt; ++t) s += partial[static_cast<size_t>(t) * H + j];
+    dw[j] = s;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// x [..., H], w [H], eps [1] -> y [..., H] = w * x * rstd, rstd [...] = 1 / sqrt(mean(x^2) + eps)
+int RmsNormFwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *w = static_cast<const float *>(params[1]);
+  const float eps = static_cast<const float *>(params[2])[0];
+  float *y = static_cast<float *>(params[3]);
+  float *rstd = static_cast<float *>(params[4]);
+  const int64_t H = shapes[0][ndims[0] - 1], rows = leading(ndims[0], shapes[0]);
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < rows; ++n) rstd[n] = rms_row_fwd(x + n * H, w, eps, y + n * H, H);
+  return 0;
+}
+
+// dy [..., H], x [..., H], w [H], rstd [...] -> dx [..., H], dw [H]
+//   dx = rstd * (dy w) - x rstd^3 mean(dy w x);  dw = sum_rows dy x rstd
+int RmsNormBwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
+  const int64_t H = shapes[0][ndims[0] - 1], rows = leading(ndims[0], shapes[0]);
+  rms_bwd(static_cast<const float *>(params[0]), static_cast<const float *>(params[1]),
+          static_cast<const float *>(params[2]), static_cast<const float *>(params[3]), nullptr,
+          static_cast<float *>(params[4]), static_cast<float *>(params[5]), rows, H);
+  return 0;
+}
+
+// x, r [..., H], w [H], eps [1] -> h [..., H] = x + r, y [..., H] = RMSNorm(h), rstd [...]
+int AddRmsNormFwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                  void *) {
+  const float *x = static_cast<const float *>(params[0]);
+  const float *res = static_cast<const float *>(params[1]);
+  const float *w = static_cast<const float *>(params[2]);
+  const float eps = static_cast<const float *>(params[3])[0];
+  float *h = static_cast<float *>(params[4]);
+  float *y = static_cast<float *>(params[5]);
+  float *rstd = static_cast<float *>(params[6]);
+  const int64_t H = shapes[0][ndims[0] - 1], rows = leading(ndims[0], shapes[0]);
+  if (ndims[1] != ndims[0] || leading(ndims[1], shapes[1]) != rows || shapes[1][ndims[1] - 1] != H)
+    return 1;
+#pragma omp parallel for schedule(static)
+  for (int64_t n = 0; n < rows; ++n) {
+    const float *xr = x + n * H, *rr = res + n * H;
+    float *hr = h + n * H;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) hr[j] = xr[j] + rr[j];
+    rstd[n] = rms_row_fwd(hr, w, eps, y + n * H, H);
+  }
+  return 0;
+}
+
+// dh, dy [..., H], h [..., H], w [H], rstd [...] -> ds [..., H] (the gradient of both
+// addends), dw [H]:  ds = dh + RmsNormBwd(dy, h)
+int AddRmsNormBwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                  void *) {
+  const int64_t H = shapes[0][ndims[0] - 1], rows = leading(ndims[0], shapes[0]);
+  rms_bwd(static_cast<const float *>(params[1]), static_cast<const float *>(params[2]),
+          static_cast<const float *>(params[3]), static_cast<const float *>(params[4]),
+          static_cast<const float *>(params[0]), static_cast<float *>(params[5]),
+          static_cast<float *>(params[6]), rows, H);
+  return 0;
+}
+
+}  // extern "C"
