@@ -12,7 +12,7 @@ global norm that counts the tied weight once are exercised), 8 steps of 2 micro-
   evaluate.py under msrun with pp=2 reads it back; generate.py reads the checkpoint into one
   process and samples the same text the pipelined run printed;
 - pp=2 with fp16 compute (loss scale through the schedule) tracks the fp32 losses (1e-2) and
-  unscaled gradient norms (2e-2).
+  unscaled gradient norms (1e-3 at the first step, 5e-2 after: rounding scatters them).
 """
 import json
 from pathlib import Path
@@ -177,12 +177,24 @@ def test_pp2_dp2_distributed_optimizer_matches_one_process(reference):
 
 def test_pp2_fp16_tracks_the_fp32_run(reference):
     """fp16 matmuls with the static loss scale applied by the schedule (unscaled before the
-    update): the losses stay within 1e-2 of the fp32 one-process run."""
+    update), against the fp32 one-process run: the first step's unscaled gradient norm (same
+    weights, same batch) within 1e-3, every step's loss within 1e-2 and gradient norm within 5e-2."""
     tmp = reference
     logs = _launch(tmp, PRETRAIN, _args(tmp, "pp2_fp16", "parallel.pp=2", "training.dtype=fp16",
                                         "parallel.layers_per_stage=[3,2]"), workers=2)
     assert "compute fp16, loss scale 1024" in logs
+    half, full = (_metrics(tmp / run, "train", "grad_norm") for run in ("pp2_fp16", "one"))
+    _close({1: half[1]}, {1: full[1]}, 1e-3, "fp16 grad_norm of step 1 (unscaled)")
     _close(_metrics(tmp / "pp2_fp16", "train", "loss"), _metrics(tmp / "one", "train", "loss"), 1e-2,
            "fp16 loss")
-    _close(_metrics(tmp / "pp2_fp16", "train", "grad_norm"), _metrics(tmp / "one", "train", "grad_norm"),
-           2e-2, "fp16 grad_norm (unscaled)")
+    # Later steps start from weights the fp16 run has already moved differently, and every
+    # ulp-level difference in the fp32 master weights re-draws the fp16 rounding of the next
+    # step, so their norms scatter by rounding alone. Measured on this config at step 3 (the
+    # norm's peak, 2.79): pp=2 composed ops +0.2 %, pp=2 CPU kernels -2.2 %, one process
+    # composed -2.3 %, one process kernels -2.6 % (the pp=2 and one-process fp16 runs, same ops,
+    # differ by 2.5 %); with training.seed=2 composed -0.4 %, kernels -0.4 %; with seed 3 the
+    # composed run's norm spiked to 7.9 at step 5 (fp32: 1.45). Losses moved by at most 7e-4 on
+    # this config, the first step's norm by at most 3e-5. The kernels are not the cause: in fp16
+    # only the norms take them (the other kernels see fp16 inputs and use the composed ops), and
+    # they agree with the composed norm to 3 ulp forward, 2e-7 of the largest gradient backward.
+    _close(half, full, 5e-2, "fp16 grad_norm (unscaled)")
