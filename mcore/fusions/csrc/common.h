@@ -7,6 +7,12 @@
 
 namespace {
 
+// Below these sizes a kernel runs on one thread: an OpenMP region costs a fork and a barrier,
+// and on a busy machine a descheduled thread holds that barrier for a whole time slice (a tiny
+// model's step measured ~4x slower with 2 threads per kernel than with 1 at load ~15).
+constexpr int64_t kParallelElems = int64_t{1} << 16;  // element-wise kernels: values written
+constexpr int64_t kParallelMacs = int64_t{1} << 22;   // attention: B * N * S * T * D
+
 inline int64_t leading(int nd, const int64_t *shape) {  // product of all dims but the last
   int64_t n = 1;
   for (int i = 0; i < nd - 1; ++i) n *= shape[i];

@@ -46,7 +46,7 @@ int rope(void **params, int *ndims, int64_t **shapes) {
   const int64_t B = shapes[0][0], N = shapes[0][1], S = shapes[0][2], D = shapes[0][3];
   const int64_t CB = shapes[1][0], R = shapes[1][3];
   if ((CB != 1 && CB != B) || shapes[1][2] != S || R > D || R % 2) return 1;
-#pragma omp parallel for collapse(2) schedule(static)
+#pragma omp parallel for collapse(2) schedule(static) if (B * N * S * D >= kParallelElems)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t n = 0; n < N; ++n) {
       const int64_t cb = CB == 1 ? 0 : b;
@@ -71,7 +71,7 @@ int SwiGLUFwd(int, void **params, int *ndims, int64_t **shapes, const char **, v
   const int64_t F2 = shapes[0][ndims[0] - 1], rows = leading(ndims[0], shapes[0]);
   if (F2 % 2) return 1;
   const int64_t F = F2 / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * F2 >= kParallelElems)
   for (int64_t n = 0; n < rows; ++n) {
     const float *g = y + n * F2, *u = g + F;
     float *o = out + n * F;
@@ -89,7 +89,7 @@ int SwiGLUBwd(int, void **params, int *ndims, int64_t **shapes, const char **, v
   const int64_t F2 = shapes[1][ndims[1] - 1], rows = leading(ndims[1], shapes[1]);
   if (F2 % 2) return 1;
   const int64_t F = F2 / 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * F2 >= kParallelElems)
   for (int64_t n = 0; n < rows; ++n) {
     const float *g = y + n * F2, *u = g + F, *d = dout + n * F;
     float *dg = dy + n * F2, *du = dg + F;
@@ -132,7 +132,7 @@ int AttnCausalFwd(int, void **params, int *ndims, int64_t **shapes, const char *
   const int64_t NKV = shapes[1][1], T = shapes[1][2];
   if (N % NKV || S > T || shapes[1][3] != D || shapes[2][3] != D) return 1;
   const int64_t G = N / NKV;
-#pragma omp parallel
+#pragma omp parallel if (B * N * S * T * D >= kParallelMacs)
   {
     std::vector<float> kt(static_cast<size_t>(D * T)), p(static_cast<size_t>(T));
 #pragma omp for schedule(dynamic, 1)
@@ -200,7 +200,7 @@ int AttnCausalBwd(int, void **params, int *ndims, int64_t **shapes, const char *
   const int64_t G = N / NKV;
   std::memset(dk, 0, sizeof(float) * B * NKV * T * D);
   std::memset(dv, 0, sizeof(float) * B * NKV * T * D);
-#pragma omp parallel
+#pragma omp parallel if (B * N * S * T * D >= kParallelMacs)
   {
     std::vector<float> kt(static_cast<size_t>(D * T)), vt(static_cast<size_t>(D * T));
     std::vector<float> p(static_cast<size_t>(T)), ds(static_cast<size_t>(T));

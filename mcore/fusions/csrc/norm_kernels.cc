@@ -40,7 +40,7 @@ void rms_bwd(const float *dy, const float *x, const float *w, const float *rstd,
              const float *dbase, float *dx, float *dw, int64_t rows, int64_t H) {
   const int nt = threads();
   std::vector<float> partial(static_cast<size_t>(nt) * H, 0.0f);
-#pragma omp parallel
+#pragma omp parallel if (rows * H >= kParallelElems)
   {
     float *acc = partial.data() + static_cast<size_t>(thread_id()) * H;
 #pragma omp for schedule(static)
@@ -67,7 +67,7 @@ int RmsNormFwd(int, void **params, int *ndims, int64_t **shapes, const char **, 
   float *y = static_cast<float *>(params[3]);
   float *rstd = static_cast<float *>(params[4]);
   const int64_t H = shapes[0][ndims[0] - 1], rows = leading(ndims[0], shapes[0]);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * H >= kParallelElems)
   for (int64_t n = 0; n < rows; ++n) rstd[n] = rms_row_fwd(x + n * H, w, eps, y + n * H, H);
   return 0;
 }
@@ -95,7 +95,7 @@ int AddRmsNormFwd(int, void **params, int *ndims, int64_t **shapes, const char *
   const int64_t H = shapes[0][ndims[0] - 1], rows = leading(ndims[0], shapes[0]);
   if (ndims[1] != ndims[0] || leading(ndims[1], shapes[1]) != rows || shapes[1][ndims[1] - 1] != H)
     return 1;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (rows * H >= kParallelElems)
   for (int64_t n = 0; n < rows; ++n) {
     const float *xr = x + n * H, *rr = res + n * H;
     float *hr = h + n * H;
