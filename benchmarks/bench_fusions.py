@@ -122,7 +122,7 @@ def _sync(grads):
 @pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "swiglu", "rotary_q", "attention"])
 def test_fused_kernel(benchmark, name):
     if choice({"rotary_q": "rotary"}.get(name, name)) != "cpu_kernel":
-        pytest.skip("no CPU kernel here: set MSFORMERS_FUSIONS=kernels (and have a C++ compiler)")
+        pytest.skip("no CPU kernel here (MSFORMERS_FUSIONS=composed, or no C++ compiler)")
     kernel, reference, inputs, probe = _cases()[name]
     kernel_s, reference_s = measure(kernel, reference, inputs, probe)
     step = _grad_step(kernel, len(inputs))

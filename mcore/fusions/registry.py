@@ -4,19 +4,16 @@ One rule: every fused op has a composed reference that runs on every device and 
 two agree forward and backward (``tests/mcore/fusions``). The choice is made when a layer is
 built (``fused_cell``), never per call:
 
-- CPU: the composed op by default. With ``MSFORMERS_FUSIONS=kernels``, the C++ kernel of
-  ``csrc/`` (compiled at first use, ``cpu_build``) when the compiler is there and the build
-  succeeds; else the composed op (a warning says why, once per process). The kernels are opt-in
-  until a mixed-precision (fp16) training run with them tracks its fp32 run as the composed ops
-  do (``tests/training/test_pretrain_pipeline.py::test_pp2_fp16_tracks_the_fp32_run`` moved by
-  2.2 % with them) and their whole-step gain holds under load (docs/performance.md).
+- CPU: the C++ kernel of ``csrc/`` (compiled at first use, ``cpu_build``) when the compiler
+  is there and the build succeeds; else the composed op (a warning says why, once per process).
 - Ascend: the device's own fused op where the registry lists one (``device_builders``).
 - Anything else: the composed op.
 
-Switch: ``MSFORMERS_FUSIONS=composed`` forces the composed op everywhere;
-``MSFORMERS_FUSIONS=auto`` (the default) chooses as above; ``MSFORMERS_FUSIONS=kernels`` adds the
-CPU kernels, ``kernels:rms_norm,swiglu`` those of the listed ops only (the others composed);
-``fused=False`` on a layer forces it for that layer only. The ops (their ``composed`` entry is the reference the layers use):
+Switch: ``MSFORMERS_FUSIONS=composed`` forces the composed op everywhere (the way out of the
+CPU kernels); ``MSFORMERS_FUSIONS=auto`` (the default) and ``kernels`` choose as above;
+``kernels:rms_norm,swiglu`` takes the CPU kernels of the listed ops only (the others composed);
+``fused=False`` on a layer forces the composed op for that layer only. The ops (their
+``composed`` entry is the reference the layers use):
 
 | name | composed | CPU kernel | Ascend |
 |---|---|---|---|
@@ -128,7 +125,7 @@ def choice(name: str, device: str | None = None) -> str:
     mode, selected = _parse_switch()
     if mode == "composed":
         return "composed"
-    if (mode == "kernels" and device == "CPU" and op.cpu_builder is not None
+    if (device == "CPU" and op.cpu_builder is not None
             and (selected is None or name in selected) and cpu_library() is not None):
         return "cpu_kernel"
     if device in op.device_builders:

@@ -25,7 +25,7 @@ SETTINGS = settings(max_examples=8, deadline=None)
 
 @pytest.fixture(autouse=True)
 def _kernels_on(monkeypatch):
-    """The CPU kernels are opt-in (``MSFORMERS_FUSIONS=kernels``); every check here uses them."""
+    """Every check here uses the CPU kernels, whatever ``MSFORMERS_FUSIONS`` the run has."""
     monkeypatch.setenv("MSFORMERS_FUSIONS", "kernels")
 
 

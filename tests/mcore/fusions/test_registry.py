@@ -50,8 +50,8 @@ def test_device_choice(monkeypatch):
     assert registry.choice("attention", device="Ascend") == "device"
     assert registry.choice("rms_norm", device="Ascend") == "device"
     assert registry.choice("rotary", device="GPU") == "composed"
-    assert registry.choice("rms_norm") == "composed"  # CPU kernels are opt-in
-    assert not RMSNorm(8).use_kernel
+    assert registry.choice("rms_norm") == "cpu_kernel"  # the CPU kernels are the default
+    assert RMSNorm(8).use_kernel
     monkeypatch.setenv(registry.ENV, "kernels")
     assert registry.choice("attention", device="Ascend") == "device"
     assert registry.choice("rms_norm") == "cpu_kernel"
