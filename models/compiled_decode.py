@@ -53,7 +53,8 @@ class _Step(nn.Cell):
     def construct(self, ids, positions, key_mask):
         logits = self.model(ids, positions, key_mask, None, self.cache)  # [b, s, V]
         self.cache.advance(ids.shape[1])
-        last = logits[:, -1, :]
+        # the last position's logits [b, V]; one token: a reshape, not a strided copy
+        last = logits.reshape(logits.shape[0], -1) if ids.shape[1] == 1 else logits[:, -1, :]
         nxt = ops.argmax(last, -1).astype(ms.int32)  # [b]
         return nxt.reshape(-1, 1), positions[:, -1:] + 1, last  # [b] -> [b, 1]
 

@@ -83,6 +83,35 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
     return out.reshape(b, n, s, out.shape[-1])  # [b, n_kv, g, s, dv] -> [b, n, s, dv]
 
 
+def one_token_attention(q, k, v, scale: float, key_mask=None, q_offset=None):
+    """``blocked_attention`` (causal, no ALiBi) for ONE query per row, in a few ops: the decode
+    step over a cache. q ``[b, n, 1, d]``, k / v ``[b, n_kv, t, d]`` -> ``[b, n, 1, dv]``.
+
+    The ``g = n / n_kv`` query heads of a key group are the rows of one product with the
+    group's keys (``[b, n_kv, g, d] @ [b, n_kv, t, d]^T``: no transposed or repeated copy of
+    the cache); the mask (key ``j`` kept when ``j <= q_offset``, the key is not padding and, when
+    the query's own ``key_mask`` value is a segment id > 0, the key carries the same id) is one
+    ``select``."""
+    b, n, _, d = q.shape
+    n_kv, t = k.shape[1], k.shape[2]
+    qg = q.reshape(b, n_kv, n // n_kv, d)  # [b, n, 1, d] -> [b, n_kv, g, d]
+    scores = ops.BatchMatMul(transpose_b=True)(qg.astype(ms.float32), k.astype(ms.float32))
+    scores = scores * scale  # [b, n_kv, g, t]
+    q_pos = t - 1 if q_offset is None else q_offset  # the query's absolute position
+    keep = ops.arange(0, t, 1, dtype=ms.int32) <= q_pos  # [t]
+    if key_mask is not None:
+        seg_k = key_mask.astype(ms.int32)  # [b, t]
+        at = Tensor([q_pos], ms.int32) if isinstance(q_pos, int) else q_pos.reshape(1)  # [1]
+        seg_q = ops.gather(seg_k, at, 1)  # [b, 1]: the query's own segment id
+        same = ops.logical_or(ops.equal(seg_k, seg_q), seg_q <= 0)  # [b, t]
+        keep = ops.logical_and(ops.logical_and(keep, seg_k > 0), same)  # [b, t]
+        keep = keep.reshape(b, 1, 1, t)  # [b, t] -> [b, 1, 1, t]
+    scores = ops.select(keep, scores, _NEG)
+    probs = ops.softmax(scores, -1).astype(v.dtype)
+    out = ops.matmul(probs, v)  # [b, n_kv, g, t] @ [b, n_kv, t, dv] -> [b, n_kv, g, dv]
+    return out.reshape(b, n, 1, out.shape[-1])  # [b, n_kv, g, dv] -> [b, n, 1, dv]
+
+
 def fused_available() -> bool:
     """True when the registry picks the device's fused flash-attention kernel (Ascend, unless
     ``MSFORMERS_FUSIONS=composed``)."""
@@ -140,5 +169,7 @@ class CoreAttention(nn.Cell):
         if (self.use_kernel and key_mask is None and q_offset is None and q.dtype == ms.float32
                 and q.shape[2] <= k.shape[2] and v.shape[3] == q.shape[3]):
             return self.kernel(q, k, v)
+        if q.shape[2] == 1 and q_offset is not None and self.causal and self.alibi is None:
+            return one_token_attention(q, k, v, self.scale, key_mask, q_offset)
         return blocked_attention(q, k, v, self.scale, key_mask, self.block_size, q_offset,
                                  self.alibi, self.causal)
