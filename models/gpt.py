@@ -297,6 +297,20 @@ class GPTModel(nn.Cell):
             raise ValueError("GPTModel: labels given to a stage without post_process (no head)")
         return self._finish(self.stage_forward(input_ids, position_ids, key_mask, cache), labels)
 
+    def last_logits(self, input_ids, position_ids=None, key_mask=None, cache=None):
+        """Logits of the LAST position only, ``[b, V]`` (what generation needs: the head runs
+        on ``b`` rows instead of ``b s``); inputs as ``construct``. A whole model or a last
+        stage, without sequence parallelism."""
+        if self.seq_split > 1 or not self.post_process:
+            raise ValueError("GPTModel.last_logits: needs the output head (post_process) and no "
+                             "sequence parallelism")
+        x, cos, sin = self._enter(input_ids, position_ids, cache)
+        x = self.decoder(x, cos, sin, key_mask, cache)  # [b, s, h]
+        if x.shape[1] > 1:
+            x = x[:, -1:, :]  # [b, s, h] -> [b, 1, h]
+        logits = self.gather_logits(self._head(x))  # [b, 1, h] -> [b, 1, V]
+        return logits.reshape(logits.shape[0], logits.shape[2])  # [b, 1, V] -> [b, V]
+
     def forward_with_aux(self, input_ids, position_ids=None, key_mask=None, labels=None):
         """``construct``'s output plus the router losses: ``-> (out, aux [L, 3], counts [L, E])``
         (see the module docstring)."""
