@@ -7,6 +7,8 @@
 - on CPU, the C++ kernel of the ``mcore.fusions`` registry (op "attention") for float32 causal
   attention without ``key_mask``, ``q_offset`` or ALiBi (training and prefill; the kernel keeps
   one score row per thread, never ``[s, t]``); and
+- ``one_token_attention`` for ONE query per row at a ``q_offset`` (the compiled decode step over
+  a static or slot cache; causal, no ALiBi): ``blocked_attention``'s result in a few ops; and
 - ``blocked_attention``, a composed implementation that runs everywhere. It handles grouped
   key/value heads without copying them (queries are viewed as ``[b, g_kv, heads_per_group, s, d]``)
   and walks the queries in blocks of ``block_size`` rows, so at most one
