@@ -4,12 +4,13 @@
     logits = t W^T + bias                   W [V, h]: the word embedding (tied decoder)
 
 Over the tp group (size ``P``) the vocabulary is split as in ``VocabParallelEmbedding``: this
-rank holds ``W``'s rows ``[V/P, h]`` (the embedding's own shard, passed to ``construct``)
-and ``bias [V/P]`` (``shard_dims``: split on dim 0), and returns its logits ``[b, s, V/P]`` (gather them with ``GatherFromTPRegion`` or feed them to
-``vocab_parallel_cross_entropy``). ``dense`` and ``norm`` are replicated: the input
-``x [b, s, h]`` must be complete on every rank; the transformed ``t`` enters the tp region through
-``CopyToTPRegion``, whose backward sums the per-rank (own-vocabulary) gradients, so the
-gradients of ``dense`` and ``norm`` are complete and equal on every rank (no finaliser step).
+rank holds ``W``'s rows ``[V/P, h]`` (the embedding's own shard, passed to ``construct``) and
+``bias [V/P]`` (``shard_dims``: split on dim 0), and returns its logits ``[b, s, V/P]``
+(gather them with ``GatherFromTPRegion`` or feed them to ``vocab_parallel_cross_entropy``).
+``dense`` and ``norm`` are replicated: the input ``x [b, s, h]`` must be complete on every
+rank; the transformed ``t`` enters the tp region through ``CopyToTPRegion``, whose backward
+sums the per-rank (own-vocabulary) gradients, so the gradients of ``dense`` and ``norm`` are
+complete and equal on every rank (no finaliser step).
 """
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ ending in three padding tokens (``attention_mask`` 0). Checked here, in one proc
 within 1e-4 at every position (the padded row's real positions included, and its padding
 positions, which transformers also computes from the real keys), padding keys hidden (changing
 the padding tokens leaves the other positions unchanged), the defaults (no token types = type
-0, no mask = all real), ``save_pretrained`` writing back exactly the original tensors, the MLM
-loss against a numpy cross-entropy, and config keys refused by name.
+0, no mask = all real), ``save_pretrained`` writing back exactly the original tensors, a
+pre-training checkpoint (pooler, next-sentence head) loading with those ignored, the MLM loss
+against a numpy cross-entropy, and config keys refused by name.
 """
 from __future__ import annotations
 
@@ -90,6 +91,29 @@ def test_save_pretrained_round_trip(model, ref, tmp_path):
     again = models.from_pretrained(out)
     args = (ref["input_ids"], ref["token_type_ids"], ref["attention_mask"])
     np.testing.assert_array_equal(_run(again, *args), _run(model, *args))
+
+
+def test_pretraining_checkpoint_loads(model, ref, tmp_path):
+    """A ``BertForPreTraining``-style file (pooler, next-sentence head, the tied decoder copies,
+    the old ``position_ids`` buffer) loads strictly and gives the same logits."""
+    from models.safetensors_io import write_checkpoint
+
+    src = tmp_path / "pretraining"
+    shutil.copytree(FIXTURE, src)
+    tensors = {n: t.load().astype(np.float32) for n, t in read_checkpoint(src).items()}
+    rng = np.random.default_rng(0)
+    h = tensors["bert.embeddings.LayerNorm.weight"].shape[0]
+    tensors.update({"bert.pooler.dense.weight": rng.normal(size=(h, h)).astype(np.float32),
+                    "bert.pooler.dense.bias": np.zeros(h, np.float32),
+                    "cls.seq_relationship.weight": rng.normal(size=(2, h)).astype(np.float32),
+                    "cls.seq_relationship.bias": np.zeros(2, np.float32),
+                    "cls.predictions.decoder.weight":
+                        tensors["bert.embeddings.word_embeddings.weight"],
+                    "cls.predictions.decoder.bias": tensors["cls.predictions.bias"],
+                    "bert.embeddings.position_ids": np.arange(64, dtype=np.float32)[None]})
+    write_checkpoint(src, tensors)
+    args = (ref["input_ids"], ref["token_type_ids"], ref["attention_mask"])
+    np.testing.assert_array_equal(_run(models.from_pretrained(src), *args), _run(model, *args))
 
 
 def test_config_errors(tmp_path):
