@@ -33,6 +33,18 @@ def silu(x):
     return x * ops.sigmoid(x)
 
 
+def activate(x, kind: str):
+    """An ungated activation by ``TransformerConfig.activation`` name: "gelu" (erf), "gelu_tanh"
+    (tanh approximation), "relu" or "silu" (also any other name)."""
+    if kind == "gelu":
+        return ops.gelu(x, approximate="none")
+    if kind == "gelu_tanh":
+        return ops.gelu(x, approximate="tanh")
+    if kind == "relu":
+        return ops.relu(x)
+    return silu(x)
+
+
 class MLP(nn.Cell):
     """See the module docstring. ``ffn_hidden_size`` overrides the config's (MoE experts);
     ``layer_number`` names the linear layers (and so seeds their initialisation)."""
@@ -65,13 +77,7 @@ class MLP(nn.Cell):
             self.swiglu = kernel
 
     def _act(self, x):
-        if self.activation == "gelu":
-            return ops.gelu(x, approximate="none")
-        if self.activation == "gelu_tanh":
-            return ops.gelu(x, approximate="tanh")
-        if self.activation == "relu":
-            return ops.relu(x)
-        return silu(x)
+        return activate(x, self.activation)
 
     def construct(self, x):
         y = self.linear_fc1(x)  # [b, s, h] -> [b, s, 2f/tp] (gated) or [b, s, f/tp]

@@ -1,7 +1,10 @@
 """tp=2 on two real ranks equals tp=1 for the ALiBi (Bloom) and multi-query (GPTBigCode)
 families, and for two remote-code families: Baichuan2-13B-style (ALiBi with 6 heads, NormHead
 rows split over tp) and ChatGLM (grouped-query ``query_key_value`` row ranges split per rank)
-(one msrun-style launch, ``tests.multirank.run_ranks``).
+(one msrun-style launch, ``tests.multirank.run_ranks``). The same launch checks BERT
+(``legacy/bert.py``: bidirectional post-norm encoder, vocab-parallel MLM head tied to the word
+embedding) at tp=2 against tp=1 on its fixture's padded, token-typed batch (no greedy check:
+an encoder does not generate).
 
 Each rank loads the family's fixture at tp=1 (a size-one group) and at tp=2 (its shard: half
 the query heads and their ALiBi slopes; GPTBigCode's single kv head replicated) and checks
@@ -26,31 +29,26 @@ pytestmark = pytest.mark.multirank
 FAMILIES = ["bloom", "gpt_bigcode", "baichuan", "chatglm"]
 
 
-def _grads(model, ids, labels):
-    """``[(name, Parameter)]`` and the raw gradients of the mean token loss."""
+def _grads(model, ids, labels, loss=None):
+    """``[(name, Parameter)]`` and the raw gradients of ``loss(x, y)`` (default: the mean token
+    loss of ``model(x, labels=y)``)."""
     import mindspore as ms
 
     named = [(n, p) for n, p in model.parameters_and_names() if p.requires_grad]
 
-    def loss(x, y):
+    def mean_token_loss(x, y):
         return model(x, labels=y).mean()
 
-    grads = ms.grad(loss, grad_position=None, weights=ms.ParameterTuple([p for _, p in named]))(
-        ids, labels)
+    grads = ms.grad(loss or mean_token_loss, grad_position=None,
+                    weights=ms.ParameterTuple([p for _, p in named]))(ids, labels)
     return named, grads
 
 
 def _check_family(ctx, family, path, dims):
-    import tempfile
-    from pathlib import Path
-
     import mindspore as ms
 
     import models
-    from mcore.distributed.finalize import GradFinalizer, grad_plans
     from mcore.parallel_state import ProcessGroup
-    from models.safetensors_io import read_checkpoint
-    from training.step import tp_split_names
 
     one = models.from_pretrained(path, tp_group=ProcessGroup.single("tp"))
     two = models.from_pretrained(path, dims=dims)
@@ -72,6 +70,20 @@ def _check_family(ctx, family, path, dims):
     with ctx.check(f"{family}_greedy"):
         got = models.generate(two, ref["input_ids"], max_new_tokens=2)
         np.testing.assert_array_equal(np.array(got), ref["greedy"][:, :2])
+    _check_save_and_grads(ctx, family, path, dims, one, two, ids, labels)
+
+
+def _check_save_and_grads(ctx, family, path, dims, one, two, ids, labels, loss_of=None):
+    """``save_pretrained`` at tp=2 writes the original tensors; the finalised tp=2 gradients
+    (of ``loss_of(model)``, default the mean token loss) give the tp=1 norm and replicated
+    gradients."""
+    import tempfile
+    from pathlib import Path
+
+    from mcore.distributed.finalize import GradFinalizer, grad_plans
+    from models.safetensors_io import read_checkpoint
+    from training.step import tp_split_names
+
     with ctx.check(f"{family}_save_pretrained_gathers"):
         out = Path(tempfile.mkdtemp(prefix=f"tp2_{family}_"))
         two.save_pretrained(out)
@@ -82,11 +94,11 @@ def _check_family(ctx, family, path, dims):
             assert set(saved) == set(original) - tied - buffers, sorted(saved)
             for name, lazy in saved.items():
                 np.testing.assert_array_equal(lazy.load(), original[name].load(), name)
-    named_one, grads_one = _grads(one, ids, labels)
+    named_one, grads_one = _grads(one, ids, labels, loss_of and loss_of(one))
     want = {n: g.asnumpy() for (n, _), g in zip(named_one, grads_one)}
     want_norm = float(np.sqrt(sum(float((g.astype(np.float64) ** 2).sum())
                                   for g in want.values())))
-    named, grads = _grads(two, ids, labels)
+    named, grads = _grads(two, ids, labels, loss_of and loss_of(two))
     split = tp_split_names(two)
     grads, norm = GradFinalizer(grad_plans(named, split, dims), dims)(tuple(grads))
     with ctx.check(f"{family}_grad_norm"):
@@ -101,6 +113,34 @@ def _check_family(ctx, family, path, dims):
             scale = max(np.abs(want[name]).max(), 1e-3)
             np.testing.assert_allclose(g.asnumpy(), want[name], rtol=0, atol=2e-5 * scale,
                                        err_msg=name)
+
+
+def _check_bert(ctx, path, dims):
+    """BERT: MLM logits with token types and a padded row, the MLM loss, save, gradients."""
+    import mindspore as ms
+
+    import models
+    from mcore.parallel_state import ProcessGroup
+
+    one = models.from_pretrained(path, tp_group=ProcessGroup.single("tp"))
+    two = models.from_pretrained(path, dims=dims)
+    ref = dict(np.load(path / "reference.npz"))
+    ids, types, mask = (ms.Tensor(ref[k]) for k in ("input_ids", "token_type_ids",
+                                                     "attention_mask"))
+    labels = np.where(ref["attention_mask"] > 0, np.roll(ref["input_ids"], 1, 1), -100)
+    labels[:, ::3] = -100
+    labels = ms.Tensor(labels.astype(np.int32))
+    with ctx.check("bert_logits_and_loss"):
+        got = two(ids, types, mask).asnumpy()
+        np.testing.assert_allclose(got, one(ids, types, mask).asnumpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got, ref["logits"], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(two.mlm_loss(ids, labels, types, mask).asnumpy(),
+                                   one.mlm_loss(ids, labels, types, mask).asnumpy(), rtol=1e-5)
+
+    def loss_of(model):
+        return lambda x, y: model.mlm_loss(x, y, types, mask)
+
+    _check_save_and_grads(ctx, "bert", path, dims, one, two, ids, labels, loss_of)
 
 
 def _remote_code_checkpoint(family):
@@ -129,6 +169,7 @@ def _worker(ctx):
         path = fixtures / family if (fixtures / family).exists() else \
             _remote_code_checkpoint(family)
         _check_family(ctx, family, path, dims)
+    _check_bert(ctx, fixtures / "bert", dims)
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +183,9 @@ def job():
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tp2_matches_tp1(job, family, check):
     job.assert_ok(f"{family}_{check}")
+
+
+@pytest.mark.parametrize("check", ["logits_and_loss", "save_pretrained_gathers", "grad_norm",
+                                   "replicated_grads"])
+def test_bert_tp2_matches_tp1(job, check):
+    job.assert_ok(f"bert_{check}")
