@@ -5,9 +5,9 @@ checkpoint's ``model_type`` is not one of ``models/`` (``models`` never imports 
 
 Families (``FAMILIES``: model_type -> module): GPT-2 (``gpt2``), StarCoder / WizardCoder /
 SantaCoder (``gpt_bigcode``, multi-query), BLOOM (``bloom``, ALiBi), Qwen2-MoE / Qwen2-57B-A14B
-(``qwen2_moe``, gated shared expert), T5 / T5 v1.1 / Flan-T5 (``t5``, encoder-decoder), and the remote-code families Baichuan / Baichuan2
-(``baichuan``), InternLM (``internlm``), InternLM2 (``internlm2``), Qwen v1 (``qwen``) and
-ChatGLM2/3 / CodeGeeX2 (``chatglm``). ``legacy.mindformers`` converts MindFormers legacy
+(``qwen2_moe``, gated shared expert), T5 / T5 v1.1 / Flan-T5 (``t5``, encoder-decoder), and
+the remote-code families Baichuan / Baichuan2 (``baichuan``), InternLM (``internlm``), InternLM2
+(``internlm2``), Qwen v1 (``qwen``) and ChatGLM2/3 / CodeGeeX2 (``chatglm``). ``legacy.mindformers`` converts MindFormers legacy
 ``.ckpt`` + YAML (Llama-style) to a HF directory. See docs/legacy.md.
 """
 from legacy import (baichuan, bloom, chatglm, gpt2, gpt_bigcode, internlm, internlm2, qwen2_moe,

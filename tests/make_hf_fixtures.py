@@ -330,7 +330,8 @@ def main() -> None:
     out = Path(args.out)
     for family in args.only:
         if family in T5_FAMILIES:
-            info = make_t5(family, out, seed=SEEDS.get(family, 200 + list(T5_FAMILIES).index(family)))
+            info = make_t5(family, out,
+                           seed=SEEDS.get(family, 200 + list(T5_FAMILIES).index(family)))
         else:
             info = make(family, out, seed=SEEDS.get(family, 100 + list(FAMILIES).index(family)))
         print(info)

@@ -41,8 +41,9 @@ class CrossAttentionSubmodules:
 class CrossAttention(nn.Cell):
     """Decoder-to-encoder attention; see the module docstring for shapes and weight layout."""
 
-    def __init__(self, config: TransformerConfig, submodules: CrossAttentionSubmodules | None = None,
-                 layer_number: int = 0, groups: ModelGroups | None = None):
+    def __init__(self, config: TransformerConfig,
+                 submodules: CrossAttentionSubmodules | None = None, layer_number: int = 0,
+                 groups: ModelGroups | None = None):
         super().__init__()
         submodules = submodules or CrossAttentionSubmodules()
         groups = groups or ModelGroups()
