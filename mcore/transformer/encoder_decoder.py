@@ -100,6 +100,8 @@ class DecoderLayer(nn.Cell):
 
 
 class _Block(nn.Cell):
+    """The parts both stacks share: ``layers``, ``position_bias``, ``final_norm``."""
+
     def __init__(self, config, layer_cls, num_layers, num_buckets, max_distance, groups,
                  bidirectional):
         super().__init__()

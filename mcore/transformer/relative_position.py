@@ -50,9 +50,10 @@ def distance_buckets(num_buckets: int, max_distance: int) -> np.ndarray:
 
 
 def relative_position_bucket(rel, bidirectional: bool, num_buckets: int = 32,
-                             max_distance: int = 128):
+                             max_distance: int = 128, table=None):
     """Bucket ids (int32, same shape as ``rel``) of relative positions ``rel`` (int32 Tensor);
-    see the module docstring."""
+    see the module docstring. ``table``: ``distance_buckets`` of one side as an int32 Tensor
+    (None = built here on the host; a Cell passes its own so that it compiles)."""
     if bidirectional:
         num_buckets //= 2
         side = (rel > 0).astype(ms.int32) * num_buckets
@@ -60,7 +61,8 @@ def relative_position_bucket(rel, bidirectional: bool, num_buckets: int = 32,
     else:
         side = ops.zeros_like(rel)
         dist = ops.maximum(-rel, ops.zeros_like(rel))
-    table = ms.Tensor(distance_buckets(num_buckets, max_distance))  # [max_distance + 1]
+    if table is None:
+        table = ms.Tensor(distance_buckets(num_buckets, max_distance))  # [max_distance + 1]
     dist = ops.minimum(dist, ops.full_like(dist, max_distance))
     return side + ops.gather(table, dist, 0)
 
@@ -82,6 +84,8 @@ class RelativePositionBias(nn.Cell):
         divide(num_heads, tp_group, "RelativePositionBias", name, "num_heads")
         self.num_buckets, self.max_distance = int(num_buckets), int(max_distance)
         self.bidirectional = bool(bidirectional)
+        side = num_buckets // 2 if bidirectional else num_buckets
+        self.table = ms.Tensor(distance_buckets(side, max_distance))  # [max_distance + 1]
         full_shape = (num_buckets, num_heads)
         self.weight = Parameter(ms.Tensor(init_shard(full_shape, name_seed(name), tp_group.size,
                                                      tp_group.rank, 1), params_dtype),
@@ -91,7 +95,7 @@ class RelativePositionBias(nn.Cell):
         q_pos = ops.arange(0, s, 1, dtype=ms.int32).reshape(s, 1) + offset  # [s, 1]
         k_pos = ops.arange(0, t, 1, dtype=ms.int32).reshape(1, t)  # [1, t]
         buckets = relative_position_bucket(k_pos - q_pos, self.bidirectional, self.num_buckets,
-                                           self.max_distance)  # [s, t]
+                                           self.max_distance, self.table)  # [s, t]
         values = ops.gather(self.weight, buckets.reshape(-1), 0)  # [s t, n/tp]
         values = values.reshape(s, t, -1)  # [s t, n/tp] -> [s, t, n/tp]
         return ops.transpose(values, (2, 0, 1)).reshape(1, -1, s, t)  # -> [1, n/tp, s, t]
