@@ -102,7 +102,7 @@ def test_core_attention_bias_and_cross_attention_padding():
                for shape in ((b, n, s, d), (b, 2, t, d), (b, 2, t, d)))
     bias = rng.standard_normal((1, n, s, t)).astype(np.float32)
     key_mask = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], np.int32)
-    core = CoreAttention(n, 0.5, causal=False)
+    core = CoreAttention(n, 0.5, block_size=2, causal=False)  # two query blocks: bias rows split
     got = core(*map(ms.Tensor, (q, k, v, key_mask)), None, ms.Tensor(bias)).asnumpy()
     kk, vv = np.repeat(k, 2, 1), np.repeat(v, 2, 1)  # [b, 2, t, d] -> [b, n, t, d]
     scores = q @ kk.transpose(0, 1, 3, 2) * 0.5 + bias
