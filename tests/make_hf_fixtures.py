@@ -36,6 +36,9 @@ kept expert) are checked like the router gaps above. Llama-family aliases (``ALI
 ``llama2``, ``llama3_2``, ``deepseek_coder``) are Llama checkpoints with their distinguishing
 config choices.
 
+T5 (``t5`` ReLU + tied head, ``t5_v1_1`` gated-GELU + separate head; encoder-decoder, legacy/):
+``tests/make_t5_fixtures.py`` (encoder padding mask, labels and loss in ``reference.npz``).
+
 TeleChat2 has no transformers implementation: its reference is a Llama model with biases only
 on o_proj and down_proj (TeleChat2's architecture), saved under TeleChat2's weight names.
 """
@@ -50,6 +53,8 @@ import numpy as np
 import torch
 import transformers
 from safetensors.torch import save_file
+
+from make_t5_fixtures import T5_FAMILIES, make_t5  # tests/ is sys.path[0] for this script
 
 VOCAB, HIDDEN, FFN, LAYERS = 256, 64, 128, 2
 BASE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
@@ -360,8 +365,9 @@ def deepseek_router_gap(model, tokens, cfg) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(Path(__file__).parent / "fixtures" / "hf"))
-    parser.add_argument("--only", nargs="+", choices=list(FAMILIES) + list(ENCODERS),
-                        default=list(FAMILIES) + list(ENCODERS),
+    parser.add_argument("--only", nargs="+",
+                        choices=list(FAMILIES) + list(ENCODERS) + list(T5_FAMILIES),
+                        default=list(FAMILIES) + list(ENCODERS) + list(T5_FAMILIES),
                         help="families to (re)write; the others are left untouched")
     args = parser.parse_args()
     out = Path(args.out)
@@ -369,7 +375,11 @@ def main() -> None:
         if family in ENCODERS:
             print(make_encoder(family, out, seed=SEEDS.get(family, 300)))
             continue
-        info = make(family, out, seed=SEEDS.get(family, 100 + list(FAMILIES).index(family)))
+        if family in T5_FAMILIES:
+            info = make_t5(family, out,
+                           seed=SEEDS.get(family, 200 + list(T5_FAMILIES).index(family)))
+        else:
+            info = make(family, out, seed=SEEDS.get(family, 100 + list(FAMILIES).index(family)))
         print(info)
         if info["min_top2_gap"] < 1e-3:
             raise SystemExit(f"{family}: greedy top-2 gap {info['min_top2_gap']} too small; "

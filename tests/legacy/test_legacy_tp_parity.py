@@ -1,10 +1,11 @@
 """tp=2 on two real ranks equals tp=1 for the ALiBi (Bloom) and multi-query (GPTBigCode)
-families, and for two remote-code families: Baichuan2-13B-style (ALiBi with 6 heads, NormHead
-rows split over tp) and ChatGLM (grouped-query ``query_key_value`` row ranges split per rank)
-(one msrun-style launch, ``tests.multirank.run_ranks``). The same launch checks BERT
-(``legacy/bert.py``: bidirectional post-norm encoder, vocab-parallel MLM head tied to the word
-embedding) at tp=2 against tp=1 on its fixture's padded, token-typed batch (no greedy check:
-an encoder does not generate).
+families, for two remote-code families: Baichuan2-13B-style (ALiBi with 6 heads, NormHead
+rows split over tp) and ChatGLM (grouped-query ``query_key_value`` row ranges split per rank),
+for the encoder-decoder T5 (``t5`` fixture: relative position bias columns, cross-attention
+and the tied, scaled head split over tp; padded encoder batch), and for the encoder BERT
+(``bert`` fixture: bidirectional post-norm layers, vocab-parallel MLM head tied to the word
+embedding; padded, token-typed batch; no greedy check: an encoder does not generate) (one
+msrun-style launch, ``tests.multirank.run_ranks``).
 
 Each rank loads the family's fixture at tp=1 (a size-one group) and at tp=2 (its shard: half
 the query heads and their ALiBi slopes; GPTBigCode's single kv head replicated) and checks
@@ -26,21 +27,21 @@ from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
 
-FAMILIES = ["bloom", "gpt_bigcode", "baichuan", "chatglm"]
+FAMILIES = ["bloom", "gpt_bigcode", "baichuan", "chatglm", "t5"]
 
 
-def _grads(model, ids, labels, loss=None):
-    """``[(name, Parameter)]`` and the raw gradients of ``loss(x, y)`` (default: the mean token
-    loss of ``model(x, labels=y)``)."""
+def _grads(model, *inputs, loss=None):
+    """``[(name, Parameter)]`` and the raw gradients of ``loss(*inputs)`` (default: the mean
+    token loss ``model(ids, labels=labels).mean()``)."""
     import mindspore as ms
 
     named = [(n, p) for n, p in model.parameters_and_names() if p.requires_grad]
 
-    def mean_token_loss(x, y):
+    def mean_loss(x, y):
         return model(x, labels=y).mean()
 
-    grads = ms.grad(loss or mean_token_loss, grad_position=None,
-                    weights=ms.ParameterTuple([p for _, p in named]))(ids, labels)
+    grads = ms.grad(loss or mean_loss, grad_position=None,
+                    weights=ms.ParameterTuple([p for _, p in named]))(*inputs)
     return named, grads
 
 
@@ -70,19 +71,16 @@ def _check_family(ctx, family, path, dims):
     with ctx.check(f"{family}_greedy"):
         got = models.generate(two, ref["input_ids"], max_new_tokens=2)
         np.testing.assert_array_equal(np.array(got), ref["greedy"][:, :2])
-    _check_save_and_grads(ctx, family, path, dims, one, two, ids, labels)
+    _check_save(ctx, family, path, dims, two)
+    _check_grads(ctx, family, dims, one, two, ids, labels)
 
 
-def _check_save_and_grads(ctx, family, path, dims, one, two, ids, labels, loss_of=None):
-    """``save_pretrained`` at tp=2 writes the original tensors; the finalised tp=2 gradients
-    (of ``loss_of(model)``, default the mean token loss) give the tp=1 norm and replicated
-    gradients."""
+def _check_save(ctx, family, path, dims, two):
+    """``save_pretrained`` at tp=2 writes back the original tensors (no buffers, no tied head)."""
     import tempfile
     from pathlib import Path
 
-    from mcore.distributed.finalize import GradFinalizer, grad_plans
     from models.safetensors_io import read_checkpoint
-    from training.step import tp_split_names
 
     with ctx.check(f"{family}_save_pretrained_gathers"):
         out = Path(tempfile.mkdtemp(prefix=f"tp2_{family}_"))
@@ -94,11 +92,19 @@ def _check_save_and_grads(ctx, family, path, dims, one, two, ids, labels, loss_o
             assert set(saved) == set(original) - tied - buffers, sorted(saved)
             for name, lazy in saved.items():
                 np.testing.assert_array_equal(lazy.load(), original[name].load(), name)
-    named_one, grads_one = _grads(one, ids, labels, loss_of and loss_of(one))
+
+
+def _check_grads(ctx, family, dims, one, two, *inputs, loss=None):
+    """The finalised tp=2 gradients of ``loss`` (see ``_grads``) against tp=1: global norm and
+    every tp-replicated parameter."""
+    from mcore.distributed.finalize import GradFinalizer, grad_plans
+    from training.step import tp_split_names
+
+    named_one, grads_one = _grads(one, *inputs, loss=loss and (lambda *a: loss(one, *a)))
     want = {n: g.asnumpy() for (n, _), g in zip(named_one, grads_one)}
     want_norm = float(np.sqrt(sum(float((g.astype(np.float64) ** 2).sum())
                                   for g in want.values())))
-    named, grads = _grads(two, ids, labels, loss_of and loss_of(two))
+    named, grads = _grads(two, *inputs, loss=loss and (lambda *a: loss(two, *a)))
     split = tp_split_names(two)
     grads, norm = GradFinalizer(grad_plans(named, split, dims), dims)(tuple(grads))
     with ctx.check(f"{family}_grad_norm"):
@@ -107,12 +113,52 @@ def _check_save_and_grads(ctx, family, path, dims, one, two, ids, labels, loss_o
         replicated = [n for (n, _) in named if n not in split]
         if family == "gpt_bigcode":
             assert "decoder.layers.0.self_attention.linear_kv.weight" in replicated, replicated
+        if family == "t5":
+            assert "decoder.layers.0.pre_cross_attn_norm.weight" in replicated, replicated
         for (name, _), g in zip(named, grads):
             if name in split:
                 continue
             scale = max(np.abs(want[name]).max(), 1e-3)
             np.testing.assert_allclose(g.asnumpy(), want[name], rtol=0, atol=2e-5 * scale,
                                        err_msg=name)
+
+
+def _check_t5(ctx, path, dims):
+    """T5 at tp=2 against tp=1 and transformers: logits, loss, greedy, save, gradients."""
+    import tempfile
+    from pathlib import Path
+
+    import mindspore as ms
+
+    import models
+    from mcore.parallel_state import ProcessGroup
+    from models.safetensors_io import read_checkpoint
+    from models.t5 import greedy_generate
+
+    one = models.from_pretrained(path, tp_group=ProcessGroup.single("tp"))
+    two = models.from_pretrained(path, dims=dims)
+    ref = dict(np.load(path / "reference.npz"))
+    ids, mask = ms.Tensor(ref["input_ids"]), ms.Tensor(ref["attention_mask"])
+    dec, labels = ms.Tensor(ref["decoder_input_ids"]), ms.Tensor(ref["labels"])
+    with ctx.check("t5_logits_and_loss"):
+        got = two(ids, dec, mask).asnumpy()
+        np.testing.assert_allclose(got, one(ids, dec, mask).asnumpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(got, ref["logits"], rtol=0, atol=1e-4)
+        np.testing.assert_allclose(two(ids, dec, mask, labels).asnumpy(),
+                                   one(ids, dec, mask, labels).asnumpy(), rtol=0, atol=1e-5)
+    with ctx.check("t5_greedy"):
+        got = greedy_generate(two, ref["input_ids"], ref["attention_mask"], max_new_tokens=2)
+        np.testing.assert_array_equal(got, ref["greedy"][:, :2])
+    with ctx.check("t5_save_pretrained_gathers"):
+        out = Path(tempfile.mkdtemp(prefix="tp2_t5_"))
+        two.save_pretrained(out)
+        if dims.tp.rank == 0:
+            original, saved = read_checkpoint(path), read_checkpoint(out)
+            assert set(saved) == set(original), sorted(set(saved) ^ set(original))
+            for name, lazy in saved.items():
+                np.testing.assert_array_equal(lazy.load(), original[name].load(), name)
+    _check_grads(ctx, "t5", dims, one, two, ids, dec, mask, labels,
+                 loss=lambda model, x, d, m, y: model.loss(x, d, y, m))
 
 
 def _check_bert(ctx, path, dims):
@@ -136,11 +182,9 @@ def _check_bert(ctx, path, dims):
         np.testing.assert_allclose(got, ref["logits"], rtol=0, atol=1e-4)
         np.testing.assert_allclose(two.mlm_loss(ids, labels, types, mask).asnumpy(),
                                    one.mlm_loss(ids, labels, types, mask).asnumpy(), rtol=1e-5)
-
-    def loss_of(model):
-        return lambda x, y: model.mlm_loss(x, y, types, mask)
-
-    _check_save_and_grads(ctx, "bert", path, dims, one, two, ids, labels, loss_of)
+    _check_save(ctx, "bert", path, dims, two)
+    _check_grads(ctx, "bert", dims, one, two, ids, labels,
+                 loss=lambda model, x, y: model.mlm_loss(x, y, types, mask))
 
 
 def _remote_code_checkpoint(family):
@@ -166,6 +210,9 @@ def _worker(ctx):
     fixtures = Path(__file__).resolve().parent.parent / "fixtures" / "hf"
     dims = ParallelDims.build(tp=2)
     for family in FAMILIES:
+        if family == "t5":
+            _check_t5(ctx, fixtures / "t5", dims)
+            continue
         path = fixtures / family if (fixtures / family).exists() else \
             _remote_code_checkpoint(family)
         _check_family(ctx, family, path, dims)
