@@ -76,7 +76,8 @@ _IGNORED = {"type", "batch_size", "compute_dtype", "layernorm_compute_type",
             "top_p", "do_sample", "block_size", "num_blocks", "is_dynamic", "parallel_config",
             "fine_grain_interleave", "pp_interleave_num", "ignore_token_id", "use_rope_slice",
             "scaling_factor_type", "auto_map", "user_defined_pretrain_path",
-            "model_name", "moe_config", "input_sliced_sig", "use_attn_mask_compression"}
+            "model_name", "moe_config", "input_sliced_sig", "use_attn_mask_compression",
+            "compute_in_2d", "pretrain_seqlen"}  # pretrain_seqlen: only for the NTK method
 
 
 @dataclass

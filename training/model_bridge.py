@@ -241,7 +241,8 @@ def model_vocab(cfg) -> int:
     try:
         vocab = vocab_size_of(hf, family)
     except KeyError as exc:
-        raise ConfigError(f"model.hf_path: its config.json has no vocabulary size ({exc})") from None
+        raise ConfigError(f"model.hf_path: its config.json has no vocabulary size "
+                          f"({exc})") from None
     if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
         raise ConfigError(f"model.hf_path: the vocabulary size {vocab!r} of its config.json is "
                           "not a positive integer")
