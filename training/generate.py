@@ -108,8 +108,11 @@ def resolve(source: str, tokenizer: str | None = None) -> Source:
     ckpt = _checkpoint_dir(src) if src.is_dir() else None
     if ckpt is not None:
         meta = read_meta(ckpt)["meta"]
-        found = Source("checkpoint", ckpt, tokenizer or meta.get("tokenizer"),
-                       int(meta["config"]["model"]["vocab_size"]), meta)
+        model = meta["config"]["model"]
+        vocab = int(model["vocab_size"])  # a run from model.hf_path: that directory's vocabulary
+        if model.get("hf_path") and (Path(model["hf_path"]) / "config.json").is_file():
+            vocab = int(vocab_size_of(read_config(Path(model["hf_path"]))))
+        found = Source("checkpoint", ckpt, tokenizer or meta.get("tokenizer"), vocab, meta)
         where = f"the checkpoint's recorded tokenizer ({ckpt / 'meta.json'})"
     elif (src / "config.json").is_file():
         hf = read_config(src)

@@ -3,7 +3,8 @@ otherwise (ChatGLM's ``padded_vocab_size``, no ``vocab_size`` key): ``training/p
 with ``model.hf_path`` sizes its checks, its BPE and its data checks by the family's
 ``vocab_size(hf)`` (``training.model_bridge.model_vocab``), starts from the directory's weights
 (lr 0: the step-1 checkpoint holds exactly them) and a tokenizer larger than that vocabulary is
-refused naming ``model.hf_path``. One fresh process (the execution mode is process-global)."""
+refused naming ``model.hf_path``; ``training/generate.py`` reads the run's checkpoint back with
+the directory's vocabulary. One fresh process (the execution mode is process-global)."""
 from __future__ import annotations
 
 import json
@@ -38,6 +39,7 @@ def check_pretrain_from_chatglm_dir(tmp: str) -> None:
     from training.checkpointing import load_checkpoint
     from training.config import load_config
     from training.config_validate import ConfigError
+    from training.generate import resolve
     from training.pretrain import check_vocab, parse_args, run
 
     tmp = Path(tmp)
@@ -68,6 +70,7 @@ def check_pretrain_from_chatglm_dir(tmp: str) -> None:
     assert len(losses) == 1 and 0 < losses[0] < 2 * np.log(VOCAB), losses
     tok = json.loads(next((tmp / "cache").rglob("tokenizer.json")).read_text())
     assert len(tok["model"]["vocab"]) <= VOCAB  # the BPE the run trained fits the model
+    assert resolve(str(tmp / "run")).vocab_size == VOCAB  # generate.py reads the run back
     print("CHATGLM_PRETRAIN_OK")
 
 
