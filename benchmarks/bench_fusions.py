@@ -1,7 +1,7 @@
 """Fused CPU kernels (``mcore.fusions``) against their composed references, in one run.
 
 Shapes of ``configs/tiny_llama_bench.yaml`` (batch 4, seq 256, hidden 512, 8 heads of 64 with
-2 kv heads, ffn 1408), float32. Each case times one compiled (``mindspore.jit``) forward +
+2 kv heads, ffn 1408, vocabulary 32000), float32. Each case times one compiled (``mindspore.jit``) forward +
 backward of ``sum(op(x) * probe)`` with the kernel and with the composed reference, alternating
 them round after round so that both see the same load; rounds run for at least ``SECONDS``.
 
@@ -28,11 +28,13 @@ from mindspore import Tensor, nn, ops  # noqa: E402
 
 from mcore.fusions.attention import CoreAttention  # noqa: E402
 from mcore.fusions.registry import choice, fused_cell  # noqa: E402
+from mcore.parallel_state import ProcessGroup  # noqa: E402
+from mcore.tensor_parallel.cross_entropy import TokenCrossEntropy  # noqa: E402
 from mcore.transformer.mlp import silu  # noqa: E402
 from mcore.transformer.norm import RMSNorm  # noqa: E402
 from mcore.transformer.rotary import ApplyRotary  # noqa: E402
 
-B, S, H, HEADS, KV, D, FFN = 4, 256, 512, 8, 2, 64, 1408
+B, S, H, HEADS, KV, D, FFN, VOCAB = 4, 256, 512, 8, 2, 64, 1408, 32000
 SECONDS = 3.0
 
 
@@ -64,6 +66,8 @@ def _cases():
         return Tensor(rng.standard_normal(shape, dtype=np.float32))
 
     cos, sin = t(1, 1, S, D), t(1, 1, S, D)
+    labels = Tensor(rng.integers(0, VOCAB, (B, S)).astype(np.int32))
+    single = ProcessGroup.single("tp")
     return {
         "rms_norm": (RMSNorm(H, 1e-5, fused=True, name="k"), RMSNorm(H, 1e-5, fused=False, name="r"),
                      (t(B, S, H),), t(B, S, H)),
@@ -72,6 +76,8 @@ def _cases():
                      t(B, HEADS, S, D)),
         "attention": (CoreAttention(HEADS, D ** -0.5), CoreAttention(HEADS, D ** -0.5, use_fused=False),
                       (t(B, HEADS, S, D), t(B, KV, S, D), t(B, KV, S, D)), t(B, HEADS, S, D)),
+        "cross_entropy": (TokenCrossEntropy(single, fused=True), TokenCrossEntropy(single, fused=False),
+                          (t(B, S, VOCAB), labels), t(B, S)),
     }
 
 
@@ -103,7 +109,7 @@ def _sync(grads):
         g.asnumpy()
 
 
-@pytest.mark.parametrize("name", ["rms_norm", "swiglu", "rotary_q", "attention"])
+@pytest.mark.parametrize("name", ["rms_norm", "swiglu", "rotary_q", "attention", "cross_entropy"])
 def test_fused_kernel(benchmark, name):
     if choice({"rotary_q": "rotary"}.get(name, name)) != "cpu_kernel":
         pytest.skip("no CPU kernel here: set MSFORMERS_FUSIONS=kernels (and have a C++ compiler)")
