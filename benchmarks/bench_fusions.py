@@ -1,9 +1,10 @@
 """Fused CPU kernels (``mcore.fusions``) against their composed references, in one run.
 
 Shapes of ``configs/tiny_llama_bench.yaml`` (batch 4, seq 256, hidden 512, 8 heads of 64 with
-2 kv heads, ffn 1408, vocabulary 32000), float32. Each case times one compiled (``mindspore.jit``) forward +
-backward of ``sum(op(x) * probe)`` with the kernel and with the composed reference, alternating
-them round after round so that both see the same load; rounds run for at least ``SECONDS``.
+2 kv heads, ffn 1408, vocabulary 32000), float32. Each case times one compiled
+(``mindspore.jit``) forward + backward of ``sum(op(x) * probe)`` with the kernel and with the
+composed reference, alternating them round after round so that both see the same load; rounds
+run for at least ``SECONDS``.
 
 Reported per case: median kernel and reference times and ``ratio_to_reference`` = kernel
 median / reference median (< 1: the kernel pays). The ratio is the value to gate on: it is in
@@ -76,7 +77,8 @@ def _case(name: str):
                              (t(B, HEADS, S, D), t(1, 1, S, D), t(1, 1, S, D)), t(B, HEADS, S, D)),
         "attention": lambda: (CoreAttention(HEADS, D ** -0.5),
                               CoreAttention(HEADS, D ** -0.5, use_fused=False),
-                              (t(B, HEADS, S, D), t(B, KV, S, D), t(B, KV, S, D)), t(B, HEADS, S, D)),
+                              (t(B, HEADS, S, D), t(B, KV, S, D), t(B, KV, S, D)),
+                              t(B, HEADS, S, D)),
         "cross_entropy": lambda: (
             TokenCrossEntropy(ProcessGroup.single("tp"), fused=True),
             TokenCrossEntropy(ProcessGroup.single("tp"), fused=False),

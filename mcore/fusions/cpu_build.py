@@ -1,10 +1,10 @@
 """Build the C++ CPU kernels of ``csrc/`` once per machine and return the shared library path.
 
 ``build_cpu_kernels()`` compiles the sources of ``csrc/`` (``SOURCES``) into one library with
-the machine's C++ compiler (``$CXX``, else ``g++``) at first use. Flags: ``-O3 -march=native -fopenmp -fno-math-errno`` when
-the compiler accepts them (never ``-ffast-math``: loading such a library switches the process to
-flush-to-zero for subnormals, and it drops the inf / NaN that non-finite-step detection needs),
-else ``-O3`` alone (a compiler without OpenMP still builds a serial library).
+the machine's C++ compiler (``$CXX``, else ``g++``) at first use. Flags: ``-O3 -march=native
+-fopenmp -fno-math-errno`` when the compiler accepts them (never ``-ffast-math``: loading such a
+library switches the process to flush-to-zero for subnormals, and it drops the inf / NaN that
+non-finite-step detection needs), else ``-O3`` alone (a compiler without OpenMP still builds a serial library).
 
 Cache: ``$MSFORMERS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/msformers/kernels``, else
 ``~/.cache/msformers/kernels`` (never the repository). The file name carries a hash of the

@@ -106,8 +106,11 @@ class TokenCrossEntropy(nn.Cell):
         local = group.size == 1 and label_smoothing == 0.0
         if fused and not local:
             raise ValueError("TokenCrossEntropy(fused=True): the fused op covers tp=1 without "
-                             f"label smoothing (tp={group.size}, label_smoothing={label_smoothing})")
-        self.fused = fused_cell("cross_entropy", fused, ignore_index=ignore_index) if local else None
+                             f"label smoothing (tp={group.size}, "
+                             f"label_smoothing={label_smoothing})")
+        self.fused = None
+        if local:
+            self.fused = fused_cell("cross_entropy", fused, ignore_index=ignore_index)
 
     def construct(self, logits, labels):
         if self.fused is not None:
