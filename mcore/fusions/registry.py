@@ -4,9 +4,11 @@ One rule: every fused op has a composed reference that runs on every device and 
 two agree forward and backward (``tests/mcore/fusions``). The choice is made when a layer is
 built (``fused_cell``), never per call:
 
-- CPU: the composed op by default. With ``MSFORMERS_FUSIONS=kernels``, the C++ kernel of
-  ``csrc/`` (compiled at first use, ``cpu_build``) when the compiler is there and the build
-  succeeds; else the composed op (a warning says why, once per process). The kernels are opt-in
+- CPU: the composed op by default, except for ops registered with ``cpu_default=True``
+  (cross_entropy: exact in fp32, fp16 / bf16 logits upcast), whose C++ kernel is the default.
+  With ``MSFORMERS_FUSIONS=kernels``, every op's C++ kernel of ``csrc/`` (compiled at first
+  use, ``cpu_build``) when the compiler is there and the build succeeds; else (in both cases)
+  the composed op (a warning says why, once per process). The other kernels are opt-in
   until a mixed-precision (fp16) training run with them tracks its fp32 run as the composed ops
   do (``tests/training/test_pretrain_pipeline.py::test_pp2_fp16_tracks_the_fp32_run`` moved by
   2.2 % with them) and their whole-step gain holds under load (docs/performance.md).
@@ -24,6 +26,7 @@ for that layer only. The ops (their ``composed`` entry is the reference the laye
 | swiglu | ``silu(gate) * up`` in ``mcore.transformer.mlp`` | ``CpuSwiGLU`` | ``ops.swiglu`` |
 | rotary | ``apply_rotary`` in ``mcore.transformer.rotary`` | ``CpuRotary`` | composed |
 | attention | ``blocked_attention`` (``fusions/attention.py``) | ``CpuCausalAttention`` | ``flash_attention_score`` |
+| cross_entropy | ``VocabParallelCrossEntropy`` at tp=1 | ``CpuCrossEntropy`` (default) | composed |
 
 Fused kernels cover float32 inputs on CPU; layers call the composed op for other dtypes.
 """
@@ -49,12 +52,14 @@ MODES = ("auto", "composed", "kernels")
 class FusedOp:
     """One registry entry. ``cpu_builder(library, **kwargs)`` and each
     ``device_builders[device](**kwargs)`` return a Cell computing the same function as the
-    composed reference (documented in the module docstring table)."""
+    composed reference (documented in the module docstring table). ``cpu_default``: the CPU
+    kernel is used in the "auto" mode too (not only with "kernels")."""
 
     name: str
     reference: str
     cpu_builder: Callable | None = None
     device_builders: dict = field(default_factory=dict)
+    cpu_default: bool = False
 
 
 class _AscendRMSNorm(nn.Cell):
@@ -79,6 +84,8 @@ REGISTRY = {op.name: op for op in (
     FusedOp("rotary", "mcore.transformer.rotary.apply_rotary", cpu_builder=cpu_ops.CpuRotary),
     FusedOp("attention", "mcore.fusions.attention.blocked_attention",
             cpu_builder=cpu_ops.CpuCausalAttention, device_builders={"Ascend": None}),  # CoreAttention calls flash_attention_score itself
+    FusedOp("cross_entropy", "mcore.tensor_parallel.cross_entropy.VocabParallelCrossEntropy",
+            cpu_builder=cpu_ops.CpuCrossEntropy, cpu_default=True),
 )}
 
 
@@ -109,7 +116,7 @@ def choice(name: str, device: str | None = None) -> str:
     mode = fusions_mode()
     if mode == "composed":
         return "composed"
-    if (mode == "kernels" and device == "CPU" and op.cpu_builder is not None
+    if ((mode == "kernels" or op.cpu_default) and device == "CPU" and op.cpu_builder is not None
             and cpu_library() is not None):
         return "cpu_kernel"
     if device in op.device_builders:
@@ -123,7 +130,7 @@ def fused_cell(name: str, fused: bool | None = None, **kwargs) -> nn.Cell | None
     ``fused``: None = decide from the device and ``$MSFORMERS_FUSIONS``; False = composed;
     True = as None, but an error when no fused implementation is available here.
     ``kwargs`` go to the builder (``eps`` for rms_norm, ``interleaved`` for rotary, ``scale`` for
-    attention).
+    attention, ``ignore_index`` for cross_entropy).
     """
     if name not in REGISTRY:
         raise KeyError(f"unknown fused op {name!r}; registered: {sorted(REGISTRY)}")
