@@ -60,11 +60,13 @@ def _version(cxx: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else cxx
 
 
-def _compile(cxx: str, flags: tuple[str, ...], target: Path) -> None:
-    """Compile SOURCE into ``target`` through a temporary file and an atomic rename."""
+def _compile(cxx: str, flags: tuple[str, ...], target: Path, source: Path = SOURCE,
+             link: tuple[str, ...] = ()) -> None:
+    """Compile ``source`` into ``target`` (``link``: arguments after the source, e.g. ``-l``)
+    through a temporary file and an atomic rename."""
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
     os.close(fd)
-    cmd = [cxx, *flags, "-shared", "-fPIC", "-o", tmp, str(SOURCE)]
+    cmd = [cxx, *flags, "-shared", "-fPIC", "-o", tmp, str(source), *link]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
         if out.returncode != 0:

@@ -39,10 +39,12 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mcore.fusions import cpu_ops
+from mcore.fusions.blas_build import blas_threads, build_blas_matmul, set_blas_threads
 from mcore.fusions.cpu_build import KernelBuildError, build_cpu_kernels
 
 ENV = "MSFORMERS_FUSIONS"
 MODES = ("auto", "composed", "kernels")
+BLAS_MATMUL_BY_DEFAULT = True  # the measured choice for "matmul" in "auto" mode (docs/performance.md)
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class FusedOp:
     reference: str
     cpu_builder: Callable | None = None
     device_builders: dict = field(default_factory=dict)
+    cpu_library: str = "kernels"  # which library cpu_builder takes: "kernels" or "blas"
+    cpu_by_default: bool = False  # the CPU kernel also in "auto" mode (not only "kernels")
 
 
 class _AscendRMSNorm(nn.Cell):
@@ -79,6 +83,8 @@ REGISTRY = {op.name: op for op in (
     FusedOp("rotary", "mcore.transformer.rotary.apply_rotary", cpu_builder=cpu_ops.CpuRotary),
     FusedOp("attention", "mcore.fusions.attention.blocked_attention",
             cpu_builder=cpu_ops.CpuCausalAttention, device_builders={"Ascend": None}),  # CoreAttention calls flash_attention_score itself
+    FusedOp("matmul", "ops.MatMul(transpose_b=True)", cpu_builder=cpu_ops.CpuMatmul,
+            cpu_library="blas", cpu_by_default=BLAS_MATMUL_BY_DEFAULT),
 )}
 
 
@@ -88,6 +94,24 @@ def fusions_mode() -> str:
     if mode not in MODES:
         raise ValueError(f"{ENV}={mode!r}: expected one of {MODES}")
     return mode
+
+
+@functools.lru_cache(maxsize=None)
+def blas_library() -> str | None:
+    """The BLAS matmul library with ``$MSFORMERS_BLAS_THREADS`` OpenBLAS threads, or None
+    (with one warning) when it cannot be built."""
+    try:
+        library = build_blas_matmul()
+    except KernelBuildError as exc:
+        warnings.warn(f"mcore.fusions: BLAS matmul unavailable, using ops.MatMul: {exc}",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    set_blas_threads(library, blas_threads())
+    return library
+
+
+def _library(op: FusedOp) -> str | None:
+    return blas_library() if op.cpu_library == "blas" else cpu_library()
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,8 +133,8 @@ def choice(name: str, device: str | None = None) -> str:
     mode = fusions_mode()
     if mode == "composed":
         return "composed"
-    if (mode == "kernels" and device == "CPU" and op.cpu_builder is not None
-            and cpu_library() is not None):
+    wanted = mode == "kernels" or (mode == "auto" and op.cpu_by_default)
+    if wanted and device == "CPU" and op.cpu_builder is not None and _library(op) is not None:
         return "cpu_kernel"
     if device in op.device_builders:
         return "device"
@@ -137,6 +161,6 @@ def fused_cell(name: str, fused: bool | None = None, **kwargs) -> nn.Cell | None
         return None
     op = REGISTRY[name]
     if how == "cpu_kernel":
-        return op.cpu_builder(cpu_library(), **kwargs)
+        return op.cpu_builder(_library(op), **kwargs)
     builder = op.device_builders[ms.get_context("device_target")]
     return None if builder is None else builder(**kwargs)
