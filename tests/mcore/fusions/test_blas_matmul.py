@@ -1,0 +1,110 @@
+"""The registry op "matmul" (OpenBLAS sgemm, ``csrc/blas_matmul.cc``) against
+``ops.MatMul(transpose_b=True)``, forward and both gradients, over shapes drawn by hypothesis in
+PyNative and on fixed odd shapes under ``mindspore.jit``; its default, its thread setting, its
+fallback when OpenBLAS cannot be had, and the linear layers that take it. CI has g++ and the
+pinned scipy-openblas32."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import mindspore as ms  # noqa: E402
+ms.set_device("CPU")
+
+from mindspore import ops  # noqa: E402
+
+from mcore.fusions import blas_build, registry  # noqa: E402
+from mcore.fusions.registry import choice, fused_cell  # noqa: E402
+from mcore.parallel_state import ProcessGroup  # noqa: E402
+from mcore.tensor_parallel.layers import ColumnParallelLinear  # noqa: E402
+from tests.mcore.fusions.test_cpu_kernels import assert_agree, tensor  # noqa: E402
+
+
+@pytest.fixture
+def fresh_blas():
+    """Forget the memoised BLAS library before and after (the test changes the environment)."""
+    blas_build.build_blas_matmul.cache_clear()
+    registry.blas_library.cache_clear()
+    yield
+    blas_build.build_blas_matmul.cache_clear()
+    registry.blas_library.cache_clear()
+
+
+def test_on_by_default_on_cpu_only(monkeypatch):
+    monkeypatch.setenv(registry.ENV, "auto")
+    assert registry.REGISTRY["matmul"].cpu_by_default
+    assert choice("matmul") == "cpu_kernel"
+    assert choice("rms_norm") == "composed"  # the other CPU kernels keep their own default
+    assert choice("matmul", device="Ascend") == "composed"
+    monkeypatch.setenv(registry.ENV, "composed")
+    assert choice("matmul") == "composed" and fused_cell("matmul") is None
+
+
+@settings(max_examples=10, deadline=None)
+@given(m=st.integers(1, 40), k=st.integers(1, 70), n=st.integers(1, 40), seed=st.integers(0, 99))
+def test_matches_ops_matmul(m, k, n, seed):
+    rng = np.random.default_rng(seed)
+    assert_agree(fused_cell("matmul", True), ops.MatMul(transpose_b=True),
+                 (tensor(rng, m, k), tensor(rng, n, k)))
+
+
+def test_matches_ops_matmul_under_jit():
+    rng = np.random.default_rng(1)
+    assert_agree(fused_cell("matmul", True), ops.MatMul(transpose_b=True),
+                 (tensor(rng, 67, 129), tensor(rng, 33, 129)), mode="jit")
+
+
+def test_empty_inner_dimension_gives_zeros():
+    out = fused_cell("matmul", True)(ms.Tensor(np.ones((3, 0), np.float32)),
+                                     ms.Tensor(np.ones((2, 0), np.float32)))
+    np.testing.assert_array_equal(out.asnumpy(), np.zeros((3, 2), np.float32))
+
+
+def test_threads_setting(monkeypatch):
+    monkeypatch.setenv(blas_build.THREADS_ENV, "0")
+    with pytest.raises(ValueError, match=blas_build.THREADS_ENV):
+        blas_build.blas_threads()
+    monkeypatch.delenv(blas_build.THREADS_ENV)
+    assert blas_build.blas_threads() == 1
+    library = registry.blas_library()
+    assert blas_build.set_blas_threads(library, 2) == 2
+    assert blas_build.set_blas_threads(library, 1) == 1
+
+
+@pytest.mark.parametrize("broken", ["package", "compiler"])
+def test_without_openblas_the_layers_use_ops_matmul(broken, fresh_blas, monkeypatch, tmp_path):
+    monkeypatch.setenv(registry.ENV, "auto")
+    monkeypatch.setenv("MSFORMERS_KERNEL_CACHE", str(tmp_path / "cache"))
+    if broken == "package":
+        monkeypatch.setitem(sys.modules, "scipy_openblas32", None)  # import fails
+        message = "scipy-openblas32 is not installed"
+    else:
+        monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+        message = "no C\\+\\+ compiler"
+    with pytest.raises(registry.KernelBuildError, match=message):
+        blas_build.build_blas_matmul()
+    with pytest.warns(RuntimeWarning, match="BLAS matmul unavailable"):
+        assert choice("matmul") == "composed"
+    layer = ColumnParallelLinear(6, 4, ProcessGroup.single(), bias=False, name="nb")
+    assert layer.blas is None
+    x = tensor(np.random.default_rng(0), 3, 6)
+    np.testing.assert_allclose(layer(x).asnumpy(), x.asnumpy() @ layer.weight.asnumpy().T,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_layers_take_it_for_float32_only(monkeypatch):
+    monkeypatch.setenv(registry.ENV, "auto")
+    group = ProcessGroup.single()
+    fp32 = ColumnParallelLinear(6, 4, group, bias=True, name="a")
+    fp16 = ColumnParallelLinear(6, 4, group, bias=True, name="b", params_dtype=ms.float16)
+    assert fp32.blas is not None and fp16.blas is None
+    x = tensor(np.random.default_rng(0), 2, 3, 6)  # [b, s, h]: the layer flattens the rows
+    expected = x.asnumpy() @ fp32.weight.asnumpy().T + fp32.bias.asnumpy()
+    np.testing.assert_allclose(fp32(x).asnumpy(), expected, rtol=1e-5, atol=1e-6)
+    # a float16 input to a float32 layer takes ops.MatMul (the kernel is float32 only)
+    assert fp32.product(x.astype(ms.float16).reshape((6, 6)),
+                        fp32.weight.astype(ms.float16)).dtype == ms.float16
