@@ -1,8 +1,8 @@
 """Build the BLAS matmul kernel (``csrc/blas_matmul.cc``) against the OpenBLAS of the pip
 package ``scipy-openblas32`` and set its thread count.
 
-``build_blas_matmul()`` returns the path of a shared library exporting ``MatmulNT`` and
-``MatmulNTBwd`` (``ops.Custom(func_type="aot")`` entry points) linked to
+``build_blas_matmul()`` returns the path of a shared library exporting ``MatmulNTBwd`` (the
+backward of ``x w^T``, an ``ops.Custom(func_type="aot")`` entry point) linked to
 ``libscipy_openblas.so`` with an rpath to it, so neither a system BLAS nor ``LD_LIBRARY_PATH`` is
 needed. The headers and the library come from the package (``get_include_dir``,
 ``get_lib_dir``); its symbols carry the prefix ``scipy_`` and cannot clash with NumPy's or

@@ -10,8 +10,8 @@ Callers check the dtype and use the composed op for anything but float32.
   cos and sin are treated as constants (their gradient is zero: they come from positions).
 - ``CpuCausalAttention(scale)(q [b, n, s, d], k, v [b, n_kv, t, d]) -> [b, n, s, d]``: causal,
   queries aligned to the end of the keys, grouped kv heads; one score row per thread.
-- ``CpuMatmul(x [m, k], w [n, k]) -> x w^T [m, n]``: OpenBLAS sgemm (its own library,
-  ``blas_build``); backward ``dx = dy w``, ``dw = dy^T x`` in one call.
+- ``CpuMatmul(x [m, k], w [n, k]) -> x w^T [m, n]``: ``ops.MatMul`` forward, OpenBLAS sgemm
+  backward (its own library, ``blas_build``): ``dx = dy w``, ``dw = dy^T x`` in one call.
 
 Build them through ``mcore.fusions.registry``, which compiles the library and falls back to
 the composed ops when that fails.
@@ -59,10 +59,6 @@ def _half_last(shape):
 
 def _second(skip, second, *rest):
     return second
-
-
-def _rows_by_rows(x, w):
-    return [x[0], w[0]]  # [m, k], [n, k] -> [m, n]
 
 
 class CpuRMSNorm(nn.Cell):
@@ -138,17 +134,18 @@ class CpuCausalAttention(nn.Cell):
 
 
 class CpuMatmul(nn.Cell):
-    """``x [m, k] @ w [n, k]^T -> [m, n]`` (``ops.MatMul(transpose_b=True)``) by OpenBLAS sgemm.
-    ``library`` is the BLAS matmul library (``blas_build.build_blas_matmul``)."""
+    """``x [m, k] @ w [n, k]^T -> [m, n]``: the forward is ``ops.MatMul(transpose_b=True)``
+    (as fast as sgemm there, and no custom-op call in decoding), the backward OpenBLAS sgemm
+    (``dx = dy w``, ``dw = dy^T x`` in one call), where MindSpore's transposed CPU matmuls are
+    slow. ``library`` is the BLAS matmul library (``blas_build.build_blas_matmul``)."""
 
     def __init__(self, library: str):
         super().__init__()
-        backward = _custom(library, "MatmulNTBwd", _second_two, _twice)
-
-        def bprop(x, w, out, dout):
-            return backward(dout, x, w)
-
-        self.forward = _custom(library, "MatmulNT", _rows_by_rows, _same_dtype, bprop)
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.backward = _custom(library, "MatmulNTBwd", _second_two, _twice)
 
     def construct(self, x, w):
-        return self.forward(x, w)
+        return self.matmul(x, w)
+
+    def bprop(self, x, w, out, dout):
+        return self.backward(dout, x, w)

@@ -1,9 +1,9 @@
-// y = x w^T through the sgemm of the OpenBLAS that the pip package scipy-openblas32 ships
-// (its symbols carry the prefix "scipy_"), called through MindSpore ops.Custom(func_type="aot").
+// The backward of y = x w^T through the sgemm of the OpenBLAS that the pip package
+// scipy-openblas32 ships (its symbols carry the prefix "scipy_"), called through MindSpore
+// ops.Custom(func_type="aot"); the forward stays MindSpore's MatMul (mcore/fusions/cpu_ops.py).
 //
 // Entry points (aot signature: params holds the inputs then the outputs, contiguous float32,
-// row-major; each returns 0 on success, 1 on a shape it does not handle):
-//   MatmulNT(x [m, k], w [n, k]) -> y [m, n]                       y  = x w^T
+// row-major; returns 0 on success, 1 on a shape it does not handle):
 //   MatmulNTBwd(dy [m, n], x [m, k], w [n, k]) -> dx [m, k], dw [n, k]
 //                                                                  dx = dy w, dw = dy^T x
 //   BlasSetThreads(n): the number of OpenBLAS threads (a plain C call, not an op).
@@ -37,16 +37,6 @@ extern "C" {
 void BlasSetThreads(int n) { scipy_openblas_set_num_threads(n); }
 
 int BlasGetThreads() { return scipy_openblas_get_num_threads(); }
-
-int MatmulNT(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  if (!is_matrix(ndims[0], shapes[0]) || !is_matrix(ndims[1], shapes[1])) return 1;
-  const int64_t m = shapes[0][0], k = shapes[0][1], n = shapes[1][0];
-  if (shapes[1][1] != k) return 1;
-  const float *x = static_cast<const float *>(params[0]);
-  const float *w = static_cast<const float *>(params[1]);
-  gemm(false, true, m, n, k, x, k, w, k, static_cast<float *>(params[2]));
-  return 0;
-}
 
 int MatmulNTBwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   for (int i = 0; i < 3; ++i)

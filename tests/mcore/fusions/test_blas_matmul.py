@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import mindspore as ms  # noqa: E402
 ms.set_device("CPU")
 
-from mindspore import ops  # noqa: E402
+from mindspore import nn, ops  # noqa: E402
 
 from mcore.fusions import blas_build, registry  # noqa: E402
 from mcore.fusions.registry import choice, fused_cell  # noqa: E402
@@ -58,10 +58,26 @@ def test_matches_ops_matmul_under_jit():
                  (tensor(rng, 67, 129), tensor(rng, 33, 129)), mode="jit")
 
 
-def test_empty_inner_dimension_gives_zeros():
-    out = fused_cell("matmul", True)(ms.Tensor(np.ones((3, 0), np.float32)),
-                                     ms.Tensor(np.ones((2, 0), np.float32)))
-    np.testing.assert_array_equal(out.asnumpy(), np.zeros((3, 2), np.float32))
+def test_backward_kernel_against_numpy_and_used_by_the_gradient():
+    rng = np.random.default_rng(2)
+    x, w, dy = tensor(rng, 5, 0), tensor(rng, 3, 0), tensor(rng, 5, 3)  # k = 0: empty sums
+    dx, dw = fused_cell("matmul", True).backward(dy, x, w)
+    assert dx.shape == (5, 0) and dw.shape == (3, 0)
+    x, w, dy = tensor(rng, 9, 7), tensor(rng, 4, 7), tensor(rng, 9, 4)
+    dx, dw = fused_cell("matmul", True).backward(dy, x, w)
+    np.testing.assert_allclose(dx.asnumpy(), dy.asnumpy() @ w.asnumpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(dw.asnumpy(), dy.asnumpy().T @ x.asnumpy(), rtol=1e-5, atol=1e-5)
+    cell = fused_cell("matmul", True)
+    grads = ms.grad(lambda a, b: ops.sum(cell(a, b) * dy), (0, 1))(x, w)
+    np.testing.assert_allclose(grads[1].asnumpy(), dw.asnumpy(), rtol=1e-6)
+    cell.backward = _Zeros()  # the gradient comes from cell.backward, not MatMul's own bprop
+    grads = ms.grad(lambda a, b: ops.sum(cell(a, b) * dy), (0, 1))(x, w)
+    assert not np.any(grads[0].asnumpy()) and not np.any(grads[1].asnumpy())
+
+
+class _Zeros(nn.Cell):
+    def construct(self, dy, x, w):
+        return ops.zeros_like(x), ops.zeros_like(w)
 
 
 def test_threads_setting(monkeypatch):
