@@ -1,6 +1,6 @@
 """MindSpore Cells around the C++ CPU kernels (``csrc/cpu_kernels.cc``), float32 only.
 
-Each Cell calls an ``ops.Custom(func_type="aot")`` forward whose ``bprop`` calls the matching
+Each Cell calls an ``ops.Custom(func_type="aot")`` forward (``CpuMatmul``: MindSpore's MatMul) whose ``bprop`` calls the matching
 backward kernel, so they differentiate in PyNative, under ``mindspore.jit`` and in GRAPH_MODE.
 Callers check the dtype and use the composed op for anything but float32.
 
