@@ -1,7 +1,8 @@
 """MindSpore Cells around the C++ CPU kernels (``csrc/cpu_kernels.cc``), float32 only.
 
-Each Cell calls an ``ops.Custom(func_type="aot")`` forward (``CpuMatmul``: MindSpore's MatMul) whose ``bprop`` calls the matching
-backward kernel, so they differentiate in PyNative, under ``mindspore.jit`` and in GRAPH_MODE.
+Each Cell calls an ``ops.Custom(func_type="aot")`` forward (``CpuMatmul``: MindSpore's MatMul)
+whose ``bprop`` calls the matching backward kernel, so they differentiate in PyNative, under
+``mindspore.jit`` and in GRAPH_MODE.
 Callers check the dtype and use the composed op for anything but float32.
 
 - ``CpuRMSNorm(eps)(x [..., h], weight [h]) -> [..., h]``

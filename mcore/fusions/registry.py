@@ -48,7 +48,7 @@ from mcore.fusions.cpu_build import KernelBuildError, build_cpu_kernels
 
 ENV = "MSFORMERS_FUSIONS"
 MODES = ("auto", "composed", "kernels")
-BLAS_MATMUL_BY_DEFAULT = True  # the measured choice for "matmul" in "auto" mode (docs/performance.md)
+BLAS_MATMUL_BY_DEFAULT = True  # "matmul" in "auto" mode: measured, docs/performance.md
 
 
 @dataclass(frozen=True)
