@@ -138,15 +138,22 @@ class CpuMatmul(nn.Cell):
     """``x [m, k] @ w [n, k]^T -> [m, n]``: the forward is ``ops.MatMul(transpose_b=True)``
     (as fast as sgemm there, and no custom-op call in decoding), the backward OpenBLAS sgemm
     (``dx = dy w``, ``dw = dy^T x`` in one call), where MindSpore's transposed CPU matmuls are
-    slow. ``library`` is the BLAS matmul library (``blas_build.build_blas_matmul``)."""
+    slow. ``library`` is the BLAS matmul library (``blas_build.build_blas_matmul``). Inputs
+    of another dtype (e.g. cast to float16 by ``Cell.to_float`` of an enclosing layer) take
+    MindSpore's matmuls both ways."""
 
     def __init__(self, library: str):
         super().__init__()
         self.matmul = ops.MatMul(transpose_b=True)
+        self.grad_x, self.grad_w = ops.MatMul(), ops.MatMul(transpose_a=True)
         self.backward = _custom(library, "MatmulNTBwd", _second_two, _twice)
 
     def construct(self, x, w):
         return self.matmul(x, w)
 
     def bprop(self, x, w, out, dout):
-        return self.backward(dout, x, w)
+        if x.dtype == ms.float32 and w.dtype == ms.float32 and dout.dtype == ms.float32:
+            return self.backward(dout, x, w)
+        dout = dout.astype(x.dtype)  # MindSpore's matmuls want one dtype
+        dx = self.grad_x(dout, w.astype(x.dtype))  # [m, n] [n, k] -> [m, k]
+        return dx, self.grad_w(dout, x).astype(w.dtype)  # [n, m] [m, k] -> [n, k]

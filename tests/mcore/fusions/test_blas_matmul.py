@@ -124,3 +124,23 @@ def test_layers_take_it_for_float32_only(monkeypatch):
     # a float16 input to a float32 layer takes ops.MatMul (the kernel is float32 only)
     assert fp32.product(x.astype(ms.float16).reshape((6, 6)),
                         fp32.weight.astype(ms.float16)).dtype == ms.float16
+
+
+def test_float16_inputs_take_mindspore_matmuls_both_ways():
+    """``Cell.to_float(float16)`` on a layer casts the kernel cell's inputs too (mixed
+    precision): the float32-only sgemm must not see them."""
+    rng = np.random.default_rng(3)
+    x, w, probe = tensor(rng, 6, 5), tensor(rng, 4, 5), tensor(rng, 6, 4)
+    results = []
+    for cell in (fused_cell("matmul", True).to_float(ms.float16), _Half()):
+        out = cell(x, w)
+        grads = ms.grad(lambda a, b: ops.sum(cell(a, b).astype(ms.float32) * probe), (0, 1))(x, w)
+        results.append([out.asnumpy(), *(g.asnumpy() for g in grads)])
+    assert results[0][0].dtype == np.float16
+    for got, want in zip(*results):
+        np.testing.assert_allclose(got, want, rtol=1e-2, atol=1e-2)  # fp16 rounding
+
+
+class _Half(nn.Cell):
+    def construct(self, x, w):
+        return ops.MatMul(transpose_b=True)(x.astype(ms.float16), w.astype(ms.float16))
