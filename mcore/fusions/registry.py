@@ -11,8 +11,8 @@ built (``fused_cell``), never per call:
   do (``tests/training/test_pretrain_pipeline.py::test_pp2_fp16_tracks_the_fp32_run`` moved by
   2.2 % with them) and their whole-step gain holds under load (docs/performance.md).
   An op with ``cpu_by_default`` takes its CPU kernel in "auto" mode too: today only "matmul"
-  (OpenBLAS sgemm, its own library built by ``blas_build``; ``BLAS_MATMUL_BY_DEFAULT`` records
-  the measured choice, docs/performance.md "BLAS matmul").
+  (its backward by OpenBLAS sgemm, a library of its own built by ``blas_build``;
+  ``BLAS_MATMUL_BY_DEFAULT`` records the measured choice, docs/performance.md "BLAS matmul").
 - Ascend: the device's own fused op where the registry lists one (``device_builders``).
 - Anything else: the composed op.
 
@@ -27,7 +27,7 @@ for that layer only. The ops (their ``composed`` entry is the reference the laye
 | swiglu | ``silu(gate) * up`` in ``mcore.transformer.mlp`` | ``CpuSwiGLU`` | ``ops.swiglu`` |
 | rotary | ``apply_rotary`` in ``mcore.transformer.rotary`` | ``CpuRotary`` | composed |
 | attention | ``blocked_attention`` (``fusions/attention.py``) | ``CpuCausalAttention`` | ``flash_attention_score`` |
-| matmul | ``ops.MatMul(transpose_b=True)`` (``tensor_parallel.layers``) | ``CpuMatmul`` (OpenBLAS) | composed |
+| matmul | ``ops.MatMul(transpose_b=True)`` (``tensor_parallel.layers``) | ``CpuMatmul`` (OpenBLAS backward) | composed |
 
 Fused kernels cover float32 inputs on CPU; layers call the composed op for other dtypes.
 """
