@@ -109,7 +109,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mcore.parallel_state import ModelGroups, ProcessGroup
-from mcore.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from mcore.tensor_parallel.cross_entropy import TokenCrossEntropy
 from mcore.tensor_parallel.embedding import VocabParallelEmbedding
 from mcore.tensor_parallel.layers import ColumnParallelLinear, NormHead
 from mcore.tensor_parallel.mappings import (CopyToTPRegion, GatherFromSPRegion,
@@ -212,6 +212,8 @@ class GPTModel(nn.Cell):
         self.moe_layers = self.decoder.moe_layers + mtp_moe
         self.seq_split = tp_group.size if sp else 1  # the stage input is [b, s/seq_split, h]
         self.gather_logits = GatherFromTPRegion(tp_group)
+        # per-token loss [b, s]; at tp=1 the fused cross-entropy (mcore.fusions) where there is one
+        self.cross_entropy = TokenCrossEntropy(tp_group) if self.post_process else None
         self.matmul_t = ops.MatMul(transpose_b=True)
 
     def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
@@ -285,7 +287,7 @@ class GPTModel(nn.Cell):
         if not self.post_process:
             return x  # [b, s, h]
         if labels is not None:
-            return vocab_parallel_cross_entropy(x, labels, self.tp_group)  # [b, s]
+            return self.cross_entropy(x, labels)  # [b, s, V/tp] -> [b, s]
         return self.gather_logits(x)  # [b, s, V/tp] -> [b, s, V]
 
     def construct(self, input_ids, position_ids=None, key_mask=None, labels=None, cache=None):
@@ -323,7 +325,7 @@ class GPTModel(nn.Cell):
             raise ValueError("GPTModel: labels given to a stage without post_process (no head)")
         x, cos, sin = self._enter(input_ids, position_ids, None)
         x, aux, counts = self.decoder.forward_with_aux(x, cos, sin, key_mask)  # x: final-normed
-        token_loss = vocab_parallel_cross_entropy(self._head(x), labels, self.tp_group)  # [b, s]
+        token_loss = self.cross_entropy(self._head(x), labels)  # [b, s, V/tp] -> [b, s]
         lm_loss = token_loss.mean() if denom is None else token_loss.sum() / denom
         loss = lm_loss + aux.sum()
         if self.mtp is None:
@@ -358,7 +360,7 @@ class GPTModel(nn.Cell):
                 counts += (count,)
             else:
                 hidden = layer(hidden, self.embedding(ids), cos, sin, key_mask)  # [b, s, h]
-            token_loss = vocab_parallel_cross_entropy(self._head(hidden), target, self.tp_group)
+            token_loss = self.cross_entropy(self._head(hidden), target)  # [b, s]
             if denom is None:
                 valid = (target != -100).astype(ms.float32)  # [b, s]
                 losses += (token_loss.sum() / ops.maximum(valid.sum(), 1.0),)

@@ -84,7 +84,7 @@ def check_model(cfg) -> None:
     """Build the run's ``TransformerConfig`` (no weights) so that a size the model would reject
     fails now, as a ``ConfigError`` naming the key."""
     from mcore.pipeline_parallel.stage import split_layers
-    from training.model_bridge import config_error, hf_dir_config, transformer_config
+    from training.model_bridge import config_error, model_vocab, transformer_config
 
     p = cfg.parallel
     tcfg = transformer_config(cfg)
@@ -93,8 +93,8 @@ def check_model(cfg) -> None:
     except ValueError as exc:
         raise ConfigError(f"parallel.tp={p.tp}: {config_error(exc)}") from None
     if cfg.model.hf_path:  # the directory's sizes were not seen by the config checks
-        vocab = hf_dir_config(cfg)[2].get("vocab_size")
-        if not isinstance(vocab, int) or vocab % p.tp:
+        vocab = model_vocab(cfg)  # ChatGLM: padded_vocab_size (models.hf.vocab_size_of)
+        if vocab % p.tp:
             raise ConfigError(f"model.hf_path: vocab_size={vocab!r} of its config.json is not "
                               f"divisible by parallel.tp={p.tp}")
         try:
@@ -107,15 +107,18 @@ def check_model(cfg) -> None:
 def check_tokenizer_file(cfg) -> None:
     """The one check of the run's tokenizer, before any data or model work (``ConfigError``
     naming the key): a given ``data.tokenizer`` must be a tokenizer.json with no more tokens
-    than ``model.vocab_size``; without one the run trains a byte-level BPE of
-    ``model.vocab_size`` tokens (never more), which needs at least ``MIN_BPE_VOCAB``."""
+    than the model's vocabulary (``model.vocab_size``, or ``model.hf_path``'s); without one the
+    run trains a byte-level BPE of that many tokens (never more), which needs at least
+    ``MIN_BPE_VOCAB``."""
+    from training.model_bridge import model_vocab, vocab_key
+
     path = cfg.data.tokenizer
     if path is None:
         from training.data.tokenizer import MIN_BPE_VOCAB
 
-        vocab = cfg.model.vocab_size
+        vocab = model_vocab(cfg)
         if cfg.data.data_prefix is None and vocab < MIN_BPE_VOCAB:
-            raise ConfigError(f"model.vocab_size={vocab}: without data.tokenizer the run trains a "
+            raise ConfigError(f"{vocab_key(cfg)}={vocab}: without data.tokenizer the run trains a "
                               f"byte-level BPE tokenizer, which needs >= {MIN_BPE_VOCAB} tokens")
         return
     try:
@@ -135,9 +138,12 @@ def check_tokenizer_file(cfg) -> None:
 
 
 def check_vocab(cfg, tokenizer_size: int, source: str = "the tokenizer") -> None:
-    """``model.vocab_size`` must hold every token id of the tokenizer (``ConfigError``)."""
-    if tokenizer_size > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than {source}'s "
+    """The model's vocabulary (``model.vocab_size``, or ``model.hf_path``'s) must hold every
+    token id of the tokenizer (``ConfigError``)."""
+    from training.model_bridge import model_vocab, vocab_key
+
+    if tokenizer_size > model_vocab(cfg):
+        raise ConfigError(f"{vocab_key(cfg)}={model_vocab(cfg)} is smaller than {source}'s "
                           f"{tokenizer_size} tokens")
 
 

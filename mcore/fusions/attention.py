@@ -24,6 +24,13 @@ the plain padding mask of generation (a padding query still sees every real key 
 ALiBi: with ``alibi_slopes`` (one float per LOCAL query head) the composed path adds
 ``slope_head * (key_pos - query_pos)`` to the scaled scores before the mask (the fused kernel
 is not used then).
+
+Additive bias: ``construct(..., bias=)`` takes a float Tensor ``[b or 1, n or 1, s or 1, t]``
+(``n`` = this rank's query heads) added to the scaled scores before the mask, e.g. T5's
+relative position bias (``mcore.transformer.relative_position``); always the composed path.
+
+Cross-attention (``causal=False`` with ``s != t``: queries and keys are different sequences):
+``key_mask`` only hides padding keys (``<= 0``); segment ids are not compared.
 """
 from __future__ import annotations
 
@@ -35,12 +42,26 @@ from mcore.fusions.registry import choice, fused_cell
 _NEG = -1.0e30
 
 
+def _bias_blocks(bias, b, n_kv, g, s):
+    """``bias [B, N, S, t]`` (B in {1, b}, N in {1, n_kv g}, S in {1, s}) as
+    ``[B, n_kv or 1, g or 1, S, t]``, the head layout of the grouped scores."""
+    big_b, heads, rows, t = bias.shape
+    if big_b not in (1, b) or heads not in (1, n_kv * g) or rows not in (1, s):
+        raise ValueError(f"attention bias of shape {tuple(bias.shape)} does not broadcast to "
+                         f"[{b}, {n_kv * g}, {s}, t]")
+    if heads == 1:
+        return bias.reshape(big_b, 1, 1, rows, t)  # [B, 1, S, t] -> [B, 1, 1, S, t]
+    return bias.reshape(big_b, n_kv, g, rows, t)  # [B, n, S, t] -> [B, n_kv, g, S, t]
+
+
 def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 1024,
-                      q_offset=None, alibi=None, causal: bool = True):
+                      q_offset=None, alibi=None, causal: bool = True, bias=None):
     """q ``[b, n, s, d]``, k / v ``[b, n_kv, t, d]`` (n divisible by n_kv) -> ``[b, n, s, d]``.
 
     ``causal=False``: every query sees every key (bidirectional encoders, cross-attention);
-    ``key_mask`` then only hides padding and other segments, and ``q_offset`` is ignored.
+    ``key_mask`` then only hides padding and other segments (only padding when ``s != t``:
+    cross-attention), and ``q_offset`` is ignored. ``bias``: None or an additive float bias
+    ``[b or 1, n or 1, s or 1, t]`` on the scaled scores.
 
     ``q_offset``: position of query 0 among the keys (int or int32 scalar Tensor); None =
     ``t - s`` (queries are the last s keys). ``alibi``: None or the ALiBi slopes of the ``n``
@@ -57,6 +78,9 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
         seg_k = key_mask.astype(ms.int32).reshape(b, 1, 1, 1, t)  # [b, t] -> [b, 1, 1, 1, t]
         keep_keys = seg_k > 0
     k_pos = ops.arange(0, t, 1, dtype=ms.int32).reshape(1, t)  # [1, t]
+    segments = causal or s == t  # cross-attention: query positions are not key positions
+    if bias is not None:
+        bias = _bias_blocks(bias.astype(ms.float32), b, n_kv, g, s)  # [B, n_kv|1, g|1, S, t]
     outs = []
     for start in range(0, s, block_size):
         stop = min(start + block_size, s)
@@ -70,7 +94,12 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
         if alibi is not None:
             distance = (k_pos - q_pos).astype(ms.float32)  # [c, t], <= 0 where kept
             scores = scores + alibi * distance  # [1, n_kv, g, 1, 1] * [c, t]
-        if keep_keys is not None:
+        if bias is not None:
+            rows = bias if bias.shape[3] == 1 or stop - start == s else bias[:, :, :, start:stop]
+            scores = scores + rows  # + [B, n_kv|1, g|1, c|1, t]
+        if keep_keys is not None and not segments:
+            keep = ops.logical_and(keep, keep_keys)  # [b, 1, 1, 1, t]: padding only
+        elif keep_keys is not None:
             # the query's own segment id: key_mask at its absolute position
             seg_q = ops.gather(seg_k.reshape(b, t), q_pos.reshape(-1), 1)  # [b, t] -> [b, c]
             seg_q = seg_q.reshape(b, 1, 1, stop - start, 1)  # [b, c] -> [b, 1, 1, c, 1]
@@ -132,7 +161,10 @@ class CoreAttention(nn.Cell):
             causal = ops.triu(ops.ones((2048, 2048), ms.uint8), 1)
             self.fused_mask = Tensor(causal.asnumpy())
 
-    def construct(self, q, k, v, key_mask=None, q_offset=None):
+    def construct(self, q, k, v, key_mask=None, q_offset=None, bias=None):
+        if bias is not None:  # an additive bias: only the composed path takes one
+            return blocked_attention(q, k, v, self.scale, key_mask, self.block_size, q_offset,
+                                     self.alibi, self.causal, bias)
         if self.use_fused and key_mask is None and q_offset is None and q.shape[2] == k.shape[2]:
             return ops.flash_attention_score(q, k, v, self.num_heads, attn_mask=self.fused_mask,
                                              scalar_value=self.scale, input_layout="BNSD",

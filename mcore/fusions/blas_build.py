@@ -61,7 +61,7 @@ def build_blas_matmul() -> str:
     target = directory / f"blas_matmul_{key}.so"
     if not target.exists():
         try:
-            _compile(cxx, flags, target, SOURCE, link)
+            _compile(cxx, flags, target, (SOURCE,), link)
         except subprocess.TimeoutExpired as exc:
             raise KernelBuildError(f"compiling {SOURCE.name} timed out") from exc
     return str(target)

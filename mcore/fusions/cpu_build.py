@@ -1,14 +1,14 @@
 """Build the C++ CPU kernels of ``csrc/`` once per machine and return the shared library path.
 
-``build_cpu_kernels()`` compiles ``csrc/cpu_kernels.cc`` with the machine's C++ compiler
-(``$CXX``, else ``g++``) at first use. Flags: ``-O3 -march=native -fopenmp -fno-math-errno`` when
-the compiler accepts them (never ``-ffast-math``: loading such a library switches the process to
-flush-to-zero for subnormals, and it drops the inf / NaN that non-finite-step detection needs),
-else ``-O3`` alone (a compiler without OpenMP still builds a serial library).
+``build_cpu_kernels()`` compiles the sources of ``csrc/`` (``SOURCES``) into one library with
+the machine's C++ compiler (``$CXX``, else ``g++``) at first use. Flags: ``-O3 -march=native
+-fopenmp -fno-math-errno`` when the compiler accepts them (never ``-ffast-math``: loading such a
+library switches the process to flush-to-zero for subnormals, and it drops the inf / NaN that
+non-finite-step detection needs), else ``-O3`` alone (a compiler without OpenMP still builds a serial library).
 
 Cache: ``$MSFORMERS_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/msformers/kernels``, else
 ``~/.cache/msformers/kernels`` (never the repository). The file name carries a hash of the
-source, the compiler's version line and the flags, so a changed source or compiler builds
+sources, the compiler's version line and the flags, so a changed source or compiler builds
 anew. Several processes (msrun ranks) may build at the same moment: each compiles into its own
 temporary file in the cache directory and ``os.replace``-s it onto the final name, an atomic
 rename, so a reader sees either no library or a complete one.
@@ -27,7 +27,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-SOURCE = Path(__file__).with_name("csrc") / "cpu_kernels.cc"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("cpu_kernels.cc", "cross_entropy.cc"))
 FAST_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 PLAIN_FLAGS = ("-O3",)
 
@@ -60,13 +61,13 @@ def _version(cxx: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else cxx
 
 
-def _compile(cxx: str, flags: tuple[str, ...], target: Path, source: Path = SOURCE,
-             link: tuple[str, ...] = ()) -> None:
-    """Compile ``source`` into ``target`` (``link``: arguments after the source, e.g. ``-l``)
+def _compile(cxx: str, flags: tuple[str, ...], target: Path,
+             sources: tuple[Path, ...] = SOURCES, link: tuple[str, ...] = ()) -> None:
+    """Compile ``sources`` into ``target`` (``link``: arguments after the sources, e.g. ``-l``)
     through a temporary file and an atomic rename."""
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
     os.close(fd)
-    cmd = [cxx, *flags, "-shared", "-fPIC", "-o", tmp, str(source), *link]
+    cmd = [cxx, *flags, "-shared", "-fPIC", "-o", tmp, *map(str, sources), *link]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
         if out.returncode != 0:
@@ -81,7 +82,7 @@ def _compile(cxx: str, flags: tuple[str, ...], target: Path, source: Path = SOUR
 def build_cpu_kernels() -> str:
     """Path of the compiled kernel library (built now if the cache has none)."""
     cxx = compiler()
-    source = SOURCE.read_bytes()
+    source = b"\0".join(path.read_bytes() for path in SOURCES)
     directory = cache_dir()
     try:
         directory.mkdir(parents=True, exist_ok=True)

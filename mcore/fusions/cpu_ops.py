@@ -13,6 +13,8 @@ Callers check the dtype and use the composed op for anything but float32.
   queries aligned to the end of the keys, grouped kv heads; one score row per thread.
 - ``CpuMatmul(x [m, k], w [n, k]) -> x w^T [m, n]``: ``ops.MatMul`` forward, OpenBLAS sgemm
   backward (its own library, ``blas_build``): ``dx = dy w``, ``dw = dy^T x`` in one call.
+- ``CpuCrossEntropy(ignore_index)(logits [..., V], labels [...]) -> loss [...]`` float32 (any
+  float logits, upcast); only a log-sum-exp per row is kept for the backward.
 
 Build them through ``mcore.fusions.registry``, which compiles the library and falls back to
 the composed ops when that fails.
@@ -157,3 +159,46 @@ class CpuMatmul(nn.Cell):
         dout = dout.astype(x.dtype)  # MindSpore's matmuls want one dtype
         dx = self.grad_x(dout, w.astype(x.dtype))  # [m, n] [n, k] -> [m, k]
         return dx, self.grad_w(dout, x).astype(w.dtype)  # [n, m] [m, k] -> [n, k]
+
+
+def _rows_twice(logits, labels):
+    return labels, labels  # loss and lse: one per row
+
+
+def _float32_twice(logits, labels):
+    return ms.float32, ms.float32
+
+
+def _first_shape(first, *rest):
+    return first
+
+
+def _float32(*dtypes):
+    return ms.float32
+
+
+class CpuCrossEntropy(nn.Cell):
+    """Cross-entropy over the last axis (the composed ``VocabParallelCrossEntropy`` at tp=1,
+    no label smoothing): ``logits [..., V]``, ``labels [...]`` int32 / int64 in ``[0, V)`` or
+    ``ignore_index`` -> ``loss [...]`` float32, 0 where ignored. The forward keeps the
+    log-sum-exp ``[...]``; the backward writes ``(softmax - onehot) * dloss`` in one pass over
+    the logits, its only vocabulary-sized buffer. fp16 / bf16 logits are upcast to float32."""
+
+    def __init__(self, library: str, ignore_index: int = -100):
+        super().__init__()
+        self.remap = ignore_index >= 0  # the kernel ignores labels outside [0, V)
+        self.ignore_index = ignore_index
+        backward = _custom(library, "CrossEntropyBwd", _first_shape, _float32)
+
+        def bprop(logits, labels, out, dout):
+            grad = backward(logits, labels, out[1], dout[0], dout[1])  # [..., V]
+            return grad, ops.zeros_like(labels)
+
+        self.forward = _custom(library, "CrossEntropyFwd", _rows_twice, _float32_twice, bprop)
+
+    def construct(self, logits, labels):
+        if logits.dtype != ms.float32:
+            logits = logits.astype(ms.float32)
+        if self.remap:
+            labels = ops.select(labels == self.ignore_index, ops.full_like(labels, -1), labels)
+        return self.forward(logits, labels)[0]

@@ -4,15 +4,16 @@ One rule: every fused op has a composed reference that runs on every device and 
 two agree forward and backward (``tests/mcore/fusions``). The choice is made when a layer is
 built (``fused_cell``), never per call:
 
-- CPU: the composed op by default. With ``MSFORMERS_FUSIONS=kernels``, the C++ kernel of
-  ``csrc/`` (compiled at first use, ``cpu_build``) when the compiler is there and the build
-  succeeds; else the composed op (a warning says why, once per process). The kernels are opt-in
+- CPU: the composed op by default, except for ops registered with ``cpu_by_default=True``,
+  whose CPU kernel is the default ("auto" mode): cross_entropy (exact in fp32, fp16 / bf16
+  logits upcast) and matmul (its backward by OpenBLAS sgemm, a library of its own built by
+  ``blas_build``; ``BLAS_MATMUL_BY_DEFAULT`` records the measured choice, docs/performance.md
+  "BLAS matmul"). With ``MSFORMERS_FUSIONS=kernels``, every op's C++ kernel of ``csrc/`` (compiled at first
+  use, ``cpu_build``) when the compiler is there and the build succeeds; else (in both cases)
+  the composed op (a warning says why, once per process). The other kernels are opt-in
   until a mixed-precision (fp16) training run with them tracks its fp32 run as the composed ops
   do (``tests/training/test_pretrain_pipeline.py::test_pp2_fp16_tracks_the_fp32_run`` moved by
   2.2 % with them) and their whole-step gain holds under load (docs/performance.md).
-  An op with ``cpu_by_default`` takes its CPU kernel in "auto" mode too: today only "matmul"
-  (its backward by OpenBLAS sgemm, a library of its own built by ``blas_build``;
-  ``BLAS_MATMUL_BY_DEFAULT`` records the measured choice, docs/performance.md "BLAS matmul").
 - Ascend: the device's own fused op where the registry lists one (``device_builders``).
 - Anything else: the composed op.
 
@@ -28,6 +29,7 @@ for that layer only. The ops (their ``composed`` entry is the reference the laye
 | rotary | ``apply_rotary`` in ``mcore.transformer.rotary`` | ``CpuRotary`` | composed |
 | attention | ``blocked_attention`` (``fusions/attention.py``) | ``CpuCausalAttention`` | ``flash_attention_score`` |
 | matmul | ``ops.MatMul(transpose_b=True)`` (``tensor_parallel.layers``) | ``CpuMatmul`` (OpenBLAS backward) | composed |
+| cross_entropy | ``VocabParallelCrossEntropy`` at tp=1 | ``CpuCrossEntropy`` (default) | composed |
 
 Fused kernels cover float32 inputs on CPU; layers call the composed op for other dtypes.
 """
@@ -55,7 +57,8 @@ BLAS_MATMUL_BY_DEFAULT = True  # "matmul" in "auto" mode: measured, docs/perform
 class FusedOp:
     """One registry entry. ``cpu_builder(library, **kwargs)`` and each
     ``device_builders[device](**kwargs)`` return a Cell computing the same function as the
-    composed reference (documented in the module docstring table)."""
+    composed reference (documented in the module docstring table). ``cpu_by_default``: the CPU
+    kernel is used in the "auto" mode too (not only with "kernels")."""
 
     name: str
     reference: str
@@ -89,6 +92,8 @@ REGISTRY = {op.name: op for op in (
             cpu_builder=cpu_ops.CpuCausalAttention, device_builders={"Ascend": None}),  # CoreAttention calls flash_attention_score itself
     FusedOp("matmul", "ops.MatMul(transpose_b=True)", cpu_builder=cpu_ops.CpuMatmul,
             cpu_library="blas", cpu_by_default=BLAS_MATMUL_BY_DEFAULT),
+    FusedOp("cross_entropy", "mcore.tensor_parallel.cross_entropy.VocabParallelCrossEntropy",
+            cpu_builder=cpu_ops.CpuCrossEntropy, cpu_by_default=True),
 )}
 
 
@@ -151,7 +156,7 @@ def fused_cell(name: str, fused: bool | None = None, **kwargs) -> nn.Cell | None
     ``fused``: None = decide from the device and ``$MSFORMERS_FUSIONS``; False = composed;
     True = as None, but an error when no fused implementation is available here.
     ``kwargs`` go to the builder (``eps`` for rms_norm, ``interleaved`` for rotary, ``scale`` for
-    attention).
+    attention, ``ignore_index`` for cross_entropy).
     """
     if name not in REGISTRY:
         raise KeyError(f"unknown fused op {name!r}; registered: {sorted(REGISTRY)}")

@@ -26,8 +26,10 @@ names (``mcore.transformer.context_parallel.CPAttention``: ``"a2a"`` runs ``core
 on a head split of the whole sequence, ``"ring"`` passes key/value blocks around the cp group).
 No ``key_mask``, no ``cache`` and no ALiBi then (``ValueError``).
 
-Forward: ``x [b, s, h]``, rotary ``cos, sin [b, 1, s, r]``, optional ``key_mask [b, t]``
-and ``cache`` (``KVCache`` in PyNative, ``StaticKVCache`` also under jit) -> ``[b, s, h]``.
+Forward: ``x [b, s, h]``, rotary ``cos, sin [b, 1, s, r]`` (unused unless "rope"), optional
+``key_mask [b, t]``, ``cache`` (``KVCache`` in PyNative, ``StaticKVCache`` also under jit) and
+``bias`` (an additive score bias ``[b or 1, n / tp, s, t]`` for this rank's heads, e.g. T5's
+relative position bias; not with context parallelism) -> ``[b, s, h]``.
 """
 from __future__ import annotations
 
@@ -111,7 +113,7 @@ class SelfAttention(nn.Cell):
             self.cp_attention = CPAttention(config.parallel.context_parallel_comm, self.cp_group,
                                             self.core_attention, self.num_heads, self.num_kv)
 
-    def construct(self, x, cos, sin, key_mask=None, cache=None):
+    def construct(self, x, cos, sin, key_mask=None, cache=None, bias=None):
         n, n_kv, d = self.num_heads, self.num_kv, self.head_dim
         qkv = self.linear_qkv(x)  # [b, s, h] -> [b, s, (n + 2 n_kv) d]
         b, s = qkv.shape[0], qkv.shape[1]  # full s also when x is sequence-parallel
@@ -126,15 +128,19 @@ class SelfAttention(nn.Cell):
             q = self.rotary(q, cos, sin)
             k = self.rotary(k, cos, sin)
         if self.cp_group.size > 1:  # s = this rank's s_global / cp tokens
-            if cache is not None or key_mask is not None:
+            if cache is not None or key_mask is not None or bias is not None:
                 raise ValueError("SelfAttention: context parallelism (groups.cp) trains on whole "
                                  "causal sequences: no KV cache (decode with a model built "
-                                 "without cp, same weights) and no key_mask (packed samples)")
+                                 "without cp, same weights), no key_mask (packed samples) and "
+                                 "no attention bias")
             out = self.cp_attention(q, k, v)  # [b, n, s, d]
         else:
             offset = None
             if cache is not None:
                 k, v, offset = cache.update(self.layer_number, k, v)  # -> [b, n_kv, t, d]
-            out = self.core_attention(q, k, v, key_mask, offset)  # [b, n, s, d]
+            if bias is None:
+                out = self.core_attention(q, k, v, key_mask, offset)  # [b, n, s, d]
+            else:
+                out = self.core_attention(q, k, v, key_mask, offset, bias)  # [b, n, s, d]
         out = ops.transpose(out, (0, 2, 1, 3)).reshape(b, s, n * d)  # -> [b, s, n d]
         return self.linear_proj(out)  # [b, s, n d] -> [b, s, h]
