@@ -1,6 +1,6 @@
 """A tiny Llama trains to the same losses with the CPU kernels on (``MSFORMERS_FUSIONS=kernels``),
-with the default choice (``auto``: on CPU the BLAS matmul and the cross-entropy kernel) and forced off
-(``MSFORMERS_FUSIONS=composed``), in graph mode (the training default; PyNative and jit are
+with the default choice (``auto``: on CPU the BLAS matmul and the cross-entropy kernel) and
+forced off (``MSFORMERS_FUSIONS=composed``), in graph mode (the training default; PyNative and jit are
 covered op by op in test_cpu_kernels.py)."""
 from __future__ import annotations
 
