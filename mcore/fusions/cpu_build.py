@@ -61,11 +61,13 @@ def _version(cxx: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else cxx
 
 
-def _compile(cxx: str, flags: tuple[str, ...], target: Path) -> None:
-    """Compile SOURCES into ``target`` through a temporary file and an atomic rename."""
+def _compile(cxx: str, flags: tuple[str, ...], target: Path,
+             sources: tuple[Path, ...] = SOURCES, link: tuple[str, ...] = ()) -> None:
+    """Compile ``sources`` into ``target`` (``link``: arguments after the sources, e.g. ``-l``)
+    through a temporary file and an atomic rename."""
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
     os.close(fd)
-    cmd = [cxx, *flags, "-shared", "-fPIC", "-o", tmp, *map(str, SOURCES)]
+    cmd = [cxx, *flags, "-shared", "-fPIC", "-o", tmp, *map(str, sources), *link]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
         if out.returncode != 0:

@@ -4,9 +4,11 @@ One rule: every fused op has a composed reference that runs on every device and 
 two agree forward and backward (``tests/mcore/fusions``). The choice is made when a layer is
 built (``fused_cell``), never per call:
 
-- CPU: the composed op by default, except for ops registered with ``cpu_default=True``
-  (cross_entropy: exact in fp32, fp16 / bf16 logits upcast), whose C++ kernel is the default.
-  With ``MSFORMERS_FUSIONS=kernels``, every op's C++ kernel of ``csrc/`` (compiled at first
+- CPU: the composed op by default, except for ops registered with ``cpu_by_default=True``,
+  whose CPU kernel is the default ("auto" mode): cross_entropy (exact in fp32, fp16 / bf16
+  logits upcast) and matmul (its backward by OpenBLAS sgemm, a library of its own built by
+  ``blas_build``; ``BLAS_MATMUL_BY_DEFAULT`` records the measured choice, docs/performance.md
+  "BLAS matmul"). With ``MSFORMERS_FUSIONS=kernels``, every op's C++ kernel of ``csrc/`` (compiled at first
   use, ``cpu_build``) when the compiler is there and the build succeeds; else (in both cases)
   the composed op (a warning says why, once per process). The other kernels are opt-in
   until a mixed-precision (fp16) training run with them tracks its fp32 run as the composed ops
@@ -26,6 +28,7 @@ for that layer only. The ops (their ``composed`` entry is the reference the laye
 | swiglu | ``silu(gate) * up`` in ``mcore.transformer.mlp`` | ``CpuSwiGLU`` | ``ops.swiglu`` |
 | rotary | ``apply_rotary`` in ``mcore.transformer.rotary`` | ``CpuRotary`` | composed |
 | attention | ``blocked_attention`` (``fusions/attention.py``) | ``CpuCausalAttention`` | ``flash_attention_score`` |
+| matmul | ``ops.MatMul(transpose_b=True)`` (``tensor_parallel.layers``) | ``CpuMatmul`` (OpenBLAS backward) | composed |
 | cross_entropy | ``VocabParallelCrossEntropy`` at tp=1 | ``CpuCrossEntropy`` (default) | composed |
 
 Fused kernels cover float32 inputs on CPU; layers call the composed op for other dtypes.
@@ -42,24 +45,27 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mcore.fusions import cpu_ops
+from mcore.fusions.blas_build import blas_threads, build_blas_matmul, set_blas_threads
 from mcore.fusions.cpu_build import KernelBuildError, build_cpu_kernels
 
 ENV = "MSFORMERS_FUSIONS"
 MODES = ("auto", "composed", "kernels")
+BLAS_MATMUL_BY_DEFAULT = True  # "matmul" in "auto" mode: measured, docs/performance.md
 
 
 @dataclass(frozen=True)
 class FusedOp:
     """One registry entry. ``cpu_builder(library, **kwargs)`` and each
     ``device_builders[device](**kwargs)`` return a Cell computing the same function as the
-    composed reference (documented in the module docstring table). ``cpu_default``: the CPU
+    composed reference (documented in the module docstring table). ``cpu_by_default``: the CPU
     kernel is used in the "auto" mode too (not only with "kernels")."""
 
     name: str
     reference: str
     cpu_builder: Callable | None = None
     device_builders: dict = field(default_factory=dict)
-    cpu_default: bool = False
+    cpu_library: str = "kernels"  # which library cpu_builder takes: "kernels" or "blas"
+    cpu_by_default: bool = False  # the CPU kernel also in "auto" mode (not only "kernels")
 
 
 class _AscendRMSNorm(nn.Cell):
@@ -84,8 +90,10 @@ REGISTRY = {op.name: op for op in (
     FusedOp("rotary", "mcore.transformer.rotary.apply_rotary", cpu_builder=cpu_ops.CpuRotary),
     FusedOp("attention", "mcore.fusions.attention.blocked_attention",
             cpu_builder=cpu_ops.CpuCausalAttention, device_builders={"Ascend": None}),  # CoreAttention calls flash_attention_score itself
+    FusedOp("matmul", "ops.MatMul(transpose_b=True)", cpu_builder=cpu_ops.CpuMatmul,
+            cpu_library="blas", cpu_by_default=BLAS_MATMUL_BY_DEFAULT),
     FusedOp("cross_entropy", "mcore.tensor_parallel.cross_entropy.VocabParallelCrossEntropy",
-            cpu_builder=cpu_ops.CpuCrossEntropy, cpu_default=True),
+            cpu_builder=cpu_ops.CpuCrossEntropy, cpu_by_default=True),
 )}
 
 
@@ -95,6 +103,24 @@ def fusions_mode() -> str:
     if mode not in MODES:
         raise ValueError(f"{ENV}={mode!r}: expected one of {MODES}")
     return mode
+
+
+@functools.lru_cache(maxsize=None)
+def blas_library() -> str | None:
+    """The BLAS matmul library with ``$MSFORMERS_BLAS_THREADS`` OpenBLAS threads, or None
+    (with one warning) when it cannot be built."""
+    try:
+        library = build_blas_matmul()
+    except KernelBuildError as exc:
+        warnings.warn(f"mcore.fusions: BLAS matmul unavailable, using ops.MatMul: {exc}",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    set_blas_threads(library, blas_threads())
+    return library
+
+
+def _library(op: FusedOp) -> str | None:
+    return blas_library() if op.cpu_library == "blas" else cpu_library()
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,8 +142,8 @@ def choice(name: str, device: str | None = None) -> str:
     mode = fusions_mode()
     if mode == "composed":
         return "composed"
-    if ((mode == "kernels" or op.cpu_default) and device == "CPU" and op.cpu_builder is not None
-            and cpu_library() is not None):
+    wanted = mode == "kernels" or (mode == "auto" and op.cpu_by_default)
+    if wanted and device == "CPU" and op.cpu_builder is not None and _library(op) is not None:
         return "cpu_kernel"
     if device in op.device_builders:
         return "device"
@@ -144,6 +170,6 @@ def fused_cell(name: str, fused: bool | None = None, **kwargs) -> nn.Cell | None
         return None
     op = REGISTRY[name]
     if how == "cpu_kernel":
-        return op.cpu_builder(cpu_library(), **kwargs)
+        return op.cpu_builder(_library(op), **kwargs)
     builder = op.device_builders[ms.get_context("device_target")]
     return None if builder is None else builder(**kwargs)

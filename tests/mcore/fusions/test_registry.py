@@ -29,7 +29,7 @@ def fresh_build():
 
 
 def test_every_op_has_a_reference():
-    assert set(registry.REGISTRY) == {"rms_norm", "swiglu", "rotary", "attention",
+    assert set(registry.REGISTRY) == {"rms_norm", "swiglu", "rotary", "attention", "matmul",
                                       "cross_entropy"}
     for op in registry.REGISTRY.values():
         assert op.reference and (op.cpu_builder or op.device_builders)
@@ -52,7 +52,7 @@ def test_device_choice(monkeypatch):
     assert registry.choice("rms_norm", device="Ascend") == "device"
     assert registry.choice("rotary", device="GPU") == "composed"
     assert registry.choice("rms_norm") == "composed"  # CPU kernels are opt-in
-    assert registry.choice("cross_entropy") == "cpu_kernel"  # ... but this one (cpu_default)
+    assert registry.choice("cross_entropy") == "cpu_kernel"  # ... but this one (cpu_by_default)
     assert registry.choice("cross_entropy", device="Ascend") == "composed"
     assert not RMSNorm(8).use_kernel
     monkeypatch.setenv(registry.ENV, "kernels")

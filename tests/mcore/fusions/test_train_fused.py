@@ -1,5 +1,6 @@
-"""A tiny Llama trains to the same losses with the CPU kernels on (``MSFORMERS_FUSIONS=kernels``)
-and forced off (``MSFORMERS_FUSIONS=composed``), in graph mode (the training default; PyNative and jit are
+"""A tiny Llama trains to the same losses with the CPU kernels on (``MSFORMERS_FUSIONS=kernels``),
+with the default choice (``auto``: on CPU the BLAS matmul and the cross-entropy kernel) and
+forced off (``MSFORMERS_FUSIONS=composed``), in graph mode (the training default; PyNative and jit are
 covered op by op in test_cpu_kernels.py)."""
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ TINY = ["model.vocab_size=256", "model.hidden_size=32", "model.num_layers=2", "m
         "model.max_position_embeddings=16"]
 
 
-def _kernel_cells(model) -> int:
-    return sum(bool(getattr(cell, "use_kernel", False)) for _, cell in model.cells_and_names())
+def _kernel_cells(model) -> tuple[int, int]:
+    """(cells using a CPU kernel, linear layers using the BLAS matmul)."""
+    cells = [cell for _, cell in model.cells_and_names()]
+    return (sum(bool(getattr(cell, "use_kernel", False)) for cell in cells),
+            sum(getattr(cell, "blas", None) is not None for cell in cells))
 
 
 def _train(cfg, state, fusions: str, steps: int):
@@ -54,12 +58,15 @@ def check_train_same_loss(mode: str) -> None:
     cfg = load_config(None, TINY)
     start, fused, n_fused = _train(cfg, None, "kernels", 4)
     _, composed, n_composed = _train(cfg, start, "composed", 4)
-    # 2 layers: 2 x (2 norms + rotary + attention + swiglu) + final norm
-    assert (n_fused, n_composed) == (11, 0), (n_fused, n_composed)
-    loss_f, loss_c = np.array(fused), np.array(composed)
+    _, auto, n_auto = _train(cfg, start, "auto", 4)
+    # 2 layers: 2 x (2 norms + rotary + attention + swiglu) + final norm; the BLAS matmul in
+    # 2 x (qkv, proj, fc1, fc2) + the output layer
+    assert (n_fused, n_composed, n_auto) == ((11, 9), (0, 0), (0, 9)), (n_fused, n_composed, n_auto)
+    loss_f, loss_c, loss_a = np.array(fused), np.array(composed), np.array(auto)
     assert loss_f[-1, 0] < loss_f[0, 0], "the model did not train"
     np.testing.assert_allclose(loss_f, loss_c, rtol=1e-5)
-    print("losses", loss_f[:, 0], loss_c[:, 0])
+    np.testing.assert_allclose(loss_a, loss_c, rtol=1e-5)
+    print("losses", loss_f[:, 0], loss_c[:, 0], loss_a[:, 0])
     print("TRAIN_SAME_OK")
 
 
