@@ -44,16 +44,16 @@ def bucket(prompt_width: int, max_new_tokens: int) -> tuple[int, int]:
 class _Step(nn.Cell):
     """``(ids [b, s], positions [b, s], key_mask [b, T]) -> (argmax ids [b, 1] int32, next
     positions [b, 1], last logits [b, V])``; advances the cache by ``s``. One graph serves
-    greedy decoding (the ids feed the next step) and sampling (the host reads the logits)."""
+    greedy decoding (the ids feed the next step) and sampling (the host reads the logits).
+    The head runs on the last position only (``GPTModel.last_logits``)."""
 
     def __init__(self, model, cache):
         super().__init__()
         self.model, self.cache = model, cache
 
     def construct(self, ids, positions, key_mask):
-        logits = self.model(ids, positions, key_mask, None, self.cache)  # [b, s, V]
+        last = self.model.last_logits(ids, positions, key_mask, self.cache)  # [b, V]
         self.cache.advance(ids.shape[1])
-        last = logits[:, -1, :]
         nxt = ops.argmax(last, -1).astype(ms.int32)  # [b]
         return nxt.reshape(-1, 1), positions[:, -1:] + 1, last  # [b] -> [b, 1]
 

@@ -109,7 +109,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mcore.parallel_state import ModelGroups, ProcessGroup
-from mcore.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from mcore.tensor_parallel.cross_entropy import TokenCrossEntropy
 from mcore.tensor_parallel.embedding import VocabParallelEmbedding
 from mcore.tensor_parallel.layers import ColumnParallelLinear, NormHead
 from mcore.tensor_parallel.mappings import (CopyToTPRegion, GatherFromSPRegion,
@@ -212,6 +212,8 @@ class GPTModel(nn.Cell):
         self.moe_layers = self.decoder.moe_layers + mtp_moe
         self.seq_split = tp_group.size if sp else 1  # the stage input is [b, s/seq_split, h]
         self.gather_logits = GatherFromTPRegion(tp_group)
+        # per-token loss [b, s]; at tp=1 the fused cross-entropy (mcore.fusions) where there is one
+        self.cross_entropy = TokenCrossEntropy(tp_group) if self.post_process else None
         self.matmul_t = ops.MatMul(transpose_b=True)
 
     def save_pretrained(self, path, max_shard_bytes: int | None = None) -> None:
@@ -285,7 +287,7 @@ class GPTModel(nn.Cell):
         if not self.post_process:
             return x  # [b, s, h]
         if labels is not None:
-            return vocab_parallel_cross_entropy(x, labels, self.tp_group)  # [b, s]
+            return self.cross_entropy(x, labels)  # [b, s, V/tp] -> [b, s]
         return self.gather_logits(x)  # [b, s, V/tp] -> [b, s, V]
 
     def construct(self, input_ids, position_ids=None, key_mask=None, labels=None, cache=None):
@@ -296,6 +298,20 @@ class GPTModel(nn.Cell):
         if labels is not None and not self.post_process:
             raise ValueError("GPTModel: labels given to a stage without post_process (no head)")
         return self._finish(self.stage_forward(input_ids, position_ids, key_mask, cache), labels)
+
+    def last_logits(self, input_ids, position_ids=None, key_mask=None, cache=None):
+        """Logits of the LAST position only, ``[b, V]`` (what generation needs: the head runs
+        on ``b`` rows instead of ``b s``); inputs as ``construct``. A whole model or a last
+        stage, without sequence parallelism."""
+        if self.seq_split > 1 or not self.post_process:
+            raise ValueError("GPTModel.last_logits: needs the output head (post_process) and no "
+                             "sequence parallelism")
+        x, cos, sin = self._enter(input_ids, position_ids, cache)
+        x = self.decoder(x, cos, sin, key_mask, cache)  # [b, s, h]
+        if x.shape[1] > 1:
+            x = x[:, -1:, :]  # [b, s, h] -> [b, 1, h]
+        logits = self.gather_logits(self._head(x))  # [b, 1, h] -> [b, 1, V]
+        return logits.reshape(logits.shape[0], logits.shape[2])  # [b, 1, V] -> [b, V]
 
     def forward_with_aux(self, input_ids, position_ids=None, key_mask=None, labels=None):
         """``construct``'s output plus the router losses: ``-> (out, aux [L, 3], counts [L, E])``
@@ -323,7 +339,7 @@ class GPTModel(nn.Cell):
             raise ValueError("GPTModel: labels given to a stage without post_process (no head)")
         x, cos, sin = self._enter(input_ids, position_ids, None)
         x, aux, counts = self.decoder.forward_with_aux(x, cos, sin, key_mask)  # x: final-normed
-        token_loss = vocab_parallel_cross_entropy(self._head(x), labels, self.tp_group)  # [b, s]
+        token_loss = self.cross_entropy(self._head(x), labels)  # [b, s, V/tp] -> [b, s]
         lm_loss = token_loss.mean() if denom is None else token_loss.sum() / denom
         loss = lm_loss + aux.sum()
         if self.mtp is None:
@@ -358,7 +374,7 @@ class GPTModel(nn.Cell):
                 counts += (count,)
             else:
                 hidden = layer(hidden, self.embedding(ids), cos, sin, key_mask)  # [b, s, h]
-            token_loss = vocab_parallel_cross_entropy(self._head(hidden), target, self.tp_group)
+            token_loss = self.cross_entropy(self._head(hidden), target)  # [b, s]
             if denom is None:
                 valid = (target != -100).astype(ms.float32)  # [b, s]
                 losses += (token_loss.sum() / ops.maximum(valid.sum(), 1.0),)

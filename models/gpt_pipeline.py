@@ -54,7 +54,7 @@ from mindspore import nn
 from mcore.parallel_state import ModelGroups, ParallelDims, ProcessGroup
 from mcore.pipeline_parallel.stage import (PipelineModel, PipelineStage, StageRunner,
                                            split_layers, sync_embedding_grads)
-from mcore.tensor_parallel.cross_entropy import vocab_parallel_cross_entropy
+from mcore.tensor_parallel.cross_entropy import TokenCrossEntropy
 from models.gpt import GPTModel, StageSpec
 from models.hf import build_from_config, check_names, family_of, load_weights
 from models.safetensors_io import read_checkpoint
@@ -87,9 +87,10 @@ class VocabParallelMeanLoss(nn.Cell):
     def __init__(self, tp_group: ProcessGroup):
         super().__init__()
         self.tp_group = tp_group
+        self.cross_entropy = TokenCrossEntropy(tp_group)  # fused at tp=1 (mcore.fusions)
 
     def construct(self, logits, labels, denom=None):
-        loss = vocab_parallel_cross_entropy(logits, labels, self.tp_group)  # [b, s]
+        loss = self.cross_entropy(logits, labels)  # [b, s, V/tp] -> [b, s]
         if denom is None:
             return loss.mean()  # [b, s] -> []
         return loss.sum() / denom  # [b, s] -> []

@@ -298,8 +298,9 @@ def save_pretrained(model: GPTModel, path, max_shard_bytes: int | None = None) -
     if info is None:
         raise ValueError("save_pretrained: model has no Hugging Face config (build it with "
                          "from_pretrained or build_from_config)")
-    if not (model.pre_process and model.post_process
-            and len(model.layer_range) == model.config.num_layers):
+    staged = hasattr(model, "layer_range")  # a family's build_model makes whole models
+    if staged and not (model.pre_process and model.post_process
+                       and len(model.layer_range) == model.config.num_layers):
         raise ValueError(f"save_pretrained: model is one pipeline stage (pre_process="
                          f"{model.pre_process}, post_process={model.post_process}, layer_range="
                          f"{model.layer_range}); merge the stages' full_state first")

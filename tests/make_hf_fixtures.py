@@ -20,6 +20,10 @@ transformers' load-balancing loss on ``input_ids`` (``output_router_logits=True`
 ``router_aux_loss_coef``). ``--only mixtral qwen3_moe`` writes just those. ``qwen2_moe``
 (legacy/): 3 layers, layer 1 dense, a gated shared expert, ``norm_topk_prob=True``.
 
+Encoders (``ENCODERS``: ``bert``, ``BertForMaskedLM``; ``make_encoder``): the same tiny sizes,
+3 token types; ``reference.npz`` holds MLM logits for a batch with token types and a padded row
+(no generation). ``--only bert`` writes just that.
+
 Legacy families (``gpt2``, ``gpt_bigcode`` multi-query, ``gpt_bigcode_mha`` its per-head
 interleaved multi-head form, ``bloom`` with ALiBi; ``legacy/``):
 configs in their own key names (``LEGACY``), the same tiny sizes, 4 heads, 64 positions.
@@ -31,6 +35,9 @@ experts in 2 groups, YaRN; V3 also gets a random MTP layer appended as layer 3 a
 kept expert) are checked like the router gaps above. Llama-family aliases (``ALIASES``:
 ``llama2``, ``llama3_2``, ``deepseek_coder``) are Llama checkpoints with their distinguishing
 config choices.
+
+T5 (``t5`` ReLU + tied head, ``t5_v1_1`` gated-GELU + separate head; encoder-decoder, legacy/):
+``tests/make_t5_fixtures.py`` (encoder padding mask, labels and loss in ``reference.npz``).
 
 TeleChat2 has no transformers implementation: its reference is a Llama model with biases only
 on o_proj and down_proj (TeleChat2's architecture), saved under TeleChat2's weight names.
@@ -46,6 +53,8 @@ import numpy as np
 import torch
 import transformers
 from safetensors.torch import save_file
+
+from make_t5_fixtures import T5_FAMILIES, make_t5  # tests/ is sys.path[0] for this script
 
 VOCAB, HIDDEN, FFN, LAYERS = 256, 64, 128, 2
 BASE = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
@@ -136,6 +145,12 @@ FAMILIES["qwen2_moe"] = (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCa
     num_hidden_layers=3, moe_intermediate_size=32, shared_expert_intermediate_size=48,
     num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1,
     mlp_only_layers=[1], rope_parameters=dict(rope_type="default", rope_theta=1e6)))
+# Encoders (no generation): BERT masked LM with 3 token types, 64 positions.
+ENCODERS = {
+    "bert": (transformers.BertConfig, transformers.BertForMaskedLM, dict(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+        num_attention_heads=4, max_position_embeddings=64, type_vocab_size=3, pad_token_id=0)),
+}
 # families whose default seed (100 + index) gives a too-small top-2 or router gap
 SEEDS = {"llama2": 7, "deepseek_v3": 1, "deepseek_v2": 9, "qwen2_moe": 1}
 
@@ -250,6 +265,38 @@ def make(family: str, out: Path, seed: int) -> dict:
             "bytes": sum(f.stat().st_size for f in target.iterdir())}
 
 
+def make_encoder(family: str, out: Path, seed: int) -> dict:
+    """A randomised encoder saved in bfloat16 and ``reference.npz``: ``input_ids [2, 8]``,
+    ``token_type_ids [2, 8]`` (types 0..2), ``attention_mask [2, 8]`` (row 1 ends in 3 padding
+    tokens) and transformers' MLM ``logits [2, 8, 256]`` on them (float32)."""
+    config_cls, model_cls, extra = ENCODERS[family]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**extra)).eval()
+    randomise(model, seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("LayerNorm.weight"):  # norm scales near 1
+                p.add_(1.0)
+            p.copy_(p.to(torch.bfloat16).to(torch.float32))
+    target = out / family
+    shutil.rmtree(target, ignore_errors=True)
+    model.to(torch.bfloat16).save_pretrained(target)
+    ref_model = model_cls.from_pretrained(target, dtype=torch.float32).eval()
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, VOCAB, size=(2, 8)).astype(np.int64)
+    types = rng.integers(0, 3, size=(2, 8)).astype(np.int64)
+    mask = np.ones((2, 8), np.int64)
+    mask[1, 5:] = 0
+    ids[1, 5:] = 0  # [PAD]
+    with torch.no_grad():
+        logits = ref_model(input_ids=torch.from_numpy(ids), token_type_ids=torch.from_numpy(types),
+                           attention_mask=torch.from_numpy(mask)).logits.float().numpy()
+    np.savez(target / "reference.npz", input_ids=ids.astype(np.int32),
+             token_type_ids=types.astype(np.int32), attention_mask=mask.astype(np.int32),
+             logits=logits)
+    return {"family": family, "bytes": sum(f.stat().st_size for f in target.iterdir())}
+
+
 def router_topk_gap(model, tokens, cfg) -> float:
     """Smallest gap, over every MoE layer and token of ``tokens``, between the router logits of
     the k-th and (k+1)-th expert (softmax is monotone, so this bounds the selection)."""
@@ -318,12 +365,21 @@ def deepseek_router_gap(model, tokens, cfg) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default=str(Path(__file__).parent / "fixtures" / "hf"))
-    parser.add_argument("--only", nargs="+", choices=list(FAMILIES), default=list(FAMILIES),
+    parser.add_argument("--only", nargs="+",
+                        choices=list(FAMILIES) + list(ENCODERS) + list(T5_FAMILIES),
+                        default=list(FAMILIES) + list(ENCODERS) + list(T5_FAMILIES),
                         help="families to (re)write; the others are left untouched")
     args = parser.parse_args()
     out = Path(args.out)
     for family in args.only:
-        info = make(family, out, seed=SEEDS.get(family, 100 + list(FAMILIES).index(family)))
+        if family in ENCODERS:
+            print(make_encoder(family, out, seed=SEEDS.get(family, 300)))
+            continue
+        if family in T5_FAMILIES:
+            info = make_t5(family, out,
+                           seed=SEEDS.get(family, 200 + list(T5_FAMILIES).index(family)))
+        else:
+            info = make(family, out, seed=SEEDS.get(family, 100 + list(FAMILIES).index(family)))
         print(info)
         if info["min_top2_gap"] < 1e-3:
             raise SystemExit(f"{family}: greedy top-2 gap {info['min_top2_gap']} too small; "

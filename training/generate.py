@@ -101,21 +101,28 @@ def resolve(source: str, tokenizer: str | None = None) -> Source:
     """``Source`` of ``source``: ``LoadError`` if it is no checkpoint / HF directory, ``DataError``
     if the tokenizer file does not exist."""
     from models.errors import LoadError
-    from models.hf import read_config
+    from models.hf import read_config, vocab_size_of
     from training.checkpointing import read_meta
 
     src = Path(source)
     ckpt = _checkpoint_dir(src) if src.is_dir() else None
     if ckpt is not None:
         meta = read_meta(ckpt)["meta"]
-        found = Source("checkpoint", ckpt, tokenizer or meta.get("tokenizer"),
-                       int(meta["config"]["model"]["vocab_size"]), meta)
+        model = meta["config"]["model"]
+        vocab = int(model["vocab_size"])  # a run from model.hf_path: that directory's vocabulary
+        if model.get("hf_path") and (Path(model["hf_path"]) / "config.json").is_file():
+            vocab = int(vocab_size_of(read_config(Path(model["hf_path"]))))
+        found = Source("checkpoint", ckpt, tokenizer or meta.get("tokenizer"), vocab, meta)
         where = f"the checkpoint's recorded tokenizer ({ckpt / 'meta.json'})"
     elif (src / "config.json").is_file():
         hf = read_config(src)
-        if "vocab_size" not in hf:
-            raise LoadError(f"{src / 'config.json'}: missing required key 'vocab_size'")
-        found = Source("hf", src, tokenizer or src / "tokenizer.json", int(hf["vocab_size"]))
+        try:
+            vocab = int(vocab_size_of(hf))  # a family's own key: ChatGLM's padded_vocab_size
+        except KeyError as exc:
+            raise LoadError(f"{src / 'config.json'}: missing required key {exc}") from None
+        except ValueError as exc:  # a model_type no family holds
+            raise LoadError(f"{src / 'config.json'}: {exc}") from None
+        found = Source("hf", src, tokenizer or src / "tokenizer.json", vocab)
         where = f"'{src / 'tokenizer.json'}'"
     else:
         raise LoadError(f"'{source}' is neither a training checkpoint (meta.json), a run "

@@ -229,6 +229,31 @@ def hf_dir_config(cfg):
     return tcfg, family, hf
 
 
+def model_vocab(cfg) -> int:
+    """The model's vocabulary (embedding rows): ``model.hf_path``'s config.json through
+    ``models.hf.vocab_size_of`` (a family's own key, e.g. ChatGLM's ``padded_vocab_size``), else
+    ``model.vocab_size``. ``ConfigError`` if the directory's config names no vocabulary."""
+    if not cfg.model.hf_path:
+        return cfg.model.vocab_size
+    from models.hf import vocab_size_of
+
+    _, family, hf = hf_dir_config(cfg)
+    try:
+        vocab = vocab_size_of(hf, family)
+    except KeyError as exc:
+        raise ConfigError(f"model.hf_path: its config.json has no vocabulary size "
+                          f"({exc})") from None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab <= 0:
+        raise ConfigError(f"model.hf_path: the vocabulary size {vocab!r} of its config.json is "
+                          "not a positive integer")
+    return vocab
+
+
+def vocab_key(cfg) -> str:
+    """Where ``model_vocab(cfg)`` comes from, for error messages."""
+    return "model.hf_path's vocabulary" if cfg.model.hf_path else "model.vocab_size"
+
+
 def build_gpt(cfg, tp_group=None, stage=None, embedding_group=None, groups=None):
     """A randomly initialised ``GPTModel`` (or pipeline ``stage``, a ``models.StageSpec``) of
     ``transformer_config(cfg)`` over ``groups`` (a ``ModelGroups``; or the older ``tp_group``),

@@ -43,7 +43,7 @@ the logits (cast back to fp32 by a forward hook on the head) and the cross-entro
 fp16 uses a static loss scale ``S`` (``training.loss_scale``, default 1024): backward runs on
 ``S * loss`` and ``acc += d(S loss_k)/dw * (1 / (n S))``, so the gradients are unscaled before
 the dp all-reduce and the clipping; an overflowing step is skipped as above (its norm, inf or
-nan, is returned). bf16 has no compute kernels on CPU (``training/pretrain.py:check_supported``
+nan, is returned). bf16 has no compute kernels on CPU (``training/run_checks.py:check_supported``
 refuses it there).
 ``mode``: ``set_mode("graph")`` compiles every Cell call (GRAPH_MODE, 3-5x faster than PyNative
 on CPU, first compile ~5-15 s); ``"pynative"`` runs eagerly for debugging. Same numbers either way

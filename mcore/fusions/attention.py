@@ -7,6 +7,8 @@
 - on CPU, the C++ kernel of the ``mcore.fusions`` registry (op "attention") for float32 causal
   attention without ``key_mask``, ``q_offset`` or ALiBi (training and prefill; the kernel keeps
   one score row per thread, never ``[s, t]``); and
+- ``one_token_attention`` for ONE query per row at a ``q_offset`` (the compiled decode step over
+  a static or slot cache; causal, no ALiBi): ``blocked_attention``'s result in a few ops; and
 - ``blocked_attention``, a composed implementation that runs everywhere. It handles grouped
   key/value heads without copying them (queries are viewed as ``[b, g_kv, heads_per_group, s, d]``)
   and walks the queries in blocks of ``block_size`` rows, so at most one
@@ -24,6 +26,13 @@ the plain padding mask of generation (a padding query still sees every real key 
 ALiBi: with ``alibi_slopes`` (one float per LOCAL query head) the composed path adds
 ``slope_head * (key_pos - query_pos)`` to the scaled scores before the mask (the fused kernel
 is not used then).
+
+Additive bias: ``construct(..., bias=)`` takes a float Tensor ``[b or 1, n or 1, s or 1, t]``
+(``n`` = this rank's query heads) added to the scaled scores before the mask, e.g. T5's
+relative position bias (``mcore.transformer.relative_position``); always the composed path.
+
+Cross-attention (``causal=False`` with ``s != t``: queries and keys are different sequences):
+``key_mask`` only hides padding keys (``<= 0``); segment ids are not compared.
 """
 from __future__ import annotations
 
@@ -35,12 +44,26 @@ from mcore.fusions.registry import choice, fused_cell
 _NEG = -1.0e30
 
 
+def _bias_blocks(bias, b, n_kv, g, s):
+    """``bias [B, N, S, t]`` (B in {1, b}, N in {1, n_kv g}, S in {1, s}) as
+    ``[B, n_kv or 1, g or 1, S, t]``, the head layout of the grouped scores."""
+    big_b, heads, rows, t = bias.shape
+    if big_b not in (1, b) or heads not in (1, n_kv * g) or rows not in (1, s):
+        raise ValueError(f"attention bias of shape {tuple(bias.shape)} does not broadcast to "
+                         f"[{b}, {n_kv * g}, {s}, t]")
+    if heads == 1:
+        return bias.reshape(big_b, 1, 1, rows, t)  # [B, 1, S, t] -> [B, 1, 1, S, t]
+    return bias.reshape(big_b, n_kv, g, rows, t)  # [B, n, S, t] -> [B, n_kv, g, S, t]
+
+
 def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 1024,
-                      q_offset=None, alibi=None, causal: bool = True):
+                      q_offset=None, alibi=None, causal: bool = True, bias=None):
     """q ``[b, n, s, d]``, k / v ``[b, n_kv, t, d]`` (n divisible by n_kv) -> ``[b, n, s, d]``.
 
     ``causal=False``: every query sees every key (bidirectional encoders, cross-attention);
-    ``key_mask`` then only hides padding and other segments, and ``q_offset`` is ignored.
+    ``key_mask`` then only hides padding and other segments (only padding when ``s != t``:
+    cross-attention), and ``q_offset`` is ignored. ``bias``: None or an additive float bias
+    ``[b or 1, n or 1, s or 1, t]`` on the scaled scores.
 
     ``q_offset``: position of query 0 among the keys (int or int32 scalar Tensor); None =
     ``t - s`` (queries are the last s keys). ``alibi``: None or the ALiBi slopes of the ``n``
@@ -57,6 +80,9 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
         seg_k = key_mask.astype(ms.int32).reshape(b, 1, 1, 1, t)  # [b, t] -> [b, 1, 1, 1, t]
         keep_keys = seg_k > 0
     k_pos = ops.arange(0, t, 1, dtype=ms.int32).reshape(1, t)  # [1, t]
+    segments = causal or s == t  # cross-attention: query positions are not key positions
+    if bias is not None:
+        bias = _bias_blocks(bias.astype(ms.float32), b, n_kv, g, s)  # [B, n_kv|1, g|1, S, t]
     outs = []
     for start in range(0, s, block_size):
         stop = min(start + block_size, s)
@@ -70,7 +96,12 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
         if alibi is not None:
             distance = (k_pos - q_pos).astype(ms.float32)  # [c, t], <= 0 where kept
             scores = scores + alibi * distance  # [1, n_kv, g, 1, 1] * [c, t]
-        if keep_keys is not None:
+        if bias is not None:
+            rows = bias if bias.shape[3] == 1 or stop - start == s else bias[:, :, :, start:stop]
+            scores = scores + rows  # + [B, n_kv|1, g|1, c|1, t]
+        if keep_keys is not None and not segments:
+            keep = ops.logical_and(keep, keep_keys)  # [b, 1, 1, 1, t]: padding only
+        elif keep_keys is not None:
             # the query's own segment id: key_mask at its absolute position
             seg_q = ops.gather(seg_k.reshape(b, t), q_pos.reshape(-1), 1)  # [b, t] -> [b, c]
             seg_q = seg_q.reshape(b, 1, 1, stop - start, 1)  # [b, c] -> [b, 1, 1, c, 1]
@@ -81,6 +112,35 @@ def blocked_attention(q, k, v, scale: float, key_mask=None, block_size: int = 10
         outs.append(ops.matmul(probs, vg))  # [b, n_kv, g, c, t] @ [b, n_kv, 1, t, dv]
     out = outs[0] if len(outs) == 1 else ops.cat(outs, 3)  # [b, n_kv, g, s, dv]
     return out.reshape(b, n, s, out.shape[-1])  # [b, n_kv, g, s, dv] -> [b, n, s, dv]
+
+
+def one_token_attention(q, k, v, scale: float, key_mask=None, q_offset=None):
+    """``blocked_attention`` (causal, no ALiBi) for ONE query per row, in a few ops: the decode
+    step over a cache. q ``[b, n, 1, d]``, k / v ``[b, n_kv, t, d]`` -> ``[b, n, 1, dv]``.
+
+    The ``g = n / n_kv`` query heads of a key group are the rows of one product with the
+    group's keys (``[b, n_kv, g, d] @ [b, n_kv, t, d]^T``: no transposed or repeated copy of
+    the cache); the mask (key ``j`` kept when ``j <= q_offset``, the key is not padding and, when
+    the query's own ``key_mask`` value is a segment id > 0, the key carries the same id) is one
+    ``select``."""
+    b, n, _, d = q.shape
+    n_kv, t = k.shape[1], k.shape[2]
+    qg = q.reshape(b, n_kv, n // n_kv, d)  # [b, n, 1, d] -> [b, n_kv, g, d]
+    scores = ops.BatchMatMul(transpose_b=True)(qg.astype(ms.float32), k.astype(ms.float32))
+    scores = scores * scale  # [b, n_kv, g, t]
+    q_pos = t - 1 if q_offset is None else q_offset  # the query's absolute position
+    keep = ops.arange(0, t, 1, dtype=ms.int32) <= q_pos  # [t]
+    if key_mask is not None:
+        seg_k = key_mask.astype(ms.int32)  # [b, t]
+        at = Tensor([q_pos], ms.int32) if isinstance(q_pos, int) else q_pos.reshape(1)  # [1]
+        seg_q = ops.gather(seg_k, at, 1)  # [b, 1]: the query's own segment id
+        same = ops.logical_or(ops.equal(seg_k, seg_q), seg_q <= 0)  # [b, t]
+        keep = ops.logical_and(ops.logical_and(keep, seg_k > 0), same)  # [b, t]
+        keep = keep.reshape(b, 1, 1, t)  # [b, t] -> [b, 1, 1, t]
+    scores = ops.select(keep, scores, _NEG)
+    probs = ops.softmax(scores, -1).astype(v.dtype)
+    out = ops.matmul(probs, v)  # [b, n_kv, g, t] @ [b, n_kv, t, dv] -> [b, n_kv, g, dv]
+    return out.reshape(b, n, 1, out.shape[-1])  # [b, n_kv, g, dv] -> [b, n, 1, dv]
 
 
 def fused_available() -> bool:
@@ -132,7 +192,10 @@ class CoreAttention(nn.Cell):
             causal = ops.triu(ops.ones((2048, 2048), ms.uint8), 1)
             self.fused_mask = Tensor(causal.asnumpy())
 
-    def construct(self, q, k, v, key_mask=None, q_offset=None):
+    def construct(self, q, k, v, key_mask=None, q_offset=None, bias=None):
+        if bias is not None:  # an additive bias: only the composed path takes one
+            return blocked_attention(q, k, v, self.scale, key_mask, self.block_size, q_offset,
+                                     self.alibi, self.causal, bias)
         if self.use_fused and key_mask is None and q_offset is None and q.shape[2] == k.shape[2]:
             return ops.flash_attention_score(q, k, v, self.num_heads, attn_mask=self.fused_mask,
                                              scalar_value=self.scale, input_layout="BNSD",
@@ -140,5 +203,7 @@ class CoreAttention(nn.Cell):
         if (self.use_kernel and key_mask is None and q_offset is None and q.dtype == ms.float32
                 and q.shape[2] <= k.shape[2] and v.shape[3] == q.shape[3]):
             return self.kernel(q, k, v)
+        if q.shape[2] == 1 and q_offset is not None and self.causal and self.alibi is None:
+            return one_token_attention(q, k, v, self.scale, key_mask, q_offset)
         return blocked_attention(q, k, v, self.scale, key_mask, self.block_size, q_offset,
                                  self.alibi, self.causal)

@@ -1,7 +1,7 @@
 """Build the C++ CPU kernels of ``csrc/`` once per machine and return the shared library path.
 
 ``build_cpu_kernels()`` compiles the sources of ``csrc/`` (``cpu_kernels.cc``,
-``norm_kernels.cc``, sharing ``common.h``) into one library with the machine's C++ compiler
+``norm_kernels.cc``, ``cross_entropy.cc``, sharing ``common.h``) into one library with the machine's C++ compiler
 (``$CXX``, else ``g++``) at first use. Flags: ``-O3 -march=native -fopenmp -fno-math-errno`` when
 the compiler accepts them (never ``-ffast-math``: loading such a library switches the process to
 flush-to-zero for subnormals, and it drops the inf / NaN that non-finite-step detection needs),
@@ -29,7 +29,8 @@ import tempfile
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "cpu_kernels.cc", CSRC / "norm_kernels.cc")  # compiled
+SOURCES = (CSRC / "cpu_kernels.cc", CSRC / "norm_kernels.cc",
+           CSRC / "cross_entropy.cc")
 HEADERS = (CSRC / "common.h",)  # only hashed
 FAST_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 PLAIN_FLAGS = ("-O3",)
@@ -63,11 +64,13 @@ def _version(cxx: str) -> str:
     return out.stdout.splitlines()[0] if out.stdout else cxx
 
 
-def _compile(cxx: str, flags: tuple[str, ...], target: Path) -> None:
-    """Compile SOURCES into ``target`` through a temporary file and an atomic rename."""
+def _compile(cxx: str, flags: tuple[str, ...], target: Path,
+             sources: tuple[Path, ...] = SOURCES, link: tuple[str, ...] = ()) -> None:
+    """Compile ``sources`` into ``target`` (``link``: arguments after the sources, e.g. ``-l``)
+    through a temporary file and an atomic rename."""
     fd, tmp = tempfile.mkstemp(suffix=".so.tmp", dir=target.parent)
     os.close(fd)
-    cmd = [cxx, *flags, "-shared", "-fPIC", "-o", tmp, *map(str, SOURCES)]
+    cmd = [cxx, *flags, "-shared", "-fPIC", "-o", tmp, *map(str, sources), *link]
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=300)
         if out.returncode != 0:

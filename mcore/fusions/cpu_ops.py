@@ -1,7 +1,8 @@
 """MindSpore Cells around the C++ CPU kernels (``csrc/cpu_kernels.cc``), float32 only.
 
-Each Cell calls an ``ops.Custom(func_type="aot")`` forward whose ``bprop`` calls the matching
-backward kernel, so they differentiate in PyNative, under ``mindspore.jit`` and in GRAPH_MODE.
+Each Cell calls an ``ops.Custom(func_type="aot")`` forward (``CpuMatmul``: MindSpore's MatMul)
+whose ``bprop`` calls the matching backward kernel, so they differentiate in PyNative, under
+``mindspore.jit`` and in GRAPH_MODE.
 Callers check the dtype and use the composed op for anything but float32.
 
 - ``CpuRMSNorm(eps)(x [..., h], weight [h]) -> [..., h]``
@@ -12,6 +13,10 @@ Callers check the dtype and use the composed op for anything but float32.
   cos and sin are treated as constants (their gradient is zero: they come from positions).
 - ``CpuCausalAttention(scale)(q [b, n, s, d], k, v [b, n_kv, t, d]) -> [b, n, s, d]``: causal,
   queries aligned to the end of the keys, grouped kv heads; one score row per thread.
+- ``CpuMatmul(x [m, k], w [n, k]) -> x w^T [m, n]``: ``ops.MatMul`` forward, OpenBLAS sgemm
+  backward (its own library, ``blas_build``): ``dx = dy w``, ``dw = dy^T x`` in one call.
+- ``CpuCrossEntropy(ignore_index)(logits [..., V], labels [...]) -> loss [...]`` float32 (any
+  float logits, upcast); only a log-sum-exp per row is kept for the backward.
 
 Build them through ``mcore.fusions.registry``, which compiles the library and falls back to
 the composed ops when that fails.
@@ -163,3 +168,71 @@ class CpuCausalAttention(nn.Cell):
 
     def construct(self, q, k, v):
         return self.forward(q, k, v, self.scale)[0]
+
+
+class CpuMatmul(nn.Cell):
+    """``x [m, k] @ w [n, k]^T -> [m, n]``: the forward is ``ops.MatMul(transpose_b=True)``
+    (as fast as sgemm there, and no custom-op call in decoding), the backward OpenBLAS sgemm
+    (``dx = dy w``, ``dw = dy^T x`` in one call), where MindSpore's transposed CPU matmuls are
+    slow. ``library`` is the BLAS matmul library (``blas_build.build_blas_matmul``). Inputs
+    of another dtype (e.g. cast to float16 by ``Cell.to_float`` of an enclosing layer) take
+    MindSpore's matmuls both ways."""
+
+    def __init__(self, library: str):
+        super().__init__()
+        self.matmul = ops.MatMul(transpose_b=True)
+        self.grad_x, self.grad_w = ops.MatMul(), ops.MatMul(transpose_a=True)
+        self.backward = _custom(library, "MatmulNTBwd", _second_two, _twice)
+
+    def construct(self, x, w):
+        return self.matmul(x, w)
+
+    def bprop(self, x, w, out, dout):
+        if x.dtype == ms.float32 and w.dtype == ms.float32 and dout.dtype == ms.float32:
+            return self.backward(dout, x, w)
+        dout = dout.astype(x.dtype)  # MindSpore's matmuls want one dtype
+        dx = self.grad_x(dout, w.astype(x.dtype))  # [m, n] [n, k] -> [m, k]
+        return dx, self.grad_w(dout, x).astype(w.dtype)  # [n, m] [m, k] -> [n, k]
+
+
+def _rows_twice(logits, labels):
+    return labels, labels  # loss and lse: one per row
+
+
+def _float32_twice(logits, labels):
+    return ms.float32, ms.float32
+
+
+def _first_shape(first, *rest):
+    return first
+
+
+def _float32(*dtypes):
+    return ms.float32
+
+
+class CpuCrossEntropy(nn.Cell):
+    """Cross-entropy over the last axis (the composed ``VocabParallelCrossEntropy`` at tp=1,
+    no label smoothing): ``logits [..., V]``, ``labels [...]`` int32 / int64 in ``[0, V)`` or
+    ``ignore_index`` -> ``loss [...]`` float32, 0 where ignored. The forward keeps the
+    log-sum-exp ``[...]``; the backward writes ``(softmax - onehot) * dloss`` in one pass over
+    the logits, its only vocabulary-sized buffer. fp16 / bf16 logits are upcast to float32."""
+
+    def __init__(self, library: str, ignore_index: int = -100):
+        super().__init__()
+        self.remap = ignore_index >= 0  # the kernel ignores labels outside [0, V)
+        self.ignore_index = ignore_index
+        backward = _custom(library, "CrossEntropyBwd", _first_shape, _float32)
+
+        def bprop(logits, labels, out, dout):
+            grad = backward(logits, labels, out[1], dout[0], dout[1])  # [..., V]
+            return grad, ops.zeros_like(labels)
+
+        self.forward = _custom(library, "CrossEntropyFwd", _rows_twice, _float32_twice, bprop)
+
+    def construct(self, logits, labels):
+        if logits.dtype != ms.float32:
+            logits = logits.astype(ms.float32)
+        if self.remap:
+            labels = ops.select(labels == self.ignore_index, ops.full_like(labels, -1), labels)
+        return self.forward(logits, labels)[0]

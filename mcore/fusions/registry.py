@@ -4,8 +4,12 @@ One rule: every fused op has a composed reference that runs on every device and 
 two agree forward and backward (``tests/mcore/fusions``). The choice is made when a layer is
 built (``fused_cell``), never per call:
 
-- CPU: the C++ kernel of ``csrc/`` (compiled at first use, ``cpu_build``) when the compiler
-  is there and the build succeeds; else the composed op (a warning says why, once per process).
+- CPU: the op's CPU kernel when the compiler is there and the build succeeds: the C++
+  kernels of ``csrc/`` (compiled at first use, ``cpu_build``) and the matmul whose backward is
+  OpenBLAS sgemm (a library of its own built by ``blas_build``; ``BLAS_MATMUL_BY_DEFAULT``
+  records the measured choice, docs/performance.md "BLAS matmul"); else the composed op (a
+  warning says why, once per process). An op registered with ``cpu_by_default=False`` takes its
+  kernel only with ``MSFORMERS_FUSIONS=kernels``.
 - Ascend: the device's own fused op where the registry lists one (``device_builders``).
 - Anything else: the composed op.
 
@@ -22,6 +26,8 @@ CPU kernels); ``MSFORMERS_FUSIONS=auto`` (the default) and ``kernels`` choose as
 | swiglu | ``silu(gate) * up`` in ``mcore.transformer.mlp`` | ``CpuSwiGLU`` | ``ops.swiglu`` |
 | rotary | ``apply_rotary`` in ``mcore.transformer.rotary`` | ``CpuRotary`` | composed |
 | attention | ``blocked_attention`` (``fusions/attention.py``) | ``CpuCausalAttention`` | ``flash_attention_score`` |
+| matmul | ``ops.MatMul(transpose_b=True)`` (``tensor_parallel.layers``) | ``CpuMatmul`` (OpenBLAS backward) | composed |
+| cross_entropy | ``VocabParallelCrossEntropy`` at tp=1 | ``CpuCrossEntropy`` | composed |
 
 Fused kernels cover float32 inputs on CPU; layers call the composed op for other dtypes.
 """
@@ -37,22 +43,27 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mcore.fusions import cpu_ops
+from mcore.fusions.blas_build import blas_threads, build_blas_matmul, set_blas_threads
 from mcore.fusions.cpu_build import KernelBuildError, build_cpu_kernels
 
 ENV = "MSFORMERS_FUSIONS"
 MODES = ("auto", "composed", "kernels")
+BLAS_MATMUL_BY_DEFAULT = True  # "matmul" in "auto" mode: measured, docs/performance.md
 
 
 @dataclass(frozen=True)
 class FusedOp:
     """One registry entry. ``cpu_builder(library, **kwargs)`` and each
     ``device_builders[device](**kwargs)`` return a Cell computing the same function as the
-    composed reference (documented in the module docstring table)."""
+    composed reference (documented in the module docstring table). ``cpu_by_default``: the CPU
+    kernel is used in the "auto" mode too (not only with "kernels")."""
 
     name: str
     reference: str
     cpu_builder: Callable | None = None
     device_builders: dict = field(default_factory=dict)
+    cpu_library: str = "kernels"  # which library cpu_builder takes: "kernels" or "blas"
+    cpu_by_default: bool = True  # the CPU kernel in "auto" mode too (not only with "kernels")
 
 
 class _AscendRMSNorm(nn.Cell):
@@ -79,6 +90,10 @@ REGISTRY = {op.name: op for op in (
     FusedOp("rotary", "mcore.transformer.rotary.apply_rotary", cpu_builder=cpu_ops.CpuRotary),
     FusedOp("attention", "mcore.fusions.attention.blocked_attention",
             cpu_builder=cpu_ops.CpuCausalAttention, device_builders={"Ascend": None}),  # CoreAttention calls flash_attention_score itself
+    FusedOp("matmul", "ops.MatMul(transpose_b=True)", cpu_builder=cpu_ops.CpuMatmul,
+            cpu_library="blas", cpu_by_default=BLAS_MATMUL_BY_DEFAULT),
+    FusedOp("cross_entropy", "mcore.tensor_parallel.cross_entropy.VocabParallelCrossEntropy",
+            cpu_builder=cpu_ops.CpuCrossEntropy),
 )}
 
 
@@ -107,6 +122,24 @@ def fusions_mode() -> str:
 
 
 @functools.lru_cache(maxsize=None)
+def blas_library() -> str | None:
+    """The BLAS matmul library with ``$MSFORMERS_BLAS_THREADS`` OpenBLAS threads, or None
+    (with one warning) when it cannot be built."""
+    try:
+        library = build_blas_matmul()
+    except KernelBuildError as exc:
+        warnings.warn(f"mcore.fusions: BLAS matmul unavailable, using ops.MatMul: {exc}",
+                      RuntimeWarning, stacklevel=2)
+        return None
+    set_blas_threads(library, blas_threads())
+    return library
+
+
+def _library(op: FusedOp) -> str | None:
+    return blas_library() if op.cpu_library == "blas" else cpu_library()
+
+
+@functools.lru_cache(maxsize=None)
 def cpu_library() -> str | None:
     """The compiled CPU kernel library, or None (with one warning) when it cannot be built."""
     try:
@@ -125,8 +158,9 @@ def choice(name: str, device: str | None = None) -> str:
     mode, selected = _parse_switch()
     if mode == "composed":
         return "composed"
-    if (device == "CPU" and op.cpu_builder is not None
-            and (selected is None or name in selected) and cpu_library() is not None):
+    wanted = ((mode == "kernels" and (selected is None or name in selected))
+              or (mode == "auto" and op.cpu_by_default))
+    if wanted and device == "CPU" and op.cpu_builder is not None and _library(op) is not None:
         return "cpu_kernel"
     if device in op.device_builders:
         return "device"
@@ -138,8 +172,8 @@ def fused_cell(name: str, fused: bool | None = None, **kwargs) -> nn.Cell | None
 
     ``fused``: None = decide from the device and ``$MSFORMERS_FUSIONS``; False = composed;
     True = as None, but an error when no fused implementation is available here.
-    ``kwargs`` go to the builder (``eps`` for rms_norm and add_rms_norm, ``interleaved`` for rotary, ``scale`` for
-    attention).
+    ``kwargs`` go to the builder (``eps`` for rms_norm and add_rms_norm, ``interleaved`` for
+    rotary, ``scale`` for attention, ``ignore_index`` for cross_entropy).
     """
     if name not in REGISTRY:
         raise KeyError(f"unknown fused op {name!r}; registered: {sorted(REGISTRY)}")
@@ -153,6 +187,6 @@ def fused_cell(name: str, fused: bool | None = None, **kwargs) -> nn.Cell | None
         return None
     op = REGISTRY[name]
     if how == "cpu_kernel":
-        return op.cpu_builder(cpu_library(), **kwargs)
+        return op.cpu_builder(_library(op), **kwargs)
     builder = op.device_builders[ms.get_context("device_target")]
     return None if builder is None else builder(**kwargs)

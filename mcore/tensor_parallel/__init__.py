@@ -3,13 +3,14 @@
 - ``mappings``: f/g regions (copy / reduce / scatter / gather, sequence-parallel forms).
 - ``layers``: ``ColumnParallelLinear``, ``RowParallelLinear``, ``ReplicatedLinear``.
 - ``embedding``: ``VocabParallelEmbedding``.
-- ``cross_entropy``: ``vocab_parallel_cross_entropy`` (+ ``masked_mean``).
+- ``cross_entropy``: ``vocab_parallel_cross_entropy``, ``TokenCrossEntropy`` (its Cell with the
+  fused op at tp=1), ``masked_mean``.
 - ``random``: named seed streams (``model_parallel_seed``) and tp-independent initialisation.
 - ``recompute``: ``checkpoint`` / ``Recompute``.
 - ``sharding``: ``shard`` / ``merge`` full weights for a tp rank.
 """
-from mcore.tensor_parallel.cross_entropy import (VocabParallelCrossEntropy, masked_mean,
-                                                 vocab_parallel_cross_entropy)
+from mcore.tensor_parallel.cross_entropy import (TokenCrossEntropy, VocabParallelCrossEntropy,
+                                                 masked_mean, vocab_parallel_cross_entropy)
 from mcore.tensor_parallel.embedding import VocabParallelEmbedding
 from mcore.tensor_parallel.layers import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
 from mcore.tensor_parallel.mappings import (CopyToTPRegion, GatherFromSPRegion, GatherFromTPRegion,
@@ -36,7 +37,7 @@ __all__ = [
     "scatter_to_sequence_parallel_region", "gather_from_sequence_parallel_region",
     "reduce_scatter_to_sequence_parallel_region",
     "ColumnParallelLinear", "RowParallelLinear", "ReplicatedLinear", "VocabParallelEmbedding",
-    "VocabParallelCrossEntropy", "vocab_parallel_cross_entropy", "masked_mean",
+    "VocabParallelCrossEntropy", "TokenCrossEntropy", "vocab_parallel_cross_entropy", "masked_mean",
     "RNGStatesTracker", "model_parallel_seed", "Dropout", "DEFAULT", "MODEL_PARALLEL",
     "EXPERT_PARALLEL", "init_normal", "init_master", "init_shard",
     "checkpoint", "Recompute", "shard", "merge", "pad", "padded_size",

@@ -15,6 +15,12 @@ flag if it owns the label, sum of logits shifted by the local max); one all-gath
 [P, b, s, 5] combines them.
 The backward pass recomputes ``p_v`` on the local shard from the saved log-sum-exp: no
 communication.
+
+``TokenCrossEntropy`` is the Cell the models call: at tp=1 without label smoothing it uses the
+``cross_entropy`` op of ``mcore.fusions`` (on CPU a C++ kernel by default, chosen when the Cell
+is built), which keeps no vocabulary-sized tensor but the logits and their gradient; otherwise
+(tp > 1, label smoothing, ``MSFORMERS_FUSIONS=composed``, ``fused=False``) the composed
+``VocabParallelCrossEntropy`` above.
 """
 from __future__ import annotations
 
@@ -22,6 +28,7 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mcore.comm.collectives import all_gather
+from mcore.fusions.registry import fused_cell
 from mcore.parallel_state import ProcessGroup
 
 
@@ -84,6 +91,31 @@ class VocabParallelCrossEntropy(nn.Cell):
         dloss = ops.expand_dims(dout[0] * valid, -1)  # [b, s, 1]
         dlse = ops.expand_dims(dout[1], -1)  # d lse / d z_v = p_v (e.g. for a z-loss on lse)
         return (probs - target) * dloss + probs * dlse, ops.zeros(labels.shape, labels.dtype)
+
+
+class TokenCrossEntropy(nn.Cell):
+    """(logits [b, s, V/P] float, labels [b, s] int) -> per-token loss [b, s] (0 where
+    ``labels == ignore_index``): ``vocab_parallel_cross_entropy`` with the fused op chosen once,
+    at build time (module docstring). ``fused``: None = the registry's choice, False = composed,
+    True = error when no fused op applies. The fused loss is float32 for any logits dtype."""
+
+    def __init__(self, group: ProcessGroup, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 fused: bool | None = None):
+        super().__init__()
+        self.composed = VocabParallelCrossEntropy(group, ignore_index, label_smoothing)
+        local = group.size == 1 and label_smoothing == 0.0
+        if fused and not local:
+            raise ValueError("TokenCrossEntropy(fused=True): the fused op covers tp=1 without "
+                             f"label smoothing (tp={group.size}, "
+                             f"label_smoothing={label_smoothing})")
+        self.fused = None
+        if local:
+            self.fused = fused_cell("cross_entropy", fused, ignore_index=ignore_index)
+
+    def construct(self, logits, labels):
+        if self.fused is not None:
+            return self.fused(logits, labels)
+        return self.composed(logits, labels)[0]
 
 
 def vocab_parallel_cross_entropy(logits, labels, tp_group: ProcessGroup, ignore_index: int = -100,

@@ -35,6 +35,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 
+from mcore.fusions.registry import fused_cell
 from mcore.parallel_state import ProcessGroup
 from mcore.tensor_parallel.mappings import (CopyToTPRegion, GatherFromSPRegion,
                                             GatherFromTPRegion, ReduceFromTPRegion,
@@ -90,11 +91,19 @@ class _ParallelLinear(nn.Cell):
             self.bias = _param(np.zeros(n, np.float32), f"{name}.bias",
                                sequence_parallel and not bias_split, params_dtype)
         self.matmul = ops.MatMul(transpose_b=True)
+        # the registry's "matmul" (OpenBLAS sgemm on CPU) for float32; None: ops.MatMul
+        self.blas = fused_cell("matmul") if params_dtype == ms.float32 else None
+
+    def product(self, x, w):
+        """x [N, in] @ w [out, in]^T -> [N, out]: the fused matmul for float32 inputs."""
+        if self.blas is not None and x.dtype == ms.float32 and w.dtype == ms.float32:
+            return self.blas(x, w)
+        return self.matmul(x, w)
 
     def linear(self, x):
         """x [.., in_local] -> x W^T [.., out_local] (no bias)."""
         lead = x.shape[:-1]
-        y = self.matmul(x.reshape((-1, x.shape[-1])), self.weight)  # [N, in] -> [N, out]
+        y = self.product(x.reshape((-1, x.shape[-1])), self.weight)  # [N, in] -> [N, out]
         return y.reshape(lead + (y.shape[-1],))
 
     def finish(self, y):
@@ -239,5 +248,5 @@ class NormHead(ColumnParallelLinear):
         sq = (w.astype(ms.float32) ** 2).sum(-1, keepdims=True)  # [V/P, h] -> [V/P, 1]
         unit = w * ops.rsqrt(ops.maximum(sq, self.eps_sq)).astype(w.dtype)  # [V/P, h]
         lead = x.shape[:-1]
-        y = self.matmul(x.reshape((-1, x.shape[-1])), unit)  # [N, in] -> [N, out]
+        y = self.product(x.reshape((-1, x.shape[-1])), unit)  # [N, in] -> [N, out]
         return y.reshape(lead + (y.shape[-1],))

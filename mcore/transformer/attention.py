@@ -26,8 +26,10 @@ names (``mcore.transformer.context_parallel.CPAttention``: ``"a2a"`` runs ``core
 on a head split of the whole sequence, ``"ring"`` passes key/value blocks around the cp group).
 No ``key_mask``, no ``cache`` and no ALiBi then (``ValueError``).
 
-Forward: ``x [b, s, h]``, rotary ``cos, sin [b, 1, s, r]``, optional ``key_mask [b, t]``
-and ``cache`` (``KVCache`` in PyNative, ``StaticKVCache`` also under jit) -> ``[b, s, h]``.
+Forward: ``x [b, s, h]``, rotary ``cos, sin [b, 1, s, r]`` (unused unless "rope"), optional
+``key_mask [b, t]``, ``cache`` (``KVCache`` in PyNative, ``StaticKVCache`` also under jit) and
+``bias`` (an additive score bias ``[b or 1, n / tp, s, t]`` for this rank's heads, e.g. T5's
+relative position bias; not with context parallelism) -> ``[b, s, h]``.
 """
 from __future__ import annotations
 
@@ -106,35 +108,62 @@ class SelfAttention(nn.Cell):
                                         input_is_parallel=True, sequence_parallel=sp,
                                         name=f"layers.{layer_number}.linear_proj",
                                         params_dtype=dtype)
+        # no per-head q/k norms: the one-token step may rotate queries and keys together
+        self.plain_qk = (isinstance(self.q_layernorm, IdentityOp)
+                         and isinstance(self.k_layernorm, IdentityOp))
         self.cp_attention = None
         if self.cp_group.size > 1:  # ValueError when the a2a scheme cannot split the heads
             self.cp_attention = CPAttention(config.parallel.context_parallel_comm, self.cp_group,
                                             self.core_attention, self.num_heads, self.num_kv)
 
-    def construct(self, x, cos, sin, key_mask=None, cache=None):
+    def construct(self, x, cos, sin, key_mask=None, cache=None, bias=None):
         n, n_kv, d = self.num_heads, self.num_kv, self.head_dim
         qkv = self.linear_qkv(x)  # [b, s, h] -> [b, s, (n + 2 n_kv) d]
         b, s = qkv.shape[0], qkv.shape[1]  # full s also when x is sequence-parallel
-        q, k, v = ops.split(qkv, (n * d, n_kv * d, n_kv * d), -1)
-        q = q.reshape(b, s, n, d)  # [b, s, n d] -> [b, s, n, d]
-        k = k.reshape(b, s, n_kv, d)  # [b, s, n_kv d] -> [b, s, n_kv, d]
-        v = v.reshape(b, s, n_kv, d)  # [b, s, n_kv d] -> [b, s, n_kv, d]
-        q = ops.transpose(self.q_layernorm(q), (0, 2, 1, 3))  # [b, s, n, d] -> [b, n, s, d]
-        k = ops.transpose(self.k_layernorm(k), (0, 2, 1, 3))  # [b, s, n_kv, d] -> [b, n_kv, s, d]
-        v = ops.transpose(v, (0, 2, 1, 3))  # [b, s, n_kv, d] -> [b, n_kv, s, d]
-        if self.use_rotary:
-            q = self.rotary(q, cos, sin)
-            k = self.rotary(k, cos, sin)
+        if s == 1 and self.plain_qk:
+            q, k, v = self._one_token_qkv(qkv, cos, sin)
+        else:
+            q, k, v = ops.split(qkv, (n * d, n_kv * d, n_kv * d), -1)
+            q = q.reshape(b, s, n, d)  # [b, s, n d] -> [b, s, n, d]
+            k = k.reshape(b, s, n_kv, d)  # [b, s, n_kv d] -> [b, s, n_kv, d]
+            v = v.reshape(b, s, n_kv, d)  # [b, s, n_kv d] -> [b, s, n_kv, d]
+            q = ops.transpose(self.q_layernorm(q), (0, 2, 1, 3))  # [b, s, n, d] -> [b, n, s, d]
+            k = ops.transpose(self.k_layernorm(k), (0, 2, 1, 3))  # [b, s, n_kv, d] -> [b, n_kv, s, d]
+            v = ops.transpose(v, (0, 2, 1, 3))  # [b, s, n_kv, d] -> [b, n_kv, s, d]
+            if self.use_rotary:
+                q = self.rotary(q, cos, sin)
+                k = self.rotary(k, cos, sin)
         if self.cp_group.size > 1:  # s = this rank's s_global / cp tokens
-            if cache is not None or key_mask is not None:
+            if cache is not None or key_mask is not None or bias is not None:
                 raise ValueError("SelfAttention: context parallelism (groups.cp) trains on whole "
                                  "causal sequences: no KV cache (decode with a model built "
-                                 "without cp, same weights) and no key_mask (packed samples)")
+                                 "without cp, same weights), no key_mask (packed samples) and "
+                                 "no attention bias")
             out = self.cp_attention(q, k, v)  # [b, n, s, d]
         else:
             offset = None
             if cache is not None:
                 k, v, offset = cache.update(self.layer_number, k, v)  # -> [b, n_kv, t, d]
-            out = self.core_attention(q, k, v, key_mask, offset)  # [b, n, s, d]
-        out = ops.transpose(out, (0, 2, 1, 3)).reshape(b, s, n * d)  # -> [b, s, n d]
+            if bias is None:
+                out = self.core_attention(q, k, v, key_mask, offset)  # [b, n, s, d]
+            else:
+                out = self.core_attention(q, k, v, key_mask, offset, bias)  # [b, n, s, d]
+        if s == 1:  # [b, n, 1, d] and [b, 1, n, d] share one memory layout
+            out = out.reshape(b, 1, n * d)  # [b, n, 1, d] -> [b, 1, n d]
+        else:
+            out = ops.transpose(out, (0, 2, 1, 3)).reshape(b, s, n * d)  # -> [b, s, n d]
         return self.linear_proj(out)  # [b, s, n d] -> [b, s, h]
+
+    def _one_token_qkv(self, qkv, cos, sin):
+        """The decode step's ``q [b, n, 1, d]``, ``k``, ``v [b, n_kv, 1, d]`` from ``qkv [b, 1,
+        (n + 2 n_kv) d]`` without transposes (with one token, ``[b, 1, heads, d]`` and ``[b,
+        heads, 1, d]`` share one memory layout) and with one rotary for the queries and keys
+        together (the same element-wise arithmetic as rotating them apart)."""
+        n, n_kv, d = self.num_heads, self.num_kv, self.head_dim
+        b = qkv.shape[0]
+        heads = qkv.reshape(b, n + 2 * n_kv, 1, d)  # [b, 1, (n + 2 n_kv) d] -> [b, heads, 1, d]
+        qk, v = ops.split(heads, (n + n_kv, n_kv), 1)  # [b, n + n_kv, 1, d], [b, n_kv, 1, d]
+        if self.use_rotary:
+            qk = self.rotary(qk, cos, sin)
+        q, k = ops.split(qk, (n, n_kv), 1)  # [b, n, 1, d], [b, n_kv, 1, d]
+        return q, k, v

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field, fields
 from mcore.moe.config import MoEConfig
 
 ROPE_SCALING_TYPES = ("none", "linear", "llama3", "yarn")
-ACTIVATIONS = ("swiglu", "gelu", "gelu_tanh", "relu", "silu")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "gelu_tanh", "relu", "silu")
 NORMS = ("rmsnorm", "layernorm")
-POSITION_EMBEDDINGS = ("rope", "learned", "alibi")
+POSITION_EMBEDDINGS = ("rope", "learned", "alibi", "relative")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -213,13 +213,16 @@ class TransformerConfig:
     num_layers, hidden_size: depth and model width h.
     num_attention_heads: query heads n. num_query_groups: key/value heads (GQA; None = n, MHA;
         1 = MQA). head_dim: per-head width d (None = h / n; Qwen3 sets it independently).
-    ffn_hidden_size: MLP inner width. activation: "swiglu" (gated SiLU) or an ungated one.
+    ffn_hidden_size: MLP inner width. activation: "swiglu" (gated SiLU), "geglu" (gated tanh-GELU,
+        T5 v1.1's "gated-gelu") or an ungated one.
     norm: "rmsnorm" or "layernorm"; norm_eps: its epsilon.
     sandwich_norm: extra norms on the attention and MLP outputs before the residual add (GLM-4-0414).
     mlp_fc1_bias / mlp_fc2_bias: biases on the MLP input (gate/up) / output (down) projections.
     position_embedding: how positions enter: "rope" (rotary, ``rotary``), "learned" (a table of
         ``max_position_embeddings`` absolute positions added to the token embedding; GPT-2) or
-        "alibi" (per-head linear attention biases, ``mcore.transformer.positions``; Bloom).
+        "alibi" (per-head linear attention biases, ``mcore.transformer.positions``; Bloom) or
+        "relative" (T5's bucketed relative position bias, added by the encoder-decoder blocks of
+        ``mcore.transformer.encoder_decoder``).
         ``rotary`` is unused unless "rope".
     max_position_embeddings: rows of the learned position table (required with "learned").
     embedding_norm: a LayerNorm-type norm (``norm``) on the token embedding (Bloom).
@@ -300,6 +303,8 @@ class TransformerConfig:
         if self.moe.num_experts:
             _require(self.moe.ffn_hidden_size > 0, "moe.ffn_hidden_size", self.moe.ffn_hidden_size,
                      "must be > 0 when num_experts > 0")
+            _require(self.activation != "geglu", "activation", self.activation,
+                     "is not implemented for MoE experts (moe.num_experts > 0)")
             self.moe.check_layers(self.num_layers)
 
     def is_moe_layer(self, layer_number: int) -> bool:

@@ -2,7 +2,8 @@
 
 Gated: ``linear_fc1`` projects ``h -> 2 f`` and its local weight on rank r is ``[gate_r; up_r]``
 (rows ``f / tp`` each; loaders shard gate and up separately); the output is
-``fc2(silu(gate) * up)``. Ungated (gelu, gelu_tanh, relu, silu): ``fc1: h -> f``.
+``fc2(silu(gate) * up)`` ("swiglu") or ``fc2(gelu_tanh(gate) * up)`` ("geglu", T5 v1.1).
+Ungated (gelu, gelu_tanh, relu, silu): ``fc1: h -> f``.
 ``linear_fc1`` is column-parallel, ``linear_fc2`` row-parallel over ``groups.tp``
 (``ModelGroups``; None = single process); parameters in ``config.params_dtype``.
 ``[b, s, h] -> [b, s, h]``.
@@ -33,6 +34,18 @@ def silu(x):
     return x * ops.sigmoid(x)
 
 
+def activate(x, kind: str):
+    """An ungated activation by ``TransformerConfig.activation`` name: "gelu" (erf), "gelu_tanh"
+    (tanh approximation), "relu" or "silu" (also any other name)."""
+    if kind == "gelu":
+        return ops.gelu(x, approximate="none")
+    if kind == "gelu_tanh":
+        return ops.gelu(x, approximate="tanh")
+    if kind == "relu":
+        return ops.relu(x)
+    return silu(x)
+
+
 class MLP(nn.Cell):
     """See the module docstring. ``ffn_hidden_size`` overrides the config's (MoE experts);
     ``layer_number`` names the linear layers (and so seeds their initialisation)."""
@@ -44,7 +57,7 @@ class MLP(nn.Cell):
         tp_group = (groups or ModelGroups()).tp
         ffn = ffn_hidden_size or config.ffn_hidden_size
         self.activation = config.activation
-        self.gated = config.activation == "swiglu"
+        self.gated = config.activation in ("swiglu", "geglu")
         self.local_ffn = ffn // tp_group.size
         sp = config.parallel.sequence_parallel
         self.linear_fc1 = build_module(submodules.linear_fc1, config.hidden_size,
@@ -59,19 +72,13 @@ class MLP(nn.Cell):
                                        input_is_parallel=True, sequence_parallel=sp,
                                        name=f"layers.{layer_number}.linear_fc2",
                                        params_dtype=config.params_dtype)
-        kernel = fused_cell("swiglu", fused) if self.gated else None
+        kernel = fused_cell("swiglu", fused) if config.activation == "swiglu" else None
         self.use_kernel = kernel is not None
         if self.use_kernel:
             self.swiglu = kernel
 
     def _act(self, x):
-        if self.activation == "gelu":
-            return ops.gelu(x, approximate="none")
-        if self.activation == "gelu_tanh":
-            return ops.gelu(x, approximate="tanh")
-        if self.activation == "relu":
-            return ops.relu(x)
-        return silu(x)
+        return activate(x, self.activation)
 
     def construct(self, x):
         y = self.linear_fc1(x)  # [b, s, h] -> [b, s, 2f/tp] (gated) or [b, s, f/tp]
@@ -79,7 +86,8 @@ class MLP(nn.Cell):
             y = self.swiglu(y)  # [b, s, 2f/tp] -> [b, s, f/tp]
         elif self.gated:
             gate, up = ops.split(y, self.local_ffn, -1)  # [b, s, 2f/tp] -> 2 x [b, s, f/tp]
-            y = silu(gate) * up
+            y = (ops.gelu(gate, approximate="tanh") if self.activation == "geglu"
+                 else silu(gate)) * up
         else:
             y = self._act(y)
         return self.linear_fc2(y)  # [b, s, f/tp] -> [b, s, h]

@@ -40,8 +40,10 @@ class StaticKVCache(nn.Cell):
                                      for i in layers) if values else ()  # [b, n_kv, max_len, dv]
         self.position = Parameter(Tensor(0, ms.int32), name="position", requires_grad=False)
         self.slots = Tensor(np.arange(self.max_len, dtype=np.int32).reshape(1, 1, -1, 1))
-        grid = np.stack(np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij"), -1)
-        self.rows_heads = Tensor(grid.astype(np.int32))  # [b, n_kv, 2]: (row, head) of each slot
+        grid = np.stack(np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), np.arange(1),
+                                    indexing="ij"), -1)[:, :, 0]  # [b, n_kv, 3]
+        self.rows_heads = Tensor(grid.astype(np.int32))  # (row, head, 0) of each (row, head)
+        self.column = Tensor(np.array([0, 0, 1], np.int32))  # [3]: adds the column index
 
     @property
     def length(self) -> int:
@@ -57,14 +59,16 @@ class StaticKVCache(nn.Cell):
         """Start a new sequence (PyNative, between compiled calls): position = 0."""
         ops.assign(self.position, Tensor(0, ms.int32))
 
-    def _write(self, buf, new):
+    def _index(self):
+        """``[b, n_kv, 3]``: the (row, head, column ``position``) of each one-token write."""
+        return self.rows_heads + self.position * self.column
+
+    def _write(self, buf, new, index=None):
         s = new.shape[2]
         if s == 1:  # one token: scatter its [b, n_kv, d] into column ``position`` in place
-            column = ops.broadcast_to(self.position.reshape(1, 1, 1),
-                                      self.rows_heads.shape[:2] + (1,))  # [b, n_kv, 1]
-            index = ops.cat((self.rows_heads, column), -1)  # [b, n_kv, 3]: (row, head, column)
+            index = self._index() if index is None else index
             # [b, n_kv, 1, d] -> [b, n_kv, d]: one d-vector per (row, head) index
-            return ops.scatter_nd_update(buf, index, new.squeeze(2))
+            return ops.scatter_nd_update(buf, index, new.reshape(new.shape[:2] + new.shape[3:]))
         if s != self.max_len:  # [b, n_kv, s, d] -> [b, n_kv, max_len, d]
             pad = ops.zeros((new.shape[0], new.shape[1], self.max_len - s, new.shape[3]), new.dtype)
             new = ops.cat((new, pad), 2)
@@ -76,4 +80,6 @@ class StaticKVCache(nn.Cell):
 
     def update(self, layer: int, k, v):
         slot = layer - self.first  # global layer number -> this cache's slot
-        return self._write(self.keys[slot], k), self._write(self.values[slot], v), self.position
+        index = self._index() if k.shape[2] == 1 else None  # shared by the two writes
+        return (self._write(self.keys[slot], k, index), self._write(self.values[slot], v, index),
+                self.position)

@@ -13,6 +13,7 @@ GLM_HIDDEN, GLM_HEADS, GLM_GROUPS = 64, 4, 2
 GLM_HEAD_DIM = GLM_HIDDEN // GLM_HEADS
 GLM_ENC = "transformer.encoder."
 GLM_INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
+HEADS, GROUPS, HIDDEN, QWEN_FFN = 4, 2, 64, 192  # InternLM2 (GQA) and Qwen v1 (MHA)
 
 
 def baichuan(rng, h: int, n: int, position: str) -> tuple[dict, dict]:
@@ -71,3 +72,65 @@ def chatglm(rng, layernorm: bool, bias: bool, rope_ratio: float) -> tuple[dict, 
               "original_rope": True, "tie_word_embeddings": False, "pad_token_id": 0,
               "eos_token_id": 2}
     return t, config
+
+
+def internlm2_tensors(rng, bias: bool) -> dict:
+    """InternLM2 tensors: ``wqkv`` rows grouped by kv head ``[g, qg + 2, d]``; ``bias``: wqkv
+    and wo biases."""
+    h, n, g, d = HIDDEN, HEADS, GROUPS, HIDDEN // HEADS
+    t = {"model.tok_embeddings.weight": rand(rng, VOCAB, h, scale=0.5),
+         "model.norm.weight": rand(rng, h, offset=1.0), "output.weight": rand(rng, VOCAB, h)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        t.update({p + "attention_norm.weight": rand(rng, h, offset=1.0),
+                  p + "ffn_norm.weight": rand(rng, h, offset=1.0),
+                  p + "attention.wqkv.weight": rand(rng, (n + 2 * g) * d, h),
+                  p + "attention.wo.weight": rand(rng, h, h),
+                  p + "feed_forward.w1.weight": rand(rng, FFN, h),
+                  p + "feed_forward.w3.weight": rand(rng, FFN, h),
+                  p + "feed_forward.w2.weight": rand(rng, h, FFN)})
+        if bias:
+            t[p + "attention.wqkv.bias"] = rand(rng, (n + 2 * g) * d)
+            t[p + "attention.wo.bias"] = rand(rng, h)
+    return t
+
+
+def internlm2_config(bias: bool, scaling: dict | None) -> dict:
+    return {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
+            "vocab_size": VOCAB, "hidden_size": HIDDEN, "intermediate_size": FFN,
+            "num_hidden_layers": LAYERS, "num_attention_heads": HEADS,
+            "num_key_value_heads": GROUPS, "hidden_act": "silu", "max_position_embeddings": 64,
+            "rms_norm_eps": 1e-5, "rope_theta": 50000.0, "rope_scaling": scaling, "bias": bias,
+            "tie_word_embeddings": False, "pad_token_id": 2, "bos_token_id": 1, "eos_token_id": 2}
+
+
+def qwen_v1_tensors(rng, bias: bool) -> dict:
+    """Qwen v1 tensors: ``c_attn = [q; k; v]`` with bias; ``bias``: the other biases too."""
+    h, f = HIDDEN, QWEN_FFN // 2
+    t = {"transformer.wte.weight": rand(rng, VOCAB, h, scale=0.5),
+         "transformer.ln_f.weight": rand(rng, h, offset=1.0),
+         "lm_head.weight": rand(rng, VOCAB, h)}
+    for i in range(LAYERS):
+        p = f"transformer.h.{i}."
+        t.update({p + "ln_1.weight": rand(rng, h, offset=1.0),
+                  p + "ln_2.weight": rand(rng, h, offset=1.0),
+                  p + "attn.c_attn.weight": rand(rng, 3 * h, h),
+                  p + "attn.c_attn.bias": rand(rng, 3 * h),
+                  p + "attn.c_proj.weight": rand(rng, h, h),
+                  p + "mlp.w1.weight": rand(rng, f, h),
+                  p + "mlp.w2.weight": rand(rng, f, h),
+                  p + "mlp.c_proj.weight": rand(rng, h, f)})
+        if bias:
+            for name, rows in (("attn.c_proj", h), ("mlp.w1", f), ("mlp.w2", f),
+                               ("mlp.c_proj", h)):
+                t[p + name + ".bias"] = rand(rng, rows)
+    return t
+
+
+def qwen_v1_config(bias: bool, pct: float) -> dict:
+    return {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "vocab_size": VOCAB,
+            "hidden_size": HIDDEN, "intermediate_size": QWEN_FFN, "num_hidden_layers": LAYERS,
+            "num_attention_heads": HEADS, "kv_channels": HIDDEN // HEADS, "rotary_pct": pct,
+            "rotary_emb_base": 20000.0, "layer_norm_epsilon": 1e-6, "seq_length": 64,
+            "max_position_embeddings": 64, "no_bias": not bias, "use_dynamic_ntk": True,
+            "use_logn_attn": True, "tie_word_embeddings": False}

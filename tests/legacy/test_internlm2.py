@@ -12,29 +12,15 @@ import mindspore as ms  # noqa: E402
 ms.set_device("CPU")
 
 from legacy import internlm2  # noqa: E402
+from tests.legacy import remote_checkpoints as rc  # noqa: E402
 from tests.legacy.remote_ref import (InMemoryTensor, causal_attention, check_family,  # noqa: E402
-                                     rand, rmsnorm, rope, swiglu)
+                                     rmsnorm, rope, swiglu)
 
-V, H, N, G, F, L = 128, 64, 4, 2, 96, 2
+V, H, N, G, F, L = rc.VOCAB, rc.HIDDEN, rc.HEADS, rc.GROUPS, rc.FFN, rc.LAYERS
 D = H // N
 
 
-def make(rng, bias):
-    t = {"model.tok_embeddings.weight": rand(rng, V, H, scale=0.5),
-         "model.norm.weight": rand(rng, H, offset=1.0), "output.weight": rand(rng, V, H)}
-    for i in range(L):
-        p = f"model.layers.{i}."
-        t.update({p + "attention_norm.weight": rand(rng, H, offset=1.0),
-                  p + "ffn_norm.weight": rand(rng, H, offset=1.0),
-                  p + "attention.wqkv.weight": rand(rng, (N + 2 * G) * D, H),
-                  p + "attention.wo.weight": rand(rng, H, H),
-                  p + "feed_forward.w1.weight": rand(rng, F, H),
-                  p + "feed_forward.w3.weight": rand(rng, F, H),
-                  p + "feed_forward.w2.weight": rand(rng, H, F)})
-        if bias:
-            t[p + "attention.wqkv.bias"] = rand(rng, (N + 2 * G) * D)
-            t[p + "attention.wo.bias"] = rand(rng, H)
-    return t
+make = rc.internlm2_tensors
 
 
 def forward(t, ids, bias, factor, base=50000.0, eps=1e-5):
@@ -60,13 +46,7 @@ def forward(t, ids, bias, factor, base=50000.0, eps=1e-5):
     return (x @ t["output.weight"].T).astype(np.float32)
 
 
-def config(bias, scaling):
-    return {"architectures": ["InternLM2ForCausalLM"], "model_type": "internlm2",
-            "vocab_size": V, "hidden_size": H, "intermediate_size": F, "num_hidden_layers": L,
-            "num_attention_heads": N, "num_key_value_heads": G, "hidden_act": "silu",
-            "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 50000.0,
-            "rope_scaling": scaling, "bias": bias, "tie_word_embeddings": False,
-            "pad_token_id": 2, "bos_token_id": 1, "eos_token_id": 2}
+config = rc.internlm2_config
 
 
 @pytest.mark.parametrize("bias,scaling", [(False, None), (True, {"type": "linear", "factor": 2.0})])

@@ -105,9 +105,81 @@ def test_command_line_lists_what_it_skipped(legacy_files, tmp_path, capsys):
 
 def test_unmapped_model_tensor_is_an_error():
     conv = mindformers.Conversion(config={})
-    weights = {"model.layers.0.attention.w_qkv.weight": ms.Tensor(np.zeros((3, 2), np.float32))}
-    with pytest.raises(ValueError, match="w_qkv.weight.*qkv_concat"):
+    weights = {"model.layers.0.attention.w_qk.weight": ms.Tensor(np.zeros((3, 2), np.float32))}
+    with pytest.raises(ValueError, match=r"no Hugging Face mapping: \['model.layers.0.attention"):
         mindformers.tensors_from_ckpt(weights, conv)
+
+
+def _fuse(parts: list, blocks: int) -> np.ndarray:
+    """MindFormers' qkv_concat layout, built independently: each of ``blocks`` tensor-parallel
+    ranks concatenates its own row slice of every part; the checkpoint holds the ranks in order."""
+    return np.concatenate([np.concatenate([np.array_split(p, blocks)[r] for p in parts])
+                           for r in range(blocks)])
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_fused_qkv_concat_tensors_split_into_the_unfused_ones(blocks):
+    """GQA (4 heads, 2 kv heads of width 2) with q/k/v biases and a fused gate/up, fused as
+    MindFormers does for ``blocks`` model-parallel ranks, split back exactly."""
+    rng = np.random.default_rng(0)
+    shapes = {"q_proj": (8, 8), "k_proj": (4, 8), "v_proj": (4, 8)}
+    ref = {f"model.layers.0.self_attn.{k}.weight": rng.standard_normal(v).astype(np.float32)
+           for k, v in shapes.items()}
+    ref.update({f"model.layers.0.self_attn.{k}.bias": rng.standard_normal(v[0]).astype(np.float32)
+                for k, v in shapes.items()})
+    ref.update({f"model.layers.0.mlp.{k}.weight": rng.standard_normal((6, 8)).astype(np.float32)
+                for k in ("gate_proj", "up_proj")})
+    attn = [f"model.layers.0.self_attn.{k}_proj" for k in "qkv"]
+    fused = {f"model.layers.0.attention.w_qkv.{kind}": _fuse([ref[f"{a}.{kind}"] for a in attn],
+                                                              blocks)
+             for kind in ("weight", "bias")}
+    fused["model.layers.0.feed_forward.w_gate_hidden.weight"] = _fuse(
+        [ref["model.layers.0.mlp.gate_proj.weight"], ref["model.layers.0.mlp.up_proj.weight"]],
+        blocks)
+    doc = {"model": {"model_config": {"hidden_size": 8, "num_layers": 1, "num_heads": 4,
+                                      "n_kv_heads": 2, "vocab_size": 16, "intermediate_size": 6,
+                                      "qkv_has_bias": True, "qkv_concat": True}},
+           "parallel_config": {"model_parallel": blocks}}
+    conv = mindformers.config_from_yaml(doc)
+    assert conv.fused_blocks == blocks and "qkv_concat" not in conv.unknown_keys
+    mindformers.tensors_from_ckpt({k: ms.Tensor(v) for k, v in fused.items()}, conv)
+    assert sorted(conv.tensors) == sorted(ref)
+    for name, value in ref.items():
+        np.testing.assert_array_equal(conv.tensors[name], value, err_msg=name)
+    conv.fused_blocks = 3  # 8 query rows do not split into 3 blocks
+    with pytest.raises(ValueError, match=r"attention.w_qkv.weight: 16 rows .* 3 block"):
+        mindformers.tensors_from_ckpt({k: ms.Tensor(v) for k, v in fused.items()}, conv)
+
+
+def test_fused_checkpoint_converts_to_the_unfused_fixture(legacy_files, tmp_path):
+    """The llama2 fixture saved as a qkv_concat run with model_parallel 2 (fused per rank)
+    converts to exactly the fixture's tensors; --fused-blocks overrides the YAML's count."""
+    tensors = {n: lazy.load().astype(np.float32) for n, lazy in read_checkpoint(FIXTURE).items()}
+    entries, fused_names = [], set()
+    for i in range(2):
+        p = f"model.layers.{i}."
+        for mf, parts in (("attention.w_qkv", ["self_attn.q_proj", "self_attn.k_proj",
+                                               "self_attn.v_proj"]),
+                          ("feed_forward.w_gate_hidden", ["mlp.gate_proj", "mlp.up_proj"])):
+            value = _fuse([tensors[f"{p}{part}.weight"] for part in parts], 2)
+            entries.append({"name": f"{p}{mf}.weight", "data": ms.Tensor(value)})
+            fused_names.update(f"{p}{part}.weight" for part in parts)
+    entries += [{"name": _mindformers_name(n), "data": ms.Tensor(v)}
+                for n, v in tensors.items() if n not in fused_names]
+    ms.save_checkpoint(entries, str(tmp_path / "fused.ckpt"))
+    (tmp_path / "run.yaml").write_text(YAML.replace("    my_custom_knob: 3\n",
+                                                    "    qkv_concat: True\n")
+                                       + "parallel_config:\n  model_parallel: 2\n")
+    conv = mindformers.convert(tmp_path / "fused.ckpt", tmp_path / "run.yaml", tmp_path / "hf")
+    assert conv.unknown_keys == [] and conv.fused_blocks == 2
+    out = read_checkpoint(tmp_path / "hf")
+    assert sorted(out) == sorted(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(out[name].load(), value, err_msg=name)
+    assert mindformers.main([str(tmp_path / "fused.ckpt"), str(tmp_path / "run.yaml"),
+                             str(tmp_path / "one_block"), "--fused-blocks", "1"]) == 0
+    q = read_checkpoint(tmp_path / "one_block")["model.layers.0.self_attn.q_proj.weight"].load()
+    assert not np.array_equal(q, tensors["model.layers.0.self_attn.q_proj.weight"])
 
 
 def test_yaml_mapping_of_bias_and_rope_scaling():

@@ -13,31 +13,15 @@ import mindspore as ms  # noqa: E402
 ms.set_device("CPU")
 
 from legacy import qwen_v1  # noqa: E402
-from tests.legacy.remote_ref import (causal_attention, check_family, rand, rmsnorm,  # noqa: E402
+from tests.legacy import remote_checkpoints as rc  # noqa: E402
+from tests.legacy.remote_ref import (causal_attention, check_family, rmsnorm,  # noqa: E402
                                      rope, silu)
 
-V, H, N, I, L = 128, 64, 4, 192, 2
+V, H, N, I, L = rc.VOCAB, rc.HIDDEN, rc.HEADS, rc.QWEN_FFN, rc.LAYERS
 D = H // N
 
 
-def make(rng, bias):
-    t = {"transformer.wte.weight": rand(rng, V, H, scale=0.5),
-         "transformer.ln_f.weight": rand(rng, H, offset=1.0), "lm_head.weight": rand(rng, V, H)}
-    for i in range(L):
-        p = f"transformer.h.{i}."
-        t.update({p + "ln_1.weight": rand(rng, H, offset=1.0),
-                  p + "ln_2.weight": rand(rng, H, offset=1.0),
-                  p + "attn.c_attn.weight": rand(rng, 3 * H, H),
-                  p + "attn.c_attn.bias": rand(rng, 3 * H),
-                  p + "attn.c_proj.weight": rand(rng, H, H),
-                  p + "mlp.w1.weight": rand(rng, I // 2, H),
-                  p + "mlp.w2.weight": rand(rng, I // 2, H),
-                  p + "mlp.c_proj.weight": rand(rng, H, I // 2)})
-        if bias:
-            for name, rows in (("attn.c_proj", H), ("mlp.w1", I // 2), ("mlp.w2", I // 2),
-                               ("mlp.c_proj", H)):
-                t[p + name + ".bias"] = rand(rng, rows)
-    return t
+make = rc.qwen_v1_tensors
 
 
 def forward(t, ids, bias, pct, base=20000.0, eps=1e-6):
@@ -60,13 +44,7 @@ def forward(t, ids, bias, pct, base=20000.0, eps=1e-6):
     return (x @ t["lm_head.weight"].T).astype(np.float32)
 
 
-def config(bias, pct):
-    return {"architectures": ["QWenLMHeadModel"], "model_type": "qwen", "vocab_size": V,
-            "hidden_size": H, "intermediate_size": I, "num_hidden_layers": L,
-            "num_attention_heads": N, "kv_channels": D, "rotary_pct": pct,
-            "rotary_emb_base": 20000.0, "layer_norm_epsilon": 1e-6, "seq_length": 64,
-            "max_position_embeddings": 64, "no_bias": not bias, "use_dynamic_ntk": True,
-            "use_logn_attn": True, "tie_word_embeddings": False}
+config = rc.qwen_v1_config
 
 
 @pytest.mark.parametrize("bias,pct", [(False, 0.5), (True, 1.0)])

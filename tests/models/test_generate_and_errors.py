@@ -35,6 +35,14 @@ def test_compiled_generation_with_static_cache_matches_transformers(model):
     np.testing.assert_array_equal(np.array(got), ref["greedy"][:, :3])
 
 
+def test_last_logits_is_the_last_row_of_the_logits(model):
+    ids = ms.Tensor(np.array([[5, 9, 200, 31], [77, 12, 3, 4]], np.int32))
+    mask = ms.Tensor(np.array([[1, 1, 1, 1], [0, 1, 1, 1]], np.int32))
+    full = model(ids, None, mask).asnumpy()  # [b, s, V]
+    np.testing.assert_allclose(model.last_logits(ids, None, mask).asnumpy(), full[:, -1],
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_default_equals_pynative(model):
     prompts = [[5, 9, 200, 31, 7, 66], [77, 12, 3]]  # ragged: left padding and a key mask
     eager = models.generate(model, prompts, 12, compiled=False)

@@ -33,6 +33,7 @@ def ids_labels():
 @pytest.mark.parametrize("tie", [False, True])
 def test_loss_is_cross_entropy_of_logits(tie):
     model = make(small(), tie)
+    assert model.cross_entropy.fused is not None  # the CPU cross-entropy kernel, on by default
     ids, labels = ids_labels()
     z = model(ids).asnumpy().astype(np.float64)
     logp = z - z.max(-1, keepdims=True)

@@ -52,7 +52,9 @@ def _wait_for(path: Path, timeout: float) -> None:
 
 def prepare_dataset(cfg, rank: int = 0, timeout: float = 600.0, log=print) -> tuple[TextTokenizer, str]:
     """Make sure a tokenizer and a ``.bin/.idx`` exist; return ``(tokenizer, data_prefix)``."""
-    d, vocab = cfg.data, cfg.model.vocab_size
+    from training.model_bridge import model_vocab
+
+    d, vocab = cfg.data, model_vocab(cfg)  # model.vocab_size, or model.hf_path's vocabulary
     if d.data_prefix is not None:
         if d.tokenizer is None:
             raise DataError("data.data_prefix is set but data.tokenizer is not: give the "
@@ -89,9 +91,11 @@ def build_data(cfg, rank: int = 0, dp_rank: int = 0, consumed_samples: int = 0,
                timeout: float = 600.0, log=print) -> DataBundle:
     """Everything the loop reads: tokenizer, train/valid samples, this dp rank's sampler."""
     tok, prefix = prepare_dataset(cfg, rank, timeout, log)
-    if tok.vocab_size > cfg.model.vocab_size:
-        raise DataError(f"tokenizer has {tok.vocab_size} tokens but model.vocab_size is "
-                        f"{cfg.model.vocab_size}")
+    from training.model_bridge import model_vocab, vocab_key
+
+    if tok.vocab_size > model_vocab(cfg):
+        raise DataError(f"tokenizer has {tok.vocab_size} tokens but {vocab_key(cfg)} is "
+                        f"{model_vocab(cfg)}")
     if not idx_path(prefix).exists():
         raise DataError(f"data.data_prefix: indexed dataset '{idx_path(prefix)}' does not exist")
     ds = MMapIndexedDataset(prefix)

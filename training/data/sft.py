@@ -139,12 +139,11 @@ def template_dir(cfg) -> str | None:
 
 
 def model_vocab(cfg) -> int:
-    """The model's vocabulary: ``model.hf_path``'s config.json, else ``model.vocab_size``."""
-    if cfg.model.hf_path:
-        from training.model_bridge import hf_dir_config
+    """The model's vocabulary: ``training.model_bridge.model_vocab`` (``model.hf_path``'s
+    config.json through the family's ``vocab_size_of``, else ``model.vocab_size``)."""
+    from training.model_bridge import model_vocab as vocab
 
-        return int(hf_dir_config(cfg)[2]["vocab_size"])
-    return cfg.model.vocab_size
+    return vocab(cfg)
 
 
 def load_sft_tokenizer(path: Path, eos: str) -> TextTokenizer:

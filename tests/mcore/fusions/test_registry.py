@@ -29,7 +29,8 @@ def fresh_build():
 
 
 def test_every_op_has_a_reference():
-    assert set(registry.REGISTRY) == {"rms_norm", "add_rms_norm", "swiglu", "rotary", "attention"}
+    assert set(registry.REGISTRY) == {"rms_norm", "add_rms_norm", "swiglu", "rotary", "attention",
+                                      "matmul", "cross_entropy"}
     for op in registry.REGISTRY.values():
         assert op.reference and (op.cpu_builder or op.device_builders)
 
@@ -52,6 +53,8 @@ def test_device_choice(monkeypatch):
     assert registry.choice("rotary", device="GPU") == "composed"
     assert registry.choice("rms_norm") == "cpu_kernel"  # the CPU kernels are the default
     assert RMSNorm(8).use_kernel
+    assert registry.choice("cross_entropy") == "cpu_kernel"
+    assert registry.choice("cross_entropy", device="Ascend") == "composed"
     monkeypatch.setenv(registry.ENV, "kernels")
     assert registry.choice("attention", device="Ascend") == "device"
     assert registry.choice("rms_norm") == "cpu_kernel"

@@ -9,7 +9,8 @@ import pytest
 import mindspore as ms  # noqa: E402
 ms.set_device("CPU")
 
-from mcore.fusions.attention import CoreAttention, blocked_attention  # noqa: E402
+from mcore.fusions.attention import (CoreAttention, blocked_attention,  # noqa: E402
+                                     one_token_attention)
 from mcore.transformer.config import RotaryConfig  # noqa: E402
 from mcore.transformer.rotary import (RotaryEmbedding, apply_rotary,  # noqa: E402
                                       inverse_frequencies)
@@ -125,3 +126,30 @@ def test_core_attention_composed_on_cpu_and_under_jit():
     np.testing.assert_allclose(compiled, eager, atol=1e-6)
     np.testing.assert_allclose(eager, attention_ref(q.asnumpy(), k.asnumpy(), v.asnumpy(), 0.5),
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("n_kv", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_one_token_attention_matches_blocked(n_kv):
+    """The decode step's attention (one query at ``q_offset`` over a static cache whose later
+    slots hold stale values) equals the composed reference, with padding and packed segments,
+    the offset as a Tensor or an int, in PyNative and under jit (CoreAttention dispatches to it)."""
+    r = rng(50 + n_kv)
+    t, d = 8, 4
+    q = ms.Tensor(r.standard_normal((3, 4, 1, d)).astype(np.float32))
+    k, v = (ms.Tensor(r.standard_normal((3, n_kv, t, d)).astype(np.float32)) for _ in range(2))
+    mask = ms.Tensor(np.array([[1] * 8, [0, 0, 1, 1, 1, 1, 1, 1], [1, 1, 2, 2, 2, 3, 3, 3]],
+                              np.int32))  # plain, left-padded, three packed segments
+    attn = ms.jit(CoreAttention(num_heads=4, scale=0.3, num_kv_heads=n_kv))
+    for offset in (ms.Tensor(4, ms.int32), 6, ms.Tensor(7, ms.int32)):
+        for key_mask in (None, mask):
+            want = blocked_attention(q, k, v, 0.3, key_mask, q_offset=offset).asnumpy()
+            got = one_token_attention(q, k, v, 0.3, key_mask, offset).asnumpy()
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+            if key_mask is not None and isinstance(offset, ms.Tensor):  # one compilation
+                np.testing.assert_allclose(attn(q, k, v, key_mask, offset).asnumpy(), want,
+                                           rtol=1e-6, atol=1e-6)
+    # the stale slots after the offset are hidden: changing them changes nothing
+    k2 = k.asnumpy().copy()
+    k2[:, :, 5:] = 100.0
+    np.testing.assert_allclose(one_token_attention(q, ms.Tensor(k2), v, 0.3, mask, 4).asnumpy(),
+                               one_token_attention(q, k, v, 0.3, mask, 4).asnumpy(), atol=1e-6)

@@ -1,0 +1,83 @@
+"""Build the BLAS matmul kernel (``csrc/blas_matmul.cc``) against the OpenBLAS of the pip
+package ``scipy-openblas32`` and set its thread count.
+
+``build_blas_matmul()`` returns the path of a shared library exporting ``MatmulNTBwd`` (the
+backward of ``x w^T``, an ``ops.Custom(func_type="aot")`` entry point) linked to
+``libscipy_openblas.so`` with an rpath to it, so neither a system BLAS nor ``LD_LIBRARY_PATH`` is
+needed. The headers and the library come from the package (``get_include_dir``,
+``get_lib_dir``); its symbols carry the prefix ``scipy_`` and cannot clash with NumPy's or
+MindSpore's own BLAS. Compiler, cache directory and atomic publication are those of
+``cpu_build`` (the file name hashes the source, the compiler, the flags and the OpenBLAS
+version). Flags: ``-O2`` (the kernel only forwards to sgemm).
+
+Failure (the package is not installed, no compiler, a compile error) raises
+``KernelBuildError``; ``mcore.fusions.registry`` then uses the composed ``ops.MatMul``.
+
+Threads: OpenBLAS keeps one thread count per process. ``blas_threads()`` reads
+``$MSFORMERS_BLAS_THREADS`` (default 1: see docs/performance.md, "BLAS matmul" — on two cores
+shared with MindSpore's own thread pool one BLAS thread was the better choice) and
+``set_blas_threads`` applies it through the library's ``BlasSetThreads``.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+from mcore.fusions.cpu_build import KernelBuildError, _compile, _version, cache_dir, compiler
+
+SOURCE = Path(__file__).with_name("csrc") / "blas_matmul.cc"
+FLAGS = ("-O2",)
+THREADS_ENV = "MSFORMERS_BLAS_THREADS"
+
+
+def openblas() -> tuple[str, str, str]:
+    """(include dir, library dir, version) of scipy-openblas32; KernelBuildError when absent."""
+    try:
+        import scipy_openblas32 as pkg
+    except ImportError as exc:
+        raise KernelBuildError("the pip package scipy-openblas32 is not installed "
+                               "(pip install -e .; the composed matmul is used meanwhile)") from exc
+    return pkg.get_include_dir(), pkg.get_lib_dir(), pkg.__version__
+
+
+@functools.lru_cache(maxsize=None)
+def build_blas_matmul() -> str:
+    """Path of the compiled BLAS matmul library (built now if the cache has none)."""
+    include, libdir, version = openblas()
+    cxx = compiler()
+    directory = cache_dir()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise KernelBuildError(f"kernel cache {directory} is not writable: {exc}") from exc
+    flags = (*FLAGS, f"-I{include}")
+    link = (f"-L{libdir}", "-lscipy_openblas", f"-Wl,-rpath,{libdir}")
+    key_text = "\0".join((_version(cxx), *flags, *link, version))
+    key = hashlib.sha256(SOURCE.read_bytes() + key_text.encode()).hexdigest()[:16]
+    target = directory / f"blas_matmul_{key}.so"
+    if not target.exists():
+        try:
+            _compile(cxx, flags, target, (SOURCE,), link)
+        except subprocess.TimeoutExpired as exc:
+            raise KernelBuildError(f"compiling {SOURCE.name} timed out") from exc
+    return str(target)
+
+
+def blas_threads() -> int:
+    """``$MSFORMERS_BLAS_THREADS`` (default 1); ValueError naming the variable when bad."""
+    raw = os.environ.get(THREADS_ENV, "1").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"{THREADS_ENV}={raw!r}: expected a positive integer")
+    return int(raw)
+
+
+def set_blas_threads(library: str, threads: int) -> int:
+    """Give the process's OpenBLAS ``threads`` threads; returns the count it reports.
+    (MindSpore loads the same file for the custom ops, so this is the instance they use.)"""
+    lib = ctypes.CDLL(library)
+    lib.BlasSetThreads(int(threads))
+    return int(lib.BlasGetThreads())
