@@ -67,7 +67,8 @@ def test_per_op_selection(monkeypatch):
     monkeypatch.setenv(registry.ENV, "kernels:rms_norm, swiglu")
     assert {n: registry.choice(n) for n in registry.REGISTRY} == {
         "rms_norm": "cpu_kernel", "swiglu": "cpu_kernel", "add_rms_norm": "composed",
-        "rotary": "composed", "attention": "composed"}
+        "rotary": "composed", "attention": "composed", "matmul": "composed",
+        "cross_entropy": "composed"}
     assert registry.choice("attention", device="Ascend") == "device"
 
 

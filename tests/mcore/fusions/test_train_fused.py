@@ -17,7 +17,9 @@ def _kernel_cells(model) -> tuple[int, int]:
     """(cells using a C++ CPU kernel, linear layers using the BLAS matmul)."""
     cells = [cell for _, cell in model.cells_and_names()]
     return (sum(bool(getattr(cell, "use_kernel", False))
-                + bool(getattr(cell, "use_add_kernel", False)) for cell in cells),
+                + bool(getattr(cell, "use_add_kernel", False))
+                + (getattr(cell, "fused", None) is not None and hasattr(cell, "composed"))
+                for cell in cells),
             sum(getattr(cell, "blas", None) is not None for cell in cells))
 
 
