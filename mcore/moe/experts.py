@@ -29,7 +29,7 @@ from mcore.tensor_parallel.sharding import shard, shard_size
 from mcore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from mcore.tensor_parallel.random import init_master, name_seed
 from mcore.transformer.config import TransformerConfig
-from mcore.transformer.mlp import MLP, MLPSubmodules, silu
+from mcore.transformer.mlp import MLP, MLPSubmodules, activate, silu
 
 
 def expert_weights(config: TransformerConfig, ffn: int, expert: int, layer_number: int):
@@ -66,17 +66,6 @@ def _check(config: TransformerConfig, num_experts: int, first_expert: int, num_l
                          f"inside [0, {num_experts})")
 
 
-def activation(name: str, x):
-    """The non-gated activations of ``mcore.transformer.mlp``."""
-    if name == "gelu":
-        return ops.gelu(x, approximate="none")
-    if name == "gelu_tanh":
-        return ops.gelu(x, approximate="tanh")
-    if name == "relu":
-        return ops.relu(x)
-    return silu(x)
-
-
 class GroupedMLP(nn.Cell):
     """Local experts as two stacked weights: ``fc1 [El, h, 2f/etp|f/etp]``,
     ``fc2 [El, f/etp, h]``."""
@@ -107,7 +96,7 @@ class GroupedMLP(nn.Cell):
             gate, up = ops.split(y, self.ffn, -1)  # [N, 2f/etp] -> 2 x [N, f/etp]
             y = silu(gate) * up
         else:
-            y = activation(self.activation, y)
+            y = activate(y, self.activation)
         return grouped_matmul(y, self.fc2, tokens_per_expert)  # [N, f/etp] -> [N, h] (partial)
 
 
