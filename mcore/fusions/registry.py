@@ -81,10 +81,13 @@ class _AscendSwiGLU(nn.Cell):
 
 
 REGISTRY = {op.name: op for op in (
-    FusedOp("rms_norm", "mcore.transformer.norm.RMSNorm",
-            cpu_builder=cpu_ops.CpuRMSNorm, device_builders={"Ascend": _AscendRMSNorm}),
+    # The norm kernels sum the weight gradient in per-thread partials, so its rounding depends
+    # on the thread count: tp x ep layouts drifted past 1e-5 of one process by step 6. Opt-in
+    # until that sum is blocked by a fixed row count.
+    FusedOp("rms_norm", "mcore.transformer.norm.RMSNorm", cpu_builder=cpu_ops.CpuRMSNorm,
+            device_builders={"Ascend": _AscendRMSNorm}, cpu_by_default=False),
     FusedOp("add_rms_norm", "mcore.transformer.norm.RMSNorm.add_and_norm",
-            cpu_builder=cpu_ops.CpuAddRMSNorm),
+            cpu_builder=cpu_ops.CpuAddRMSNorm, cpu_by_default=False),
     FusedOp("swiglu", "mcore.transformer.mlp.silu(gate) * up",
             cpu_builder=cpu_ops.CpuSwiGLU, device_builders={"Ascend": _AscendSwiGLU}),
     FusedOp("rotary", "mcore.transformer.rotary.apply_rotary", cpu_builder=cpu_ops.CpuRotary),

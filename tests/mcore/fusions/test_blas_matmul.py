@@ -38,7 +38,7 @@ def test_on_by_default_on_cpu_only(monkeypatch):
     monkeypatch.setenv(registry.ENV, "auto")
     assert registry.REGISTRY["matmul"].cpu_by_default
     assert choice("matmul") == "cpu_kernel"
-    assert choice("rms_norm") == "cpu_kernel"  # like the other CPU kernels
+    assert choice("swiglu") == "cpu_kernel"  # like the other CPU kernels
     assert choice("matmul", device="Ascend") == "composed"
     monkeypatch.setenv(registry.ENV, "composed")
     assert choice("matmul") == "composed" and fused_cell("matmul") is None

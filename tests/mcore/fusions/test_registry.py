@@ -51,8 +51,9 @@ def test_device_choice(monkeypatch):
     assert registry.choice("attention", device="Ascend") == "device"
     assert registry.choice("rms_norm", device="Ascend") == "device"
     assert registry.choice("rotary", device="GPU") == "composed"
-    assert registry.choice("rms_norm") == "cpu_kernel"  # the CPU kernels are the default
-    assert RMSNorm(8).use_kernel
+    assert registry.choice("swiglu") == "cpu_kernel"  # the CPU kernels are the default ...
+    assert registry.choice("rms_norm") == "composed"  # ... but the norms' (opt-in)
+    assert not RMSNorm(8).use_kernel
     assert registry.choice("cross_entropy") == "cpu_kernel"
     assert registry.choice("cross_entropy", device="Ascend") == "composed"
     monkeypatch.setenv(registry.ENV, "kernels")
