@@ -56,42 +56,43 @@ def _check(config: TransformerConfig, groups: ModelGroups) -> None:
                          "supported")
 
 
-class EncoderLayer(nn.Cell):
-    """Bidirectional pre-norm layer; see the module docstring."""
+class _PreNormLayer(nn.Cell):
+    """The parts both layers share: ``input_norm`` + ``self_attention`` (causal or not),
+    ``pre_mlp_norm`` + ``mlp``."""
 
-    def __init__(self, config: TransformerConfig, layer_number: int = 0,
-                 groups: ModelGroups | None = None):
+    def __init__(self, config: TransformerConfig, layer_number: int, groups: ModelGroups | None,
+                 causal: bool):
         super().__init__()
         groups = groups or ModelGroups()
         _check(config, groups)
         self.input_norm = _norm(config)
-        self.self_attention = build_module(self_attention_spec(False), config,
+        self.self_attention = build_module(self_attention_spec(causal), config,
                                            layer_number=layer_number, groups=groups)
         self.pre_mlp_norm = _norm(config)
         self.mlp = build_module(mlp_spec(config), config, groups=groups,
                                 layer_number=layer_number)
+
+
+class EncoderLayer(_PreNormLayer):
+    """Bidirectional pre-norm layer; see the module docstring."""
+
+    def __init__(self, config: TransformerConfig, layer_number: int = 0,
+                 groups: ModelGroups | None = None):
+        super().__init__(config, layer_number, groups, causal=False)
 
     def construct(self, x, key_mask=None, bias=None):
         h = x + self.self_attention(self.input_norm(x), None, None, key_mask, None, bias)
         return h + self.mlp(self.pre_mlp_norm(h))
 
 
-class DecoderLayer(nn.Cell):
+class DecoderLayer(_PreNormLayer):
     """Causal self-attention, cross-attention, MLP (pre-norm); see the module docstring."""
 
     def __init__(self, config: TransformerConfig, layer_number: int = 0,
                  groups: ModelGroups | None = None):
-        super().__init__()
-        groups = groups or ModelGroups()
-        _check(config, groups)
-        self.input_norm = _norm(config)
-        self.self_attention = build_module(self_attention_spec(True), config,
-                                           layer_number=layer_number, groups=groups)
+        super().__init__(config, layer_number, groups, causal=True)
         self.pre_cross_attn_norm = _norm(config)
         self.cross_attention = CrossAttention(config, layer_number=layer_number, groups=groups)
-        self.pre_mlp_norm = _norm(config)
-        self.mlp = build_module(mlp_spec(config), config, groups=groups,
-                                layer_number=layer_number)
 
     def construct(self, x, memory, memory_mask=None, bias=None):
         h = x + self.self_attention(self.input_norm(x), None, None, None, None, bias)
