@@ -62,9 +62,11 @@ class _HFWorker:
     """``hf_generate_worker.py`` in a subprocess: ``run(b) -> (tokens, seconds)``."""
 
     def __init__(self, python: str, hf_dir: Path, prompts_file: Path):
+        # env=os.environ: MindSpore sets OMP_NUM_THREADS=1 in the C environment once it has run
+        # an op, which a child would inherit; the reference keeps torch's own thread default.
         self.proc = subprocess.Popen([python, str(WORKER), str(hf_dir), str(prompts_file),
                                       str(NEW)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+                                     text=True, env=dict(os.environ))
         self.versions = self._answer()["versions"]
 
     def _answer(self) -> dict:

@@ -83,8 +83,10 @@ class Worker:
 
     def __init__(self, argv: list[str], cwd):
         # cwd: a scratch directory (MindSpore writes rank_0/ there)
+        # env=os.environ: not the C environment, where MindSpore sets OMP_NUM_THREADS=1 once it
+        # has run an op (the PyTorch twin keeps its own thread default)
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, cwd=cwd)
+                                     text=True, cwd=cwd, env=dict(os.environ))
         self.ready = self._read("ready")
         self.tokens = int(self.ready[0])
 
