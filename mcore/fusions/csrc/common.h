@@ -1,9 +1,10 @@
 // Helpers shared by the kernel sources of mcore/fusions (cpu_kernels.cc, norm_kernels.cc).
+// Contract of every kernel: its outputs are the same bits for any OpenMP thread count, with or
+// without the one-thread rule below. A value written by one task is summed by that task in a
+// fixed order; a sum over rows (the norms' weight gradient) goes through partials over blocks
+// of a constant row count, summed in block order (norm_kernels.cc).
 #pragma once
 #include <cstdint>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace {
 
@@ -17,22 +18,6 @@ inline int64_t leading(int nd, const int64_t *shape) {  // product of all dims b
   int64_t n = 1;
   for (int i = 0; i < nd - 1; ++i) n *= shape[i];
   return n;
-}
-
-inline int threads() {
-#ifdef _OPENMP
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
-
-inline int thread_id() {
-#ifdef _OPENMP
-  return omp_get_thread_num();
-#else
-  return 0;
-#endif
 }
 
 }  // namespace

@@ -19,10 +19,17 @@ inline float rms_row_fwd(const float *x, const float *w, float eps, float *y, in
   return r;
 }
 
+// Rows per partial sum of the weight gradient: a constant, so the partition of the rows into
+// blocks (and with it every rounding of dw) is the same for any thread count, for the
+// one-thread rule of small tensors (common.h) and for a row range split over ranks at block
+// boundaries. Each block's partial is [H] doubles: 1/16 of x's bytes at 32 rows.
+constexpr int64_t kRowBlock = 32;
+constexpr int64_t kColChunk = 256;  // columns per task when the block partials are summed
+
 // dx = base + rstd (dy w) - x rstd^3 mean(dy w x) for one row (base: nullptr = 0);
-// acc += dy x rstd (this thread's share of dw).
+// acc += dy x rstd (the row's share of dw, accumulated in double).
 inline void rms_row_bwd(const float *dy, const float *x, const float *w, float r,
-                        const float *base, float *dx, float *acc, int64_t H) {
+                        const float *base, float *dx, double *acc, int64_t H) {
   float dot = 0.0f;
 #pragma omp simd reduction(+ : dot)
   for (int64_t j = 0; j < H; ++j) dot += dy[j] * w[j] * x[j];
@@ -30,28 +37,37 @@ inline void rms_row_bwd(const float *dy, const float *x, const float *w, float r
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
     dx[j] = (base ? base[j] : 0.0f) + (r * dy[j] * w[j] - x[j] * coef);
-    acc[j] += dy[j] * x[j] * r;
+    acc[j] += static_cast<double>(dy[j] * x[j] * r);
   }
 }
 
-// Backward over all rows: dx (plus dbase when given) and dw summed over rows in a fixed
-// order (per-thread partial sums, then the threads in order).
+// Backward over all rows: dx (plus dbase when given) row by row, and dw = sum over rows in an
+// order that does not depend on the threads: rows in blocks of kRowBlock, each block summed
+// in row order into its own double partial (any thread may take a block), then the partials
+// summed in block order (column chunks in parallel) and rounded to float once.
 void rms_bwd(const float *dy, const float *x, const float *w, const float *rstd,
              const float *dbase, float *dx, float *dw, int64_t rows, int64_t H) {
-  const int nt = threads();
-  std::vector<float> partial(static_cast<size_t>(nt) * H, 0.0f);
-#pragma omp parallel if (rows * H >= kParallelElems)
-  {
-    float *acc = partial.data() + static_cast<size_t>(thread_id()) * H;
-#pragma omp for schedule(static)
-    for (int64_t n = 0; n < rows; ++n)
+  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
+  // [blocks, H]; at least one row, which is dw = 0 when there are no rows
+  std::vector<double> partial(static_cast<size_t>(blocks > 0 ? blocks : 1) * H, 0.0);
+#pragma omp parallel for schedule(static) if (rows * H >= kParallelElems)
+  for (int64_t b = 0; b < blocks; ++b) {
+    double *acc = partial.data() + b * H;
+    const int64_t end = (b + 1) * kRowBlock < rows ? (b + 1) * kRowBlock : rows;
+    for (int64_t n = b * kRowBlock; n < end; ++n)
       rms_row_bwd(dy + n * H, x + n * H, w, rstd[n], dbase ? dbase + n * H : nullptr,
                   dx + n * H, acc, H);
   }
-  for (int64_t j = 0; j < H; ++j) {
-    float s = 0.0f;
-    for (int t = 0; t < nt; ++t) s += partial[static_cast<size_t>(t) * H + j];
-    dw[j] = s;
+#pragma omp parallel for schedule(static) if (blocks * H >= kParallelElems)
+  for (int64_t c = 0; c < H; c += kColChunk) {
+    const int64_t stop = c + kColChunk < H ? c + kColChunk : H;
+    double *total = partial.data();  // block 0's row collects the others, block by block
+    for (int64_t b = 1; b < blocks; ++b) {
+      const double *part = partial.data() + b * H;
+#pragma omp simd
+      for (int64_t j = c; j < stop; ++j) total[j] += part[j];
+    }
+    for (int64_t j = c; j < stop; ++j) dw[j] = static_cast<float>(total[j]);
   }
 }
 
