@@ -81,9 +81,9 @@ class _AscendSwiGLU(nn.Cell):
 
 
 REGISTRY = {op.name: op for op in (
-    # The norm kernels sum the weight gradient in per-thread partials, so its rounding depends
-    # on the thread count: tp x ep layouts drifted past 1e-5 of one process by step 6. Opt-in
-    # until that sum is blocked by a fixed row count.
+    # The norm kernels give the same bits for any thread count (csrc/common.h), but stay
+    # opt-in: with them the DeepSeek tp2 x ep2 and LoRA tp2 runs leave 1e-5 of one process
+    # (the composed norms' rounding happens to stay inside; docs/fusions.md).
     FusedOp("rms_norm", "mcore.transformer.norm.RMSNorm", cpu_builder=cpu_ops.CpuRMSNorm,
             device_builders={"Ascend": _AscendRMSNorm}, cpu_by_default=False),
     FusedOp("add_rms_norm", "mcore.transformer.norm.RMSNorm.add_and_norm",
