@@ -155,29 +155,33 @@ def mean_loss(loss_cell: LossCell, batches, dp_group, cp_group=None) -> float:
 
 
 class ForwardBackward(nn.Cell):
-    """Returns the micro-batch loss and adds ``scale * dloss/dw`` to the ``acc`` buffers."""
+    """Returns the micro-batch loss and adds ``scale * dloss/dw`` to the ``acc`` buffers.
+
+    The backward starts from the sensitivity ``scale`` (``loss_scale * scale`` with a loss
+    scale), so its gradients arrive scaled and are added in place: no per-parameter multiply
+    and no parameter-sized temporary (with a loss scale, one multiply by ``1 / loss_scale``)."""
 
     def __init__(self, loss_cell: LossCell, params, acc, loss_scale: float = 1.0):
         super().__init__()
         self.loss_cell, self.params, self.acc = loss_cell, params, acc
         self.loss_scale = float(loss_scale)
-        if self.loss_scale == 1.0:
-            self.grad = ops.GradOperation(get_by_list=True)
-        else:  # backward of loss_scale * loss (the sensitivity), unscaled below
-            self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
 
     def construct(self, inputs, labels, scale, position_ids=None, segment_ids=None, denom=None):
         loss = self.loss_cell(inputs, labels, position_ids, segment_ids, denom)
         if self.loss_scale == 1.0:
-            grads = self.grad(self.loss_cell, self.params)(inputs, labels, position_ids,
-                                                           segment_ids, denom)
-        else:
+            sens = ops.ones_like(loss) * scale  # d(scale loss)/dw = scale dloss/dw
+        else:  # backward of loss_scale * loss, unscaled below
             sens = ops.ones_like(loss) * self.loss_scale
-            grads = self.grad(self.loss_cell, self.params)(inputs, labels, position_ids,
-                                                           segment_ids, denom, sens)
+        grads = self.grad(self.loss_cell, self.params)(inputs, labels, position_ids, segment_ids,
+                                                       denom, sens)
+        if self.loss_scale == 1.0:
+            for i in range(len(self.acc)):
+                ops.assign_add(self.acc[i], grads[i])
+        else:
             scale = scale / self.loss_scale
-        for i in range(len(self.acc)):
-            ops.assign_add(self.acc[i], grads[i] * scale)
+            for i in range(len(self.acc)):
+                ops.assign_add(self.acc[i], grads[i] * scale)
         return loss
 
 

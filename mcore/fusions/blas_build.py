@@ -14,9 +14,11 @@ Failure (the package is not installed, no compiler, a compile error) raises
 ``KernelBuildError``; ``mcore.fusions.registry`` then uses the composed ``ops.MatMul``.
 
 Threads: OpenBLAS keeps one thread count per process. ``blas_threads()`` reads
-``$MSFORMERS_BLAS_THREADS`` (default 1: see docs/performance.md, "BLAS matmul" — on two cores
-shared with MindSpore's own thread pool one BLAS thread was the better choice) and
-``set_blas_threads`` applies it through the library's ``BlasSetThreads``.
+``$MSFORMERS_BLAS_THREADS`` (default: the CPUs this process may run on, as OpenBLAS itself
+would take) and ``set_blas_threads`` applies it through the library's ``BlasSetThreads``. The
+kernel runs products below 2^25 multiply-adds on one thread whatever the setting (a tiny model's
+products on a busy machine lose more to the thread hand-off than they gain; docs/performance.md,
+"BLAS matmul"); OpenBLAS never splits the summed dimension, so results do not depend on the count.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from pathlib import Path
 from mcore.fusions.cpu_build import KernelBuildError, _compile, _version, cache_dir, compiler
 
 SOURCE = Path(__file__).with_name("csrc") / "blas_matmul.cc"
-FLAGS = ("-O2",)
+FLAGS = ("-O2", "-pthread")
 THREADS_ENV = "MSFORMERS_BLAS_THREADS"
 
 
@@ -67,9 +69,21 @@ def build_blas_matmul() -> str:
     return str(target)
 
 
+def default_threads() -> int:
+    """The CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where there is
+    none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def blas_threads() -> int:
-    """``$MSFORMERS_BLAS_THREADS`` (default 1); ValueError naming the variable when bad."""
-    raw = os.environ.get(THREADS_ENV, "1").strip() or "1"
+    """``$MSFORMERS_BLAS_THREADS`` (default ``default_threads()``); ValueError naming the variable
+    when bad."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return default_threads()
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"{THREADS_ENV}={raw!r}: expected a positive integer")
     return int(raw)
