@@ -30,7 +30,7 @@ from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "cpu_kernels.cc", CSRC / "norm_kernels.cc",
-           CSRC / "cross_entropy.cc")
+           CSRC / "cross_entropy.cc", CSRC / "adamw_kernels.cc")
 HEADERS = (CSRC / "common.h",)  # only hashed
 FAST_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 PLAIN_FLAGS = ("-O3",)
