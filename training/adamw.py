@@ -129,12 +129,12 @@ class AdamWUpdate:
     the norm measured before clipping. Unless both are finite, weights and moments keep their
     values. ``m``, ``v``: the moments (ParameterTuples named ``adam_m.<param>`` /
     ``adam_v.<param>``). ``fused``: whether the ``adamw`` kernel of ``mcore.fusions`` runs
-    (chosen here, by the registry and ``$MSFORMERS_FUSIONS``)."""
+    (chosen here, by the registry and ``$MSFORMERS_FUSIONS``; float32 parameters only)."""
 
     sharded = False  # whole moments (mcore.distributed's DistributedAdamW shards them)
 
     def __init__(self, params, acc, decay: list[bool], plans: list, dims: ParallelDims, opt_cfg):
-        kernel = fused_cell("adamw")
+        kernel = fused_cell("adamw") if all(p.dtype == ms.float32 for p in params) else None
         self.fused = kernel is not None
         self.m, self.v = _moments(params, "m"), _moments(params, "v")
         self.finalize = FinalizeGrads(acc, plans, dims, float(opt_cfg.clip_grad),
