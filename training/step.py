@@ -154,13 +154,12 @@ def mean_loss(loss_cell: LossCell, batches, dp_group, cp_group=None) -> float:
 
 
 class ForwardBackward(nn.Cell):
-    """Returns the micro-batch loss and adds ``scale * dloss/dw`` to the ``acc`` buffers
-    (``unit_scale``: ``scale`` is always 1 and no loss scale: no product buffer per parameter)."""
+    """Returns the micro-batch loss and adds ``scale * dloss/dw`` to the ``acc`` buffers."""
 
-    def __init__(self, loss_cell, params, acc, loss_scale: float = 1.0, unit_scale: bool = False):
+    def __init__(self, loss_cell: LossCell, params, acc, loss_scale: float = 1.0):
         super().__init__()
         self.loss_cell, self.params, self.acc = loss_cell, params, acc
-        self.loss_scale, self.unit_scale = float(loss_scale), unit_scale and loss_scale == 1.0
+        self.loss_scale = float(loss_scale)
         if self.loss_scale == 1.0:
             self.grad = ops.GradOperation(get_by_list=True)
         else:  # backward of loss_scale * loss (the sensitivity), unscaled below
@@ -177,7 +176,7 @@ class ForwardBackward(nn.Cell):
                                                            segment_ids, denom, sens)
             scale = scale / self.loss_scale
         for i in range(len(self.acc)):
-            ops.assign_add(self.acc[i], grads[i] if self.unit_scale else grads[i] * scale)
+            ops.assign_add(self.acc[i], grads[i] * scale)
         return loss
 
 
@@ -351,7 +350,7 @@ class TrainStep(TrainState):
                                                        self.params, self.acc)
         else:
             self.forward_backward = ForwardBackward(self.loss_cell, self.params, self.acc,
-                                                    self.loss_scale, self.n_micro == 1)
+                                                    self.loss_scale)
         self.update = build_update(self.params, self.acc, decay, plans, dims, opt_cfg)
 
     def __call__(self, micro_batches, lr: float) -> tuple[float, float]:
