@@ -9,8 +9,8 @@ One optimizer step, for ``n`` micro-batches on each of ``D`` data-parallel ranks
    model(inputs, labels=labels)`` and ``acc += d(loss_k / n)/dw`` into fp32 buffers. With
    context parallelism (``dims.cp`` > 1) each micro-batch is first cut to this rank's ``s / cp``
    tokens and their positions (``training.context_parallel.cp_micro_batch``).
-2. ``AdamWUpdate`` (``training/adamw.py``: small compiled graphs, AdamW by MindSpore's fused
-   in-place kernel, which needs no per-parameter temporaries):
+2. ``AdamWUpdate`` (``training/adamw.py``: small compiled graphs, AdamW by an in-place kernel,
+   ``mcore.fusions``' ``adamw`` or MindSpore's, which needs no per-parameter temporaries):
    - ``g, norm = GradFinalizer(acc)`` (``mcore.distributed.finalize``, driven by what each
      parameter carries): ``g = all_reduce_sum(acc, dp_cp) / D`` with ``D = dp x cp`` (the
      gradient of the mean loss over the global batch; expert parameters: summed over edp, ``/ D``); the global norm counts
@@ -47,8 +47,7 @@ nan, is returned). bf16 has no compute kernels on CPU (``training/run_checks.py:
 refuses it there).
 ``mode``: ``set_mode("graph")`` compiles every Cell call (GRAPH_MODE, 3-5x faster than PyNative
 on CPU, first compile ~5-15 s); ``"pynative"`` runs eagerly for debugging. Same numbers either way
-to fp32 rounding. MindSpore's own ``AdamWeightDecay`` is not used: it has no bias correction
-(docs/mindspore_cpu.md).
+to fp32 rounding. ``training/adamw.py`` folds AdamW's bias correction into its kernel's scalars.
 """
 from __future__ import annotations
 
