@@ -7,7 +7,10 @@ stdin, one per line: ``step`` -> runs one optimizer step on fixed random tokens 
 -> writes the current weights (a Hugging Face directory), the batch and the optimizer settings
 for ``benchmarks/torch_twin.py`` and prints ``exported``; ``phases`` -> runs one step in its
 parts and prints ``phases <forward s> <forward+backward s> <update s>`` (the forward alone is
-a separate compiled graph, compiled untimed, then timed; backward = second - first); ``gemm`` ->
+a separate compiled graph, compiled untimed, then timed; backward = second - first);
+``update_parts`` -> runs forward+backward untimed, then the update's graphs one by one
+(``training/adamw.py``) and prints ``update_parts <finalise s> <AdamW + zeroing s> <zeroing
+alone s>`` (the last one a ``ZeroGrads`` run on the zeroed buffers); ``gemm`` ->
 prints ``gemm <FLOP/s of a 2048^2 fp32 numpy matmul> <same with MindSpore ops.matmul>`` (best
 of 10 each) measured in this process
 (same threads, same neighbours on a shared machine); ``quit``.
@@ -55,6 +58,26 @@ def phases(step, batches, lr: float) -> tuple[float, float, float]:
     return t1 - t0, t2 - t1, time.perf_counter() - t2
 
 
+def update_parts(step, batches, lr: float) -> tuple[float, float, float]:
+    """Seconds of the update's finalise graph, of its AdamW graph (which zeroes the buffers) and
+    of the zeroing graph alone, after one untimed forward+backward (one micro-batch)."""
+    import mindspore as ms
+
+    (inputs, labels), = batches
+    x, y = ms.Tensor(inputs, ms.int32), ms.Tensor(labels, ms.int32)
+    loss = step.forward_backward(x, y, ms.Tensor(1.0, ms.float32))
+    finalize, apply, zero_grads = step.update._graphs
+    t0 = time.perf_counter()
+    norm, _, coef = finalize(loss)
+    norm.asnumpy()
+    t1 = time.perf_counter()
+    scalar = ms.Tensor(lr, ms.float32)  # lr', eps', wd': any values time the same
+    apply(scalar, scalar, scalar, coef).asnumpy()
+    t2 = time.perf_counter()
+    zero_grads().asnumpy()
+    return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
 def main(config: str, mode: str) -> None:
     import mindspore as ms
     import numpy as np
@@ -89,6 +112,9 @@ def main(config: str, mode: str) -> None:
             print("exported", flush=True)
         elif cmd == "phases":
             print("phases " + " ".join(f"{s:.6f}" for s in phases(step, batches, 1e-4)), flush=True)
+        elif cmd == "update_parts":
+            print("update_parts " + " ".join(f"{s:.6f}" for s in update_parts(step, batches, 1e-4)),
+                  flush=True)
         elif cmd == "stats":
             print(f"rss {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}", flush=True)
         elif cmd == "gemm":

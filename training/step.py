@@ -9,8 +9,8 @@ One optimizer step, for ``n`` micro-batches on each of ``D`` data-parallel ranks
    model(inputs, labels=labels)`` and ``acc += d(loss_k / n)/dw`` into fp32 buffers. With
    context parallelism (``dims.cp`` > 1) each micro-batch is first cut to this rank's ``s / cp``
    tokens and their positions (``training.context_parallel.cp_micro_batch``).
-2. ``AdamWUpdate`` (``training/adamw.py``: small compiled graphs, AdamW by MindSpore's fused
-   in-place kernel, which needs no per-parameter temporaries):
+2. ``AdamWUpdate`` (``training/adamw.py``: small compiled graphs, AdamW by an in-place kernel,
+   ``mcore.fusions``' ``adamw`` or MindSpore's, which needs no per-parameter temporaries):
    - ``g, norm = GradFinalizer(acc)`` (``mcore.distributed.finalize``, driven by what each
      parameter carries): ``g = all_reduce_sum(acc, dp_cp) / D`` with ``D = dp x cp`` (the
      gradient of the mean loss over the global batch; expert parameters: summed over edp, ``/ D``); the global norm counts
@@ -47,8 +47,7 @@ nan, is returned). bf16 has no compute kernels on CPU (``training/run_checks.py:
 refuses it there).
 ``mode``: ``set_mode("graph")`` compiles every Cell call (GRAPH_MODE, 3-5x faster than PyNative
 on CPU, first compile ~5-15 s); ``"pynative"`` runs eagerly for debugging. Same numbers either way
-to fp32 rounding. MindSpore's own ``AdamWeightDecay`` is not used: it has no bias correction
-(docs/mindspore_cpu.md).
+to fp32 rounding. ``training/adamw.py`` folds AdamW's bias correction into its kernel's scalars.
 """
 from __future__ import annotations
 
@@ -155,29 +154,33 @@ def mean_loss(loss_cell: LossCell, batches, dp_group, cp_group=None) -> float:
 
 
 class ForwardBackward(nn.Cell):
-    """Returns the micro-batch loss and adds ``scale * dloss/dw`` to the ``acc`` buffers."""
+    """Returns the micro-batch loss and adds ``scale * dloss/dw`` to the ``acc`` buffers.
+
+    The backward starts from the sensitivity ``scale`` (``loss_scale * scale`` with a loss
+    scale), so its gradients arrive scaled and are added in place: no per-parameter multiply
+    and no parameter-sized temporary (with a loss scale, one multiply by ``1 / loss_scale``)."""
 
     def __init__(self, loss_cell: LossCell, params, acc, loss_scale: float = 1.0):
         super().__init__()
         self.loss_cell, self.params, self.acc = loss_cell, params, acc
         self.loss_scale = float(loss_scale)
-        if self.loss_scale == 1.0:
-            self.grad = ops.GradOperation(get_by_list=True)
-        else:  # backward of loss_scale * loss (the sensitivity), unscaled below
-            self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
 
     def construct(self, inputs, labels, scale, position_ids=None, segment_ids=None, denom=None):
         loss = self.loss_cell(inputs, labels, position_ids, segment_ids, denom)
         if self.loss_scale == 1.0:
-            grads = self.grad(self.loss_cell, self.params)(inputs, labels, position_ids,
-                                                           segment_ids, denom)
-        else:
+            sens = ops.ones_like(loss) * scale  # d(scale loss)/dw = scale dloss/dw
+        else:  # backward of loss_scale * loss, unscaled below
             sens = ops.ones_like(loss) * self.loss_scale
-            grads = self.grad(self.loss_cell, self.params)(inputs, labels, position_ids,
-                                                           segment_ids, denom, sens)
+        grads = self.grad(self.loss_cell, self.params)(inputs, labels, position_ids, segment_ids,
+                                                       denom, sens)
+        if self.loss_scale == 1.0:
+            for i in range(len(self.acc)):
+                ops.assign_add(self.acc[i], grads[i])
+        else:
             scale = scale / self.loss_scale
-        for i in range(len(self.acc)):
-            ops.assign_add(self.acc[i], grads[i] * scale)
+            for i in range(len(self.acc)):
+                ops.assign_add(self.acc[i], grads[i] * scale)
         return loss
 
 

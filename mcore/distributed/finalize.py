@@ -102,7 +102,9 @@ class GradFinalizer(nn.Cell):
     """``construct(grads) -> (grads, norm)``: each gradient reduced as its ``GradPlan`` says
     (``sum_tied_grads`` excepted: that one is eager), and the global norm of the reduced
     gradients (fp32 scalar, before any clipping). ``grads``: a tuple (or ParameterTuple) aligned
-    with ``plans``. Compiles inside the caller's graph (``training.step.AdamWUpdate``)."""
+    with ``plans``. ``changed[i]``: whether gradient ``i`` comes back as a new tensor (reduced
+    or scaled), not ``grads[i]`` itself. Compiles inside the caller's graph
+    (``training.adamw.AdamWUpdate``)."""
 
     def __init__(self, plans: list[GradPlan], dims: ParallelDims):
         super().__init__()
@@ -111,6 +113,9 @@ class GradFinalizer(nn.Cell):
         self.sp_sum = tuple(p.sp_sum for p in plans)
         self.dp, self.edp, self.tp = dims.dp_cp, dims.edp, dims.tp  # dp_cp: dp x cp ranks
         self.norm = GlobalGradNorm([p.norm for p in plans], dims)
+        # per gradient: whether construct returns a new tensor (else grads[i] itself)
+        self.changed = tuple((p.reduce == "edp" and dims.edp.size > 1) or dims.dp_cp.size > 1
+                             or (p.sp_sum and dims.tp.size > 1) for p in plans)
 
     def construct(self, grads):
         out = []

@@ -15,6 +15,10 @@ Then the total is summed over the pp group (each stage holds different parameter
 parallel copies (dp, edp) hold equal reduced gradients and are never summed. Collectives, in
 this order, each only when its group has more than one rank and its bucket has members:
 tp, etp, ep, then pp.
+
+Each gradient's sum of squares is the ``squared_norm`` op of ``mcore.fusions`` (on the CPU a
+kernel summing fixed blocks in a fixed order, independent of the thread count; else
+``(g * g).sum()``), chosen when the Cell is built.
 """
 from __future__ import annotations
 
@@ -22,9 +26,17 @@ import mindspore as ms
 from mindspore import nn, ops
 
 from mcore.comm.collectives import all_reduce
+from mcore.fusions.registry import fused_cell
 from mcore.parallel_state import ParallelDims
 
 BUCKETS = ("local", "tp", "expert", "expert_etp", None)
+
+
+class SquareSum(nn.Cell):
+    """``(g * g).sum()``: the composed reference of the ``squared_norm`` op."""
+
+    def construct(self, g):
+        return (g * g).sum()
 
 
 class GlobalGradNorm(nn.Cell):
@@ -37,6 +49,7 @@ class GlobalGradNorm(nn.Cell):
             raise ValueError(f"GlobalGradNorm: unknown norm bucket {bad[0]!r}, expected one of "
                              f"{BUCKETS}")
         self.buckets = tuple(buckets)
+        self.square_sum = fused_cell("squared_norm") or SquareSum()
         self.tp, self.etp, self.ep, self.pp = dims.tp, dims.etp, dims.ep, dims.pp
         # a collective only for a bucket that has members (the same on every rank of a stage)
         self.sum_tp = dims.tp.size > 1 and "tp" in self.buckets
@@ -53,7 +66,7 @@ class GlobalGradNorm(nn.Cell):
             b = self.buckets[i]
             if b is None:
                 continue
-            sq = (grads[i] * grads[i]).sum()
+            sq = self.square_sum(grads[i])
             if b == "local":
                 local = local + sq
             elif b == "tp":

@@ -8,15 +8,16 @@ needed. The headers and the library come from the package (``get_include_dir``,
 ``get_lib_dir``); its symbols carry the prefix ``scipy_`` and cannot clash with NumPy's or
 MindSpore's own BLAS. Compiler, cache directory and atomic publication are those of
 ``cpu_build`` (the file name hashes the source, the compiler, the flags and the OpenBLAS
-version). Flags: ``-O2`` (the kernel only forwards to sgemm).
+version). Flags: ``-O2`` (the kernel only forwards to sgemm) and ``-pthread``.
 
 Failure (the package is not installed, no compiler, a compile error) raises
 ``KernelBuildError``; ``mcore.fusions.registry`` then uses the composed ``ops.MatMul``.
 
-Threads: OpenBLAS keeps one thread count per process. ``blas_threads()`` reads
-``$MSFORMERS_BLAS_THREADS`` (default 1: see docs/performance.md, "BLAS matmul" — on two cores
-shared with MindSpore's own thread pool one BLAS thread was the better choice) and
-``set_blas_threads`` applies it through the library's ``BlasSetThreads``.
+Threads: ``blas_threads()`` reads ``$MSFORMERS_BLAS_THREADS`` (default: the CPUs this process
+may run on) and ``set_blas_threads`` hands it to the library's ``BlasSetThreads``. OpenBLAS
+itself always runs one thread; with 2 or more the backward of a product of at least 2^25
+multiply-adds computes ``dx`` and ``dw`` at the same time on two threads (csrc/blas_matmul.cc
+says why), so the results do not depend on the setting (docs/fusions.md, "The BLAS matmul").
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from pathlib import Path
 from mcore.fusions.cpu_build import KernelBuildError, _compile, _version, cache_dir, compiler
 
 SOURCE = Path(__file__).with_name("csrc") / "blas_matmul.cc"
-FLAGS = ("-O2",)
+FLAGS = ("-O2", "-pthread")  # -pthread: std::thread
 THREADS_ENV = "MSFORMERS_BLAS_THREADS"
 
 
@@ -67,16 +68,28 @@ def build_blas_matmul() -> str:
     return str(target)
 
 
+def default_threads() -> int:
+    """The CPUs this process may run on (its affinity mask; ``os.cpu_count()`` where there is
+    none)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def blas_threads() -> int:
-    """``$MSFORMERS_BLAS_THREADS`` (default 1); ValueError naming the variable when bad."""
-    raw = os.environ.get(THREADS_ENV, "1").strip() or "1"
+    """``$MSFORMERS_BLAS_THREADS`` (default ``default_threads()``); ValueError naming the variable
+    when bad."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if not raw:
+        return default_threads()
     if not raw.isdigit() or int(raw) < 1:
         raise ValueError(f"{THREADS_ENV}={raw!r}: expected a positive integer")
     return int(raw)
 
 
 def set_blas_threads(library: str, threads: int) -> int:
-    """Give the process's OpenBLAS ``threads`` threads; returns the count it reports.
+    """Let the backward kernel use ``threads`` threads; returns the count it reports.
     (MindSpore loads the same file for the custom ops, so this is the instance they use.)"""
     lib = ctypes.CDLL(library)
     lib.BlasSetThreads(int(threads))

@@ -28,6 +28,8 @@ CPU kernels); ``MSFORMERS_FUSIONS=auto`` (the default) and ``kernels`` choose as
 | attention | ``blocked_attention`` (``fusions/attention.py``) | ``CpuCausalAttention`` | ``flash_attention_score`` |
 | matmul | ``ops.MatMul(transpose_b=True)`` (``tensor_parallel.layers``) | ``CpuMatmul`` (OpenBLAS backward) | composed |
 | cross_entropy | ``VocabParallelCrossEntropy`` at tp=1 | ``CpuCrossEntropy`` | composed |
+| squared_norm | ``(g * g).sum()`` (``mcore.distributed.grad_norm``) | ``CpuSquaredNorm`` | composed |
+| adamw | ``ApplyAdamW`` with ``ops.AdamWeightDecay`` (``training.adamw``) | ``CpuAdamW`` (in place) | composed |
 
 Fused kernels cover float32 inputs on CPU; layers call the composed op for other dtypes.
 """
@@ -42,7 +44,7 @@ from typing import Callable
 import mindspore as ms
 from mindspore import nn, ops
 
-from mcore.fusions import cpu_ops
+from mcore.fusions import cpu_ops, optimizer_ops
 from mcore.fusions.blas_build import blas_threads, build_blas_matmul, set_blas_threads
 from mcore.fusions.cpu_build import KernelBuildError, build_cpu_kernels
 
@@ -97,6 +99,12 @@ REGISTRY = {op.name: op for op in (
             cpu_library="blas", cpu_by_default=BLAS_MATMUL_BY_DEFAULT),
     FusedOp("cross_entropy", "mcore.tensor_parallel.cross_entropy.VocabParallelCrossEntropy",
             cpu_builder=cpu_ops.CpuCrossEntropy),
+    # The optimizer update (training.adamw, mcore.distributed.grad_norm): the norm sums in fixed
+    # blocks, so it does not depend on the thread count.
+    FusedOp("squared_norm", "(g * g).sum() in mcore.distributed.grad_norm",
+            cpu_builder=optimizer_ops.CpuSquaredNorm),
+    FusedOp("adamw", "training.adamw.ApplyAdamW (ops.AdamWeightDecay, then acc = 0)",
+            cpu_builder=optimizer_ops.CpuAdamW),
 )}
 
 

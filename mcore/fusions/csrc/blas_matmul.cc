@@ -6,13 +6,28 @@
 // row-major; returns 0 on success, 1 on a shape it does not handle):
 //   MatmulNTBwd(dy [m, n], x [m, k], w [n, k]) -> dx [m, k], dw [n, k]
 //                                                                  dx = dy w, dw = dy^T x
-//   BlasSetThreads(n): the number of OpenBLAS threads (a plain C call, not an op).
+//   BlasSetThreads(n) / BlasGetThreads(): the threads of the backward (plain C calls).
+//
+// Threads: OpenBLAS always runs on one thread here. With BlasSetThreads(n >= 2) the backward
+// of a product of at least kParallelMacs multiply-adds computes dx and dw at the same time on
+// two threads (the calling one and one it starts): the two products have the same m n k
+// multiply-adds, so they balance, and they meet once, at the end. OpenBLAS's own threads
+// split every product and wait for each other inside it: on a busy machine a descheduled one
+// stalls the call (measured: the backward's matmuls took ~4x as long as with one thread at
+// load ~11, docs/performance.md). Each product runs exactly as on one thread, so the
+// results do not depend on the setting. Smaller products run one after the other (starting a
+// thread costs more than it saves there).
+#include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <system_error>
+#include <thread>
 
 #include "cblas.h"
 
 namespace {
+
+constexpr int64_t kParallelMacs = int64_t{1} << 25;  // ~3 ms on one thread
 
 bool is_matrix(int nd, const int64_t *shape) { return nd == 2 && shape[0] >= 0 && shape[1] >= 0; }
 
@@ -30,13 +45,18 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float *a, int
                     static_cast<blasint>(n));
 }
 
+std::atomic<int> g_threads{1};  // set by BlasSetThreads (this library's one piece of state)
+
 }  // namespace
 
 extern "C" {
 
-void BlasSetThreads(int n) { scipy_openblas_set_num_threads(n); }
+void BlasSetThreads(int n) {
+  g_threads.store(n < 1 ? 1 : n);
+  scipy_openblas_set_num_threads(1);
+}
 
-int BlasGetThreads() { return scipy_openblas_get_num_threads(); }
+int BlasGetThreads() { return g_threads.load(); }
 
 int MatmulNTBwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
   for (int i = 0; i < 3; ++i)
@@ -46,8 +66,22 @@ int MatmulNTBwd(int, void **params, int *ndims, int64_t **shapes, const char **,
   const float *dy = static_cast<const float *>(params[0]);
   const float *x = static_cast<const float *>(params[1]);
   const float *w = static_cast<const float *>(params[2]);
-  gemm(false, false, m, k, n, dy, n, w, k, static_cast<float *>(params[3]));  // [m, n] [n, k]
-  gemm(true, false, n, k, m, dy, n, x, k, static_cast<float *>(params[4]));   // [n, m] [m, k]
+  float *dx = static_cast<float *>(params[3]), *dw = static_cast<float *>(params[4]);
+  auto grad_x = [=] { gemm(false, false, m, k, n, dy, n, w, k, dx); };  // [m, n] [n, k]
+  auto grad_w = [=] { gemm(true, false, n, k, m, dy, n, x, k, dw); };   // [n, m] [m, k]
+  if (g_threads.load() < 2 || m * n * k < kParallelMacs) {
+    grad_x();
+    grad_w();
+    return 0;
+  }
+  std::thread other;
+  try {
+    other = std::thread(grad_x);
+  } catch (const std::system_error &) {  // no thread to be had: one after the other
+    grad_x();
+  }
+  grad_w();
+  if (other.joinable()) other.join();
   return 0;
 }
 

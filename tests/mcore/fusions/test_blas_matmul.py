@@ -84,11 +84,36 @@ def test_threads_setting(monkeypatch):
     monkeypatch.setenv(blas_build.THREADS_ENV, "0")
     with pytest.raises(ValueError, match=blas_build.THREADS_ENV):
         blas_build.blas_threads()
+    monkeypatch.setenv(blas_build.THREADS_ENV, "3")
+    assert blas_build.blas_threads() == 3
     monkeypatch.delenv(blas_build.THREADS_ENV)
-    assert blas_build.blas_threads() == 1
+    assert blas_build.blas_threads() == blas_build.default_threads() >= 1
     library = registry.blas_library()
     assert blas_build.set_blas_threads(library, 2) == 2
     assert blas_build.set_blas_threads(library, 1) == 1
+    blas_build.set_blas_threads(library, blas_build.blas_threads())
+
+
+def _backward_with(threads: int, *inputs):
+    library = registry.blas_library()
+    try:
+        assert blas_build.set_blas_threads(library, threads) == threads
+        return [g.asnumpy() for g in fused_cell("matmul", True).backward(*inputs)]
+    finally:
+        blas_build.set_blas_threads(library, blas_build.blas_threads())
+
+
+def test_result_does_not_depend_on_the_thread_setting():
+    """Bit for bit with 1 and 2 threads set, on a product above the kernel's size for two
+    threads (2^25 multiply-adds: dx and dw then run at the same time, each on one OpenBLAS
+    thread). OpenBLAS's own two threads would change ~80 % of dx's bits at this shape."""
+    rng = np.random.default_rng(5)
+    x, w, dy = tensor(rng, 512, 256), tensor(rng, 520, 256), tensor(rng, 512, 520)  # 68M MACs
+    one, two = _backward_with(1, dy, x, w), _backward_with(2, dy, x, w)
+    exact = (dy.asnumpy().astype(np.float64) @ w.asnumpy(), dy.asnumpy().T.astype(np.float64) @ x.asnumpy())
+    for a, b, want in zip(one, two, exact):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(b, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("broken", ["package", "compiler"])

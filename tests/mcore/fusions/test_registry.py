@@ -30,7 +30,7 @@ def fresh_build():
 
 def test_every_op_has_a_reference():
     assert set(registry.REGISTRY) == {"rms_norm", "add_rms_norm", "swiglu", "rotary", "attention",
-                                      "matmul", "cross_entropy"}
+                                      "matmul", "cross_entropy", "squared_norm", "adamw"}
     for op in registry.REGISTRY.values():
         assert op.reference and (op.cpu_builder or op.device_builders)
 
@@ -55,6 +55,7 @@ def test_device_choice(monkeypatch):
     assert registry.choice("rms_norm") == "composed"  # ... but the norms' (opt-in)
     assert not RMSNorm(8).use_kernel
     assert registry.choice("cross_entropy") == "cpu_kernel"
+    assert registry.choice("adamw") == registry.choice("squared_norm") == "cpu_kernel"
     assert registry.choice("cross_entropy", device="Ascend") == "composed"
     monkeypatch.setenv(registry.ENV, "kernels")
     assert registry.choice("attention", device="Ascend") == "device"
@@ -69,7 +70,7 @@ def test_per_op_selection(monkeypatch):
     assert {n: registry.choice(n) for n in registry.REGISTRY} == {
         "rms_norm": "cpu_kernel", "swiglu": "cpu_kernel", "add_rms_norm": "composed",
         "rotary": "composed", "attention": "composed", "matmul": "composed",
-        "cross_entropy": "composed"}
+        "cross_entropy": "composed", "squared_norm": "composed", "adamw": "composed"}
     assert registry.choice("attention", device="Ascend") == "device"
 
 
