@@ -83,13 +83,11 @@ class _AscendSwiGLU(nn.Cell):
 
 
 REGISTRY = {op.name: op for op in (
-    # The norm kernels give the same bits for any thread count (csrc/common.h), but stay
-    # opt-in: with them the DeepSeek tp2 x ep2 and LoRA tp2 runs leave 1e-5 of one process
-    # (the composed norms' rounding happens to stay inside; docs/fusions.md).
+    # The norm kernels give the same bits for any thread count (csrc/common.h).
     FusedOp("rms_norm", "mcore.transformer.norm.RMSNorm", cpu_builder=cpu_ops.CpuRMSNorm,
-            device_builders={"Ascend": _AscendRMSNorm}, cpu_by_default=False),
+            device_builders={"Ascend": _AscendRMSNorm}),
     FusedOp("add_rms_norm", "mcore.transformer.norm.RMSNorm.add_and_norm",
-            cpu_builder=cpu_ops.CpuAddRMSNorm, cpu_by_default=False),
+            cpu_builder=cpu_ops.CpuAddRMSNorm),
     FusedOp("swiglu", "mcore.transformer.mlp.silu(gate) * up",
             cpu_builder=cpu_ops.CpuSwiGLU, device_builders={"Ascend": _AscendSwiGLU}),
     FusedOp("rotary", "mcore.transformer.rotary.apply_rotary", cpu_builder=cpu_ops.CpuRotary),

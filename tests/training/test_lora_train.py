@@ -17,7 +17,7 @@ from tests.training.test_pretrain import PRETRAIN, _losses, _tiny
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8",
         "lora.target_modules=[q_proj,v_proj,gate_proj,o_proj,down_proj]",
         "training.train_iters=4", "checkpoint.save_interval=0", "logging.sample_tokens=0",
-        "optimizer.lr=3e-2"]
+        "optimizer.lr=1e-2"]
 
 
 def check_single_process(tmp: str) -> None:

@@ -21,7 +21,7 @@ STEPS = 6
 TINY = ["model.vocab_size=512", "model.seq_length=32", "model.max_position_embeddings=32",
         "data.corpus_max_bytes=200000", "training.micro_batch_size=2",
         "training.global_batch_size=4", f"training.train_iters={STEPS}",
-        "training.eval_interval=0", "optimizer.warmup_iters=2", "optimizer.lr=1e-2",
+        "training.eval_interval=0", "optimizer.warmup_iters=2", "optimizer.lr=3e-3",
         "logging.log_interval=1", "logging.tensorboard=false", "logging.sample_tokens=0"]
 
 

@@ -2,6 +2,7 @@
 kernels cannot be built, and the kernel cache under concurrent first use."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -51,9 +52,13 @@ def test_device_choice(monkeypatch):
     assert registry.choice("attention", device="Ascend") == "device"
     assert registry.choice("rms_norm", device="Ascend") == "device"
     assert registry.choice("rotary", device="GPU") == "composed"
-    assert registry.choice("swiglu") == "cpu_kernel"  # the CPU kernels are the default ...
-    assert registry.choice("rms_norm") == "composed"  # ... but the norms' (opt-in)
-    assert not RMSNorm(8).use_kernel
+    assert registry.choice("swiglu") == registry.choice("rms_norm") == "cpu_kernel"
+    assert RMSNorm(8).use_kernel
+    opt_in = dataclasses.replace(registry.REGISTRY["rms_norm"], cpu_by_default=False)
+    monkeypatch.setitem(registry.REGISTRY, "rms_norm", opt_in)  # an op whose kernel is opt-in
+    assert registry.choice("rms_norm") == "composed" and not RMSNorm(8).use_kernel
+    monkeypatch.setitem(registry.REGISTRY, "rms_norm", dataclasses.replace(opt_in,
+                                                                           cpu_by_default=True))
     assert registry.choice("cross_entropy") == "cpu_kernel"
     assert registry.choice("adamw") == registry.choice("squared_norm") == "cpu_kernel"
     assert registry.choice("cross_entropy", device="Ascend") == "composed"
