@@ -27,6 +27,7 @@ CPU kernels); ``MSFORMERS_FUSIONS=auto`` (the default) and ``kernels`` choose as
 | rotary | ``apply_rotary`` in ``mcore.transformer.rotary`` | ``CpuRotary`` | composed |
 | attention | ``blocked_attention`` (``fusions/attention.py``) | ``CpuCausalAttention`` | ``flash_attention_score`` |
 | matmul | ``ops.MatMul(transpose_b=True)`` (``tensor_parallel.layers``) | ``CpuMatmul`` (OpenBLAS backward) | composed |
+| small_matmul | ``ops.MatMul(transpose_b=True)`` on at most 8 rows (decoding) | ``CpuSmallMatmul`` | composed |
 | cross_entropy | ``VocabParallelCrossEntropy`` at tp=1 | ``CpuCrossEntropy`` | composed |
 | squared_norm | ``(g * g).sum()`` (``mcore.distributed.grad_norm``) | ``CpuSquaredNorm`` | composed |
 | adamw | ``ApplyAdamW`` with ``ops.AdamWeightDecay`` (``training.adamw``) | ``CpuAdamW`` (in place) | composed |
@@ -44,7 +45,7 @@ from typing import Callable
 import mindspore as ms
 from mindspore import nn, ops
 
-from mcore.fusions import cpu_ops, optimizer_ops
+from mcore.fusions import cpu_ops, decode_ops, optimizer_ops
 from mcore.fusions.blas_build import blas_threads, build_blas_matmul, set_blas_threads
 from mcore.fusions.cpu_build import KernelBuildError, build_cpu_kernels
 
@@ -95,6 +96,9 @@ REGISTRY = {op.name: op for op in (
             cpu_builder=cpu_ops.CpuCausalAttention, device_builders={"Ascend": None}),  # CoreAttention calls flash_attention_score itself
     FusedOp("matmul", "ops.MatMul(transpose_b=True)", cpu_builder=cpu_ops.CpuMatmul,
             cpu_library="blas", cpu_by_default=BLAS_MATMUL_BY_DEFAULT),
+    # Decoding's few rows (tensor_parallel.layers): w read once by sleeping helper threads.
+    FusedOp("small_matmul", "ops.MatMul(transpose_b=True) on at most 8 rows",
+            cpu_builder=decode_ops.CpuSmallMatmul),
     FusedOp("cross_entropy", "mcore.tensor_parallel.cross_entropy.VocabParallelCrossEntropy",
             cpu_builder=cpu_ops.CpuCrossEntropy),
     # The optimizer update (training.adamw, mcore.distributed.grad_norm): the norm sums in fixed

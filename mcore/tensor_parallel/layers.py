@@ -35,6 +35,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 
+from mcore.fusions.decode_ops import MAX_ROWS
 from mcore.fusions.registry import fused_cell
 from mcore.parallel_state import ProcessGroup
 from mcore.tensor_parallel.mappings import (CopyToTPRegion, GatherFromSPRegion,
@@ -67,6 +68,8 @@ def _param(array: np.ndarray, name: str, sequence_parallel: bool = False,
 class _ParallelLinear(nn.Cell):
     """Shared parts: the weight shard, the optional bias, and ``y = x W^T``."""
 
+    fp16 = bf16 = False  # Cell.to_float(float16 / bfloat16) sets them on the instance
+
     def __init__(self, layer, input_size, output_size, group, split_dim, bias, bias_split,
                  skip_bias_add, sequence_parallel, init_method, seed, name, params_dtype,
                  partitions=None):
@@ -93,6 +96,8 @@ class _ParallelLinear(nn.Cell):
         self.matmul = ops.MatMul(transpose_b=True)
         # the registry's "matmul" (OpenBLAS sgemm on CPU) for float32; None: ops.MatMul
         self.blas = fused_cell("matmul") if params_dtype == ms.float32 else None
+        # decoding's few rows: the registry's "small_matmul" (reads w once; None: as above)
+        self.small = fused_cell("small_matmul") if params_dtype == ms.float32 else None
 
     def product(self, x, w):
         """x [N, in] @ w [out, in]^T -> [N, out]: the fused matmul for float32 inputs."""
@@ -100,8 +105,19 @@ class _ParallelLinear(nn.Cell):
             return self.blas(x, w)
         return self.matmul(x, w)
 
+    def small_rows(self, x, w) -> bool:
+        """Whether ``x w^T`` takes the small-row kernel: float32 ``x`` and ``w`` (not cast by
+        ``to_float``) with at most ``MAX_ROWS`` rows (a decode step: one per sequence)."""
+        rows = 1
+        for d in x.shape[:-1]:
+            rows *= d
+        return (self.small is not None and rows <= MAX_ROWS and x.dtype == ms.float32
+                and w.dtype == ms.float32 and not (self.fp16 or self.bf16))
+
     def linear(self, x):
         """x [.., in_local] -> x W^T [.., out_local] (no bias)."""
+        if self.small_rows(x, self.weight):
+            return self.small(x, self.weight)  # [.., in] -> [.., out], no reshape
         lead = x.shape[:-1]
         y = self.product(x.reshape((-1, x.shape[-1])), self.weight)  # [N, in] -> [N, out]
         return y.reshape(lead + (y.shape[-1],))
