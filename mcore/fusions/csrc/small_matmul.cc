@@ -49,6 +49,26 @@ struct Product {
 };
 
 #ifdef __AVX512F__
+// Lane i of the result: the sum of the 16 lanes of a[i]. A transposing tree (unpack within
+// 128-bit blocks, then across blocks): 45 instructions where 16 horizontal sums take ~130,
+// which at 8 rows of x was a quarter of the FMAs' time.
+inline __m512 sum16(const __m512 *a) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; ++i)  // per block: (a2i lanes 0+2, a2i+1 0+2, a2i 1+3, a2i+1 1+3)
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per block: the block's sum of a4i .. a4i+3
+    const __m512d x = _mm512_castps_pd(b[2 * i]), z = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, z)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, z)));
+  }
+  for (int i = 0; i < 2; ++i)  // blocks (c2i 0+1, c2i 2+3, c2i+1 0+1, c2i+1 2+3)
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88),
+                       _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+
 // y[r * n + j] = x_r . w_j for the R rows of x and rows j0, j1 of w (j1 == j0: one row).
 template <int R>
 inline void rows_times_pair(const float *x, const float *w0, const float *w1, int64_t k,
@@ -73,6 +93,17 @@ inline void rows_times_pair(const float *x, const float *w0, const float *w1, in
       a0[r] = _mm512_fmadd_ps(p, v, a0[r]);
       a1[r] = _mm512_fmadd_ps(q, v, a1[r]);
     }
+  }
+  if constexpr (R == 8) {  // 16 sums at once: lane 2r is x_r . w0, lane 2r + 1 is x_r . w1
+    __m512 acc[16];
+    for (int r = 0; r < R; ++r) acc[2 * r] = a0[r], acc[2 * r + 1] = a1[r];
+    float sums[16];
+    _mm512_storeu_ps(sums, sum16(acc));
+    for (int r = 0; r < R; ++r) {
+      y[r * n + j0] = sums[2 * r];
+      if (pair) y[r * n + j0 + 1] = sums[2 * r + 1];
+    }
+    return;
   }
   for (int r = 0; r < R; ++r) {
     y[r * n + j0] = _mm512_reduce_add_ps(a0[r]);
