@@ -68,8 +68,10 @@ class CompiledDecoder:
         self._step = ms.jit(_Step(model, self.cache))
         self._seen: set = set()
 
-    def _call(self, ids, positions, key_mask):
-        """The compiled step; the first call of a shape (a compilation) is timed."""
+    def step(self, ids, positions, key_mask):
+        """The compiled step ``(ids [b, s], positions [b, s], key_mask [b, T]) -> (argmax ids
+        [b, 1], next positions [b, 1], last logits [b, V])`` (``_Step``); the first call of a
+        shape (a compilation) is timed."""
         key = tuple(ids.shape)
         if key in self._seen:
             return self._step(ids, positions, key_mask)
@@ -92,7 +94,7 @@ class CompiledDecoder:
 
     def logits(self, ids, positions, key_mask):
         """Last logits ``[b, V]`` of one step (prefill or one token)."""
-        return self._call(ids, positions, key_mask)[2]
+        return self.step(ids, positions, key_mask)[2]
 
     def greedy(self, ids: np.ndarray, mask: np.ndarray, max_new_tokens: int, stop=(),
                check_every: int = 8) -> np.ndarray:
@@ -101,7 +103,7 @@ class CompiledDecoder:
         self.start()
         key_mask = self.full_mask(mask)
         positions = np.maximum(np.cumsum(mask, 1) - 1, 0).astype(np.int32)  # [b, W]
-        nxt, pos, _ = self._call(ms.Tensor(ids), ms.Tensor(positions), key_mask)
+        nxt, pos, _ = self.step(ms.Tensor(ids), ms.Tensor(positions), key_mask)
         produced, done = [nxt], np.zeros(ids.shape[0], bool)
         stop = np.asarray(sorted(set(int(t) for t in stop)), np.int32)
         for i in range(1, max_new_tokens):
@@ -110,7 +112,7 @@ class CompiledDecoder:
                 done |= np.isin(recent, stop).any(1)
                 if done.all():
                     break
-            nxt, pos, _ = self._call(nxt, pos, key_mask)
+            nxt, pos, _ = self.step(nxt, pos, key_mask)
             produced.append(nxt)
         if not max_new_tokens:
             return np.zeros((ids.shape[0], 0), np.int32)
