@@ -64,7 +64,8 @@ def main() -> None:
     for b in BATCHES:
         a, bb = times[("A", b)], times[("B", b)]
         print(f"batch {b}, ms per new token (rounds {len(a)}): A best {min(a):.2f} median "
-              f"{statistics.median(a):.2f} | B best {min(bb):.2f} median {statistics.median(bb):.2f}"
+              f"{statistics.median(a):.2f} | B best {min(bb):.2f} median "
+              f"{statistics.median(bb):.2f}"
               f" | A / B best {min(a) / min(bb):.2f}x median "
               f"{statistics.median(a) / statistics.median(bb):.2f}x")
 

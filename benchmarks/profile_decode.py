@@ -59,7 +59,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", default=None, help="profiler output directory (default: a temporary one)")
+    parser.add_argument("--out", default=None,
+                        help="profiler output directory (default: a temporary one)")
     args = parser.parse_args()
 
     import mindspore as ms
@@ -93,7 +94,8 @@ def main() -> None:
         times.append(1e3 * (time.perf_counter() - start) / args.steps)
     print(f"batch {args.batch}: unprofiled {', '.join(f'{t:.2f}' for t in times)} ms per step")
     out = args.out or tempfile.mkdtemp(prefix="profile_decode_")
-    with profile(activities=[ProfilerActivity.CPU], on_trace_ready=tensorboard_trace_handler(out)) as prof:
+    trace = tensorboard_trace_handler(out)
+    with profile(activities=[ProfilerActivity.CPU], on_trace_ready=trace) as prof:
         steps(prof)
     print(table(out, args.steps))
 
