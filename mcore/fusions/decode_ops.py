@@ -8,7 +8,8 @@ MindSpore's own kernels keep the cores), and takes ``x`` without a reshape. Each
 dot product in a fixed order: the bits do not depend on the thread count
 (``$MSFORMERS_DECODE_THREADS``, default: the CPUs of the process). The backward is composed
 (``dx = dy w``, ``dw = dy^T x``): a training step with so few rows is a test, not a workload.
-Callers route more rows and other dtypes to their own matmul (``tensor_parallel.layers``).
+The linear layers (``tensor_parallel.layers``) call it for at most ``LAYER_ROWS`` rows and route
+more rows and other dtypes to their own matmul.
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ import mindspore as ms
 from mindspore import nn, ops
 
 MAX_ROWS = 8  # kMaxRows of csrc/small_matmul.cc
+# The linear layers use it for at most this many rows: there the product is bound by reading
+# w. At 8 rows it is bound by the multiply-adds, and MindSpore's MatMul was as fast or faster
+# in the decode A/B (docs/performance.md "Decoding").
+LAYER_ROWS = 4
 
 
 def _rows_by_n(x_shape, w_shape):

@@ -27,7 +27,7 @@ CPU kernels); ``MSFORMERS_FUSIONS=auto`` (the default) and ``kernels`` choose as
 | rotary | ``apply_rotary`` in ``mcore.transformer.rotary`` | ``CpuRotary`` | composed |
 | attention | ``blocked_attention`` (``fusions/attention.py``) | ``CpuCausalAttention`` | ``flash_attention_score`` |
 | matmul | ``ops.MatMul(transpose_b=True)`` (``tensor_parallel.layers``) | ``CpuMatmul`` (OpenBLAS backward) | composed |
-| small_matmul | ``ops.MatMul(transpose_b=True)`` on at most 8 rows (decoding) | ``CpuSmallMatmul`` | composed |
+| small_matmul | ``ops.MatMul(transpose_b=True)`` on a few rows (decoding) | ``CpuSmallMatmul`` | composed |
 | cross_entropy | ``VocabParallelCrossEntropy`` at tp=1 | ``CpuCrossEntropy`` | composed |
 | squared_norm | ``(g * g).sum()`` (``mcore.distributed.grad_norm``) | ``CpuSquaredNorm`` | composed |
 | adamw | ``ApplyAdamW`` with ``ops.AdamWeightDecay`` (``training.adamw``) | ``CpuAdamW`` (in place) | composed |
@@ -97,7 +97,7 @@ REGISTRY = {op.name: op for op in (
     FusedOp("matmul", "ops.MatMul(transpose_b=True)", cpu_builder=cpu_ops.CpuMatmul,
             cpu_library="blas", cpu_by_default=BLAS_MATMUL_BY_DEFAULT),
     # Decoding's few rows (tensor_parallel.layers): w read once by sleeping helper threads.
-    FusedOp("small_matmul", "ops.MatMul(transpose_b=True) on at most 8 rows",
+    FusedOp("small_matmul", "ops.MatMul(transpose_b=True) on a few rows",
             cpu_builder=decode_ops.CpuSmallMatmul),
     FusedOp("cross_entropy", "mcore.tensor_parallel.cross_entropy.VocabParallelCrossEntropy",
             cpu_builder=cpu_ops.CpuCrossEntropy),

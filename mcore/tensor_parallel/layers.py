@@ -35,7 +35,7 @@ import numpy as np
 import mindspore as ms
 from mindspore import Parameter, nn, ops
 
-from mcore.fusions.decode_ops import MAX_ROWS
+from mcore.fusions.decode_ops import LAYER_ROWS
 from mcore.fusions.registry import fused_cell
 from mcore.parallel_state import ProcessGroup
 from mcore.tensor_parallel.mappings import (CopyToTPRegion, GatherFromSPRegion,
@@ -107,11 +107,11 @@ class _ParallelLinear(nn.Cell):
 
     def small_rows(self, x, w) -> bool:
         """Whether ``x w^T`` takes the small-row kernel: float32 ``x`` and ``w`` (not cast by
-        ``to_float``) with at most ``MAX_ROWS`` rows (a decode step: one per sequence)."""
+        ``to_float``) with at most ``LAYER_ROWS`` rows (a decode step: one per sequence)."""
         rows = 1
         for d in x.shape[:-1]:
             rows *= d
-        return (self.small is not None and rows <= MAX_ROWS and x.dtype == ms.float32
+        return (self.small is not None and rows <= LAYER_ROWS and x.dtype == ms.float32
                 and w.dtype == ms.float32 and not (self.fp16 or self.bf16))
 
     def linear(self, x):

@@ -1,7 +1,7 @@
 """The registry op "small_matmul" (``csrc/small_matmul.cc``, decoding's few rows) against
 ``ops.MatMul(transpose_b=True)``: forward and both gradients in PyNative and under
 ``mindspore.jit`` for 1..8 rows and odd sizes; the same bits for 1, 2 and 3 threads; the linear
-layers take it for float32 inputs of at most 8 rows only."""
+layers take it for float32 inputs of at most ``LAYER_ROWS`` rows only."""
 from __future__ import annotations
 
 import io
@@ -19,7 +19,7 @@ from mindspore import nn, ops  # noqa: E402
 
 from mcore.fusions import registry  # noqa: E402
 from mcore.fusions.cpu_build import build_cpu_kernels  # noqa: E402
-from mcore.fusions.decode_ops import MAX_ROWS  # noqa: E402
+from mcore.fusions.decode_ops import LAYER_ROWS  # noqa: E402
 from mcore.fusions.registry import choice, fused_cell  # noqa: E402
 from mcore.parallel_state import ProcessGroup  # noqa: E402
 from mcore.tensor_parallel.layers import ColumnParallelLinear  # noqa: E402
@@ -96,10 +96,10 @@ def test_layers_take_it_for_few_float32_rows(monkeypatch):
     w = layer.weight
     rng = np.random.default_rng(1)
     assert layer.small_rows(tensor(rng, 2, 1, 24), w)
-    assert layer.small_rows(tensor(rng, MAX_ROWS, 24), w)
-    assert not layer.small_rows(tensor(rng, 3, 3, 24), w)  # 9 rows: ops.MatMul / sgemm
+    assert layer.small_rows(tensor(rng, LAYER_ROWS, 24), w)
+    assert not layer.small_rows(tensor(rng, LAYER_ROWS + 1, 1, 24), w)  # ops.MatMul / sgemm
     assert not layer.small_rows(tensor(rng, 2, 24).astype(ms.float16), w)
-    for shape in ((2, 1, 24), (3, 4, 24)):  # with and without the kernel, same numbers
+    for shape in ((2, 1, 24), (LAYER_ROWS + 1, 1, 24)):  # with and without the kernel
         x = tensor(rng, *shape)
         expected = x.asnumpy() @ w.asnumpy().T + layer.bias.asnumpy()
         np.testing.assert_allclose(layer(x).asnumpy(), expected, rtol=1e-5, atol=1e-5)
