@@ -3,7 +3,7 @@
 // Every entry point has the aot signature: params holds the inputs then the outputs, all
 // contiguous float32; shapes/ndims describe them. Rows are the product of all leading dims.
 // Each function returns 0 on success, 1 on a shape it does not handle.
-// The norms are in norm_kernels.cc; helpers shared by both files in common.h.
+// The norms are in norm_kernels.cc, SwiGLU in swiglu.cc; helpers shared by the files in common.h.
 #include <cfloat>
 #include <cmath>
 #include <cstring>
@@ -12,8 +12,6 @@
 #include "common.h"
 
 namespace {
-
-inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
 
 // Rotary for one row of d values; pairs (i, i + r/2) (half) or (2i, 2i + 1) (interleaved).
 // transpose = false: out = x * cos + rotate(x) * sin; true: its adjoint (the backward).
@@ -63,44 +61,6 @@ int rope(void **params, int *ndims, int64_t **shapes) {
 }  // namespace
 
 extern "C" {
-
-// y [..., 2F] = [gate | up] -> out [..., F] = silu(gate) * up
-int SwiGLUFwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *y = static_cast<const float *>(params[0]);
-  float *out = static_cast<float *>(params[1]);
-  const int64_t F2 = shapes[0][ndims[0] - 1], rows = leading(ndims[0], shapes[0]);
-  if (F2 % 2) return 1;
-  const int64_t F = F2 / 2;
-#pragma omp parallel for schedule(static) if (rows * F2 >= kParallelElems)
-  for (int64_t n = 0; n < rows; ++n) {
-    const float *g = y + n * F2, *u = g + F;
-    float *o = out + n * F;
-    for (int64_t j = 0; j < F; ++j) o[j] = g[j] * sigmoid(g[j]) * u[j];
-  }
-  return 0;
-}
-
-// dout [..., F], y [..., 2F] -> dy [..., 2F]:
-//   d gate = dout * up * sig(g) (1 + g (1 - sig(g))),  d up = dout * silu(g)
-int SwiGLUBwd(int, void **params, int *ndims, int64_t **shapes, const char **, void *, void *) {
-  const float *dout = static_cast<const float *>(params[0]);
-  const float *y = static_cast<const float *>(params[1]);
-  float *dy = static_cast<float *>(params[2]);
-  const int64_t F2 = shapes[1][ndims[1] - 1], rows = leading(ndims[1], shapes[1]);
-  if (F2 % 2) return 1;
-  const int64_t F = F2 / 2;
-#pragma omp parallel for schedule(static) if (rows * F2 >= kParallelElems)
-  for (int64_t n = 0; n < rows; ++n) {
-    const float *g = y + n * F2, *u = g + F, *d = dout + n * F;
-    float *dg = dy + n * F2, *du = dg + F;
-    for (int64_t j = 0; j < F; ++j) {
-      const float sg = sigmoid(g[j]);
-      du[j] = d[j] * g[j] * sg;
-      dg[j] = d[j] * u[j] * sg * (1.0f + g[j] * (1.0f - sg));
-    }
-  }
-  return 0;
-}
 
 int RopeHalfFwd(int, void **p, int *nd, int64_t **sh, const char **, void *, void *) {
   return rope<false, false>(p, nd, sh);
