@@ -121,7 +121,15 @@ def _cross_entropy(k, rng):
     return [loss, lse, grad]
 
 
-CASES = {"rms_norm": _norm, "add_rms_norm": _add_norm, "swiglu": _swiglu, "rotary": _rotary,
+def _acc_add(k, rng):
+    acc = rng.standard_normal((ROWS, HIDDEN)).astype(np.float32)
+    g = rng.standard_normal((ROWS, HIDDEN)).astype(np.float32)
+    (out,) = _empty((1,))
+    k.run("AccAddInPlace", [acc, g], [out])  # acc is written in place
+    return [acc]
+
+
+CASES = {"acc_add": _acc_add, "rms_norm": _norm, "add_rms_norm": _add_norm, "swiglu": _swiglu, "rotary": _rotary,
          "attention": _attention, "cross_entropy": _cross_entropy}
 
 
