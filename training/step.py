@@ -161,7 +161,7 @@ class ForwardBackward(nn.Cell):
     scale), so its gradients arrive scaled and are added in place: no per-parameter multiply
     and no parameter-sized temporary (with a loss scale, one multiply by ``1 / loss_scale``).
     The add is the ``acc_add`` kernel of ``mcore.fusions`` when the registry chooses it (float32
-    parameters, no loss scale; the same sums as ``ops.assign_add``, on two threads)."""
+    parameters, no loss scale; the same sums as ``ops.assign_add``)."""
 
     def __init__(self, loss_cell: LossCell, params, acc, loss_scale: float = 1.0):
         super().__init__()

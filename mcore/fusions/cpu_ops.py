@@ -1,4 +1,4 @@
-"""MindSpore Cells around the C++ CPU kernels (``csrc/cpu_kernels.cc``), float32 only.
+"""MindSpore Cells around the C++ CPU kernels (``csrc/*.cc``), float32 only.
 
 Each Cell calls an ``ops.Custom(func_type="aot")`` forward (``CpuMatmul``: MindSpore's MatMul)
 whose ``bprop`` calls the matching backward kernel, so they differentiate in PyNative, under
