@@ -8,8 +8,9 @@
 // that both factors are normal floats (x is clamped to [-110, 100]): results that are subnormal
 // come out subnormal (not flushed to zero), exp(x) for x > ~88.72 is +inf, for x < ~-103.9 is
 // +0, NaN stays NaN. Measured over every float32 x in [-110, 100] against the float64 exp: at
-// most 0.94 ulp off where the result is a normal float, at most one subnormal step (1.4e-45)
-// below. Pure arithmetic, no table: the same bits on every call.
+// most 0.94 ulp off where the result is a normal float (with FMA contraction, the default
+// -march=native build; 1.15 ulp on a sample of the -O3-only build), at most one subnormal step
+// (1.4e-45) below. Pure arithmetic, no table: the same bits on every call.
 #pragma once
 #include <cstdint>
 #include <cstring>
