@@ -355,22 +355,26 @@ int AttnCausalFwd(int, void **params, int *ndims, int64_t **shapes, const char *
   float *lse = static_cast<float *>(params[5]);
   const Dims d(shapes[0], shapes[1]);
   if (d.B * d.N * d.S * d.D == 0) return 0;
-  const int64_t heads = d.B * d.NKV, kt_size = d.nkb * d.D * kKeys, vp_size = d.Tp * d.Dp;
-  std::vector<float> kt(static_cast<size_t>(heads * kt_size)), vp(static_cast<size_t>(heads * vp_size));
+  const int64_t heads = d.B * d.NKV;
 #pragma omp parallel if (d.B * d.N * d.S * d.T * d.D >= kParallelMacs)
   {
-#pragma omp for schedule(static)
-    for (int64_t h = 0; h < heads; ++h) {
-      pack_blocks(k + h * d.T * d.D, d, kt.data() + h * kt_size);
-      pack_rows(v + h * d.T * d.D, d, vp.data() + h * vp_size);
-    }
+    // This thread's copy of one kv head's k blocks and v rows, packed again when a task of
+    // another head comes (tasks run head after head: a thread packs about heads / threads + 1
+    // times, and the loop needs no barrier before it).
+    std::vector<float> kt(d.nkb * d.D * kKeys), vp(d.Tp * d.Dp);
     std::vector<float> qs(d.rows * d.Dp), s(d.rows * kKeys), o(d.rows * d.Dp), m(d.rows),
         l(d.rows * kLanes);
+    int64_t packed = -1;
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t task = 0; task < heads * d.tiles; ++task) {  // the longest tiles first
-      const int64_t t = d.tiles - 1 - task / heads, h = task % heads;
-      forward_tile(d, h / d.NKV, h % d.NKV, t, q, kt.data() + h * kt_size, vp.data() + h * vp_size,
-                   scale, out, lse, qs.data(), s.data(), o.data(), m.data(), l.data());
+    for (int64_t task = 0; task < heads * d.tiles; ++task) {  // per head the longest tiles first
+      const int64_t h = task / d.tiles, t = d.tiles - 1 - task % d.tiles;
+      if (h != packed) {
+        pack_blocks(k + h * d.T * d.D, d, kt.data());
+        pack_rows(v + h * d.T * d.D, d, vp.data());
+        packed = h;
+      }
+      forward_tile(d, h / d.NKV, h % d.NKV, t, q, kt.data(), vp.data(), scale, out, lse,
+                   qs.data(), s.data(), o.data(), m.data(), l.data());
     }
   }
   return 0;
