@@ -30,6 +30,7 @@
 #include <vector>
 
 #include <sched.h>
+#include <unistd.h>
 
 #ifdef __AVX512F__
 #include <immintrin.h>
@@ -161,8 +162,8 @@ void drain(Product &p) {
   }
 }
 
-// Sleeping helper threads (see the file comment). Created once, never destroyed: the threads
-// are detached and the process may exit while they sleep.
+// Sleeping helper threads (see the file comment). Created once per process, never destroyed:
+// the threads are detached and the process may exit while they sleep.
 class Pool {
  public:
   explicit Pool(int helpers) {
@@ -214,11 +215,19 @@ int threads_wanted() {
   return std::max(1u, std::thread::hardware_concurrency());
 }
 
-Pool *pool() {  // nullptr: one thread
-  static Pool *const instance = [] {
+// The pool of this process (nullptr: one thread). A child forked from a process that had one
+// gets a pool of its own (the helpers are not forked, and the parent's pool may have been
+// copied mid-call, its mutex held).
+Pool *pool() {
+  static std::mutex mu;
+  static Pool *instance = nullptr;
+  static pid_t owner = -1;
+  std::lock_guard<std::mutex> lock(mu);
+  if (owner != getpid()) {
+    owner = getpid();
     const int threads = threads_wanted();
-    return threads > 1 ? new Pool(threads - 1) : nullptr;
-  }();
+    instance = threads > 1 ? new Pool(threads - 1) : nullptr;  // a forked-over pool is leaked
+  }
   return instance;
 }
 
