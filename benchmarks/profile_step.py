@@ -26,16 +26,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def part(op_type: str, scope: str) -> str:
-    """The part of the step a kernel belongs to, from its type and scope name. Backward
-    kernels carry the prefix ``Gradients/``, but for ``CpuMatmul``'s (its ``bprop`` is the
-    Cell's own): there a ``Custom`` kernel is the OpenBLAS backward, or the OpenBLAS forward
-    when its scope has ``_BlasForward``; ``MatMul`` is MindSpore's forward."""
+    """The part of the step a kernel belongs to, from its type and scope name. The custom op
+    of ``CpuMatmul`` is its backward (its forward is MindSpore's ``MatMul``); other Cells'
+    backward kernels carry the prefix ``Gradients/``."""
     side = "backward" if scope.startswith("Gradients/") else "forward"
     if "CpuMatmul" in scope or "output_layer" in scope:
         which = "output layer" if "output_layer" in scope else "decoder linears"
         if op_type == "Custom":
-            if "_BlasForward" in scope:
-                return f"{which} matmul forward (OpenBLAS)"
             return f"{which} matmul backward (OpenBLAS dx, dw)"
         return f"{which} matmul forward (MatMul)" if op_type == "MatMul" else f"{which} other"
     for key, name in (("cross_entropy", "cross-entropy kernel"), ("CpuCausalAttention", "attention kernel"),

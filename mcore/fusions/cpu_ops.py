@@ -1,8 +1,8 @@
 """MindSpore Cells around the C++ CPU kernels (``csrc/cpu_kernels.cc``), float32 only.
 
-Each Cell calls an ``ops.Custom(func_type="aot")`` forward (``CpuMatmul``: MindSpore's MatMul
-for fewer than 64 rows) whose ``bprop`` calls the matching backward kernel, so they
-differentiate in PyNative, under ``mindspore.jit`` and in GRAPH_MODE.
+Each Cell calls an ``ops.Custom(func_type="aot")`` forward (``CpuMatmul``: MindSpore's MatMul)
+whose ``bprop`` calls the matching backward kernel, so they differentiate in PyNative, under
+``mindspore.jit`` and in GRAPH_MODE.
 Callers check the dtype and use the composed op for anything but float32.
 
 - ``CpuRMSNorm(eps)(x [..., h], weight [h]) -> [..., h]``
@@ -13,9 +13,8 @@ Callers check the dtype and use the composed op for anything but float32.
   cos and sin are treated as constants (their gradient is zero: they come from positions).
 - ``CpuCausalAttention(scale)(q [b, n, s, d], k, v [b, n_kv, t, d]) -> [b, n, s, d]``: causal,
   queries aligned to the end of the keys, grouped kv heads; one score row per thread.
-- ``CpuMatmul(x [m, k], w [n, k]) -> x w^T [m, n]``: OpenBLAS sgemm both ways (its own
-  library, ``blas_build``; ``ops.MatMul`` forward below 64 rows): ``dx = dy w``,
-  ``dw = dy^T x`` in one call.
+- ``CpuMatmul(x [m, k], w [n, k]) -> x w^T [m, n]``: ``ops.MatMul`` forward, OpenBLAS sgemm
+  backward (its own library, ``blas_build``): ``dx = dy w``, ``dw = dy^T x`` in one call.
 - ``CpuCrossEntropy(ignore_index)(logits [..., V], labels [...]) -> loss [...]`` float32 (any
   float logits, upcast); only a log-sum-exp per row is kept for the backward.
 
@@ -171,42 +170,21 @@ class CpuCausalAttention(nn.Cell):
         return self.forward(q, k, v, self.scale)[0]
 
 
-def _product_shape(x, w):
-    return [x[0], w[0]]  # [m, k] [n, k] -> [m, n]
-
-
-class _BlasForward(nn.Cell):
-    """``MatmulNTFwd`` (its own Cell: the profile tells it from the backward by its scope)."""
-
-    def __init__(self, library: str):
-        super().__init__()
-        self.op = _custom(library, "MatmulNTFwd", _product_shape, _same_dtype)
-
-    def construct(self, x, w):
-        return self.op(x, w)
-
-
 class CpuMatmul(nn.Cell):
-    """``x [m, k] @ w [n, k]^T -> [m, n]`` through OpenBLAS sgemm (``MatmulNTFwd``, its output
-    columns split over two threads) for float32 inputs of at least ``FORWARD_MIN_ROWS`` rows,
-    ``ops.MatMul(transpose_b=True)`` below (decoding's few rows); the backward is OpenBLAS
-    sgemm for float32 (``dx = dy w``, ``dw = dy^T x`` in one call), where MindSpore's
-    transposed CPU matmuls are slow. ``library`` is the BLAS matmul library
-    (``blas_build.build_blas_matmul``). Inputs of another dtype (e.g. cast to float16 by
-    ``Cell.to_float`` of an enclosing layer) take MindSpore's matmuls both ways."""
-
-    FORWARD_MIN_ROWS = 64  # below: ops.MatMul (no custom-op call per decoded token)
+    """``x [m, k] @ w [n, k]^T -> [m, n]``: the forward is ``ops.MatMul(transpose_b=True)``
+    (as fast as sgemm there, and no custom-op call in decoding), the backward OpenBLAS sgemm
+    (``dx = dy w``, ``dw = dy^T x`` in one call), where MindSpore's transposed CPU matmuls are
+    slow. ``library`` is the BLAS matmul library (``blas_build.build_blas_matmul``). Inputs
+    of another dtype (e.g. cast to float16 by ``Cell.to_float`` of an enclosing layer) take
+    MindSpore's matmuls both ways."""
 
     def __init__(self, library: str):
         super().__init__()
         self.matmul = ops.MatMul(transpose_b=True)
-        self.blas_forward = _BlasForward(library)
         self.grad_x, self.grad_w = ops.MatMul(), ops.MatMul(transpose_a=True)
         self.backward = _custom(library, "MatmulNTBwd", _second_two, _twice)
 
     def construct(self, x, w):
-        if x.shape[0] >= self.FORWARD_MIN_ROWS and x.dtype == ms.float32 and w.dtype == ms.float32:
-            return self.blas_forward(x, w)
         return self.matmul(x, w)
 
     def bprop(self, x, w, out, dout):
