@@ -44,6 +44,8 @@ def part(op_type: str, scope: str) -> str:
         return "ReduceSum without a Cell scope (backward sums, mostly RMSNorm's)"
     if op_type == "UnsortedSegmentSum":
         return "embedding backward"
+    if "CpuAccAdd" in scope:
+        return "acc add (acc_add kernel)"
     if scope.count("/") == 1 and op_type in ("AssignAdd", "Mul"):
         return f"acc add ({op_type})"
     return f"other {op_type} {side}"

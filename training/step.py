@@ -59,6 +59,7 @@ from mindspore import Parameter, ParameterTuple, nn, ops
 
 from mcore.comm.collectives import all_reduce
 from mcore.distributed.finalize import grad_plans
+from mcore.fusions.registry import fused_cell
 from mcore.parallel_state import ParallelDims
 from training.adamw import AdamWUpdate
 from training.logger import mtp_metrics
@@ -158,13 +159,18 @@ class ForwardBackward(nn.Cell):
 
     The backward starts from the sensitivity ``scale`` (``loss_scale * scale`` with a loss
     scale), so its gradients arrive scaled and are added in place: no per-parameter multiply
-    and no parameter-sized temporary (with a loss scale, one multiply by ``1 / loss_scale``)."""
+    and no parameter-sized temporary (with a loss scale, one multiply by ``1 / loss_scale``).
+    The add is the ``acc_add`` kernel of ``mcore.fusions`` when the registry chooses it (float32
+    parameters, no loss scale; the same sums as ``ops.assign_add``)."""
 
     def __init__(self, loss_cell: LossCell, params, acc, loss_scale: float = 1.0):
         super().__init__()
         self.loss_cell, self.params, self.acc = loss_cell, params, acc
         self.loss_scale = float(loss_scale)
         self.grad = ops.GradOperation(get_by_list=True, sens_param=True)
+        plain = self.loss_scale == 1.0 and all(p.dtype == ms.float32 for p in params)
+        self.acc_add = fused_cell("acc_add") if plain else None
+        self.fused = self.acc_add is not None
 
     def construct(self, inputs, labels, scale, position_ids=None, segment_ids=None, denom=None):
         loss = self.loss_cell(inputs, labels, position_ids, segment_ids, denom)
@@ -174,6 +180,11 @@ class ForwardBackward(nn.Cell):
             sens = ops.ones_like(loss) * self.loss_scale
         grads = self.grad(self.loss_cell, self.params)(inputs, labels, position_ids, segment_ids,
                                                        denom, sens)
+        if self.fused:
+            done = []
+            for i in range(len(self.acc)):
+                done.append(self.acc_add(self.acc[i], grads[i]))
+            return ops.depend(loss, ops.cat(done))  # keeps every call in the graph
         if self.loss_scale == 1.0:
             for i in range(len(self.acc)):
                 ops.assign_add(self.acc[i], grads[i])

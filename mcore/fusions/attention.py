@@ -5,8 +5,8 @@
 - the device's fused flash-attention kernel (``ops.flash_attention_score``, Ascend only), used
   for causal prefill without a padding mask (``s == t``); and
 - on CPU, the C++ kernel of the ``mcore.fusions`` registry (op "attention") for float32 causal
-  attention without ``key_mask``, ``q_offset`` or ALiBi (training and prefill; the kernel keeps
-  one score row per thread, never ``[s, t]``); and
+  attention without ``key_mask``, ``q_offset`` or ALiBi (training and prefill; the kernel holds
+  one tile of query rows x 64 keys of scores at a time, never ``[s, t]``); and
 - ``one_token_attention`` for ONE query per row at a ``q_offset`` (the compiled decode step over
   a static or slot cache; causal, no ALiBi): ``blocked_attention``'s result in a few ops; and
 - ``blocked_attention``, a composed implementation that runs everywhere. It handles grouped

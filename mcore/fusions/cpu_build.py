@@ -1,7 +1,8 @@
 """Build the C++ CPU kernels of ``csrc/`` once per machine and return the shared library path.
 
 ``build_cpu_kernels()`` compiles the sources of ``csrc/`` (``cpu_kernels.cc``,
-``norm_kernels.cc``, ``cross_entropy.cc``, ``adamw_kernels.cc``, sharing ``common.h``) into one
+``norm_kernels.cc``, ``attention_kernels.cc``, ``swiglu.cc``, ``cross_entropy.cc``,
+``adamw_kernels.cc``, sharing ``common.h`` and ``exp.h``; ``tile_products.h`` for attention) into one
 library with the machine's C++ compiler
 (``$CXX``, else ``g++``) at first use. Flags: ``-O3 -march=native -fopenmp -fno-math-errno`` when
 the compiler accepts them (never ``-ffast-math``: loading such a library switches the process to
@@ -30,9 +31,9 @@ import tempfile
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = (CSRC / "cpu_kernels.cc", CSRC / "norm_kernels.cc",
-           CSRC / "cross_entropy.cc", CSRC / "adamw_kernels.cc")
-HEADERS = (CSRC / "common.h",)  # only hashed
+SOURCES = (CSRC / "cpu_kernels.cc", CSRC / "norm_kernels.cc", CSRC / "attention_kernels.cc",
+           CSRC / "swiglu.cc", CSRC / "cross_entropy.cc", CSRC / "adamw_kernels.cc")
+HEADERS = (CSRC / "common.h", CSRC / "exp.h", CSRC / "tile_products.h")  # only hashed
 FAST_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 PLAIN_FLAGS = ("-O3",)
 

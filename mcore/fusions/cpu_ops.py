@@ -1,4 +1,4 @@
-"""MindSpore Cells around the C++ CPU kernels (``csrc/cpu_kernels.cc``), float32 only.
+"""MindSpore Cells around the C++ CPU kernels (``csrc/*.cc``), float32 only.
 
 Each Cell calls an ``ops.Custom(func_type="aot")`` forward (``CpuMatmul``: MindSpore's MatMul)
 whose ``bprop`` calls the matching backward kernel, so they differentiate in PyNative, under
@@ -12,7 +12,8 @@ Callers check the dtype and use the composed op for anything but float32.
 - ``CpuRotary(interleaved)(x [b, n, s, d], cos, sin [b or 1, 1, s, r]) -> [b, n, s, d]``;
   cos and sin are treated as constants (their gradient is zero: they come from positions).
 - ``CpuCausalAttention(scale)(q [b, n, s, d], k, v [b, n_kv, t, d]) -> [b, n, s, d]``: causal,
-  queries aligned to the end of the keys, grouped kv heads; one score row per thread.
+  queries aligned to the end of the keys, grouped kv heads; tiles of query rows x blocks of
+  64 keys with an online softmax (``csrc/attention_kernels.cc``).
 - ``CpuMatmul(x [m, k], w [n, k]) -> x w^T [m, n]``: ``ops.MatMul`` forward, OpenBLAS sgemm
   backward (its own library, ``blas_build``): ``dx = dy w``, ``dw = dy^T x`` in one call.
 - ``CpuCrossEntropy(ignore_index)(logits [..., V], labels [...]) -> loss [...]`` float32 (any

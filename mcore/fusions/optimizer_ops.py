@@ -14,8 +14,12 @@
   ``w``, ``g``, ``m``, ``v`` must be Parameters (the kernel writes their buffers; MindSpore does
   not see the writes, so nothing else in the same graph may read them after the call). Not
   differentiable.
+- ``CpuAccAdd()(acc, g [...]) -> [1]`` (a dummy 0): ``acc += g`` IN PLACE, the gradient
+  accumulation of the training step; the same sums as the composed reference
+  ``ops.assign_add(acc, g)`` (``training.step.ForwardBackward``). ``acc`` must be a Parameter
+  that nothing in the same graph reads after the call. Not differentiable.
 
-Build them through ``mcore.fusions.registry`` (ops ``squared_norm`` and ``adamw``).
+Build them through ``mcore.fusions.registry`` (ops ``squared_norm``, ``adamw``, ``acc_add``).
 """
 from __future__ import annotations
 
@@ -55,3 +59,15 @@ class CpuAdamW(nn.Cell):
 
     def construct(self, w, g, m, v, scalars):
         return self.kernel(w, g, m, v, scalars)
+
+
+class CpuAccAdd(nn.Cell):
+    """``acc += g`` in place for float32 ``acc`` and ``g``; see the module docstring."""
+
+    def __init__(self, library: str):
+        super().__init__()
+        self.kernel = ops.Custom(f"{library}:AccAddInPlace", out_shape=_scalar_shape,
+                                 out_dtype=_float32, func_type="aot")
+
+    def construct(self, acc, g):
+        return self.kernel(acc, g)

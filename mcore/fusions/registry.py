@@ -30,6 +30,7 @@ CPU kernels); ``MSFORMERS_FUSIONS=auto`` (the default) and ``kernels`` choose as
 | cross_entropy | ``VocabParallelCrossEntropy`` at tp=1 | ``CpuCrossEntropy`` | composed |
 | squared_norm | ``(g * g).sum()`` (``mcore.distributed.grad_norm``) | ``CpuSquaredNorm`` | composed |
 | adamw | ``ApplyAdamW`` with ``ops.AdamWeightDecay`` (``training.adamw``) | ``CpuAdamW`` (in place) | composed |
+| acc_add | ``ops.assign_add(acc, g)`` (``training.step.ForwardBackward``) | ``CpuAccAdd`` (in place) | composed |
 
 Fused kernels cover float32 inputs on CPU; layers call the composed op for other dtypes.
 """
@@ -103,6 +104,8 @@ REGISTRY = {op.name: op for op in (
             cpu_builder=optimizer_ops.CpuSquaredNorm),
     FusedOp("adamw", "training.adamw.ApplyAdamW (ops.AdamWeightDecay, then acc = 0)",
             cpu_builder=optimizer_ops.CpuAdamW),
+    FusedOp("acc_add", "ops.assign_add(acc, g) in training.step.ForwardBackward",
+            cpu_builder=optimizer_ops.CpuAccAdd),
 )}
 
 

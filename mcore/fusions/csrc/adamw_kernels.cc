@@ -7,6 +7,11 @@
 // AdamWInPlace: one pass over a parameter that reads w, g, m, v and writes w, m, v in place and
 // zeroes g (the gradient buffer), with the clip factor applied to g on the way in. It returns a
 // one-element dummy output (0) so the graph keeps the call.
+// AccAddInPlace: acc += g in place (the gradient accumulation of the training step), the same
+// IEEE sums as MindSpore's AssignAdd, on the calling thread: the add is bound by memory, and
+// inside a training step 27 parallel regions between MindSpore's kernels each waited for a
+// second thread (in one profile at load ~5: 112 ms a step on two threads, 39 ms on one,
+// AssignAdd 56 ms; docs/performance.md).
 #include <cmath>
 #include <vector>
 
@@ -73,6 +78,20 @@ int AdamWInPlace(int, void **params, int *ndims, int64_t **shapes, const char **
     v[i] = vi;
     g[i] = 0.0f;
   }
+  out[0] = 0.0f;
+  return 0;
+}
+
+// acc [...], g [...] (same element count) -> out [1] = 0; acc += g in place.
+int AccAddInPlace(int, void **params, int *ndims, int64_t **shapes, const char **, void *,
+                  void *) {
+  float *acc = static_cast<float *>(params[0]);
+  const float *g = static_cast<const float *>(params[1]);
+  float *out = static_cast<float *>(params[2]);
+  const int64_t n = numel(ndims[0], shapes[0]);
+  if (numel(ndims[1], shapes[1]) != n) return 1;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) acc[i] += g[i];
   out[0] = 0.0f;
   return 0;
 }

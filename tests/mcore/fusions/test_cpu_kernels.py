@@ -212,6 +212,27 @@ def test_causal_attention(b, n_kv, group, s, cached, d, seed):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("b, n_kv, group, s, cached, d", [(1, 2, 3, 100, 45, 24),
+                                                          (2, 1, 1, 130, 0, 72)])
+def test_causal_attention_across_key_blocks(b, n_kv, group, s, cached, d):
+    """Several query tiles and blocks of 64 keys (the hypothesis shapes above fit one block):
+    the online softmax rescales rows whose maximum moves to a later block (scores spread by a
+    larger ``q``), a head size that is no multiple of 16, a last tile of fewer positions."""
+    rng = np.random.default_rng(5)
+    n, t = n_kv * group, s + cached
+    q = 3.0 * rng.standard_normal((b, n, s, d)).astype(np.float32)
+    k, v = (rng.standard_normal((b, n_kv, t, d)).astype(np.float32) for _ in range(2))
+    probe = rng.standard_normal((b, n, s, d)).astype(np.float32)
+    kernel = CoreAttention(n, d ** -0.5)
+    assert kernel.use_kernel
+    out, grads = forward_and_grads(kernel, [Tensor(a) for a in (q, k, v)], Tensor(probe))
+    out_ref, grads_ref = attention_reference(*[a.astype(np.float64) for a in (q, k, v)],
+                                             d ** -0.5, probe.astype(np.float64))
+    np.testing.assert_allclose(out, out_ref, rtol=1e-4, atol=1e-5)
+    for got, want in zip(grads, grads_ref):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_rotary_non_contiguous_input():
     rng = np.random.default_rng(3)
     x = ops.swapaxes(tensor(rng, 2, 7, 3, 10), 1, 2)  # [b, s, n, d] -> [b, n, s, d] (a view)

@@ -99,15 +99,17 @@ def _rotary(k, rng):
 
 
 def _attention(k, rng):
-    b, n, nkv, s, t, d = 2, 4, 2, 120, 136, 64  # b n s t d = 8.4M MACs >= kParallelMacs
-    q, dout = (rng.standard_normal((b, n, s, d)).astype(np.float32) for _ in range(2))
-    kk, v = (rng.standard_normal((b, nkv, t, d)).astype(np.float32) for _ in range(2))
-    scale = np.array([d ** -0.5], np.float32)
-    out, lse = _empty(q.shape, q.shape[:-1])
-    k.run("AttnCausalFwd", [q, kk, v, scale], [out, lse])
-    dq, dk, dv = _empty(q.shape, kk.shape, v.shape)
-    k.run("AttnCausalBwd", [dout, q, kk, v, out, lse, scale], [dq, dk, dv])
-    return [out, lse, dq, dk, dv]
+    outs = []  # b n s t d >= kParallelMacs; the second: head size 40, 3 query heads per kv head
+    for b, n, nkv, s, t, d in ((2, 4, 2, 120, 136, 64), (1, 6, 2, 150, 200, 40)):
+        q, dout = (rng.standard_normal((b, n, s, d)).astype(np.float32) for _ in range(2))
+        kk, v = (rng.standard_normal((b, nkv, t, d)).astype(np.float32) for _ in range(2))
+        scale = np.array([d ** -0.5], np.float32)
+        out, lse = _empty(q.shape, q.shape[:-1])
+        k.run("AttnCausalFwd", [q, kk, v, scale], [out, lse])
+        dq, dk, dv = _empty(q.shape, kk.shape, v.shape)
+        k.run("AttnCausalBwd", [dout, q, kk, v, out, lse, scale], [dq, dk, dv])
+        outs += [out, lse, dq, dk, dv]
+    return outs
 
 
 def _cross_entropy(k, rng):
@@ -121,7 +123,15 @@ def _cross_entropy(k, rng):
     return [loss, lse, grad]
 
 
-CASES = {"rms_norm": _norm, "add_rms_norm": _add_norm, "swiglu": _swiglu, "rotary": _rotary,
+def _acc_add(k, rng):
+    acc = rng.standard_normal((ROWS, HIDDEN)).astype(np.float32)
+    g = rng.standard_normal((ROWS, HIDDEN)).astype(np.float32)
+    (out,) = _empty((1,))
+    k.run("AccAddInPlace", [acc, g], [out])  # acc is written in place
+    return [acc]
+
+
+CASES = {"acc_add": _acc_add, "rms_norm": _norm, "add_rms_norm": _add_norm, "swiglu": _swiglu, "rotary": _rotary,
          "attention": _attention, "cross_entropy": _cross_entropy}
 
 

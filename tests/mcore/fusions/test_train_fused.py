@@ -75,3 +75,50 @@ def check_train_same_loss(mode: str) -> None:
 def test_train_with_and_without_kernels(mode):
     assert_check_passes("tests.mcore.fusions.test_train_fused", "check_train_same_loss", mode,
                         marker="TRAIN_SAME_OK", timeout=400)
+
+
+def check_acc_add_bit_exact(mode: str) -> None:
+    """Two steps of two micro-batches with only the ``acc_add`` kernel on and with everything
+    composed: the same weights to the bit (the kernel's in-place ``acc += g`` is the same sum as
+    ``ops.assign_add``, and it did run: without it the weights would not move alike)."""
+    import os
+
+    import mindspore as ms
+    import numpy as np
+
+    import models
+    from mcore.parallel_state import ParallelDims
+    from training.config import load_config
+    from training.model_bridge import hf_config
+    from training.step import TrainStep, set_mode
+
+    ms.set_device("CPU")
+    set_mode(mode)
+    cfg = load_config(None, TINY)
+    runs, start = [], None
+    for fusions in ("kernels:acc_add", "composed"):
+        os.environ["MSFORMERS_FUSIONS"] = fusions
+        model = models.build_from_config(hf_config(cfg.model))
+        step = TrainStep(model, ParallelDims.single(), cfg.optimizer, grad_accum_steps=2)
+        assert step.forward_backward.fused == (fusions != "composed")
+        if start is not None:
+            for name, param in step.named:
+                param.set_data(ms.Tensor(start[name]))
+        start = step.model_state()
+        rng = np.random.default_rng(0)
+        for _ in range(2):
+            ids = rng.integers(0, 256, (4, 17)).astype(np.int32)
+            step([(ids[:2, :-1], ids[:2, 1:]), (ids[2:, :-1], ids[2:, 1:])], 1e-2)
+        runs.append(step.model_state())
+    weights = [name for name, _ in step.named]
+    still = [name for name in weights if np.array_equal(start[name], runs[0][name])]
+    assert not still, f"weights that did not move: {still}"
+    for name in start:
+        np.testing.assert_array_equal(runs[0][name].view(np.uint32), runs[1][name].view(np.uint32),
+                                      err_msg=name)
+    print("ACC_ADD_OK")
+
+
+def test_acc_add_kernel_is_bit_exact():
+    assert_check_passes("tests.mcore.fusions.test_train_fused", "check_acc_add_bit_exact", "graph",
+                        marker="ACC_ADD_OK", timeout=400)
