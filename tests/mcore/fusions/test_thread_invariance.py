@@ -174,13 +174,17 @@ def test_norm_weight_gradient_is_the_rounded_exact_sum(kernels):
     np.testing.assert_array_max_ulp(dw, exact.astype(np.float32), maxulp=2)
 
 
-def test_blas_matmul_backward_same_bits_for_any_blas_thread_count():
-    """``MatmulNTBwd`` (dw = dy^T x sums over the rows) with 1, 2, 3 OpenBLAS threads."""
+@pytest.mark.parametrize("m, n, k", [(300, 390, 330), (1024, 96, 520)])
+def test_blas_matmul_backward_same_bits_for_any_blas_thread_count(m, n, k):
+    """``MatmulNTBwd`` (dw = dy^T x sums over the rows) with 1, 2, 3 threads (1: dx, then dw;
+    2 or more: side by side) at m n k >= 2^25, the kernel's kParallelMacs (below it the
+    products run one after the other whatever the setting, and the test could not fail)."""
+    assert m * n * k >= 1 << 25
     blas = Kernels(build_blas_matmul())
     rng = np.random.default_rng(0)
-    dy = rng.standard_normal((ROWS, 256)).astype(np.float32)  # [m, n]
-    x = rng.standard_normal((ROWS, HIDDEN)).astype(np.float32)  # [m, k]
-    w = rng.standard_normal((256, HIDDEN)).astype(np.float32)  # [n, k]
+    dy = rng.standard_normal((m, n)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
     before, runs = blas.lib.BlasGetThreads(), []
     try:
         for threads in THREADS:
@@ -190,6 +194,9 @@ def test_blas_matmul_backward_same_bits_for_any_blas_thread_count():
             runs.append((dx.view(np.uint32), dw.view(np.uint32)))
     finally:
         blas.lib.BlasSetThreads(before)
+    dx, dw = (a.view(np.float32) for a in runs[0])
+    np.testing.assert_allclose(dx, dy @ w, rtol=1e-4, atol=1e-3)  # written, and the products
+    np.testing.assert_allclose(dw, dy.T @ x, rtol=1e-4, atol=1e-3)
     for threads, (dx, dw) in zip(THREADS[1:], runs[1:]):
         np.testing.assert_array_equal(runs[0][0], dx, err_msg=f"dx: 1 vs {threads} threads")
         np.testing.assert_array_equal(runs[0][1], dw, err_msg=f"dw: 1 vs {threads} threads")
