@@ -28,6 +28,7 @@ CPU kernels); ``MSFORMERS_FUSIONS=auto`` (the default) and ``kernels`` choose as
 | attention | ``blocked_attention`` (``fusions/attention.py``) | ``CpuCausalAttention`` | ``flash_attention_score`` |
 | matmul | ``ops.MatMul(transpose_b=True)`` (``tensor_parallel.layers``) | ``CpuMatmul`` (OpenBLAS backward) | composed |
 | small_matmul | ``ops.MatMul(transpose_b=True)`` on a few rows (decoding) | ``CpuSmallMatmul`` | composed |
+| decode_layer | ``TransformerLayer`` one-token step with a ``StaticKVCache`` | ``CpuDecodeLayer`` | composed |
 | cross_entropy | ``VocabParallelCrossEntropy`` at tp=1 | ``CpuCrossEntropy`` | composed |
 | squared_norm | ``(g * g).sum()`` (``mcore.distributed.grad_norm``) | ``CpuSquaredNorm`` | composed |
 | adamw | ``ApplyAdamW`` with ``ops.AdamWeightDecay`` (``training.adamw``) | ``CpuAdamW`` (in place) | composed |
@@ -46,13 +47,14 @@ from typing import Callable
 import mindspore as ms
 from mindspore import nn, ops
 
-from mcore.fusions import cpu_ops, decode_ops, optimizer_ops
+from mcore.fusions import cpu_ops, decode_layer, decode_ops, optimizer_ops
 from mcore.fusions.blas_build import blas_threads, build_blas_matmul, set_blas_threads
 from mcore.fusions.cpu_build import KernelBuildError, build_cpu_kernels
 
 ENV = "MSFORMERS_FUSIONS"
 MODES = ("auto", "composed", "kernels")
 BLAS_MATMUL_BY_DEFAULT = True  # "matmul" in "auto" mode: measured, docs/performance.md
+DECODE_LAYER_BY_DEFAULT = True  # "decode_layer" in "auto" mode: measured, docs/performance.md
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ REGISTRY = {op.name: op for op in (
     # Decoding's few rows (tensor_parallel.layers): w read once by sleeping helper threads.
     FusedOp("small_matmul", "ops.MatMul(transpose_b=True) on a few rows",
             cpu_builder=decode_ops.CpuSmallMatmul),
+    # A dense layer's whole one-token step over a StaticKVCache (TransformerLayer, decoding).
+    FusedOp("decode_layer", "mcore.transformer.layer.TransformerLayer, one token, StaticKVCache",
+            cpu_builder=decode_layer.CpuDecodeLayer, cpu_by_default=DECODE_LAYER_BY_DEFAULT),
     FusedOp("cross_entropy", "mcore.tensor_parallel.cross_entropy.VocabParallelCrossEntropy",
             cpu_builder=cpu_ops.CpuCrossEntropy),
     # The optimizer update (training.adamw, mcore.distributed.grad_norm): the norm sums in fixed
@@ -189,7 +194,8 @@ def fused_cell(name: str, fused: bool | None = None, **kwargs) -> nn.Cell | None
     ``fused``: None = decide from the device and ``$MSFORMERS_FUSIONS``; False = composed;
     True = as None, but an error when no fused implementation is available here.
     ``kwargs`` go to the builder (``eps`` for rms_norm and add_rms_norm, ``interleaved`` for
-    rotary, ``scale`` for attention, ``ignore_index`` for cross_entropy).
+    rotary, ``scale`` for attention, ``ignore_index`` for cross_entropy, ``layer`` for
+    decode_layer).
     """
     if name not in REGISTRY:
         raise KeyError(f"unknown fused op {name!r}; registered: {sorted(REGISTRY)}")

@@ -23,12 +23,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import mindspore as ms
 from mindspore import nn
 
+from mcore.fusions import decode_layer
+from mcore.fusions.registry import fused_cell
 from mcore.parallel_state import ModelGroups
 from mcore.transformer.config import TransformerConfig
 from mcore.transformer.norm import RMSNorm, mark_sequence_parallel
 from mcore.transformer.spec import IdentityOp, build_module
+from mcore.transformer.static_kv_cache import StaticKVCache
 
 
 @dataclass
@@ -63,6 +67,14 @@ class TransformerLayer(nn.Cell):
             for norm in (self.input_norm, self.post_attn_norm, self.pre_mlp_norm,
                          self.post_mlp_norm):
                 mark_sequence_parallel(norm)
+        # the one-token step over a StaticKVCache as one kernel (registry "decode_layer")
+        kernel = None
+        if (config.params_dtype == ms.float32 and not config.parallel.sequence_parallel
+                and decode_layer.eligible(self)):
+            kernel = fused_cell("decode_layer", layer=self)
+        self.use_decode_kernel = kernel is not None
+        if self.use_decode_kernel:
+            self.decode_kernel = kernel
 
     def recompute_parts(self) -> None:
         """Recompute attention and mlp in the backward pass (``TransformerBlock`` uses this for
@@ -83,8 +95,22 @@ class TransformerLayer(nn.Cell):
         """``[b, s, h] -> [b, s, h]`` (a MoE layer's router losses are dropped here)."""
         if self.is_moe:
             return self.forward_with_aux(x, cos, sin, key_mask, cache)[0]
+        if (self.use_decode_kernel and cache is not None and key_mask is not None
+                and x.shape[1] == 1 and x.shape[0] <= decode_layer.MAX_ROWS
+                and x.dtype == ms.float32 and isinstance(cache, StaticKVCache)
+                and self._no_adapters()):
+            attn, mlp = self.self_attention, self.mlp
+            weights = (self.input_norm.weight, attn.linear_qkv.weight, attn.linear_proj.weight,
+                       self.pre_mlp_norm.weight, mlp.linear_fc1.weight, mlp.linear_fc2.weight)
+            return self.decode_kernel(x, cos, sin, key_mask, cache, weights)  # [b, 1, h]
         h, normed = self._attention(x, cos, sin, key_mask, cache)
         return h + self.post_mlp_norm(self.mlp(normed))
+
+    def _no_adapters(self) -> bool:
+        """No LoRA adapter on the linear layers (attached after build: the kernel has none)."""
+        attn, mlp = self.self_attention, self.mlp
+        return (attn.linear_qkv.lora is None and attn.linear_proj.lora is None
+                and mlp.linear_fc1.lora is None and mlp.linear_fc2.lora is None)
 
     def forward_with_aux(self, x, cos, sin, key_mask=None, cache=None):
         """MoE layers only: ``-> (out [b, s, h], aux [3], counts [E])`` (see the module docstring)."""

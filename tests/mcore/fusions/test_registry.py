@@ -31,8 +31,8 @@ def fresh_build():
 
 def test_every_op_has_a_reference():
     assert set(registry.REGISTRY) == {"rms_norm", "add_rms_norm", "swiglu", "rotary", "attention",
-                                      "matmul", "small_matmul", "cross_entropy", "squared_norm",
-                                      "adamw", "acc_add"}
+                                      "matmul", "small_matmul", "decode_layer", "cross_entropy",
+                                      "squared_norm", "adamw", "acc_add"}
     for op in registry.REGISTRY.values():
         assert op.reference and (op.cpu_builder or op.device_builders)
 
@@ -76,8 +76,8 @@ def test_per_op_selection(monkeypatch):
     assert {n: registry.choice(n) for n in registry.REGISTRY} == {
         "rms_norm": "cpu_kernel", "swiglu": "cpu_kernel", "add_rms_norm": "composed",
         "rotary": "composed", "attention": "composed", "matmul": "composed",
-        "small_matmul": "composed", "cross_entropy": "composed", "squared_norm": "composed",
-        "adamw": "composed", "acc_add": "composed"}
+        "small_matmul": "composed", "decode_layer": "composed", "cross_entropy": "composed",
+        "squared_norm": "composed", "adamw": "composed", "acc_add": "composed"}
     assert registry.choice("attention", device="Ascend") == "device"
 
 

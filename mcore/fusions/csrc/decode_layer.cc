@@ -1,0 +1,184 @@
+// One decoder layer for ONE new token per sequence over a static KV cache, float32, in one call:
+// the 1-token step of a Llama-style dense layer (mcore.transformer.layer.TransformerLayer with
+// RMSNorm, a fused q|k|v projection, half-split rotary, grouped-query attention, SwiGLU MLP, no
+// biases, tp = 1). The composed reference is that layer's construct with a StaticKVCache.
+//
+// Entry point (ops.Custom(func_type="aot") signature; inputs then outputs, contiguous, row-major;
+// returns 0 on success, 1 on a dtype or shape it does not handle):
+//   DecodeLayerStep(x [b, 1, h], cos, sin [b, 1, 1, r], key_mask [b, T] int32,
+//                   position [] or [1] int32, k_cache, v_cache [b, n_kv, T, d] (written in place),
+//                   w_in [h], w_qkv [(n + 2 n_kv) d, h], w_proj [h, n d], w_mlp_norm [h],
+//                   w_fc1 [2 f, h], w_fc2 [h, f], scalars [3] = (eps_in, eps_mlp, softmax scale))
+//     -> out [b, 1, h]
+//
+//   a   = RMSNorm(x; w_in)                       qkv = a w_qkv^T, split into n, n_kv, n_kv heads
+//   q, k rotated on their first r dims (cos, sin: halves [f0..f(r/2-1), f0..f(r/2-1)])
+//   k_cache[:, :, position] = k; v_cache[:, :, position] = v
+//   attention of each query head over the keys j of its group (j <= position, key_mask[j] > 0
+//   and, when the query's own key_mask[position] is a segment id > 0, the same id); when no key
+//   is kept, the average of all T values (the composed softmax over equal masked scores)
+//   h1  = x + attn w_proj^T;   m = RMSNorm(h1; w_mlp_norm)
+//   out = h1 + (silu(g) * u) w_fc2^T with [g | u] = m w_fc1^T
+//
+// The products read each weight once (row_products.h, its sleeping thread pool); everything
+// else runs on the calling thread in a fixed order: the same bits for any thread count.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "row_products.h"
+
+namespace {
+
+// y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for m rows of width h.
+void rms_norm(const float *x, const float *w, float *y, int64_t m, int64_t h, float eps) {
+  for (int64_t r = 0; r < m; ++r) {
+    const float *xr = x + r * h;
+    double sq = 0.0;
+    for (int64_t c = 0; c < h; ++c) sq += double(xr[c]) * xr[c];
+    const float rstd = float(1.0 / std::sqrt(sq / double(h) + double(eps)));
+    for (int64_t c = 0; c < h; ++c) y[r * h + c] = xr[c] * rstd * w[c];
+  }
+}
+
+// Rotate the first r dims of each of `heads` d-vectors at v (half-split layout).
+void rotate(float *v, int64_t heads, int64_t d, const float *cos, const float *sin, int64_t r) {
+  const int64_t half = r / 2;
+  for (int64_t i = 0; i < heads; ++i) {
+    float *e = v + i * d;
+    for (int64_t c = 0; c < half; ++c) {
+      const float x1 = e[c], x2 = e[c + half];
+      e[c] = x1 * cos[c] - x2 * sin[c];
+      e[c + half] = x2 * cos[c + half] + x1 * sin[c + half];
+    }
+  }
+}
+
+struct Shapes {
+  int64_t b, h, r, t, n, n_kv, d, f;
+};
+
+// Attention of row `row`'s n query heads (q [n, d]) over its cache: out [n, d].
+void attend(const Shapes &s, int64_t row, const float *q, const float *keys, const float *vals,
+            const int32_t *mask, int64_t pos, float scale, float *out, float *scores) {
+  const int64_t group = s.n / s.n_kv, d = s.d, t = s.t;
+  const int32_t *seg = mask + row * t;
+  const int32_t seg_q = seg[pos];
+  for (int64_t head = 0; head < s.n; ++head) {
+    const int64_t g = head / group;
+    const float *kg = keys + ((row * s.n_kv + g) * t) * d;
+    const float *vg = vals + ((row * s.n_kv + g) * t) * d;
+    const float *qh = q + head * d;
+    float *oh = out + head * d;
+    float best = -INFINITY;
+    int64_t kept = 0;
+    for (int64_t j = 0; j <= pos; ++j) {
+      const bool keep = seg[j] > 0 && (seg_q <= 0 || seg[j] == seg_q);
+      if (!keep) {
+        scores[j] = -INFINITY;
+        continue;
+      }
+      float dot = 0.0f;
+      for (int64_t c = 0; c < d; ++c) dot += qh[c] * kg[j * d + c];
+      scores[j] = dot * scale;
+      best = std::max(best, scores[j]);
+      ++kept;
+    }
+    std::fill(oh, oh + d, 0.0f);
+    if (kept == 0) {  // every score masked: the composed softmax is uniform over all T keys
+      for (int64_t j = 0; j < t; ++j)
+        for (int64_t c = 0; c < d; ++c) oh[c] += vg[j * d + c];
+      for (int64_t c = 0; c < d; ++c) oh[c] /= float(t);
+      continue;
+    }
+    float total = 0.0f;
+    for (int64_t j = 0; j <= pos; ++j) {
+      if (scores[j] == -INFINITY) continue;
+      const float p = std::exp(scores[j] - best);
+      total += p;
+      for (int64_t c = 0; c < d; ++c) oh[c] += p * vg[j * d + c];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t c = 0; c < d; ++c) oh[c] *= inv;
+  }
+}
+
+bool is(const char *dtype, const char *want) { return std::strcmp(dtype, want) == 0; }
+
+}  // namespace
+
+extern "C" {
+
+int DecodeLayerStep(int nparam, void **params, int *ndims, int64_t **shapes, const char **dtypes,
+                    void *, void *) {
+  if (nparam != 15) return 1;
+  for (int i = 0; i < 15; ++i)
+    if (!(i == 3 || i == 4 ? is(dtypes[i], "int32") : is(dtypes[i], "float32"))) return 1;
+  if (ndims[0] != 3 || ndims[1] != 4 || ndims[3] != 2 || ndims[5] != 4 || ndims[8] != 2 ||
+      ndims[9] != 2 || ndims[11] != 2 || ndims[12] != 2)
+    return 1;
+  Shapes s;
+  s.b = shapes[0][0];
+  s.h = shapes[0][2];
+  s.r = shapes[1][3];
+  s.n_kv = shapes[5][1];
+  s.t = shapes[5][2];
+  s.d = shapes[5][3];
+  s.n = s.d > 0 ? shapes[9][1] / s.d : 0;
+  s.f = shapes[12][1];
+  const int64_t width = (s.n + 2 * s.n_kv) * s.d;
+  if (shapes[0][1] != 1 || s.b < 1 || s.b > rows::kMaxRows || s.n_kv < 1 || s.n % s.n_kv ||
+      s.r > s.d || s.r % 2 || shapes[1][0] != s.b || shapes[3][0] != s.b ||
+      shapes[3][1] != s.t || shapes[5][0] != s.b || shapes[8][0] != width ||
+      shapes[8][1] != s.h || shapes[9][0] != s.h || shapes[9][1] != s.n * s.d ||
+      shapes[11][0] != 2 * s.f || shapes[11][1] != s.h || shapes[12][0] != s.h)
+    return 1;
+  const float *x = static_cast<const float *>(params[0]);
+  const float *cos = static_cast<const float *>(params[1]);
+  const float *sin = static_cast<const float *>(params[2]);
+  const int32_t *mask = static_cast<const int32_t *>(params[3]);
+  const int64_t pos = *static_cast<const int32_t *>(params[4]);
+  float *keys = static_cast<float *>(params[5]);
+  float *vals = static_cast<float *>(params[6]);
+  const float *w_in = static_cast<const float *>(params[7]);
+  const float *w_qkv = static_cast<const float *>(params[8]);
+  const float *w_proj = static_cast<const float *>(params[9]);
+  const float *w_mlp = static_cast<const float *>(params[10]);
+  const float *w_fc1 = static_cast<const float *>(params[11]);
+  const float *w_fc2 = static_cast<const float *>(params[12]);
+  const float *scalars = static_cast<const float *>(params[13]);
+  float *out = static_cast<float *>(params[14]);
+  if (pos < 0 || pos >= s.t) return 1;
+  const int64_t b = s.b, h = s.h, d = s.d, nd = s.n * d, kvd = s.n_kv * d;
+
+  std::vector<float> normed(b * h), qkv(b * width), attn(b * nd), h1(b * h);
+  std::vector<float> gate_up(b * 2 * s.f), act(b * s.f), scores(s.t);
+  rms_norm(x, w_in, normed.data(), b, h, scalars[0]);
+  rows::multiply(normed.data(), w_qkv, qkv.data(), b, h, width);  // [b, h] -> [b, (n+2n_kv) d]
+  for (int64_t row = 0; row < b; ++row) {
+    float *q = qkv.data() + row * width;  // heads q (n), k (n_kv), v (n_kv) of this row
+    rotate(q, s.n + s.n_kv, d, cos + row * s.r, sin + row * s.r, s.r);
+    for (int64_t g = 0; g < s.n_kv; ++g) {  // slot `pos` of [b, n_kv, T, d]
+      const int64_t at = ((row * s.n_kv + g) * s.t + pos) * d;
+      std::memcpy(keys + at, q + nd + g * d, sizeof(float) * d);
+      std::memcpy(vals + at, q + nd + kvd + g * d, sizeof(float) * d);
+    }
+    attend(s, row, q, keys, vals, mask, pos, scalars[2], attn.data() + row * nd, scores.data());
+  }
+  rows::multiply(attn.data(), w_proj, h1.data(), b, nd, h);  // [b, n d] -> [b, h]
+  for (int64_t i = 0; i < b * h; ++i) h1[i] += x[i];
+  rms_norm(h1.data(), w_mlp, normed.data(), b, h, scalars[1]);
+  rows::multiply(normed.data(), w_fc1, gate_up.data(), b, h, 2 * s.f);  // [b, h] -> [b, 2f]
+  for (int64_t row = 0; row < b; ++row)
+    for (int64_t c = 0; c < s.f; ++c) {
+      const float g = gate_up[row * 2 * s.f + c], u = gate_up[row * 2 * s.f + s.f + c];
+      act[row * s.f + c] = g / (1.0f + std::exp(-g)) * u;
+    }
+  rows::multiply(act.data(), w_fc2, out, b, s.f, h);  // [b, f] -> [b, h]
+  for (int64_t i = 0; i < b * h; ++i) out[i] += h1[i];
+  return 0;
+}
+
+}  // extern "C"
