@@ -8,6 +8,11 @@
 ``RMSNorm`` the add that forms ``h`` and that norm run as one fused op (``RMSNorm.add_and_norm``;
 a CPU kernel where ``mcore.fusions`` has one, else the same composed math).
 
+Decoding: a dense Llama-style layer (``mcore.fusions.decode_layer.eligible``) runs a one-token
+float32 step of at most 8 rows with a ``key_mask`` and a ``StaticKVCache`` (and no LoRA
+adapter) as ONE kernel, the registry's "decode_layer" (same result as the composed step, the
+token's keys and values written into the cache in place); every other call is composed.
+
 Groups: ``groups`` (a ``ModelGroups``; None = single process) is passed unchanged to the
 attention and the mlp. Mixture of experts: when the mlp declares ``returns_aux`` (a
 ``mcore.moe.MoELayer``) it returns ``(y, aux [3], counts [E])``; the layer is then a MoE layer
