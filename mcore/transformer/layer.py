@@ -100,16 +100,20 @@ class TransformerLayer(nn.Cell):
         """``[b, s, h] -> [b, s, h]`` (a MoE layer's router losses are dropped here)."""
         if self.is_moe:
             return self.forward_with_aux(x, cos, sin, key_mask, cache)[0]
-        if (self.use_decode_kernel and cache is not None and key_mask is not None
-                and x.shape[1] == 1 and x.shape[0] <= decode_layer.MAX_ROWS
-                and x.dtype == ms.float32 and isinstance(cache, StaticKVCache)
-                and self._no_adapters()):
-            attn, mlp = self.self_attention, self.mlp
-            weights = (self.input_norm.weight, attn.linear_qkv.weight, attn.linear_proj.weight,
-                       self.pre_mlp_norm.weight, mlp.linear_fc1.weight, mlp.linear_fc2.weight)
-            return self.decode_kernel(x, cos, sin, key_mask, cache, weights)  # [b, 1, h]
+        if self.use_decode_kernel:  # a Python constant: the branch is dropped when False
+            if (cache is not None and key_mask is not None and x.shape[1] == 1
+                    and x.shape[0] <= decode_layer.MAX_ROWS and x.dtype == ms.float32
+                    and isinstance(cache, StaticKVCache) and self._no_adapters()):
+                return self._decode_step(x, cos, sin, key_mask, cache)
         h, normed = self._attention(x, cos, sin, key_mask, cache)
         return h + self.post_mlp_norm(self.mlp(normed))
+
+    def _decode_step(self, x, cos, sin, key_mask, cache):
+        """The one-token step as one kernel (``use_decode_kernel`` only): ``[b, 1, h]``."""
+        attn, mlp = self.self_attention, self.mlp
+        weights = (self.input_norm.weight, attn.linear_qkv.weight, attn.linear_proj.weight,
+                   self.pre_mlp_norm.weight, mlp.linear_fc1.weight, mlp.linear_fc2.weight)
+        return self.decode_kernel(x, cos, sin, key_mask, cache, weights)  # [b, 1, h]
 
     def _no_adapters(self) -> bool:
         """No LoRA adapter on the linear layers (attached after build: the kernel has none)."""
