@@ -8,7 +8,7 @@ ALiBi, a SwiGLU ``MLP``, no biases, float32 parameters, one tensor-parallel and 
 parallel rank, no sequence parallelism, no MoE. ``__call__(x [b, 1, h], cos, sin [b, 1, 1, r],
 key_mask [b, T], cache)`` -> ``[b, 1, h]``: the layer's ``construct`` for one new token with a
 ``StaticKVCache`` (the composed reference), writing the token's keys and values into the cache's
-slot ``position`` in place. The layer calls it only for ``s == 1``, ``b <= MAX_ROWS``, float32
+slot ``position`` in place. The layer calls it only for ``s == 1``, ``b <= LAYER_ROWS``, float32
 ``x``, a ``key_mask`` and a ``StaticKVCache``; every other call keeps the composed path.
 Not differentiable (decoding only).
 """
@@ -17,7 +17,11 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-MAX_ROWS = 8  # rows::kMaxRows of csrc/row_products.h
+MAX_ROWS = 8  # rows::kMaxRows of csrc/row_products.h: what the kernel accepts
+# What the layer sends it: up to 4 rows the step is bound by reading the weights and the kernel
+# wins; at 8 rows the products are bound by the multiply-adds and the composed step (MindSpore's
+# MatMul) was faster on a quiet machine (docs/performance.md, "The decoder layer as one kernel").
+LAYER_ROWS = 4
 
 
 def _same(shape, *rest):

@@ -9,7 +9,7 @@
 a CPU kernel where ``mcore.fusions`` has one, else the same composed math).
 
 Decoding: a dense Llama-style layer (``mcore.fusions.decode_layer.eligible``) runs a one-token
-float32 step of at most 8 rows with a ``key_mask`` and a ``StaticKVCache`` (and no LoRA
+float32 step of at most 4 rows with a ``key_mask`` and a ``StaticKVCache`` (and no LoRA
 adapter) as ONE kernel, the registry's "decode_layer" (same result as the composed step, the
 token's keys and values written into the cache in place); every other call is composed.
 
@@ -102,7 +102,7 @@ class TransformerLayer(nn.Cell):
             return self.forward_with_aux(x, cos, sin, key_mask, cache)[0]
         if self.use_decode_kernel:  # a Python constant: the branch is dropped when False
             if (cache is not None and key_mask is not None and x.shape[1] == 1
-                    and x.shape[0] <= decode_layer.MAX_ROWS and x.dtype == ms.float32
+                    and x.shape[0] <= decode_layer.LAYER_ROWS and x.dtype == ms.float32
                     and isinstance(cache, StaticKVCache) and self._no_adapters()):
                 return self._decode_step(x, cos, sin, key_mask, cache)
         h, normed = self._attention(x, cos, sin, key_mask, cache)

@@ -42,7 +42,7 @@ def _prefill(model, ids, mask, cache_len):
     return cache, ms.Tensor(key_mask), positions[:, -1:] + 1
 
 
-@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("batch", [1, decode_layer.LAYER_ROWS])
 def test_each_layer_matches_the_composed_step(model, batch):
     assert all(layer.use_decode_kernel for layer in model.decoder.layers)
     rng = np.random.default_rng(batch)
