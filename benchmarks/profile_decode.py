@@ -13,9 +13,6 @@ host time. Run it from a temporary directory; on a shared machine only the share
 from __future__ import annotations
 
 import argparse
-import collections
-import csv
-import glob
 import sys
 import tempfile
 import time
@@ -39,20 +36,10 @@ def part(op_type: str, scope: str) -> str:
 
 
 def table(directory: str, steps: int) -> str:
-    """The markdown table of the profile in ``directory``: part, kernels, ms per step, share."""
-    path, = glob.glob(f"{directory}/*/FRAMEWORK/cpu_op_detail_info_0.csv")
-    ms_per_step, kernels = collections.defaultdict(float), collections.Counter()
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            name = part(row["op_type"], row["full_op_name"])
-            ms_per_step[name] += float(row["op_total_time(ms)"]) / steps
-            kernels[name] += int(row["op_occurrences"]) // steps
-    total = sum(ms_per_step.values())
-    lines = ["| part | kernels | ms per step | share |", "|---|---|---|---|"]
-    lines += [f"| {name} | {kernels[name]} | {t:.3f} | {100 * t / total:.1f} % |"
-              for name, t in sorted(ms_per_step.items(), key=lambda item: -item[1])]
-    lines.append(f"| all kernels | {sum(kernels.values())} | {total:.3f} | |")
-    return "\n".join(lines)
+    """The markdown table of the profile in ``directory`` (``profile_step.table`` with this
+    file's parts, in ms to three decimals)."""
+    from benchmarks.profile_step import table as profile_table
+    return profile_table(directory, steps, part, digits=3)
 
 
 def main() -> None:

@@ -51,20 +51,21 @@ def part(op_type: str, scope: str) -> str:
     return f"other {op_type} {side}"
 
 
-def table(directory: str, steps: int) -> str:
-    """The markdown table of the profile in ``directory``: part, kernels, ms per step, share."""
+def table(directory: str, steps: int, part_of=part, digits: int = 1) -> str:
+    """The markdown table of the profile in ``directory``: part (``part_of(op_type, scope)``),
+    kernels, ms per step (``digits`` decimals), share. ``profile_decode.py`` uses it too."""
     path, = glob.glob(f"{directory}/*/FRAMEWORK/cpu_op_detail_info_0.csv")
     ms_per_step, kernels = collections.defaultdict(float), collections.Counter()
     with open(path) as f:
         for row in csv.DictReader(f):
-            name = part(row["op_type"], row["full_op_name"])
+            name = part_of(row["op_type"], row["full_op_name"])
             ms_per_step[name] += float(row["op_total_time(ms)"]) / steps
             kernels[name] += int(row["op_occurrences"]) // steps
     total = sum(ms_per_step.values())
     lines = ["| part | kernels | ms per step | share |", "|---|---|---|---|"]
-    lines += [f"| {name} | {kernels[name]} | {t:.1f} | {100 * t / total:.1f} % |"
+    lines += [f"| {name} | {kernels[name]} | {t:.{digits}f} | {100 * t / total:.1f} % |"
               for name, t in sorted(ms_per_step.items(), key=lambda item: -item[1])]
-    lines.append(f"| all kernels | {sum(kernels.values())} | {total:.1f} | |")
+    lines.append(f"| all kernels | {sum(kernels.values())} | {total:.{digits}f} | |")
     return "\n".join(lines)
 
 

@@ -4,10 +4,6 @@ a StaticKVCache in one kernel, against the composed step of the same ``Transform
 elsewhere: tests/models/test_generate_and_errors.py), and the same bits for any thread count."""
 from __future__ import annotations
 
-import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +14,7 @@ ms.set_device("CPU")
 
 import models  # noqa: E402
 from mcore.fusions import decode_layer, registry  # noqa: E402
-from mcore.fusions.cpu_build import build_cpu_kernels  # noqa: E402
+from tests.mcore.fusions.test_small_matmul import assert_same_bits_per_pool_size  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 LLAMA = REPO_ROOT / "tests" / "fixtures" / "hf" / "llama"
@@ -139,17 +135,7 @@ np.save(sys.stdout.buffer, np.concatenate([arrays[i].ravel() for i in (14, 5, 6)
 
 def test_same_bits_for_any_thread_count():
     """Weights above the pool's 1 MB threshold (fc1, fc2): helpers join; one process per count."""
-    library = build_cpu_kernels()
-    results = []
-    for threads in (1, 2, 3):
-        env = dict(os.environ, MSFORMERS_DECODE_THREADS=str(threads))
-        out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, library], env=env,
-                             capture_output=True, timeout=60, cwd=REPO_ROOT)
-        assert out.returncode == 0, out.stderr.decode()[-2000:]
-        results.append(np.load(io.BytesIO(out.stdout)))
-    assert not np.isnan(results[0]).any()
-    for other in results[1:]:
-        assert other.tobytes() == results[0].tobytes()
+    assert_same_bits_per_pool_size(_THREADS_SCRIPT)
 
 
 def test_only_the_dense_llama_layer_is_eligible():

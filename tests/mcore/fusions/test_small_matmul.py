@@ -74,19 +74,25 @@ np.save(sys.stdout.buffer, np.concatenate([y.ravel() for y in out]))
 """
 
 
-def test_same_bits_for_any_thread_count(tmp_path):
-    """The pool is sized once per process (``$MSFORMERS_DECODE_THREADS``): one process each."""
+def assert_same_bits_per_pool_size(script: str):
+    """Runs ``script`` (argv[1]: the kernel library; it writes one array with ``np.save`` to
+    stdout) in one process per pool size 1, 2, 3 (the pool is sized once per process, from
+    ``$MSFORMERS_DECODE_THREADS``) and asserts the arrays are NaN-free and the same bits."""
     library = build_cpu_kernels()
     results = []
     for threads in (1, 2, 3):
         env = dict(os.environ, MSFORMERS_DECODE_THREADS=str(threads))
-        out = subprocess.run([sys.executable, "-c", _THREADS_SCRIPT, library], env=env,
+        out = subprocess.run([sys.executable, "-c", script, library], env=env,
                              capture_output=True, timeout=60, cwd=REPO_ROOT)
         assert out.returncode == 0, out.stderr.decode()[-2000:]
         results.append(np.load(io.BytesIO(out.stdout)))
     assert not np.isnan(results[0]).any()
     for other in results[1:]:
         assert other.tobytes() == results[0].tobytes()
+
+
+def test_same_bits_for_any_thread_count():
+    assert_same_bits_per_pool_size(_THREADS_SCRIPT)
 
 
 def test_layers_take_it_for_few_float32_rows(monkeypatch):
