@@ -73,10 +73,7 @@ class TransformerLayer(nn.Cell):
                          self.post_mlp_norm):
                 mark_sequence_parallel(norm)
         # the one-token step over a StaticKVCache as one kernel (registry "decode_layer")
-        kernel = None
-        if (config.params_dtype == ms.float32 and not config.parallel.sequence_parallel
-                and decode_layer.eligible(self)):
-            kernel = fused_cell("decode_layer", layer=self)
+        kernel = fused_cell("decode_layer", layer=self) if decode_layer.eligible(self) else None
         self.use_decode_kernel = kernel is not None
         if self.use_decode_kernel:
             self.decode_kernel = kernel
