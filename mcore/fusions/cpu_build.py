@@ -2,8 +2,9 @@
 
 ``build_cpu_kernels()`` compiles the sources of ``csrc/`` (``cpu_kernels.cc``,
 ``norm_kernels.cc``, ``attention_kernels.cc``, ``swiglu.cc``, ``cross_entropy.cc``,
-``adamw_kernels.cc``, ``small_matmul.cc``, ``decode_layer.cc``, sharing ``common.h`` and
-``exp.h``; ``tile_products.h`` for attention, ``row_products.h`` for the decode products) into one
+``adamw_kernels.cc``, ``small_matmul.cc``, ``decode_layer.cc``, sharing ``common.h``, ``exp.h``
+and ``row_math.h``; ``tile_products.h`` for attention, ``row_products.h`` for the decode products)
+into one
 library with the machine's C++ compiler
 (``$CXX``, else ``g++``) at first use. Flags: ``-O3 -march=native -fopenmp -fno-math-errno`` when
 the compiler accepts them (never ``-ffast-math``: loading such a library switches the process to
@@ -35,7 +36,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "cpu_kernels.cc", CSRC / "norm_kernels.cc", CSRC / "attention_kernels.cc",
            CSRC / "swiglu.cc", CSRC / "cross_entropy.cc", CSRC / "adamw_kernels.cc",
            CSRC / "small_matmul.cc", CSRC / "decode_layer.cc")
-HEADERS = (CSRC / "common.h", CSRC / "exp.h", CSRC / "tile_products.h",
+HEADERS = (CSRC / "common.h", CSRC / "exp.h", CSRC / "row_math.h", CSRC / "tile_products.h",
            CSRC / "row_products.h")  # only hashed
 FAST_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno")
 PLAIN_FLAGS = ("-O3",)

@@ -11,28 +11,9 @@
 #include <vector>
 
 #include "common.h"
+#include "row_math.h"
 
 namespace {
-
-// Rotary for one row of d values; pairs (i, i + r/2) (half) or (2i, 2i + 1) (interleaved).
-// transpose = false: out = x * cos + rotate(x) * sin; true: its adjoint (the backward).
-template <bool kInterleaved, bool kTranspose>
-void rope_row(const float *x, const float *c, const float *s, float *o, int64_t r, int64_t d) {
-  const int64_t half = r / 2;
-  for (int64_t i = 0; i < half; ++i) {
-    const int64_t a = kInterleaved ? 2 * i : i;
-    const int64_t b = kInterleaved ? 2 * i + 1 : i + half;
-    const float xa = x[a], xb = x[b];
-    if (!kTranspose) {  // rotate: (a, b) -> (-b, a)
-      o[a] = xa * c[a] - xb * s[a];
-      o[b] = xb * c[b] + xa * s[b];
-    } else {
-      o[a] = xa * c[a] + xb * s[b];
-      o[b] = xb * c[b] - xa * s[a];
-    }
-  }
-  for (int64_t j = r; j < d; ++j) o[j] = x[j];
-}
 
 // x [B, N, S, D], cos / sin [CB, 1, S, R] with CB in {1, B}, R even <= D -> out [B, N, S, D].
 template <bool kInterleaved, bool kTranspose>

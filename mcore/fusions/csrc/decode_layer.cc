@@ -20,40 +20,25 @@
 //   h1  = x + attn w_proj^T;   m = RMSNorm(h1; w_mlp_norm)
 //   out = h1 + (silu(g) * u) w_fc2^T with [g | u] = m w_fc1^T
 //
-// The products read each weight once (row_products.h, its sleeping thread pool); everything
-// else runs on the calling thread in a fixed order: the same bits for any thread count.
+// The products read each weight once (row_products.h, its sleeping thread pool); the norms,
+// the rotary and the SwiGLU activation are the per-op kernels' row functions (row_math.h,
+// exp.h); everything else runs on the calling thread in a fixed order: the same bits for any
+// thread count.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
+#include "exp.h"
+#include "row_math.h"
 #include "row_products.h"
 
 namespace {
 
-// y[r] = x[r] / sqrt(mean(x[r]^2) + eps) * w for m rows of width h.
+// RMSNorm of m rows of width h (row_math.h's row, as the RMSNorm kernel computes it).
 void rms_norm(const float *x, const float *w, float *y, int64_t m, int64_t h, float eps) {
-  for (int64_t r = 0; r < m; ++r) {
-    const float *xr = x + r * h;
-    double sq = 0.0;
-    for (int64_t c = 0; c < h; ++c) sq += double(xr[c]) * xr[c];
-    const float rstd = float(1.0 / std::sqrt(sq / double(h) + double(eps)));
-    for (int64_t c = 0; c < h; ++c) y[r * h + c] = xr[c] * rstd * w[c];
-  }
-}
-
-// Rotate the first r dims of each of `heads` d-vectors at v (half-split layout).
-void rotate(float *v, int64_t heads, int64_t d, const float *cos, const float *sin, int64_t r) {
-  const int64_t half = r / 2;
-  for (int64_t i = 0; i < heads; ++i) {
-    float *e = v + i * d;
-    for (int64_t c = 0; c < half; ++c) {
-      const float x1 = e[c], x2 = e[c + half];
-      e[c] = x1 * cos[c] - x2 * sin[c];
-      e[c + half] = x2 * cos[c + half] + x1 * sin[c + half];
-    }
-  }
+  for (int64_t r = 0; r < m; ++r) rms_row_fwd(x + r * h, w, eps, y + r * h, h);
 }
 
 struct Shapes {
@@ -159,7 +144,8 @@ int DecodeLayerStep(int nparam, void **params, int *ndims, int64_t **shapes, con
   rows::multiply(normed.data(), w_qkv, qkv.data(), b, h, width);  // [b, h] -> [b, (n+2n_kv) d]
   for (int64_t row = 0; row < b; ++row) {
     float *q = qkv.data() + row * width;  // heads q (n), k (n_kv), v (n_kv) of this row
-    rotate(q, s.n + s.n_kv, d, cos + row * s.r, sin + row * s.r, s.r);
+    for (int64_t head = 0; head < s.n + s.n_kv; ++head)  // q and k rotated in place
+      rope_row<false, false>(q + head * d, cos + row * s.r, sin + row * s.r, q + head * d, s.r, d);
     for (int64_t g = 0; g < s.n_kv; ++g) {  // slot `pos` of [b, n_kv, T, d]
       const int64_t at = ((row * s.n_kv + g) * s.t + pos) * d;
       std::memcpy(keys + at, q + nd + g * d, sizeof(float) * d);
@@ -174,7 +160,7 @@ int DecodeLayerStep(int nparam, void **params, int *ndims, int64_t **shapes, con
   for (int64_t row = 0; row < b; ++row)
     for (int64_t c = 0; c < s.f; ++c) {
       const float g = gate_up[row * 2 * s.f + c], u = gate_up[row * 2 * s.f + s.f + c];
-      act[row * s.f + c] = g / (1.0f + std::exp(-g)) * u;
+      act[row * s.f + c] = g * sigmoid(g) * u;  // as the SwiGLU kernel
     }
   rows::multiply(act.data(), w_fc2, out, b, s.f, h);  // [b, f] -> [b, h]
   for (int64_t i = 0; i < b * h; ++i) out[i] += h1[i];

@@ -1,6 +1,6 @@
 // exp for float32 written in plain arithmetic, so that a loop calling it under `#pragma omp simd`
 // vectorises (glibc's expf is a scalar call: with it a kernel spends ~1.4 ns per element).
-// Shared by cross_entropy.cc and cpu_kernels.cc (SwiGLU).
+// Shared by cross_entropy.cc, swiglu.cc and decode_layer.cc (with the sigmoid built on it).
 //
 // Method: x = n ln2 + r with n = round(x / ln2), |r| <= ln2 / 2 (ln2 split in two parts, so
 // n * ln2_hi is exact); exp(r) by its Taylor polynomial of degree 7 (truncation < 5e-9
@@ -48,5 +48,8 @@ inline float vexp(float x) {
   std::memcpy(&s2, &b2, sizeof s2);
   return p * s1 * s2;
 }
+
+#pragma omp declare simd notinbranch
+inline float sigmoid(float v) { return 1.0f / (1.0f + vexp(-v)); }
 
 }  // namespace

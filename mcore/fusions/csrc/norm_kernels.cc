@@ -5,19 +5,9 @@
 #include <vector>
 
 #include "common.h"
+#include "row_math.h"
 
 namespace {
-
-// y = w * x * rstd for one row; returns rstd = 1 / sqrt(mean(x^2) + eps).
-inline float rms_row_fwd(const float *x, const float *w, float eps, float *y, int64_t H) {
-  float sq = 0.0f;
-#pragma omp simd reduction(+ : sq)
-  for (int64_t j = 0; j < H; ++j) sq += x[j] * x[j];
-  const float r = 1.0f / std::sqrt(sq / static_cast<float>(H) + eps);
-#pragma omp simd
-  for (int64_t j = 0; j < H; ++j) y[j] = w[j] * (x[j] * r);
-  return r;
-}
 
 // Rows per partial sum of the weight gradient: a constant, so the partition of the rows into
 // blocks (and with it every rounding of dw) is the same for any thread count, for the

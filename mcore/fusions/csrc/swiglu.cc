@@ -1,7 +1,7 @@
 // SwiGLU for mcore/fusions (ops.Custom(func_type="aot") signature, see cpu_kernels.cc):
 // y [..., 2F] = [gate | up] -> silu(gate) * up, and its backward. Element-wise: every output
 // value is computed by one task from its own inputs, so the bits are the same for any thread
-// count. The sigmoid takes vexp (exp.h), so the loops vectorise (glibc's expf does not).
+// count. The sigmoid is exp.h's (on vexp), so the loops vectorise (glibc's expf does not).
 #include <cstdint>
 
 #include "common.h"
@@ -10,13 +10,6 @@
 #if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC target("prefer-vector-width=512")  // where the CPU has AVX-512 (GCC's default: 256)
 #endif
-
-namespace {
-
-#pragma omp declare simd notinbranch
-inline float sigmoid(float v) { return 1.0f / (1.0f + vexp(-v)); }
-
-}  // namespace
 
 extern "C" {
 
