@@ -2,8 +2,9 @@
 
 ``python benchmarks/decode_ab.py [--op small_matmul] [--seconds 60]`` builds the Llama of
 ``benchmarks/bench_decode.py`` twice with the same weights: A with every CPU kernel of
-``mcore.fusions`` but ``--op`` (``MSFORMERS_FUSIONS=kernels:<the others>``), B with the
-default (``auto``). After a warm-up call per model and batch (compilation; the greedy tokens of
+``mcore.fusions`` but ``--op`` (``MSFORMERS_FUSIONS=kernels:<the others>``; a comma-separated
+list leaves out several, e.g. ``decode_layer,small_matmul``: the step with MindSpore's
+``MatMul``), B with the default (``auto``). After a warm-up call per model and batch (compilation; the greedy tokens of
 A and B are compared there), ``models.generate`` (32-token prompt, 64 new tokens) runs for
 batch 1 and 8, A and B alternating, until ``--seconds`` have passed, so both see the same
 machine load. Prints ms per new token (best and median) and the ratios A / B, with the load
@@ -25,7 +26,8 @@ NEW, PROMPT, BATCHES = 64, 32, (1, 8)
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--op", default="small_matmul", help="the fused op A goes without")
+    parser.add_argument("--op", default="small_matmul",
+                        help="the fused op A goes without (a comma-separated list: several)")
     parser.add_argument("--seconds", type=float, default=60.0)
     args = parser.parse_args()
 
@@ -37,10 +39,13 @@ def main() -> None:
     from benchmarks.bench_decode import HF_CONFIG
     from mcore.fusions.registry import ENV, REGISTRY
 
-    if args.op not in REGISTRY:
-        raise SystemExit(f"--op {args.op!r}: not a registered fused op ({sorted(REGISTRY)})")
+    left_out = args.op.split(",")
+    unknown = [op for op in left_out if op not in REGISTRY]
+    if unknown:
+        raise SystemExit(f"--op {args.op!r}: {unknown} not registered fused ops "
+                         f"({sorted(REGISTRY)})")
     before = os.environ.get(ENV)
-    os.environ[ENV] = "kernels:" + ",".join(n for n in REGISTRY if n != args.op)
+    os.environ[ENV] = "kernels:" + ",".join(n for n in REGISTRY if n not in left_out)
     built = {"A": models.build_from_config(HF_CONFIG)}
     os.environ[ENV] = "auto"
     built["B"] = models.build_from_config(HF_CONFIG)

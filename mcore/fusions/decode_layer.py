@@ -21,7 +21,7 @@ MAX_ROWS = 8  # rows::kMaxRows of csrc/row_products.h: what the kernel accepts
 # What the layer sends it: up to 4 rows the step is bound by reading the weights and the kernel
 # wins; at 8 rows the products are bound by the multiply-adds and the composed step (MindSpore's
 # MatMul) was faster on a quiet machine (docs/performance.md, "The decoder layer as one kernel").
-LAYER_ROWS = 4
+LAYER_ROWS = 8
 
 
 def _same(shape, *rest):

@@ -20,7 +20,7 @@ MAX_ROWS = 8  # kMaxRows of csrc/small_matmul.cc
 # The linear layers use it for at most this many rows: there the product is bound by reading
 # w. At 8 rows it is bound by the multiply-adds, and MindSpore's MatMul was as fast or faster
 # in the decode A/B (docs/performance.md "Decoding").
-LAYER_ROWS = 4
+LAYER_ROWS = 8
 
 
 def _rows_by_n(x_shape, w_shape):

@@ -30,6 +30,10 @@
 #include <cstring>
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include "exp.h"
 #include "row_math.h"
 #include "row_products.h"
@@ -39,6 +43,45 @@ namespace {
 // RMSNorm of m rows of width h (row_math.h's row, as the RMSNorm kernel computes it).
 void rms_norm(const float *x, const float *w, float *y, int64_t m, int64_t h, float eps) {
   for (int64_t r = 0; r < m; ++r) rms_row_fwd(x + r * h, w, eps, y + r * h, h);
+}
+
+// a . b over d values: 16 lane sums (lane l takes the values l, l + 16, ...), then their sum.
+// The score of a key was one chain of d dependent scalar multiply-adds.
+inline float dot_lanes(const float *a, const float *b, int64_t d) {
+#ifdef __AVX512F__
+  __m512 acc = _mm512_setzero_ps();
+  int64_t c = 0;
+  for (; c + 16 <= d; c += 16)
+    acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc);
+  if (c < d) {
+    const __mmask16 mask = static_cast<__mmask16>((1u << (d - c)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, a + c), _mm512_maskz_loadu_ps(mask, b + c),
+                          acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+#else
+  float part[16] = {0.0f};
+  int64_t c = 0;
+  for (; c + 16 <= d; c += 16)
+    for (int l = 0; l < 16; ++l) part[l] += a[c + l] * b[c + l];
+  for (int l = 0; c + l < d; ++l) part[l] += a[c + l] * b[c + l];
+  float sum = 0.0f;
+  for (int l = 0; l < 16; ++l) sum += part[l];
+  return sum;
+#endif
+}
+
+// out += p * v over d values, one fused multiply-add per value (the compiler left the loop
+// scalar).
+inline void add_scaled(float p, const float *v, float *out, int64_t d) {
+  int64_t c = 0;
+#ifdef __AVX512F__
+  const __m512 scale = _mm512_set1_ps(p);
+  for (; c + 16 <= d; c += 16)
+    _mm512_storeu_ps(out + c, _mm512_fmadd_ps(scale, _mm512_loadu_ps(v + c),
+                                              _mm512_loadu_ps(out + c)));
+#endif
+  for (; c < d; ++c) out[c] = std::fma(p, v[c], out[c]);
 }
 
 struct Shapes {
@@ -65,16 +108,13 @@ void attend(const Shapes &s, int64_t row, const float *q, const float *keys, con
         scores[j] = -INFINITY;
         continue;
       }
-      float dot = 0.0f;
-      for (int64_t c = 0; c < d; ++c) dot += qh[c] * kg[j * d + c];
-      scores[j] = dot * scale;
+      scores[j] = dot_lanes(qh, kg + j * d, d) * scale;
       best = std::max(best, scores[j]);
       ++kept;
     }
     std::fill(oh, oh + d, 0.0f);
     if (kept == 0) {  // every score masked: the composed softmax is uniform over all T keys
-      for (int64_t j = 0; j < t; ++j)
-        for (int64_t c = 0; c < d; ++c) oh[c] += vg[j * d + c];
+      for (int64_t j = 0; j < t; ++j) add_scaled(1.0f, vg + j * d, oh, d);
       for (int64_t c = 0; c < d; ++c) oh[c] /= float(t);
       continue;
     }
@@ -83,7 +123,7 @@ void attend(const Shapes &s, int64_t row, const float *q, const float *keys, con
       if (scores[j] == -INFINITY) continue;
       const float p = std::exp(scores[j] - best);
       total += p;
-      for (int64_t c = 0; c < d; ++c) oh[c] += p * vg[j * d + c];
+      add_scaled(p, vg + j * d, oh, d);
     }
     const float inv = 1.0f / total;
     for (int64_t c = 0; c < d; ++c) oh[c] *= inv;
