@@ -18,9 +18,9 @@ import mindspore as ms
 from mindspore import Tensor, nn, ops
 
 MAX_ROWS = 8  # rows::kMaxRows of csrc/row_products.h: what the kernel accepts
-# What the layer sends it: up to 4 rows the step is bound by reading the weights and the kernel
-# wins; at 8 rows the products are bound by the multiply-adds and the composed step (MindSpore's
-# MatMul) was faster on a quiet machine (docs/performance.md, "The decoder layer as one kernel").
+# What the layer sends it: every row count the kernel takes. At 8 rows it beat the composed step
+# (MindSpore's MatMul) once the 5-8 row products prefetched w and the attention was vectorized
+# (docs/performance.md "Decoding", "Batch 8").
 LAYER_ROWS = 8
 
 

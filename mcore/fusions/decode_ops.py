@@ -17,9 +17,9 @@ import mindspore as ms
 from mindspore import nn, ops
 
 MAX_ROWS = 8  # kMaxRows of csrc/small_matmul.cc
-# The linear layers use it for at most this many rows: there the product is bound by reading
-# w. At 8 rows it is bound by the multiply-adds, and MindSpore's MatMul was as fast or faster
-# in the decode A/B (docs/performance.md "Decoding").
+# The linear layers use it for at most this many rows (all it takes): up to 8 rows it beat
+# MindSpore's MatMul in the decode A/B once the 5-8 row products prefetched w
+# (docs/performance.md "Decoding", "Batch 8").
 LAYER_ROWS = 8
 
 

@@ -9,7 +9,7 @@
 a CPU kernel where ``mcore.fusions`` has one, else the same composed math).
 
 Decoding: a dense Llama-style layer (``mcore.fusions.decode_layer.eligible``) runs a one-token
-float32 step of at most 4 rows with a ``key_mask`` and a ``StaticKVCache`` (and no LoRA
+float32 step of at most 8 rows with a ``key_mask`` and a ``StaticKVCache`` (and no LoRA
 adapter) as ONE kernel, the registry's "decode_layer" (same result as the composed step, the
 token's keys and values written into the cache in place); every other call is composed.
 

@@ -5,6 +5,8 @@
 //
 // Every output value is the dot product of one task, in a fixed order (16-lane partial sums
 // over k, then their horizontal sum), so the result is the same bits for any thread count.
+// Each pair of w's rows meets all m rows of x while it is in the L1 cache; for 5-8 rows the
+// pair's loop also prefetches w ahead (rows_times_pair_ahead).
 //
 // Threads. The rows of w are cut into blocks of kBlockRows; the calling thread and the helper
 // threads of a small pool claim blocks from an atomic counter until none is left. A helper
@@ -118,7 +120,7 @@ inline void rows_times_pair(const float *x, const float *w0, const float *w1, in
 // and the hardware prefetcher alone left the output layer [8, 512] x [32000, 512]^T waiting
 // on memory: ~10 ms on one thread, ~2.7 ms with the prefetch (docs/performance.md
 // "Decoding"). The order of every sum is rows_times_pair's: the same bits.
-constexpr int64_t kAheadFloats = 1024;  // 4 KB: two pairs of rows of 512
+constexpr int64_t kAheadFloats = 1024;  // 4 KB ahead: the next pair of rows when k = 512
 
 template <int R>
 inline void rows_times_pair_ahead(const float *x, const float *w0, const float *w1, int64_t k,
