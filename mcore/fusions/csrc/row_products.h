@@ -5,8 +5,6 @@
 //
 // Every output value is the dot product of one task, in a fixed order (16-lane partial sums
 // over k, then their horizontal sum), so the result is the same bits for any thread count.
-// Each pair of w's rows meets all m rows of x while it is in the L1 cache; for 5-8 rows the
-// pair's loop also prefetches w ahead (rows_times_pair_ahead).
 //
 // Threads. The rows of w are cut into blocks of kBlockRows; the calling thread and the helper
 // threads of a small pool claim blocks from an atomic counter until none is left. A helper
@@ -73,48 +71,6 @@ inline __m512 sum16(const __m512 *a) {
                        _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
 }
 
-// y[r * n + j] = x_r . w_j for the R rows of x and rows j0, j1 of w (j1 == j0: one row).
-template <int R>
-inline void rows_times_pair(const float *x, const float *w0, const float *w1, int64_t k,
-                            float *y, int64_t n, int64_t j0, bool pair) {
-  __m512 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
-  const int64_t body = k & ~int64_t{15};
-  for (int64_t c = 0; c < body; c += 16) {
-    const __m512 p = _mm512_loadu_ps(w0 + c), q = _mm512_loadu_ps(w1 + c);
-    for (int r = 0; r < R; ++r) {
-      const __m512 v = _mm512_loadu_ps(x + r * k + c);
-      a0[r] = _mm512_fmadd_ps(p, v, a0[r]);
-      a1[r] = _mm512_fmadd_ps(q, v, a1[r]);
-    }
-  }
-  if (body < k) {  // the last k % 16 values, masked
-    const __mmask16 mask = static_cast<__mmask16>((1u << (k - body)) - 1);
-    const __m512 p = _mm512_maskz_loadu_ps(mask, w0 + body);
-    const __m512 q = _mm512_maskz_loadu_ps(mask, w1 + body);
-    for (int r = 0; r < R; ++r) {
-      const __m512 v = _mm512_maskz_loadu_ps(mask, x + r * k + body);
-      a0[r] = _mm512_fmadd_ps(p, v, a0[r]);
-      a1[r] = _mm512_fmadd_ps(q, v, a1[r]);
-    }
-  }
-  if constexpr (R == 8) {  // 16 sums at once: lane 2r is x_r . w0, lane 2r + 1 is x_r . w1
-    __m512 acc[16];
-    for (int r = 0; r < R; ++r) acc[2 * r] = a0[r], acc[2 * r + 1] = a1[r];
-    float sums[16];
-    _mm512_storeu_ps(sums, sum16(acc));
-    for (int r = 0; r < R; ++r) {
-      y[r * n + j0] = sums[2 * r];
-      if (pair) y[r * n + j0 + 1] = sums[2 * r + 1];
-    }
-    return;
-  }
-  for (int r = 0; r < R; ++r) {
-    y[r * n + j0] = _mm512_reduce_add_ps(a0[r]);
-    if (pair) y[r * n + j0 + 1] = _mm512_reduce_add_ps(a1[r]);
-  }
-}
-
 // The same products for 5-8 rows of x, with w's rows requested kAheadFloats ahead of their
 // loads (software prefetch). At 8 rows a pair of w's rows takes ~8 cycles per 16 values of k,
 // and the hardware prefetcher alone left the output layer [8, 512] x [32000, 512]^T waiting
@@ -167,12 +123,45 @@ inline void rows_times_pair_ahead(const float *x, const float *w0, const float *
   }
 }
 
+// y[r * n + j] = x_r . w_j for the R rows of x and rows j0, j1 of w (j1 == j0: one row).
 template <int R>
-inline void block_rows_ahead(const Product &p, int64_t j0, int64_t j1) {
-  for (int64_t j = j0; j < j1; j += 2) {
-    const bool pair = j + 1 < j1;
-    const float *w0 = p.w + j * p.k;
-    rows_times_pair_ahead<R>(p.x, w0, pair ? w0 + p.k : w0, p.k, p.y, p.n, j, pair);
+inline void rows_times_pair(const float *x, const float *w0, const float *w1, int64_t k,
+                            float *y, int64_t n, int64_t j0, bool pair) {
+  __m512 a0[R], a1[R];
+  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+  const int64_t body = k & ~int64_t{15};
+  for (int64_t c = 0; c < body; c += 16) {
+    const __m512 p = _mm512_loadu_ps(w0 + c), q = _mm512_loadu_ps(w1 + c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = _mm512_loadu_ps(x + r * k + c);
+      a0[r] = _mm512_fmadd_ps(p, v, a0[r]);
+      a1[r] = _mm512_fmadd_ps(q, v, a1[r]);
+    }
+  }
+  if (body < k) {  // the last k % 16 values, masked
+    const __mmask16 mask = static_cast<__mmask16>((1u << (k - body)) - 1);
+    const __m512 p = _mm512_maskz_loadu_ps(mask, w0 + body);
+    const __m512 q = _mm512_maskz_loadu_ps(mask, w1 + body);
+    for (int r = 0; r < R; ++r) {
+      const __m512 v = _mm512_maskz_loadu_ps(mask, x + r * k + body);
+      a0[r] = _mm512_fmadd_ps(p, v, a0[r]);
+      a1[r] = _mm512_fmadd_ps(q, v, a1[r]);
+    }
+  }
+  if constexpr (R == 8) {  // 16 sums at once: lane 2r is x_r . w0, lane 2r + 1 is x_r . w1
+    __m512 acc[16];
+    for (int r = 0; r < R; ++r) acc[2 * r] = a0[r], acc[2 * r + 1] = a1[r];
+    float sums[16];
+    _mm512_storeu_ps(sums, sum16(acc));
+    for (int r = 0; r < R; ++r) {
+      y[r * n + j0] = sums[2 * r];
+      if (pair) y[r * n + j0 + 1] = sums[2 * r + 1];
+    }
+    return;
+  }
+  for (int r = 0; r < R; ++r) {
+    y[r * n + j0] = _mm512_reduce_add_ps(a0[r]);
+    if (pair) y[r * n + j0 + 1] = _mm512_reduce_add_ps(a1[r]);
   }
 }
 
@@ -181,7 +170,10 @@ inline void block_rows(const Product &p, int64_t j0, int64_t j1) {
   for (int64_t j = j0; j < j1; j += 2) {
     const bool pair = j + 1 < j1;
     const float *w0 = p.w + j * p.k;
-    rows_times_pair<R>(p.x, w0, pair ? w0 + p.k : w0, p.k, p.y, p.n, j, pair);
+    if constexpr (R > 4)  // 5-8 rows: the same sums, w prefetched
+      rows_times_pair_ahead<R>(p.x, w0, pair ? w0 + p.k : w0, p.k, p.y, p.n, j, pair);
+    else
+      rows_times_pair<R>(p.x, w0, pair ? w0 + p.k : w0, p.k, p.y, p.n, j, pair);
   }
 }
 
@@ -192,10 +184,10 @@ inline void block(const Product &p, int64_t j0, int64_t j1) {
     case 2: block_rows<2>(p, j0, j1); break;
     case 3: block_rows<3>(p, j0, j1); break;
     case 4: block_rows<4>(p, j0, j1); break;
-    case 5: block_rows_ahead<5>(p, j0, j1); break;
-    case 6: block_rows_ahead<6>(p, j0, j1); break;
-    case 7: block_rows_ahead<7>(p, j0, j1); break;
-    default: block_rows_ahead<8>(p, j0, j1); break;
+    case 5: block_rows<5>(p, j0, j1); break;
+    case 6: block_rows<6>(p, j0, j1); break;
+    case 7: block_rows<7>(p, j0, j1); break;
+    default: block_rows<8>(p, j0, j1); break;
   }
 }
 #else
