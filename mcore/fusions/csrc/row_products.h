@@ -4,15 +4,23 @@
 //   rows::multiply(x [m, k], w [n, k], y [m, n], m, k, n)     y = x w^T, m <= rows::kMaxRows
 //
 // Every output value is the dot product of one task, in a fixed order (16-lane partial sums
-// over k, then their horizontal sum), so the result is the same bits for any thread count.
+// over k, then their horizontal sum, whose tree depends only on the output's place in its
+// block), so the result is the same bits for any thread count. At most 4 rows of x: 16 / m
+// rows of w per step, every output its own accumulator, one transposing horizontal sum for
+// all 16 (few_rows); one FMA chain per row of w and a reduce per output, as before, ran at
+// m = 2 / 4 at 0.7x / 0.55x of this (head shape, one thread). Reading w from L3 is the bound:
+// ~27 GB/s per core, NumPy's sgemv reaches the same with two threads.
 //
 // Threads. The rows of w are cut into blocks of kBlockRows; the calling thread and the helper
 // threads of a small pool claim blocks from an atomic counter until none is left. A helper
 // sleeps on a condition variable between calls (no spinning: MindSpore's own thread pool and
-// the other kernels share the cores) and is woken only for a product of at least
-// kParallelBytes of w. The caller never waits for a helper that has not started: when it has
-// claimed the last block it only waits for the blocks in progress, so on a busy machine,
-// where a helper may be descheduled, a call degrades to one thread, not to a stall.
+// the other kernels share the cores; a helper that spun 20-100 us for the next product made
+// the decode step slower on a loaded machine) and is woken only for a product of at least
+// kParallelBytes of w. The hand-over is lock-free and the caller never sleeps: it never waits
+// for a helper that has not started, and when it has claimed the last block it spins (then
+// yields) only for the blocks in progress, so on a busy machine, where a helper may be
+// descheduled, a call degrades to one thread, not to a stall, and an idle machine pays no
+// wake-up of the caller after each product.
 // OpenMP is not used here: its idle workers spin after a parallel region and took the cores
 // MindSpore's next kernels needed (docs/performance.md "Decoding"). Helpers: the process's
 // CPUs minus one, or $MSFORMERS_DECODE_THREADS - 1, read at the first parallel call. One pool
@@ -113,6 +121,52 @@ inline void rows_times_pair(const float *x, const float *w0, const float *w1, in
   }
 }
 
+// At most 4 rows of x: W = 16 / R rows of w per step (16, 8, 4, 4 for R = 1..4) give R * W
+// independent 16-lane accumulators (one per output value, no FMA chain waits on another) and
+// ONE transposing horizontal sum (sum16) for all of them; the weight is prefetched kPrefetch
+// floats ahead. `count` < W: the last rows of w (the missing ones repeat the last row, their
+// sums are dropped). Output (r, j) is lane r * W + j - j0 of the sum, whatever `count` is.
+constexpr int64_t kPrefetch = 256;
+
+template <int R, int W>
+inline void few_rows_group(const float *x, const float *w, int64_t k, float *y, int64_t n,
+                           int64_t j0, int count) {
+  __m512 a[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+  const float *wr[W];
+  for (int i = 0; i < W; ++i) wr[i] = w + (j0 + std::min(i, count - 1)) * k;
+  const int64_t body = k & ~int64_t{15};
+  for (int64_t c = 0; c < body; c += 16) {
+    __m512 v[R];
+    for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_ps(x + r * k + c);
+    for (int i = 0; i < W; ++i) {
+      _mm_prefetch(reinterpret_cast<const char *>(wr[i] + c + kPrefetch), _MM_HINT_T0);
+      const __m512 p = _mm512_loadu_ps(wr[i] + c);
+      for (int r = 0; r < R; ++r) a[r * W + i] = _mm512_fmadd_ps(p, v[r], a[r * W + i]);
+    }
+  }
+  if (body < k) {  // the last k % 16 values, masked
+    const __mmask16 mask = static_cast<__mmask16>((1u << (k - body)) - 1);
+    __m512 v[R];
+    for (int r = 0; r < R; ++r) v[r] = _mm512_maskz_loadu_ps(mask, x + r * k + body);
+    for (int i = 0; i < W; ++i) {
+      const __m512 p = _mm512_maskz_loadu_ps(mask, wr[i] + body);
+      for (int r = 0; r < R; ++r) a[r * W + i] = _mm512_fmadd_ps(p, v[r], a[r * W + i]);
+    }
+  }
+  float sums[16];
+  _mm512_storeu_ps(sums, sum16(a));
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < count; ++i) y[r * n + j0 + i] = sums[r * W + i];
+}
+
+template <int R>
+inline void few_rows(const Product &p, int64_t j0, int64_t j1) {
+  constexpr int W = R == 1 ? 16 : R == 2 ? 8 : 4;  // kBlockRows is a multiple of W
+  for (int64_t j = j0; j < j1; j += W)
+    few_rows_group<R, W>(p.x, p.w, p.k, p.y, p.n, j, static_cast<int>(std::min<int64_t>(W, j1 - j)));
+}
+
 template <int R>
 inline void block_rows(const Product &p, int64_t j0, int64_t j1) {
   for (int64_t j = j0; j < j1; j += 2) {
@@ -125,10 +179,10 @@ inline void block_rows(const Product &p, int64_t j0, int64_t j1) {
 // Columns [j0, j1) of y.
 inline void block(const Product &p, int64_t j0, int64_t j1) {
   switch (p.m) {
-    case 1: block_rows<1>(p, j0, j1); break;
-    case 2: block_rows<2>(p, j0, j1); break;
-    case 3: block_rows<3>(p, j0, j1); break;
-    case 4: block_rows<4>(p, j0, j1); break;
+    case 1: few_rows<1>(p, j0, j1); break;
+    case 2: few_rows<2>(p, j0, j1); break;
+    case 3: few_rows<3>(p, j0, j1); break;
+    case 4: few_rows<4>(p, j0, j1); break;
     case 5: block_rows<5>(p, j0, j1); break;
     case 6: block_rows<6>(p, j0, j1); break;
     case 7: block_rows<7>(p, j0, j1); break;
@@ -163,8 +217,18 @@ inline void drain(Product &p) {
   }
 }
 
-// Sleeping helper threads (see the file comment). Created once per process, never destroyed:
-// the threads are detached and the process may exit while they sleep.
+inline void cpu_relax() {
+#ifdef __AVX512F__
+  _mm_pause();
+#endif
+}
+
+// Helper threads (see the file comment). Created once per process, never destroyed: the
+// threads are detached and the process may exit while they sleep. The hand-over is lock-free
+// (sequentially consistent atomics): the caller publishes the job and bumps the generation;
+// a helper marks itself busy, then reads the job. The caller, done claiming, clears the job,
+// then waits until no helper is busy: a helper that reads the job after it was cleared finds
+// none, so no helper touches a finished Product.
 class Pool {
  public:
   explicit Pool(int helpers) {
@@ -172,40 +236,40 @@ class Pool {
   }
 
   void run(Product &p) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      job_ = &p;
-      ++generation_;
+    job_.store(&p);
+    generation_.fetch_add(1);
+    if (sleepers_.load() > 0) {  // lock: a helper between its check and its wait gets the signal
+      { std::lock_guard<std::mutex> lock(mu_); }
+      wake_.notify_all();
     }
-    wake_.notify_all();
     drain(p);
-    std::unique_lock<std::mutex> lock(mu_);
-    job_ = nullptr;  // no helper joins from now on
-    done_.wait(lock, [this] { return busy_ == 0; });
+    job_.store(nullptr);  // no helper joins from now on
+    for (int spins = 0; busy_.load() != 0; ++spins)  // only blocks in progress: microseconds
+      if (spins < 256) cpu_relax(); else std::this_thread::yield();
   }
 
  private:
   void serve() {
     uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      Product *p = job_;
-      if (p == nullptr) continue;  // the caller finished before this helper woke
-      ++busy_;
-      lock.unlock();
-      drain(*p);
-      lock.lock();
-      if (--busy_ == 0) done_.notify_all();
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        sleepers_.fetch_add(1);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        sleepers_.fetch_sub(1);
+      }
+      seen = generation_.load();
+      busy_.fetch_add(1);
+      if (Product *p = job_.load()) drain(*p);
+      busy_.fetch_sub(1);
     }
   }
 
   std::mutex mu_;
-  std::condition_variable wake_, done_;
-  Product *job_ = nullptr;
-  uint64_t generation_ = 0;
-  int busy_ = 0;
+  std::condition_variable wake_;
+  std::atomic<Product *> job_{nullptr};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> busy_{0}, sleepers_{0};
 };
 
 inline int threads_wanted() {
