@@ -56,7 +56,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"load {os.getloadavg()}, MSFORMERS_DECODE_THREADS="
           f"{os.environ.get('MSFORMERS_DECODE_THREADS', '(CPUs)')}")
-    print("| product | rows | NumPy ms best (median) | kernel ms best (median) | GB/s NumPy / kernel |")
+    print("| product | rows | NumPy ms best (median) | kernel ms best (median) "
+          "| GB/s NumPy / kernel |")
     print("|---|---|---|---|---|")
     for name, (n, k) in SHAPES.items():
         w = rng.standard_normal((n, k)).astype(np.float32)

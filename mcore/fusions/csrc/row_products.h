@@ -14,13 +14,13 @@
 // Threads. The rows of w are cut into blocks of kBlockRows; the calling thread and the helper
 // threads of a small pool claim blocks from an atomic counter until none is left. A helper
 // sleeps on a condition variable between calls (no spinning: MindSpore's own thread pool and
-// the other kernels share the cores; a helper that spun 20-100 us for the next product made
-// the decode step slower on a loaded machine) and is woken only for a product of at least
-// kParallelBytes of w. The hand-over is lock-free and the caller never sleeps: it never waits
-// for a helper that has not started, and when it has claimed the last block it spins (then
-// yields) only for the blocks in progress, so on a busy machine, where a helper may be
-// descheduled, a call degrades to one thread, not to a stall, and an idle machine pays no
-// wake-up of the caller after each product.
+// the other kernels share the cores; a helper that spun 20-100 us for the next product, or
+// only between the products of one decoder-layer kernel, made the loaded decode step slower)
+// and is woken only for a product of at least kParallelBytes of w. The hand-over is lock-free
+// and the caller never sleeps: it never waits for a helper that has not started, and when it
+// has claimed the last block it spins (then yields) only for the blocks in progress, so on a
+// busy machine, where a helper may be descheduled, a call degrades to one thread, not to a
+// stall, and an idle machine pays no wake-up of the caller after each product.
 // OpenMP is not used here: its idle workers spin after a parallel region and took the cores
 // MindSpore's next kernels needed (docs/performance.md "Decoding"). Helpers: the process's
 // CPUs minus one, or $MSFORMERS_DECODE_THREADS - 1, read at the first parallel call. One pool
@@ -163,8 +163,10 @@ inline void few_rows_group(const float *x, const float *w, int64_t k, float *y, 
 template <int R>
 inline void few_rows(const Product &p, int64_t j0, int64_t j1) {
   constexpr int W = R == 1 ? 16 : R == 2 ? 8 : 4;  // kBlockRows is a multiple of W
-  for (int64_t j = j0; j < j1; j += W)
-    few_rows_group<R, W>(p.x, p.w, p.k, p.y, p.n, j, static_cast<int>(std::min<int64_t>(W, j1 - j)));
+  for (int64_t j = j0; j < j1; j += W) {
+    const int count = static_cast<int>(std::min<int64_t>(W, j1 - j));
+    few_rows_group<R, W>(p.x, p.w, p.k, p.y, p.n, j, count);
+  }
 }
 
 template <int R>
