@@ -38,6 +38,7 @@
 #include <thread>
 #include <vector>
 
+#include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -234,7 +235,11 @@ inline void cpu_relax() {
 class Pool {
  public:
   explicit Pool(int helpers) {
-    for (int i = 0; i < helpers; ++i) std::thread([this] { serve(); }).detach();
+    for (int i = 0; i < helpers; ++i)
+      std::thread([this] {
+        pthread_setname_np(pthread_self(), "msf_rows");  // named in top, perf, /proc
+        serve();
+      }).detach();
   }
 
   void run(Product &p) {
