@@ -4,15 +4,24 @@
 //   rows::multiply(x [m, k], w [n, k], y [m, n], m, k, n)     y = x w^T, m <= rows::kMaxRows
 //
 // Every output value is the dot product of one task, in a fixed order (16-lane partial sums
-// over k, then their horizontal sum), so the result is the same bits for any thread count.
+// over k, then their horizontal sum, whose tree depends only on the output's place in its
+// block), so the result is the same bits for any thread count. At most 4 rows of x: 16 / m
+// rows of w per step, every output its own accumulator, one transposing horizontal sum for
+// all 16 (few_rows); one FMA chain per row of w and a reduce per output ran at m = 2 / 4 at
+// 0.7x / 0.55x of this (head shape, one thread). Reading w from L3 is the bound: ~27 GB/s per
+// core, NumPy's sgemv reaches the same with two threads. 5-8 rows: each pair of w's rows with
+// all the rows of x (rows_times_pair), w prefetched ahead.
 //
 // Threads. The rows of w are cut into blocks of kBlockRows; the calling thread and the helper
 // threads of a small pool claim blocks from an atomic counter until none is left. A helper
 // sleeps on a condition variable between calls (no spinning: MindSpore's own thread pool and
-// the other kernels share the cores) and is woken only for a product of at least
-// kParallelBytes of w. The caller never waits for a helper that has not started: when it has
-// claimed the last block it only waits for the blocks in progress, so on a busy machine,
-// where a helper may be descheduled, a call degrades to one thread, not to a stall.
+// the other kernels share the cores; a helper that spun 20-100 us for the next product, or
+// only between the products of one decoder-layer kernel, made the loaded decode step slower)
+// and is woken only for a product of at least kParallelBytes of w. The hand-over is lock-free
+// and the caller never sleeps: it never waits for a helper that has not started, and when it
+// has claimed the last block it spins (then yields) only for the blocks in progress, so on a
+// busy machine, where a helper may be descheduled, a call degrades to one thread, not to a
+// stall, and an idle machine pays no wake-up of the caller after each product.
 // OpenMP is not used here: its idle workers spin after a parallel region and took the cores
 // MindSpore's next kernels needed (docs/performance.md "Decoding"). Helpers: the process's
 // CPUs minus one, or $MSFORMERS_DECODE_THREADS - 1, read at the first parallel call. One pool
@@ -30,6 +39,7 @@
 #include <thread>
 #include <vector>
 
+#include <pthread.h>
 #include <sched.h>
 #include <unistd.h>
 
@@ -71,16 +81,16 @@ inline __m512 sum16(const __m512 *a) {
                        _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
 }
 
-// The same products for 5-8 rows of x, with w's rows requested kAheadFloats ahead of their
-// loads (software prefetch). At 8 rows a pair of w's rows takes ~8 cycles per 16 values of k,
-// and the hardware prefetcher alone left the output layer [8, 512] x [32000, 512]^T waiting
-// on memory: ~10 ms on one thread, ~2.7 ms with the prefetch (docs/performance.md
-// "Decoding"). The order of every sum is rows_times_pair's: the same bits.
+// 5-8 rows of x: y[r * n + j] = x_r . w_j for the R rows of x and rows j0, j1 of w (j1 == j0:
+// one row), w's rows requested kAheadFloats ahead of their loads (software prefetch). At 8
+// rows a pair of w's rows takes ~8 cycles per 16 values of k, and the hardware prefetcher
+// alone left the output layer [8, 512] x [32000, 512]^T waiting on memory: ~10 ms on one
+// thread, ~2.7 ms with the prefetch (docs/performance.md "Batch 8").
 constexpr int64_t kAheadFloats = 1024;  // 4 KB ahead: the next pair of rows when k = 512
 
 template <int R>
-inline void rows_times_pair_ahead(const float *x, const float *w0, const float *w1, int64_t k,
-                                  float *y, int64_t n, int64_t j0, bool pair) {
+inline void rows_times_pair(const float *x, const float *w0, const float *w1, int64_t k,
+                            float *y, int64_t n, int64_t j0, bool pair) {
   static_assert(R > 4 && R <= kMaxRows, "the 5-8 row path");
   __m512 a0[R], a1[R];
   for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
@@ -123,45 +133,51 @@ inline void rows_times_pair_ahead(const float *x, const float *w0, const float *
   }
 }
 
-// y[r * n + j] = x_r . w_j for the R rows of x and rows j0, j1 of w (j1 == j0: one row).
-template <int R>
-inline void rows_times_pair(const float *x, const float *w0, const float *w1, int64_t k,
-                            float *y, int64_t n, int64_t j0, bool pair) {
-  __m512 a0[R], a1[R];
-  for (int r = 0; r < R; ++r) a0[r] = a1[r] = _mm512_setzero_ps();
+// At most 4 rows of x: W = 16 / R rows of w per step (16, 8, 4, 4 for R = 1..4) give R * W
+// independent 16-lane accumulators (one per output value, no FMA chain waits on another) and
+// ONE transposing horizontal sum (sum16) for all of them; the weight is prefetched kPrefetch
+// floats ahead. `count` < W: the last rows of w (the missing ones repeat the last row, their
+// sums are dropped). Output (r, j) is lane r * W + j - j0 of the sum, whatever `count` is.
+constexpr int64_t kPrefetch = 256;
+
+template <int R, int W>
+inline void few_rows_group(const float *x, const float *w, int64_t k, float *y, int64_t n,
+                           int64_t j0, int count) {
+  __m512 a[16];
+  for (int i = 0; i < 16; ++i) a[i] = _mm512_setzero_ps();
+  const float *wr[W];
+  for (int i = 0; i < W; ++i) wr[i] = w + (j0 + std::min(i, count - 1)) * k;
   const int64_t body = k & ~int64_t{15};
   for (int64_t c = 0; c < body; c += 16) {
-    const __m512 p = _mm512_loadu_ps(w0 + c), q = _mm512_loadu_ps(w1 + c);
-    for (int r = 0; r < R; ++r) {
-      const __m512 v = _mm512_loadu_ps(x + r * k + c);
-      a0[r] = _mm512_fmadd_ps(p, v, a0[r]);
-      a1[r] = _mm512_fmadd_ps(q, v, a1[r]);
+    __m512 v[R];
+    for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_ps(x + r * k + c);
+    for (int i = 0; i < W; ++i) {
+      _mm_prefetch(reinterpret_cast<const char *>(wr[i] + c + kPrefetch), _MM_HINT_T0);
+      const __m512 p = _mm512_loadu_ps(wr[i] + c);
+      for (int r = 0; r < R; ++r) a[r * W + i] = _mm512_fmadd_ps(p, v[r], a[r * W + i]);
     }
   }
   if (body < k) {  // the last k % 16 values, masked
     const __mmask16 mask = static_cast<__mmask16>((1u << (k - body)) - 1);
-    const __m512 p = _mm512_maskz_loadu_ps(mask, w0 + body);
-    const __m512 q = _mm512_maskz_loadu_ps(mask, w1 + body);
-    for (int r = 0; r < R; ++r) {
-      const __m512 v = _mm512_maskz_loadu_ps(mask, x + r * k + body);
-      a0[r] = _mm512_fmadd_ps(p, v, a0[r]);
-      a1[r] = _mm512_fmadd_ps(q, v, a1[r]);
+    __m512 v[R];
+    for (int r = 0; r < R; ++r) v[r] = _mm512_maskz_loadu_ps(mask, x + r * k + body);
+    for (int i = 0; i < W; ++i) {
+      const __m512 p = _mm512_maskz_loadu_ps(mask, wr[i] + body);
+      for (int r = 0; r < R; ++r) a[r * W + i] = _mm512_fmadd_ps(p, v[r], a[r * W + i]);
     }
   }
-  if constexpr (R == 8) {  // 16 sums at once: lane 2r is x_r . w0, lane 2r + 1 is x_r . w1
-    __m512 acc[16];
-    for (int r = 0; r < R; ++r) acc[2 * r] = a0[r], acc[2 * r + 1] = a1[r];
-    float sums[16];
-    _mm512_storeu_ps(sums, sum16(acc));
-    for (int r = 0; r < R; ++r) {
-      y[r * n + j0] = sums[2 * r];
-      if (pair) y[r * n + j0 + 1] = sums[2 * r + 1];
-    }
-    return;
-  }
-  for (int r = 0; r < R; ++r) {
-    y[r * n + j0] = _mm512_reduce_add_ps(a0[r]);
-    if (pair) y[r * n + j0 + 1] = _mm512_reduce_add_ps(a1[r]);
+  float sums[16];
+  _mm512_storeu_ps(sums, sum16(a));
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < count; ++i) y[r * n + j0 + i] = sums[r * W + i];
+}
+
+template <int R>
+inline void few_rows(const Product &p, int64_t j0, int64_t j1) {
+  constexpr int W = R == 1 ? 16 : R == 2 ? 8 : 4;  // kBlockRows is a multiple of W
+  for (int64_t j = j0; j < j1; j += W) {
+    const int count = static_cast<int>(std::min<int64_t>(W, j1 - j));
+    few_rows_group<R, W>(p.x, p.w, p.k, p.y, p.n, j, count);
   }
 }
 
@@ -170,20 +186,17 @@ inline void block_rows(const Product &p, int64_t j0, int64_t j1) {
   for (int64_t j = j0; j < j1; j += 2) {
     const bool pair = j + 1 < j1;
     const float *w0 = p.w + j * p.k;
-    if constexpr (R > 4)  // 5-8 rows: the same sums, w prefetched
-      rows_times_pair_ahead<R>(p.x, w0, pair ? w0 + p.k : w0, p.k, p.y, p.n, j, pair);
-    else
-      rows_times_pair<R>(p.x, w0, pair ? w0 + p.k : w0, p.k, p.y, p.n, j, pair);
+    rows_times_pair<R>(p.x, w0, pair ? w0 + p.k : w0, p.k, p.y, p.n, j, pair);
   }
 }
 
 // Columns [j0, j1) of y.
 inline void block(const Product &p, int64_t j0, int64_t j1) {
   switch (p.m) {
-    case 1: block_rows<1>(p, j0, j1); break;
-    case 2: block_rows<2>(p, j0, j1); break;
-    case 3: block_rows<3>(p, j0, j1); break;
-    case 4: block_rows<4>(p, j0, j1); break;
+    case 1: few_rows<1>(p, j0, j1); break;
+    case 2: few_rows<2>(p, j0, j1); break;
+    case 3: few_rows<3>(p, j0, j1); break;
+    case 4: few_rows<4>(p, j0, j1); break;
     case 5: block_rows<5>(p, j0, j1); break;
     case 6: block_rows<6>(p, j0, j1); break;
     case 7: block_rows<7>(p, j0, j1); break;
@@ -218,49 +231,63 @@ inline void drain(Product &p) {
   }
 }
 
-// Sleeping helper threads (see the file comment). Created once per process, never destroyed:
-// the threads are detached and the process may exit while they sleep.
+inline void cpu_relax() {
+#ifdef __AVX512F__
+  _mm_pause();
+#endif
+}
+
+// Helper threads (see the file comment). Created once per process, never destroyed: the
+// threads are detached and the process may exit while they sleep. The hand-over is lock-free
+// (sequentially consistent atomics): the caller publishes the job and bumps the generation;
+// a helper marks itself busy, then reads the job. The caller, done claiming, clears the job,
+// then waits until no helper is busy: a helper that reads the job after it was cleared finds
+// none, so no helper touches a finished Product.
 class Pool {
  public:
   explicit Pool(int helpers) {
-    for (int i = 0; i < helpers; ++i) std::thread([this] { serve(); }).detach();
+    for (int i = 0; i < helpers; ++i)
+      std::thread([this] {
+        pthread_setname_np(pthread_self(), "msf_rows");  // named in top, perf, /proc
+        serve();
+      }).detach();
   }
 
   void run(Product &p) {
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      job_ = &p;
-      ++generation_;
+    job_.store(&p);
+    generation_.fetch_add(1);
+    if (sleepers_.load() > 0) {  // lock: a helper between its check and its wait gets the signal
+      { std::lock_guard<std::mutex> lock(mu_); }
+      wake_.notify_all();
     }
-    wake_.notify_all();
     drain(p);
-    std::unique_lock<std::mutex> lock(mu_);
-    job_ = nullptr;  // no helper joins from now on
-    done_.wait(lock, [this] { return busy_ == 0; });
+    job_.store(nullptr);  // no helper joins from now on
+    for (int spins = 0; busy_.load() != 0; ++spins)  // only blocks in progress: microseconds
+      if (spins < 256) cpu_relax(); else std::this_thread::yield();
   }
 
  private:
   void serve() {
     uint64_t seen = 0;
-    std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-      wake_.wait(lock, [&] { return generation_ != seen; });
-      seen = generation_;
-      Product *p = job_;
-      if (p == nullptr) continue;  // the caller finished before this helper woke
-      ++busy_;
-      lock.unlock();
-      drain(*p);
-      lock.lock();
-      if (--busy_ == 0) done_.notify_all();
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        sleepers_.fetch_add(1);
+        wake_.wait(lock, [&] { return generation_.load() != seen; });
+        sleepers_.fetch_sub(1);
+      }
+      seen = generation_.load();
+      busy_.fetch_add(1);
+      if (Product *p = job_.load()) drain(*p);
+      busy_.fetch_sub(1);
     }
   }
 
   std::mutex mu_;
-  std::condition_variable wake_, done_;
-  Product *job_ = nullptr;
-  uint64_t generation_ = 0;
-  int busy_ = 0;
+  std::condition_variable wake_;
+  std::atomic<Product *> job_{nullptr};
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> busy_{0}, sleepers_{0};
 };
 
 inline int threads_wanted() {

@@ -58,7 +58,8 @@ import numpy as np
 lib = ctypes.CDLL(sys.argv[1])
 rng = np.random.default_rng(0)
 out = []
-for m, n, k in ((1, 3000, 512), (5, 2049, 300), (8, 32, 17), (8, 1100, 300)):
+for m, n, k in ((1, 3000, 512), (2, 2051, 300), (3, 2049, 300), (5, 2049, 300), (8, 32, 17),
+                (8, 1100, 300)):
     x = rng.standard_normal((m, k)).astype(np.float32)
     w = rng.standard_normal((n, k)).astype(np.float32)
     y = np.full((m, n), np.nan, np.float32)
