@@ -26,7 +26,7 @@ int rope(void **params, int *ndims, int64_t **shapes) {
   const int64_t B = shapes[0][0], N = shapes[0][1], S = shapes[0][2], D = shapes[0][3];
   const int64_t CB = shapes[1][0], R = shapes[1][3];
   if ((CB != 1 && CB != B) || shapes[1][2] != S || R > D || R % 2) return 1;
-#pragma omp parallel for collapse(2) schedule(static) if (B * N * S * D >= kParallelElems)
+#pragma omp parallel for collapse(2) schedule(static) if (B * N * S * D >= kParallelLayerElems)
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t n = 0; n < N; ++n) {
       const int64_t cb = CB == 1 ? 0 : b;

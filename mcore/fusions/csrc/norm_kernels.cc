@@ -39,7 +39,7 @@ void rms_bwd(const float *dy, const float *x, const float *w, const float *rstd,
   const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock;
   // [blocks, H]; at least one row, which is dw = 0 when there are no rows
   std::vector<double> partial(static_cast<size_t>(blocks > 0 ? blocks : 1) * H, 0.0);
-#pragma omp parallel for schedule(static) if (rows * H >= kParallelElems)
+#pragma omp parallel for schedule(static) if (rows * H >= kParallelLayerElems)
   for (int64_t b = 0; b < blocks; ++b) {
     double *acc = partial.data() + b * H;
     const int64_t end = (b + 1) * kRowBlock < rows ? (b + 1) * kRowBlock : rows;
@@ -70,7 +70,7 @@ int RmsNormFwd(int, void **params, int *ndims, int64_t **shapes, const char **, 
   float *y = static_cast<float *>(params[3]);
   float *rstd = static_cast<float *>(params[4]);
   const int64_t H = shapes[0][ndims[0] - 1], rows = leading(ndims[0], shapes[0]);
-#pragma omp parallel for schedule(static) if (rows * H >= kParallelElems)
+#pragma omp parallel for schedule(static) if (rows * H >= kParallelLayerElems)
   for (int64_t n = 0; n < rows; ++n) rstd[n] = rms_row_fwd(x + n * H, w, eps, y + n * H, H);
   return 0;
 }
@@ -98,7 +98,7 @@ int AddRmsNormFwd(int, void **params, int *ndims, int64_t **shapes, const char *
   const int64_t H = shapes[0][ndims[0] - 1], rows = leading(ndims[0], shapes[0]);
   if (ndims[1] != ndims[0] || leading(ndims[1], shapes[1]) != rows || shapes[1][ndims[1] - 1] != H)
     return 1;
-#pragma omp parallel for schedule(static) if (rows * H >= kParallelElems)
+#pragma omp parallel for schedule(static) if (rows * H >= kParallelLayerElems)
   for (int64_t n = 0; n < rows; ++n) {
     const float *xr = x + n * H, *rr = res + n * H;
     float *hr = h + n * H;

@@ -20,7 +20,7 @@ int SwiGLUFwd(int, void **params, int *ndims, int64_t **shapes, const char **, v
   const int64_t F2 = shapes[0][ndims[0] - 1], rows = leading(ndims[0], shapes[0]);
   if (F2 % 2) return 1;
   const int64_t F = F2 / 2;
-#pragma omp parallel for schedule(static) if (rows * F2 >= kParallelElems)
+#pragma omp parallel for schedule(static) if (rows * F2 >= kParallelLayerElems)
   for (int64_t n = 0; n < rows; ++n) {
     const float *g = y + n * F2, *u = g + F;
     float *o = out + n * F;
@@ -39,7 +39,7 @@ int SwiGLUBwd(int, void **params, int *ndims, int64_t **shapes, const char **, v
   const int64_t F2 = shapes[1][ndims[1] - 1], rows = leading(ndims[1], shapes[1]);
   if (F2 % 2) return 1;
   const int64_t F = F2 / 2;
-#pragma omp parallel for schedule(static) if (rows * F2 >= kParallelElems)
+#pragma omp parallel for schedule(static) if (rows * F2 >= kParallelLayerElems)
   for (int64_t n = 0; n < rows; ++n) {
     const float *g = y + n * F2, *u = g + F, *d = dout + n * F;
     float *dg = dy + n * F2, *du = dg + F;
