@@ -17,11 +17,10 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import Tensor, nn, ops
 
-MAX_ROWS = 8  # rows::kMaxRows of csrc/row_products.h: what the kernel accepts
-# What the layer sends it: every row count the kernel takes. At 8 rows it beat the composed step
-# (MindSpore's MatMul) once the 5-8 row products prefetched w and the attention was vectorized
-# (docs/performance.md "Decoding", "Batch 8").
-LAYER_ROWS = 8
+# The kernel's products are small_matmul's (csrc/row_products.h): the same row limits. At 8 rows
+# the layer kernel beat the composed step (MindSpore's MatMul) once the 5-8 row products
+# prefetched w and the attention was vectorized (docs/performance.md "Batch 8").
+from mcore.fusions.decode_ops import LAYER_ROWS  # noqa: F401  (the layer reads it from here)
 
 
 def _same(shape, *rest):

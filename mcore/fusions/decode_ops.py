@@ -16,11 +16,11 @@ from __future__ import annotations
 import mindspore as ms
 from mindspore import nn, ops
 
-MAX_ROWS = 8  # kMaxRows of csrc/small_matmul.cc
-# The linear layers use it for at most this many rows (all it takes): up to 8 rows it beat
-# MindSpore's MatMul in the decode A/B once the 5-8 row products prefetched w
+MAX_ROWS = 8  # rows::kMaxRows of csrc/row_products.h (the products of this op and decode_layer)
+# The linear layers and the decode layer kernel take it for every row count it accepts: up to 8
+# rows it beat MindSpore's MatMul in the decode A/B once the 5-8 row products prefetched w
 # (docs/performance.md "Decoding", "Batch 8").
-LAYER_ROWS = 8
+LAYER_ROWS = MAX_ROWS
 
 
 def _rows_by_n(x_shape, w_shape):

@@ -16,7 +16,7 @@ constexpr int64_t kParallelElems = int64_t{1} << 16;  // element-wise kernels: v
 // region. After a region libgomp's idle worker spins for milliseconds (its default wait
 // policy) on the core that MindSpore's next kernel, a MatMul on two threads, needs: the
 // 32-token prefill of the benchmark model took 32 ms with these kernels on two threads and
-// 15 ms on one (docs/performance.md, "Prefill").
+// 15 ms on one (docs/performance.md, "Prefill: no OpenMP region").
 constexpr int64_t kParallelLayerElems = int64_t{1} << 20;
 constexpr int64_t kParallelMacs = int64_t{1} << 22;   // attention: B * N * S * T * D
 
