@@ -6,7 +6,7 @@
 // query heads of one kv head at a run of query positions (so the G heads share every key
 // block), the keys go in blocks of kKeys. Scores exist for one tile x one key block at a time
 // (never [S, T]). The products are register-blocked 4 rows x up to 64 columns in GCC / Clang
-// vector extensions (AVX-512 with -march=native, narrower vectors elsewhere).
+// vector extensions, one register per vector (tile_products.h).
 //
 // Forward (online softmax): per row a running max m and sum l; per key block
 //   m' = max(m, max_j s_j), o = o exp(m - m') + sum_j exp(s_j - m') v_j, l likewise;
@@ -85,7 +85,7 @@ inline int64_t visible(const Dims &d, int64_t pos, int64_t kb) {
 // becomes exp(s - m') (0 past `seen`), m the new running max m', the lane sums l[kLanes]
 // l exp(m - m') + exp(s - m'). Returns exp(m - m'), the factor of the row's output so far.
 inline float softmax_step(float *s, int64_t seen, float &m, float *l) {
-  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vi lane = lanes();
   const int nv = static_cast<int>((seen + kLanes - 1) / kLanes);
   vf x[kKeys / kLanes], mx = splat(m);
   for (int v = 0; v < nv; ++v) {
@@ -151,7 +151,7 @@ struct BwdBuffers {
 
 // p = exp(s - lse), ds = p (dp - delta) for the first `seen` keys of one row, 0 past them.
 inline void probs_row(float *p, float *ds, int64_t seen, float lse, float delta) {
-  const vi lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vi lane = lanes();
   for (int v = 0; v < kKeys / kLanes; ++v) {
     const vi keep = lane + v * static_cast<int32_t>(kLanes) < static_cast<int32_t>(seen);
     const vf pv = vexp(load(p + v * kLanes) - lse);

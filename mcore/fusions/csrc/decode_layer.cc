@@ -30,7 +30,7 @@
 #include <cstring>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -59,6 +59,21 @@ inline float dot_lanes(const float *a, const float *b, int64_t d) {
                           acc);
   }
   return _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();  // lanes 0-7, 8-15
+  int64_t c = 0;
+  for (; c + 16 <= d; c += 16) {
+    lo = _mm256_fmadd_ps(_mm256_loadu_ps(a + c), _mm256_loadu_ps(b + c), lo);
+    hi = _mm256_fmadd_ps(_mm256_loadu_ps(a + c + 8), _mm256_loadu_ps(b + c + 8), hi);
+  }
+  float part[16];
+  _mm256_storeu_ps(part, lo);
+  _mm256_storeu_ps(part + 8, hi);
+  for (int l = 0; c + l < d; ++l) part[l] = std::fma(a[c + l], b[c + l], part[l]);
+  const __m256 s = _mm256_add_ps(_mm256_loadu_ps(part), _mm256_loadu_ps(part + 8));
+  const __m128 q = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  const __m128 e = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  return _mm_cvtss_f32(_mm_add_ss(e, _mm_movehdup_ps(e)));
 #else
   float part[16] = {0.0f};
   int64_t c = 0;
@@ -80,6 +95,11 @@ inline void add_scaled(float p, const float *v, float *out, int64_t d) {
   for (; c + 16 <= d; c += 16)
     _mm512_storeu_ps(out + c, _mm512_fmadd_ps(scale, _mm512_loadu_ps(v + c),
                                               _mm512_loadu_ps(out + c)));
+#elif defined(__AVX2__) && defined(__FMA__)
+  const __m256 scale = _mm256_set1_ps(p);
+  for (; c + 8 <= d; c += 8)
+    _mm256_storeu_ps(out + c, _mm256_fmadd_ps(scale, _mm256_loadu_ps(v + c),
+                                              _mm256_loadu_ps(out + c)));
 #endif
   for (; c < d; ++c) out[c] = std::fma(p, v[c], out[c]);
 }

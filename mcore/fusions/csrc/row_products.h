@@ -43,7 +43,7 @@
 #include <sched.h>
 #include <unistd.h>
 
-#ifdef __AVX512F__
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
 
@@ -203,6 +203,99 @@ inline void block(const Product &p, int64_t j0, int64_t j1) {
     default: block_rows<8>(p, j0, j1); break;
   }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+// AVX2 (16 vector registers of 8 lanes): 8-lane partial sums over k, then one transposing
+// horizontal sum for 8 outputs. Lane i of the result: the sum of the 8 lanes of a[i].
+inline __m256 sum8(const __m256 *a) {
+  // hadd(a, b) = [a0+a1, a2+a3, b0+b1, b2+b3 | a4+a5, a6+a7, b4+b5, b6+b7]
+  const __m256 h0 = _mm256_hadd_ps(a[0], a[1]), h1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 h2 = _mm256_hadd_ps(a[4], a[5]), h3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 g0 = _mm256_hadd_ps(h0, h1);  // [a0..a3 low-half sums | a0..a3 high-half sums]
+  const __m256 g1 = _mm256_hadd_ps(h2, h3);  // the same for a4..a7
+  return _mm256_add_ps(_mm256_permute2f128_ps(g0, g1, 0x20), _mm256_permute2f128_ps(g0, g1, 0x31));
+}
+
+// The last k % 8 values: lanes [0, k % 8) of a load, the others zero.
+inline __m256i tail_mask(int64_t left) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left)), lane);
+}
+
+// R <= 4 rows of x times W rows of w (R * W <= 8 accumulators, one per output value): rows
+// j0 .. j0 + count - 1 of w (count < W: the last row repeats, its sums are dropped), one sum8
+// for all outputs. Output (r, j) is lane r * W + i. While a group is read, the next W rows are
+// prefetched at the same columns: a whole group's time ahead. Measured (AMD EPYC, AVX2, output
+// layer 32000 x 512, two threads): 1 row 2.2 ms, 8 rows 3.6 ms; 256 floats ahead in the same
+// row, 2.5 / 4.6 ms; the portable loop, 2.3 / 7.2 ms.
+
+template <int R, int W>
+inline void few_rows_group(const float *x, const float *w, int64_t k, float *y, int64_t n,
+                           int64_t j0, int count) {
+  static_assert(R * W <= 8, "one sum8");
+  __m256 a[8];
+  for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+  const float *wr[W];
+  for (int i = 0; i < W; ++i) wr[i] = w + (j0 + std::min(i, count - 1)) * k;
+  auto step = [&](int64_t c, auto load) {
+    __m256 v[R];
+    for (int r = 0; r < R; ++r) v[r] = load(x + r * k + c);
+    for (int i = 0; i < W; ++i) {
+      const __m256 p = load(wr[i] + c);
+      for (int r = 0; r < R; ++r) a[r * W + i] = _mm256_fmadd_ps(p, v[r], a[r * W + i]);
+    }
+  };
+  const auto full = [](const float *s) { return _mm256_loadu_ps(s); };
+  int64_t c = 0;
+  for (; c + 16 <= k; c += 16) {  // one prefetch per cache line of each row of w
+    for (int i = 0; i < W; ++i)  // the next W rows, at this column
+      _mm_prefetch(reinterpret_cast<const char *>(wr[i] + W * k + c), _MM_HINT_T0);
+    step(c, full);
+    step(c + 8, full);
+  }
+  if (c + 8 <= k) step(c, full), c += 8;
+  if (c < k) {
+    const __m256i mask = tail_mask(k - c);
+    step(c, [&](const float *s) { return _mm256_maskload_ps(s, mask); });
+  }
+  float sums[8];
+  _mm256_storeu_ps(sums, sum8(a));
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < count; ++i) y[r * n + j0 + i] = sums[r * W + i];
+}
+
+// Rows [j0, j1) of w with R rows of x, W rows of w at a time.
+template <int R, int W>
+inline void few_rows(const float *x, const float *w, int64_t k, float *y, int64_t n, int64_t j0,
+                     int64_t j1) {
+  for (int64_t j = j0; j < j1; j += W)
+    few_rows_group<R, W>(x, w, k, y, n, j, static_cast<int>(std::min<int64_t>(W, j1 - j)));
+}
+
+// 5-8 rows of x: per pair of w's rows, x's rows 0-3 and then the rest (the pair is in L1 for
+// the second pass).
+template <int R>
+inline void block_rows(const Product &p, int64_t j0, int64_t j1) {
+  static_assert(R > 4 && R <= kMaxRows, "the 5-8 row path");
+  for (int64_t j = j0; j < j1; j += 2) {
+    const int64_t j2 = std::min(j + 2, j1);
+    few_rows<4, 2>(p.x, p.w, p.k, p.y, p.n, j, j2);
+    few_rows<R - 4, 2>(p.x + 4 * p.k, p.w, p.k, p.y + 4 * p.n, p.n, j, j2);
+  }
+}
+
+// Columns [j0, j1) of y.
+inline void block(const Product &p, int64_t j0, int64_t j1) {
+  switch (p.m) {
+    case 1: few_rows<1, 8>(p.x, p.w, p.k, p.y, p.n, j0, j1); break;
+    case 2: few_rows<2, 4>(p.x, p.w, p.k, p.y, p.n, j0, j1); break;
+    case 3: few_rows<3, 2>(p.x, p.w, p.k, p.y, p.n, j0, j1); break;
+    case 4: few_rows<4, 2>(p.x, p.w, p.k, p.y, p.n, j0, j1); break;
+    case 5: block_rows<5>(p, j0, j1); break;
+    case 6: block_rows<6>(p, j0, j1); break;
+    case 7: block_rows<7>(p, j0, j1); break;
+    default: block_rows<8>(p, j0, j1); break;
+  }
+}
 #else
 // Portable form: the same 16 partial sums per dot product, then their sum in lane order.
 inline void block(const Product &p, int64_t j0, int64_t j1) {
@@ -232,7 +325,7 @@ inline void drain(Product &p) {
 }
 
 inline void cpu_relax() {
-#ifdef __AVX512F__
+#if defined(__x86_64__) || defined(__i386__)
   _mm_pause();
 #endif
 }

@@ -1,18 +1,34 @@
-// Register-blocked products of small tiles in GCC / Clang vector extensions (16 floats per
-// vector: AVX-512 with -march=native, narrower vectors elsewhere), and a vectorised exp: the
-// building blocks of attention_kernels.cc. Row-major float buffers; a "block" is kKeys keys.
-// Every product sums in a fixed order (its loop order), whatever the caller's thread.
+// Register-blocked products of small tiles in GCC / Clang vector extensions, and a vectorised
+// exp: the building blocks of attention_kernels.cc. Row-major float buffers; a "block" is
+// kKeys keys. Every product sums in a fixed order (its loop order), whatever the caller's
+// thread.
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 namespace {
 
-constexpr int64_t kLanes = 16;  // floats per vector
-constexpr int64_t kKeys = 64;   // keys per block: 4 vectors
+// A vector is one machine register: 16 floats with AVX-512, 8 with AVX, 4 elsewhere (SSE,
+// NEON). A wider vector type than the registers was not split into registers by GCC: with
+// 16-float vectors on an AVX2 machine every multiply-add went through the stack, and the
+// attention ran at ~5 GFLOP/s per core (docs/performance.md, "Training on an AVX2 machine").
+// kBlockVectors: vectors per register block, whose 4 x kBlockVectors accumulators and
+// kBlockVectors loaded vectors must fit the registers (32 with AVX-512, 16 otherwise).
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;
+constexpr int kBlockVectors = 4;
+#elif defined(__AVX__)
+constexpr int64_t kLanes = 8;
+constexpr int kBlockVectors = 2;
+#else
+constexpr int64_t kLanes = 4;
+constexpr int kBlockVectors = 2;
+#endif
+constexpr int64_t kKeys = 64;  // keys per block
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
+typedef float vf __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 inline vf load(const float *p) {
   vf v;
@@ -20,7 +36,14 @@ inline vf load(const float *p) {
   return v;
 }
 inline void store(float *p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf splat(float s) { return vf{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
+inline vf splat(float s) { return vf{} + s; }
+
+// Lane numbers 0 .. kLanes - 1.
+inline vi lanes() {
+  vi lane;
+  for (int i = 0; i < kLanes; ++i) lane[i] = i;
+  return lane;
+}
 
 // exp(x) to ~2 ulp (Cephes' polynomial on x - n ln2, |x - n ln2| <= ln2 / 2); 0 below -87.
 inline vf vexp(vf x) {
@@ -65,7 +88,7 @@ void rows4_dot(const float *a, int64_t lda, const float *bt, int64_t D, float *c
     for (int v = 0; v < NV; ++v) store(c + r * kKeys + v * kLanes, acc[r][v]);
 }
 
-// c[4 rows, stride ldc][0, 16 NV) += sum_{j < n} p[r][j] b[j][0, 16 NV); p rows of kKeys.
+// c[4 rows, stride ldc][0, kLanes NV) += sum_{j < n} p[r][j] b[j][0, kLanes NV); p rows of kKeys.
 template <int NV>
 void rows4_axpy(const float *p, int64_t n, const float *b, int64_t ldb, float *c, int64_t ldc) {
   vf acc[4][NV];
@@ -83,7 +106,7 @@ void rows4_axpy(const float *p, int64_t n, const float *b, int64_t ldb, float *c
     for (int v = 0; v < NV; ++v) store(c + r * ldc + v * kLanes, acc[r][v]);
 }
 
-// c[4 keys, stride ldc][0, 16 NV) += sum_{r < R} p[r][j0 + k] b[r][0, 16 NV), k < 4.
+// c[4 keys, stride ldc][0, kLanes NV) += sum_{r < R} p[r][j0 + k] b[r][0, kLanes NV), k < 4.
 template <int NV>
 void keys4_axpy(const float *p, int64_t R, const float *b, int64_t ldb, float *c, int64_t ldc) {
   vf acc[4][NV];
@@ -101,32 +124,40 @@ void keys4_axpy(const float *p, int64_t R, const float *b, int64_t ldb, float *c
     for (int v = 0; v < NV; ++v) store(c + k * ldc + v * kLanes, acc[k][v]);
 }
 
+// f(std::integral_constant<int, NV>) with NV = min(nv, kBlockVectors), nv >= 1: a register
+// block of that many vectors.
+template <typename F>
+inline void with_vectors(int64_t nv, F f) {
+  if (nv == 1 || kBlockVectors == 1) f(std::integral_constant<int, 1>{});
+  else if (nv == 2 || kBlockVectors == 2) f(std::integral_constant<int, 2>{});
+  else if (nv == 3 || kBlockVectors == 3) f(std::integral_constant<int, 3>{});
+  else f(std::integral_constant<int, 4>{});
+}
+
 // s[R][kKeys] = a[R rows, stride lda] . bt[D][kKeys], the first n keys (R % 4 == 0).
 void scores(const float *a, int64_t lda, int64_t R, const float *bt, int64_t D, int64_t n,
             float *s) {
   const int64_t nv = (n + kLanes - 1) / kLanes;
-  for (int64_t r = 0; r < R; r += 4) {
-    const float *ar = a + r * lda;
-    float *sr = s + r * kKeys;
-    if (nv == 1) rows4_dot<1>(ar, lda, bt, D, sr);
-    else if (nv == 2) rows4_dot<2>(ar, lda, bt, D, sr);
-    else if (nv == 3) rows4_dot<3>(ar, lda, bt, D, sr);
-    else rows4_dot<4>(ar, lda, bt, D, sr);
-  }
+  for (int64_t r = 0; r < R; r += 4)
+    for (int64_t v = 0; v < nv; v += kBlockVectors) {
+      const float *ar = a + r * lda, *bv = bt + v * kLanes;
+      float *sr = s + r * kKeys + v * kLanes;
+      with_vectors(nv - v, [&](auto block) {
+        rows4_dot<decltype(block)::value>(ar, lda, bv, D, sr);
+      });
+    }
 }
 
-// c[R rows, stride Dp] += p[R][n keys] b[n][Dp] (Dp % 16 == 0, R % 4 == 0).
+// c[R rows, stride Dp] += p[R][n keys] b[n][Dp] (Dp % kLanes == 0, R % 4 == 0).
 void rows_times_block(const float *p, int64_t R, int64_t n, const float *b, int64_t Dp,
                       float *c) {
   for (int64_t r = 0; r < R; r += 4)
-    for (int64_t col = 0; col < Dp; col += 4 * kLanes) {
+    for (int64_t col = 0; col < Dp; col += kBlockVectors * kLanes) {
       const float *pr = p + r * kKeys, *bc = b + col;
       float *cr = c + r * Dp + col;
-      const int64_t nv = (Dp - col) / kLanes;
-      if (nv == 1) rows4_axpy<1>(pr, n, bc, Dp, cr, Dp);
-      else if (nv == 2) rows4_axpy<2>(pr, n, bc, Dp, cr, Dp);
-      else if (nv == 3) rows4_axpy<3>(pr, n, bc, Dp, cr, Dp);
-      else rows4_axpy<4>(pr, n, bc, Dp, cr, Dp);
+      with_vectors((Dp - col) / kLanes, [&](auto nv) {
+        rows4_axpy<decltype(nv)::value>(pr, n, bc, Dp, cr, Dp);
+      });
     }
 }
 
@@ -134,14 +165,12 @@ void rows_times_block(const float *p, int64_t R, int64_t n, const float *b, int6
 void block_times_rows(const float *p, int64_t R, int64_t n, const float *b, int64_t Dp,
                       float *c) {
   for (int64_t j = 0; j < n; j += 4)
-    for (int64_t col = 0; col < Dp; col += 4 * kLanes) {
+    for (int64_t col = 0; col < Dp; col += kBlockVectors * kLanes) {
       const float *pj = p + j, *bc = b + col;
       float *cj = c + j * Dp + col;
-      const int64_t nv = (Dp - col) / kLanes;
-      if (nv == 1) keys4_axpy<1>(pj, R, bc, Dp, cj, Dp);
-      else if (nv == 2) keys4_axpy<2>(pj, R, bc, Dp, cj, Dp);
-      else if (nv == 3) keys4_axpy<3>(pj, R, bc, Dp, cj, Dp);
-      else keys4_axpy<4>(pj, R, bc, Dp, cj, Dp);
+      with_vectors((Dp - col) / kLanes, [&](auto nv) {
+        keys4_axpy<decltype(nv)::value>(pj, R, bc, Dp, cj, Dp);
+      });
     }
 }
 
