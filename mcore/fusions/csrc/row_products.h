@@ -10,7 +10,8 @@
 // all 16 (few_rows); one FMA chain per row of w and a reduce per output ran at m = 2 / 4 at
 // 0.7x / 0.55x of this (head shape, one thread). Reading w from L3 is the bound: ~27 GB/s per
 // core, NumPy's sgemv reaches the same with two threads. 5-8 rows: each pair of w's rows with
-// all the rows of x (rows_times_pair), w prefetched ahead.
+// all the rows of x (rows_times_pair), w prefetched ahead. That is the AVX-512 form; the AVX2
+// form (8-lane sums, at most 8 accumulators) and a portable loop follow it.
 //
 // Threads. The rows of w are cut into blocks of kBlockRows; the calling thread and the helper
 // threads of a small pool claim blocks from an atomic counter until none is left. A helper

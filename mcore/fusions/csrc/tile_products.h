@@ -12,7 +12,7 @@ namespace {
 // A vector is one machine register: 16 floats with AVX-512, 8 with AVX, 4 elsewhere (SSE,
 // NEON). A wider vector type than the registers was not split into registers by GCC: with
 // 16-float vectors on an AVX2 machine every multiply-add went through the stack, and the
-// attention ran at ~5 GFLOP/s per core (docs/performance.md, "Training on an AVX2 machine").
+// attention ran at ~5 GFLOP/s per core (docs/performance.md, "On an AVX2 machine").
 // kBlockVectors: vectors per register block, whose 4 x kBlockVectors accumulators and
 // kBlockVectors loaded vectors must fit the registers (32 with AVX-512, 16 otherwise).
 #if defined(__AVX512F__)
