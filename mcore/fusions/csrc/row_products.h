@@ -253,7 +253,10 @@ inline void few_rows_group(const float *x, const float *w, int64_t k, float *y, 
     step(c, full);
     step(c + 8, full);
   }
-  if (c + 8 <= k) step(c, full), c += 8;
+  if (c + 8 <= k) {
+    step(c, full);
+    c += 8;
+  }
   if (c < k) {
     const __m256i mask = tail_mask(k - c);
     step(c, [&](const float *s) { return _mm256_maskload_ps(s, mask); });
