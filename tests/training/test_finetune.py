@@ -124,8 +124,11 @@ def check_packing(mode: str) -> None:
         assert abs(lp - lu) <= 1e-5 * lu and abs(gp - gu) <= 1e-5 * gu, (k, lp, lu, gp, gu)
     wp, wu = step_p.model_state(), step_u.model_state()
     for name in wp:
-        # atol: Adam's m / sqrt(v) magnifies rounding where a gradient is ~0
-        np.testing.assert_allclose(wp[name], wu[name], rtol=1e-5, atol=1e-5, err_msg=name)
+        # atol: Adam's m / sqrt(v) magnifies rounding where a gradient is ~0 (packed and
+        # unpacked batches sum in different orders; 1.3e-5 seen on an AVX2 build). Adam moves
+        # a weight by up to lr = 1e-2 per step, so a real difference between the batches is
+        # ~100x this bound; the losses and gradient norms above are checked to 1e-5 relative.
+        np.testing.assert_allclose(wp[name], wu[name], rtol=1e-5, atol=1e-4, err_msg=name)
     print("PACKING_OK")
 
 
