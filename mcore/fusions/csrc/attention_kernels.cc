@@ -5,8 +5,8 @@
 // h reads kv head h / G (G = N / NKV). Work is done on tiles: the rows of a tile are the G
 // query heads of one kv head at a run of query positions (so the G heads share every key
 // block), the keys go in blocks of kKeys. Scores exist for one tile x one key block at a time
-// (never [S, T]). The products are register-blocked 4 rows x up to 64 columns in GCC / Clang
-// vector extensions, one register per vector (tile_products.h).
+// (never [S, T]). The products are register-blocked, 4 rows x kBlockVectors vectors, in GCC /
+// Clang vector extensions, one register per vector (tile_products.h).
 //
 // Forward (online softmax): per row a running max m and sum l; per key block
 //   m' = max(m, max_j s_j), o = o exp(m - m') + sum_j exp(s_j - m') v_j, l likewise;

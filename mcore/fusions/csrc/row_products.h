@@ -3,9 +3,10 @@
 //
 //   rows::multiply(x [m, k], w [n, k], y [m, n], m, k, n)     y = x w^T, m <= rows::kMaxRows
 //
-// Every output value is the dot product of one task, in a fixed order (16-lane partial sums
-// over k, then their horizontal sum, whose tree depends only on the output's place in its
-// block), so the result is the same bits for any thread count. At most 4 rows of x: 16 / m
+// Every output value is the dot product of one task, in a fixed order (partial sums over k in
+// the lanes of a vector, 16 with AVX-512 and 8 with AVX2, then their horizontal sum, whose tree
+// depends only on the output's place in its block), so the result is the same bits for any
+// thread count. At most 4 rows of x: 16 / m
 // rows of w per step, every output its own accumulator, one transposing horizontal sum for
 // all 16 (few_rows); one FMA chain per row of w and a reduce per output ran at m = 2 / 4 at
 // 0.7x / 0.55x of this (head shape, one thread). Reading w from L3 is the bound: ~27 GB/s per

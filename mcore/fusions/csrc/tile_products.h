@@ -3,6 +3,7 @@
 // kKeys keys. Every product sums in a fixed order (its loop order), whatever the caller's
 // thread.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -128,10 +129,12 @@ void keys4_axpy(const float *p, int64_t R, const float *b, int64_t ldb, float *c
 // block of that many vectors.
 template <typename F>
 inline void with_vectors(int64_t nv, F f) {
-  if (nv == 1 || kBlockVectors == 1) f(std::integral_constant<int, 1>{});
-  else if (nv == 2 || kBlockVectors == 2) f(std::integral_constant<int, 2>{});
-  else if (nv == 3 || kBlockVectors == 3) f(std::integral_constant<int, 3>{});
-  else f(std::integral_constant<int, 4>{});
+  switch (std::min<int64_t>(nv, kBlockVectors)) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
 }
 
 // s[R][kKeys] = a[R rows, stride lda] . bt[D][kKeys], the first n keys (R % 4 == 0).
