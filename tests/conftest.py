@@ -9,10 +9,24 @@ few seconds sooner (measured: a two-rank msrun all-reduce job, 24 s -> 18 s at l
 cores). It changes no timeout: a rank is still declared dead after ``MS_NODE_TIMEOUT`` s of
 silence. Set here, before any process is started, so msrun, the ``tests.multirank`` harness
 and the docs' commands inherit it; a value already in the environment wins.
+
+The working directories of ``tests.multirank`` jobs (logs, results, MindSpore's ``rank_N/``) go
+under pytest's base temporary directory (``MSF_RANK_JOB_ROOT``), which pytest prunes to the
+last three runs, instead of piling up in the system's temporary directory.
 """
 import os
+
+import pytest
 
 
 def pytest_configure(config):
     os.environ.setdefault("MS_RETRY_INTERVAL_LOWER", "1")
     os.environ.setdefault("MS_RETRY_INTERVAL_UPPER", "1")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def rank_job_root(tmp_path_factory):
+    """Where this session's multi-rank jobs keep their working directories."""
+    root = tmp_path_factory.mktemp("rank_jobs")
+    os.environ["MSF_RANK_JOB_ROOT"] = str(root)
+    return root

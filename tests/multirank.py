@@ -4,7 +4,9 @@ A *worker* is a function ``worker(ctx)`` in an importable module (``"tests.mcore
 _worker"``). ``run_ranks`` starts one scheduler and N worker processes with MindSpore's
 documented environment recipe (``MS_ROLE``, ``MS_WORKER_NUM``, ``MS_SCHED_HOST/PORT``,
 ``MS_NODE_ID`` -> rank), each in a private temporary directory (MindSpore writes ``rank_N/``
-into the cwd), and watches them:
+into the cwd; it is also the workers' ``TMPDIR``, so what they write with ``tempfile`` stays
+with the job). The job directories go under ``$MSF_RANK_JOB_ROOT`` when it is set
+(``tests/conftest.py`` points it into pytest's base temporary directory). It watches them:
 
 - every rank exits 0 -> a ``RankJob`` with each rank's checks, reported values and log path;
 - a rank that finished its body (its result is saved, no exception) and THEN dies of a signal
@@ -142,7 +144,8 @@ def run_ranks(nranks: int, target: str, args: tuple = (), timeout: float = 300.0
               stall_timeout: float = 45.0, init_timeout: float = 120.0,
               env: dict | None = None) -> RankJob:
     """Run ``target`` (``"module:function"``) on ``nranks`` ranks; see the module docstring."""
-    workdir = Path(tempfile.mkdtemp(prefix=f"msf_{nranks}ranks_"))
+    workdir = Path(tempfile.mkdtemp(prefix=f"msf_{nranks}ranks_",
+                                    dir=os.environ.get("MSF_RANK_JOB_ROOT")))
     port = free_port()
     runner = [sys.executable, "-m", "tests.rank_worker"]
     procs, logs = [], []
@@ -158,7 +161,7 @@ def run_ranks(nranks: int, target: str, args: tuple = (), timeout: float = 300.0
             cmd = runner + [target, str(workdir), *map(str, args)]
             procs.append(subprocess.Popen(cmd, cwd=workdir, stdout=f, stderr=subprocess.STDOUT,
                                           env={**rank_env(nranks, port, "MS_WORKER", rank),
-                                               **(env or {})}))
+                                               "TMPDIR": str(workdir), **(env or {})}))
     workers = procs[1:]
     ticks = [workdir / f"progress_{r}" for r in range(nranks)]
     progress = ticks + logs
