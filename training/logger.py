@@ -24,6 +24,10 @@ makes TensorBoard drop the older events of steps ``> k``. A progress line::
 
     step   20/300 | loss 4.8123 | lr 2.00e-03 | grad 0.912 | 10,342 tok/s | MFU 1.9% | ETA 1m12s
 
+and for the first step of a run, whose time includes building the graph::
+
+    step    1/300 | loss 7.6564 | lr 2.00e-04 | grad 1.517 | 10.9 s incl. compilation
+
 with multi-token prediction (``mtp_metrics``' entries) ``mtp 4.1234`` after ``grad`` (the mean
 MTP loss; in metrics.jsonl and TensorBoard as ``mtp_loss``, per depth ``mtp_loss_<k>``),
 and for a mixture-of-experts model (``moe_metrics``' entries passed to ``step``), after that:
@@ -130,8 +134,11 @@ def mtp_metrics(losses) -> dict:
 
 def format_progress(step: int, total: int, loss: float, lr: float, grad_norm: float | None,
                     tokens_per_s: float, mfu: float | None, eta_s: float,
-                    moe: dict | None = None) -> str:
-    """One progress line (see the module docstring); ``moe``: ``moe_metrics``' entries."""
+                    moe: dict | None = None, compile_s: float | None = None) -> str:
+    """One progress line (see the module docstring); ``moe``: ``moe_metrics``' entries.
+
+    ``compile_s``: the time of a run's first step, which includes building the graph; given,
+    it replaces tokens/s, MFU and the ETA (all three would be dominated by the compilation)."""
     width = len(str(total))
     parts = [f"step {step:>{width}}/{total}", f"loss {loss:.4f}", f"lr {lr:.2e}"]
     if grad_norm is not None:
@@ -143,6 +150,9 @@ def format_progress(step: int, total: int, loss: float, lr: float, grad_norm: fl
         parts.append(f"experts {moe['moe_tokens_min']:.0f}/{moe['moe_tokens_max']:.0f}"
                      f"/{moe['moe_tokens_std']:.1f} (min/max/std)")
         parts.append(f"dropped {100 * moe['moe_dropped_share']:.1f}%")
+    if compile_s is not None:
+        parts.append(f"{compile_s:.1f} s incl. compilation")
+        return " | ".join(parts)
     parts.append(f"{tokens_per_s:,.0f} tok/s")
     if mfu is not None and math.isfinite(mfu):
         parts.append(f"MFU {100 * mfu:.1f}%")
@@ -162,6 +172,7 @@ class RunLogger:
         self.log_interval = max(1, log_interval)
         self.stream = stream if stream is not None else sys.stdout
         self.times: deque[float] = deque(maxlen=window)
+        self._steps_seen = 0
         (self.out / "logs").mkdir(parents=True, exist_ok=True)
         self._rank_log = open(self.out / "logs" / f"rank_{rank}.log", "a", encoding="utf-8")
         self._metrics = self._tb = None
@@ -218,10 +229,14 @@ class RunLogger:
              step_time: float, **extra) -> dict:
         """Record optimizer step ``step`` (1-based); ``tokens``: global tokens in this step.
 
-        Returns the metrics record. The first step's time (graph compilation) is left out of
-        the ETA; ``extra`` keys (numbers) go to metrics.jsonl and TensorBoard as ``train/<key>``.
+        Returns the metrics record. The first step this logger records (step 1, or the first
+        after a resume) includes the graph compilation: its time is left out of the ETA, and its
+        progress line shows that time instead of tokens/s, MFU and ETA (metrics.jsonl keeps
+        them). ``extra`` keys (numbers) go to metrics.jsonl and TensorBoard as ``train/<key>``.
         """
-        if step > 1 or self.total <= 1:
+        self._steps_seen += 1
+        compiling = self._steps_seen == 1 and self.total > 1
+        if not compiling:
             self.times.append(step_time)
         tokens_per_s = tokens / step_time if step_time > 0 else float("nan")
         mfu = (estimate_mfu(self.flops_per_token, tokens_per_s, self.peak * self.world)
@@ -244,7 +259,7 @@ class RunLogger:
             if "mtp_loss" in extra:
                 moe["mtp_loss"] = record["mtp_loss"]
             self.info(format_progress(step, self.total, loss, lr, grad_norm, tokens_per_s, mfu, eta,
-                                      moe))
+                                      moe, compile_s=step_time if compiling else None))
         return record
 
     def eval(self, step: int, loss: float) -> None:

@@ -27,6 +27,8 @@ def test_progress_line_format():
     line = format_progress(20, 300, 4.81234, 2e-3, 0.9121, 10342.4, 0.0191, 72)
     assert line == "step  20/300 | loss 4.8123 | lr 2.00e-03 | grad 0.912 | 10,342 tok/s | MFU 1.9% | ETA 1m12s"
     assert "grad" not in format_progress(1, 9, 1.0, 1.0, None, 1.0, None, 5)
+    first = format_progress(1, 300, 7.65641, 2e-4, 1.5171, 188.0, 0.005, 1625, compile_s=10.94)
+    assert first == "step   1/300 | loss 7.6564 | lr 2.00e-04 | grad 1.517 | 10.9 s incl. compilation"
     assert format_duration(3725) == "1h02m" and format_duration(9) == "9s"
 
 
@@ -42,7 +44,8 @@ def test_run_logger_writes_everything(tmp_path):
     log.close()
     lines = out.getvalue().splitlines()
     assert [l.split("|")[0].strip() for l in lines[:4]] == ["step 1/6", "step 2/6", "step 4/6", "step 6/6"]
-    assert "MFU 100.0%" in lines[0]  # 1e6 flop/token * 2000 tok/s / (1e9 * 2 ranks)
+    assert lines[0].endswith("| 0.5 s incl. compilation")  # the first step: no tok/s, no ETA
+    assert "MFU 100.0%" in lines[1]  # 1e6 flop/token * 2000 tok/s / (1e9 * 2 ranks)
     assert lines[-2].startswith("validation at step 6: loss 2.0000") and lines[-1] == "done"
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in records if r["kind"] == "train"]
@@ -60,6 +63,20 @@ def test_run_logger_writes_everything(tmp_path):
         assert tag in scalars, tag
     assert [s for s, _ in scalars["train/loss"]] == list(range(1, 7))
     assert scalars["train/lr"][2][1] == pytest.approx(3e-3)
+
+
+@pytest.mark.parametrize("first_step", [1, 51])
+def test_eta_leaves_out_the_compiling_first_step(tmp_path, first_step):
+    out = io.StringIO()
+    with RunLogger(tmp_path, total_steps=first_step + 9, stream=out) as log:
+        for step, seconds in zip(range(first_step, first_step + 3), (100.0, 2.0, 4.0)):
+            log.step(step, loss=1.0, lr=1e-3, grad_norm=None, tokens=8, step_time=seconds)
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith("| 100.0 s incl. compilation")
+    assert lines[1].endswith("| 4 tok/s | ETA 16s")  # 2 s x 8 steps left
+    assert lines[2].endswith("| 2 tok/s | ETA 21s")  # (2 + 4) / 2 s x 7 steps left
+    record = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["tokens_per_s"] == 0.08 and record["step_time"] == 100.0
 
 
 def test_moe_metrics_in_line_jsonl_and_tensorboard(tmp_path):
