@@ -4,7 +4,9 @@ that computes for longer than the stall timeout (a long compile) is not taken fo
 from __future__ import annotations
 
 import os
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -29,6 +31,7 @@ def _sum_worker(ctx):
     with ctx.check("deliberately_failing"):
         assert ctx.rank == 0, f"rank {ctx.rank} is not 0"
     ctx.report("rank_seen", ctx.rank)
+    ctx.report("tempdir", tempfile.gettempdir())
 
 
 def _raise_on_rank1_worker(ctx):
@@ -86,6 +89,10 @@ def test_results_and_checks_come_back_per_rank():
     job.assert_ok("world_size")
     job.assert_ok("all_reduce")
     assert [job.value("rank_seen", r) for r in range(2)] == [0, 1]
+    # a rank's temporary files stay in its job's directory, under pytest's base temp dir
+    workdir = Path(job.logs[0]).parent
+    assert workdir.parent == Path(os.environ["MSF_RANK_JOB_ROOT"]), workdir
+    assert [job.value("tempdir", r) for r in range(2)] == [str(workdir)] * 2
     with pytest.raises(AssertionError, match=r"\[rank 1\] deliberately_failing: .*rank 1 is not 0"):
         job.assert_ok("deliberately_failing")
     with pytest.raises(AssertionError, match="no check named missing"):
