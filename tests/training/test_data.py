@@ -58,6 +58,17 @@ def test_default_corpus_is_deterministic_and_bounded():
     assert all(p.suffix == ".py" and "test" not in p.parts for p in a)
 
 
+def test_default_corpus_skips_excluded_directories_at_any_depth(tmp_path):
+    kept = ["a.py", "email/b.py", "email/mime/c.py", "x/config-d.py"]
+    skipped = ["site-packages/pkg/e.py", "email/test/f.py", "x/__pycache__/g.py",
+               "config-3.11/h.py", "config-i.py", "notes.txt", "x/tests/deep/j.py"]
+    for rel in kept + skipped:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x = 1\n")
+    got = default_corpus_files(root=tmp_path)
+    assert [p.relative_to(tmp_path).as_posix() for p in got] == sorted(kept)
+
+
 def test_indexed_dataset_round_trip_and_megatron_header(tmp_path):
     rng = np.random.default_rng(0)
     docs = [rng.integers(0, 60000, size=n) for n in (5, 0, 17, 1, 300)]

@@ -28,15 +28,25 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+def _stdlib_sources(root: Path):
+    """``*.py`` files under ``root`` outside ``EXCLUDED_DIRS`` (at any depth) and outside the
+    top-level ``config-*`` entries. The walk never enters an excluded directory: a Python's
+    stdlib directory holds its ``site-packages``, often tens of thousands of files (an
+    ``rglob`` that filtered afterwards took ~1 s of every run's start)."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        top = Path(dirpath) == root
+        dirnames[:] = [d for d in dirnames
+                       if d not in EXCLUDED_DIRS and not (top and d.startswith("config-"))]
+        for name in filenames:
+            if name.endswith(".py") and not (top and name.startswith("config-")):
+                yield Path(dirpath, name)
+
+
 def default_corpus_files(max_bytes: int = 4_000_000, max_file_bytes: int = 150_000,
                          root: str | os.PathLike | None = None) -> list[Path]:
     """Deterministic list of standard-library source files totalling at most ``max_bytes``."""
     root = Path(root) if root is not None else stdlib_root()
-    candidates = sorted(
-        (p for p in root.rglob("*.py")
-         if not EXCLUDED_DIRS.intersection(p.relative_to(root).parts[:-1])
-         and not p.relative_to(root).parts[0].startswith("config-")),
-        key=lambda p: p.relative_to(root).as_posix())
+    candidates = sorted(_stdlib_sources(root), key=lambda p: p.relative_to(root).as_posix())
     files, total = [], 0
     for p in candidates:
         size = p.stat().st_size
