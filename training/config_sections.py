@@ -171,8 +171,10 @@ class TrainingConfig:
         None, "micro-batches per step, derived: global_batch / (micro_batch * dp)", derived=True)
     seed: int = _f(1234, "order of the training samples and the end-of-run text sample "
                    "(initial weights are seeded by parameter name, not by this)")
-    eval_interval: int = _f(50, "steps between validation runs (0: never)")
-    eval_iters: int = _f(5, "validation batches per validation run")
+    eval_interval: int = _f(50, "steps between validation runs during training "
+                            "(0: only the final one)")
+    eval_iters: int = _f(5, "validation batches per validation run (0: no validation in "
+                         "pretrain/finetune; evaluate.py: the whole validation split)")
     mode: Literal["graph", "pynative"] = _f(
         "graph", "compile the step (graph) or run eagerly (pynative)")
     dtype: Literal["fp32", "fp16", "bf16", "float32", "float16", "bfloat16"] = _f(

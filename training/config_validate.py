@@ -39,12 +39,13 @@ def validate(cfg, world_size: int = 1) -> None:
                     "model.num_kv_heads", "model.ffn_hidden_size", "model.seq_length",
                     "model.max_position_embeddings", "parallel.tp", "parallel.pp", "parallel.vpp",
                     "parallel.ep", "parallel.etp", "parallel.cp", "training.train_iters", "training.micro_batch_size",
-                    "training.global_batch_size", "training.eval_iters", "data.corpus_max_bytes",
+                    "training.global_batch_size", "data.corpus_max_bytes",
                     "logging.log_interval", "optimizer.decay_iters", "model.head_dim",
                     "model.attention_block_size", "optimizer.bucket_size", "model.mla.q_lora_rank",
                     "model.mla.kv_lora_rank", "model.mla.qk_nope_head_dim",
                     "model.mla.qk_rope_head_dim", "model.mla.v_head_dim"])
-    _positive(cfg, ["training.seed", "training.eval_interval", "optimizer.warmup_iters",
+    _positive(cfg, ["training.seed", "training.eval_interval", "training.eval_iters",
+                    "optimizer.warmup_iters",
                     "checkpoint.save_interval", "checkpoint.keep_last", "logging.sample_tokens",
                     "training.max_skipped_steps"],
               minimum=0)

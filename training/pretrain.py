@@ -62,6 +62,8 @@ def check_data(cfg, data, log) -> None:
     if data.eval_batches is None:
         log(f"data.valid_fraction={cfg.data.valid_fraction:g}: no validation samples, "
             "validation is off")
+    elif cfg.training.eval_iters == 0:
+        log("training.eval_iters=0: validation is off")
 
 
 def parse_args(argv: list[str]):

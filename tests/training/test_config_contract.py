@@ -139,8 +139,10 @@ def test_bytes_files_never_escape_the_contract(tmp_path_factory, blob):
     path = tmp_path_factory.mktemp("blob") / "c.yaml"
     path.write_bytes(b"training:\n  seed: 1\n" + blob)
     kind, line = outcome(["--config", str(path)])
-    if kind == "exit":
-        assert str(path) in line or "training." in line, line
+    if kind == "exit":  # it names the file, a training key, or an unknown key the file holds
+        unknown = re.match(r"config error: unknown key '(.+?)'", line)
+        named = unknown is not None and unknown.group(1) in blob.decode("utf-8", "replace")
+        assert str(path) in line or "training." in line or named, line
 
 
 def test_file_errors_name_the_file(tmp_path):
@@ -185,6 +187,18 @@ def test_zero_valid_fraction_logs_that_validation_is_off():
     said.clear()
     check_data(cfg, data, said.append)
     assert said == []
+
+
+def test_zero_eval_iters_is_accepted_and_logs_that_validation_is_off():
+    """``training.eval_iters=0``: validation off without touching the split (``evaluate.py``
+    reads it as the whole split, tests/training/test_pretrain.py); negative values are refused."""
+    from types import SimpleNamespace
+
+    _, cfg = outcome(["training.eval_iters=0", "training.eval_interval=5"])
+    said = []
+    check_data(cfg, SimpleNamespace(eval_batches=object()), said.append)
+    assert said == ["training.eval_iters=0: validation is off"]
+    refused(["training.eval_iters=-1"], "training.eval_iters", ">= 0")
 
 
 @pytest.mark.parametrize("content, argv, key", [

@@ -2,8 +2,9 @@
 
 The one-process run (a fresh interpreter) logs the trainable count, keeps only adapters in its
 checkpoint (model and Adam moments) and writes the PEFT adapter; the msrun run (2 ranks, tp=2,
-sp) gives the same per-step losses and gradient norms (1e-5 relative) and the same adapter, and
-its checkpoint reads back into a one-process model (``training.generate.model_from_checkpoint``).
+sp) gives the same per-step losses, gradient norms and validation loss (1e-5 relative) and the
+same adapter, and its checkpoint reads back into a one-process model
+(``training.generate.model_from_checkpoint``).
 """
 import json
 
@@ -12,7 +13,7 @@ import pytest
 
 from tests.fresh_process import run_python
 from tests.msrun_util import msrun_command, run_msrun, worker_logs
-from tests.training.test_pretrain import PRETRAIN, _losses, _tiny
+from tests.training.test_pretrain import PRETRAIN, _losses, _tiny, _valid_loss
 
 LORA = ["lora.enabled=true", "lora.r=4", "lora.alpha=8",
         "lora.target_modules=[q_proj,v_proj,gate_proj,o_proj,down_proj]",
@@ -87,6 +88,8 @@ def test_lora_tp2_sp_matches_one_process(reference):
         assert sorted(two) == sorted(one)
         for step in one:
             assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), (key, step, one, two)
+    v1, v2 = _valid_loss(tmp / "one"), _valid_loss(tmp / "tp2")
+    assert abs(v2 - v1) <= 1e-5 * v1, (v1, v2)
     a = read_header(tmp / "one" / "adapter" / "adapter_model.safetensors")
     b = read_header(tmp / "tp2" / "adapter" / "adapter_model.safetensors")
     assert sorted(a) == sorted(b)

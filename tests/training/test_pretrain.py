@@ -7,14 +7,17 @@
   and metrics.jsonl / TensorBoard then hold each step once (+ a resumed record);
 - a diverging fp32 run skips its non-finite steps, stops with one line (exit status 2) after
   ``training.max_skipped_steps`` of them and keeps its last good checkpoints;
-  evaluate.py / generate.py read the checkpoint back (same validation loss, same sample);
+  evaluate.py / generate.py read the checkpoint back (same validation loss, same sample;
+  ``training.eval_iters=0`` evaluates the whole validation split);
 - real ranks (msrun): dp=2, tp=2 and tp=2 with sequence parallelism give the single-process
-  per-step losses (1e-5 relative) and gradient norms (1e-4; 1e-5 with sp); the sp run's
+  per-step losses (1e-5 relative), gradient norms (1e-4; 1e-5 with sp) and validation loss
+  (1e-5; dp=2 validates half the micro-batches per rank: the same samples); the sp run's
   checkpoint reads back into a one-process model without sp (generate.py: same weights, same
   sample as the sp run printed through its twin model).
 - the distributed optimizer (ZeRO-1): dp=2 and dp=2 x tp=2 give the single-process losses and
   gradient norms (1e-5), its moment pieces (flat ranges in the checkpoint) read back as the one-process moments, a resume is
-  bit-exact, and plain and sharded checkpoints load into each other's runs (one process).
+  bit-exact, and plain and sharded checkpoints load into each other's runs (one process);
+  these runs turn validation off (``training.eval_iters=0``: no validation record, one log line).
 """
 import json
 import subprocess
@@ -41,6 +44,13 @@ TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2", "m
 
 def _tiny(tmp: Path, run: str, *extra) -> list[str]:
     return [*TINY, f"data.cache_dir={tmp / 'cache'}", f"logging.output_dir={tmp / run}", *extra]
+
+
+def _valid_loss(run_dir: Path) -> float:
+    """The run's (one) validation loss from metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (loss,) = [r["valid_loss"] for r in rows if r["kind"] == "valid"]
+    return loss
 
 
 def _losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
@@ -126,9 +136,24 @@ def check_single_process(tmp: str) -> None:
 
     ev = evaluate(load_config(None, _tiny(tmp, "full", "checkpoint.load=auto")))
     assert abs(ev["loss"] - full["valid_loss"]) <= 1e-6 * full["valid_loss"], (ev, full)
+    # training.eval_iters=0: evaluate.py takes the whole validation split (whole micro-batches)
+    whole = evaluate(load_config(None, _tiny(tmp, "full", "checkpoint.load=auto",
+                                             "training.eval_iters=0")))
+    n_valid = len(_valid_split(tmp))
+    assert whole["tokens"] == n_valid // 4 * 4 * 32 > 2 * 4 * 32, (whole, n_valid)
+    assert abs(whole["loss"] - ev["loss"]) < 0.2 * ev["loss"], (whole, ev)
     model, tok = load(str(tmp / "full"))
     assert generate_text(model, tok, seed=1234, max_new_tokens=48, **SAMPLE) == full["sample"]
     print("SINGLE_OK")
+
+
+def _valid_split(tmp: Path):
+    """The validation samples of the TINY runs' data (built by the reference run)."""
+    from training.config import load_config
+    from training.data.pipeline import build_data
+
+    return build_data(load_config(None, _tiny(tmp, "full")), rank=0, dp_rank=0,
+                      log=lambda line: None).valid
 
 
 def test_diverging_run_skips_stops_in_one_line_and_keeps_good_checkpoints(tmp_path):
@@ -222,7 +247,9 @@ def test_two_ranks_match_one_process(reference, layout):
     tmp, res = reference
     assert res.returncode == 0, res.stderr[-3000:]
     run_dir = tmp / layout.replace("=", "").replace(" ", "_")
-    cmd = msrun_command(PRETRAIN, _tiny(tmp, run_dir.name, *layout.split(),
+    # dp=2 validates 1 micro-batch per rank: the one process's 2 (the same samples)
+    evals = ["training.eval_iters=1"] if layout == "parallel.tp=1" else []
+    cmd = msrun_command(PRETRAIN, _tiny(tmp, run_dir.name, *layout.split(), *evals,
                                         "checkpoint.save_interval=0"), workers=2)
     out = run_msrun(cmd, cwd=tmp, timeout=200)
     logs = worker_logs(tmp / "logs")
@@ -236,6 +263,8 @@ def test_two_ranks_match_one_process(reference, layout):
     rel = 1e-5 if "parallel.sp=true" in layout else 1e-4
     for step in g1:
         assert abs(g2[step] - g1[step]) <= rel * g1[step], (step, g1[step], g2[step])
+    v1, v2 = _valid_loss(tmp / "full"), _valid_loss(run_dir)
+    assert abs(v2 - v1) <= 1e-5 * v1, (v1, v2)
     assert "sample (" in logs  # with sp: sampled by a twin model without it
     run_log = (run_dir / "logs" / "rank_0.log").read_text()
     assert ("sequence parallel" in run_log) == ("parallel.sp=true" in layout), run_log[:2000]
@@ -248,7 +277,9 @@ def test_two_ranks_match_one_process(reference, layout):
 
 # ---------------------------------------------------------------- distributed optimizer (ZeRO-1)
 
-ZERO = ["optimizer.distributed=true", "optimizer.bucket_size=20000"]  # a few buckets, some params cut
+# A few buckets, some parameters cut. The optimizer is under test, not validation: these runs
+# turn it off (training.eval_iters=0; the dp / tp runs above check it against one process).
+ZERO = ["optimizer.distributed=true", "optimizer.bucket_size=20000", "training.eval_iters=0"]
 
 
 def _launch(tmp: Path, run: str, *extra, workers: int = 2) -> str:
@@ -304,6 +335,10 @@ def test_distributed_optimizer_dp2_matches_one_process_and_resumes_exactly(zero_
     _launch(tmp, "zero_dp2_resumed", *ZERO, f"checkpoint.load={step5}", "logging.sample_tokens=0")
     first, again = _losses(tmp / "zero_dp2"), _losses(tmp / "zero_dp2_resumed")
     assert sorted(again) == [6, 7, 8, 9, 10], sorted(again)
+    rows = [json.loads(line) for line in (tmp / "zero_dp2_resumed" / "metrics.jsonl").open()]
+    assert not [r for r in rows if r["kind"] == "valid"], rows  # training.eval_iters=0
+    assert "training.eval_iters=0: validation is off" in \
+        (tmp / "zero_dp2_resumed" / "logs" / "rank_0.log").read_text()
     assert all(again[s] == first[s] for s in again), (first, again)
     resumed = tmp / "zero_dp2_resumed" / "checkpoints" / "step_000010"
     again = load_checkpoint(resumed)

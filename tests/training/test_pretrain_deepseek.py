@@ -4,7 +4,8 @@ depth),
 training/pretrain.py trains it on the bundled corpus in graph mode with the MTP loss logged, and
 ``save_pretrained`` of the YAML model reads back through ``models.from_pretrained``. On real
 ranks (one msrun launch of 4: tp=2 x ep=2 with etp=2, dp=2) every step has the one-process
-loss, gradient norm and MTP loss (1e-5 relative) and the same tokens per expert."""
+loss, gradient norm and MTP loss (1e-5 relative) and the same tokens per expert, and the
+validation loss is the one-process one (1e-5)."""
 import json
 import subprocess
 import sys
@@ -102,8 +103,10 @@ def test_tp2_ep2_matches_one_process(reference):
     tmp, res = reference
     assert res.returncode == 0, res.stderr[-3000:]
     log_dir = tmp / "logs_tp2_ep2"
+    # dp=2: two validation micro-batches per rank are the one process's four (the same samples)
     cmd = msrun_command(PRETRAIN, _args(tmp, "tp2_ep2", "parallel.tp=2", "parallel.ep=2",
-                                        "parallel.etp=2"), workers=4, log_dir=str(log_dir))
+                                        "parallel.etp=2", "training.eval_iters=2"),
+                        workers=4, log_dir=str(log_dir))
     out = run_msrun(cmd, cwd=tmp, timeout=600)
     logs = worker_logs(log_dir)
     assert out.returncode == 0, out.stdout[-2000:] + logs[-4000:]
@@ -116,3 +119,7 @@ def test_tp2_ep2_matches_one_process(reference):
             assert abs(b - a) <= 1e-5 * abs(a), (step, key, a, b)
         for key in ("moe_tokens_min", "moe_tokens_max", "moe_tokens_std"):
             assert many[step][key] == pytest.approx(one[step][key], rel=1e-6), (step, key)
+    valid = [[json.loads(line)["valid_loss"] for line in (tmp / run / "metrics.jsonl").open()
+              if json.loads(line)["kind"] == "valid"] for run in ("full", "tp2_ep2")]
+    assert len(valid[0]) == len(valid[1]) == 1 and abs(valid[1][0] - valid[0][0]) <= \
+        1e-5 * valid[0][0], valid

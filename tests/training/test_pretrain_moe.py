@@ -10,7 +10,7 @@ dropless, all-gather dispatcher, aux-loss-free expert bias on, graph mode, 6 ste
   dropped share (0 when dropless; tokens per expert add up to every assignment);
 - real ranks (msrun): ep=2 (2 ranks, dp=2, edp=1), ep=2 x dp=2 (4 ranks, edp=2) and
   ep=2 x tp=2 with etp=2 (4 ranks, dp=2, edp=1) give the one-process loss and gradient norm
-  per step (1e-5 relative) and the same tokens per expert; the checkpoint (every rank writing
+  per step (1e-5 relative), the same tokens per expert and (dp=2) validation loss; the checkpoint (every rank writing
   its ep / etp expert shards) reads back as whole expert tensors equal to the one-process
   checkpoint's, and the one-process expert biases (exactly);
   ``training.generate.model_from_checkpoint`` reads it into the one-process model.
@@ -212,10 +212,14 @@ def _assert_steps_match(tmp, run_dir):
             assert many[step][key] == pytest.approx(one[step][key], rel=1e-6), (step, key)
 
 
-LAYOUTS = {  # name: (workers, extra keys); order tp-cp-ep-dp-pp
-    "ep2": (2, ["parallel.ep=2"]),  # dp=2, edp=1
-    "ep2_dp2": (4, ["parallel.ep=2"]),  # dp=4, edp=2
-    "ep2_tp2_etp2": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.etp=2"]),  # dp=2, edp=1
+# name: (workers, extra keys); order tp-cp-ep-dp-pp. With dp=2, one validation micro-batch per
+# rank covers the one process's two (the same samples): the validation loss is compared; dp=4
+# cannot split them and validates nothing (training.eval_iters=0).
+LAYOUTS = {
+    "ep2": (2, ["parallel.ep=2", "training.eval_iters=1"]),  # dp=2, edp=1
+    "ep2_dp2": (4, ["parallel.ep=2", "training.eval_iters=0"]),  # dp=4, edp=2
+    "ep2_tp2_etp2": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.etp=2",  # dp=2, edp=1
+                         "training.eval_iters=1"]),
 }
 
 
@@ -235,6 +239,13 @@ def test_expert_parallel_matches_one_process(reference, layout):
     out = run_msrun(cmd, cwd=tmp, timeout=150 * workers)
     assert out.returncode == 0, out.stdout[-2000:] + worker_logs(log_dir)[-4000:]
     _assert_steps_match(tmp, run_dir)
+    valid = {run: [json.loads(line)["valid_loss"] for line in (tmp / run / "metrics.jsonl").open()
+                   if json.loads(line)["kind"] == "valid"] for run in ("full", layout)}
+    if "training.eval_iters=1" in extra:
+        assert len(valid[layout]) == 1 and abs(valid[layout][0] - valid["full"][0]) <= \
+            1e-5 * valid["full"][0], valid
+    else:
+        assert valid[layout] == [], valid
     # Weights after 6 AdamW steps: an element whose gradient is ~0 gets an update of up to lr
     # from rounding-level gradient differences (m / sqrt(v)), hence the absolute tolerance.
     ref = load_checkpoint(tmp / "full" / "checkpoints" / f"step_{STEPS:06d}")

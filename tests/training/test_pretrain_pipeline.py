@@ -163,13 +163,14 @@ def test_pipeline_layouts_match_one_process(reference, run, layout, workers):
 def test_pp2_dp2_distributed_optimizer_matches_one_process(reference):
     """pp=2 x dp=2 (4 ranks) with the distributed optimizer: each stage shards its moments over
     its dp pair; the tied embedding's two copies get the same update on both stages. Per-step
-    loss and gradient norm equal the one-process run's (1e-5). (Validation is not compared: with
-    dp=2 it reads other samples.)"""
+    loss and gradient norm equal the one-process run's (1e-5). (Validation is off,
+    ``training.eval_iters=0``: with dp=2 it would read other samples.)"""
     tmp = reference
     _launch(tmp, PRETRAIN, _args(tmp, "pp2_dp2_zero", "parallel.pp=2",
                                  "parallel.layers_per_stage=[3,2]", "optimizer.distributed=true",
                                  "optimizer.bucket_size=20000", "checkpoint.save_interval=0",
-                                 "logging.sample_tokens=0"), workers=4, timeout=400)
+                                 "logging.sample_tokens=0", "training.eval_iters=0"),
+            workers=4, timeout=400)
     for key in ("loss", "grad_norm"):
         _close(_metrics(tmp / "pp2_dp2_zero", "train", key), _metrics(tmp / "one", "train", key),
                1e-5, key)

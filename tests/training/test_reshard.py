@@ -1,8 +1,8 @@
 """Layout-free checkpoints on real ranks: the reshard matrix.
 
 Four saving runs ({tp=2, pp=2, dp=2 + distributed optimizer, pp=2 x tp=2}, tied embeddings)
-each train 2 steps, save, and continue 3 more steps (bit-exact resume on the same layout is
-proven elsewhere, so those are the reference steps). Then one launch per loading layout
+each train 2 steps, save, and continue 3 more steps, validation off (bit-exact resume on the
+same layout is proven elsewhere, so those are the reference steps). Then one launch per loading layout
 ({1 process, tp=2, pp=2}) loads all four checkpoints in turn into the same, once-built
 training setup (``tests/training/reshard_worker.py``): its weights are bit-equal to the slices
 of the saved whole model, and its next 3 losses equal the saving run's (1e-5 relative).
@@ -26,8 +26,8 @@ TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2", "m
         "model.num_kv_heads=2", "model.ffn_hidden_size=64", "model.seq_length=32",
         "model.max_position_embeddings=32", "model.tie_word_embeddings=true",
         "data.corpus_max_bytes=200000", "training.micro_batch_size=4",
-        "training.global_batch_size=8", "training.train_iters=5", "training.eval_interval=0",
-        "training.eval_iters=2", "optimizer.lr=1e-2", "optimizer.min_lr=1e-3",
+        "training.global_batch_size=8", "training.train_iters=5", "training.eval_iters=0",
+        "optimizer.lr=1e-2", "optimizer.min_lr=1e-3",
         "optimizer.warmup_iters=2", "logging.log_interval=5", "logging.tensorboard=false",
         "logging.sample_tokens=0", "checkpoint.save_interval=2", "checkpoint.keep_last=0"]
 SAVE = {"tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]),
