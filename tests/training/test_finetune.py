@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests.fresh_process import assert_check_passes, run_python
-from tests.msrun_util import msrun_command, run_msrun, worker_logs
+from tests.training.runs_worker import launch_runs
 from tests.multirank import REPO_ROOT
 
 TINY = ["model.vocab_size=256", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
@@ -238,21 +238,19 @@ def test_finetune_runs_and_starts_from_a_checkpoint_or_hf_directory(reference):
 @pytest.mark.multirank
 def test_two_ranks_match_one_process(reference):
     """dp=2 (two micro-batches per rank, ZeRO-1 optimizer), tp=2 with sequence parallelism, pp=2
-    and pp=2 x vpp=2: the one-process loss and gradient norm per step (four launches, ~30 s
-    each)."""
+    and pp=2 x vpp=2: the one-process loss and gradient norm per step (one launch of
+    ``tests/training/runs_worker.py`` for the four runs; no sample: generating under these
+    layouts is checked in test_pretrain*.py)."""
     tmp = reference
-    for layout in (["parallel.tp=1", "optimizer.distributed=true"],
-                   ["parallel.tp=2", "parallel.sp=true"],
-                   ["parallel.tp=1", "parallel.pp=2"],
-                   ["parallel.pp=2", "parallel.vpp=2", "parallel.layers_per_stage=[1,0,0,1]",
-                    "training.eval_iters=2"]):  # interleaving needs it divisible by pp
-        run = "_".join("".join(ch for ch in x if ch.isalnum() or ch in "._") for x in layout)
-        # no sample: generating under these layouts is checked in test_pretrain*.py
-        cmd = msrun_command(str(REPO_ROOT / "training" / "finetune.py"),
-                            _args(tmp, run, *layout, "logging.sample_tokens=0"), workers=2)
-        out = run_msrun(cmd, cwd=tmp, timeout=150)
-        logs = worker_logs(tmp / "logs")
-        assert out.returncode == 0, out.stdout[-2000:] + logs[-4000:]
+    layouts = {"dp2_zero": ["parallel.tp=1", "optimizer.distributed=true"],
+               "tp2_sp": ["parallel.tp=2", "parallel.sp=true"],
+               "pp2": ["parallel.tp=1", "parallel.pp=2"],
+               "pp2_vpp2": ["parallel.pp=2", "parallel.vpp=2",
+                            "parallel.layers_per_stage=[1,0,0,1]",
+                            "training.eval_iters=2"]}  # interleaving needs it divisible by pp
+    launch_runs(tmp, "finetune", [_args(tmp, run, *layout, "logging.sample_tokens=0")
+                                  for run, layout in layouts.items()], workers=2, timeout=600)
+    for run in layouts:
         for key in ("loss", "grad_norm"):
             one, two = _metrics(tmp / "full", key), _metrics(tmp / run, key)
             assert sorted(one) == sorted(two)

@@ -9,15 +9,17 @@
   ``training.max_skipped_steps`` of them and keeps its last good checkpoints;
   evaluate.py / generate.py read the checkpoint back (same validation loss, same sample;
   ``training.eval_iters=0`` evaluates the whole validation split);
-- real ranks (msrun): dp=2, tp=2 and tp=2 with sequence parallelism give the single-process
-  per-step losses (1e-5 relative), gradient norms (1e-4; 1e-5 with sp) and validation loss
-  (1e-5; dp=2 validates half the micro-batches per rank: the same samples); the sp run's
-  checkpoint reads back into a one-process model without sp (generate.py: same weights, same
-  sample as the sp run printed through its twin model).
-- the distributed optimizer (ZeRO-1): dp=2 and dp=2 x tp=2 give the single-process losses and
-  gradient norms (1e-5), its moment pieces (flat ranges in the checkpoint) read back as the one-process moments, a resume is
-  bit-exact, and plain and sharded checkpoints load into each other's runs (one process);
-  these runs turn validation off (``training.eval_iters=0``: no validation record, one log line).
+- real ranks (msrun; every 2-rank run, the ZeRO ones too, in one launch of
+  ``tests/training/runs_worker.py``): dp=2, tp=2 and tp=2 with sequence parallelism give the
+  single-process per-step losses (1e-5 relative), gradient norms (1e-4; 1e-5 with sp) and
+  validation loss (1e-5; dp=2 validates half the micro-batches per rank: the same samples); the
+  sp run's checkpoint reads back into a one-process model without sp (generate.py: same
+  weights, same sample as the sp run printed through its twin model).
+- the distributed optimizer (ZeRO-1): dp=2 and dp=2 x tp=2 (4 ranks, ``training/pretrain.py``
+  under msrun) give the single-process losses and gradient norms (1e-5), its moment pieces
+  (flat ranges in the checkpoint) read back as the one-process moments, a resume is bit-exact,
+  and plain and sharded checkpoints load into each other's runs (one process); these runs turn
+  validation off (``training.eval_iters=0``: no validation record, one log line).
 """
 import json
 import subprocess
@@ -30,6 +32,7 @@ import pytest
 from tests.msrun_util import msrun_command, run_msrun, worker_logs
 from tests.fresh_process import run_python
 from tests.multirank import REPO_ROOT
+from tests.training.runs_worker import launch_runs
 from tests.training.test_logger import tensorboard_scalars
 
 PRETRAIN = str(REPO_ROOT / "training" / "pretrain.py")
@@ -240,46 +243,58 @@ def test_loss_falls_and_resume_is_exact(reference):
     assert "step 10/10" in res.stdout and "sample (" in res.stdout
 
 
-@pytest.mark.multirank
-@pytest.mark.parametrize("layout", ["parallel.tp=2", "parallel.tp=1",  # tp=2 / dp=2
-                                    "parallel.tp=2 parallel.sp=true"])  # tp=2, sequence parallel
-def test_two_ranks_match_one_process(reference, layout):
+# ------------------------------------------------- real ranks: one 2-rank launch for every run
+
+# A few buckets, some parameters cut. The optimizer is under test, not validation: these runs
+# turn it off (training.eval_iters=0; the dp / tp runs check it against one process).
+ZERO = ["optimizer.distributed=true", "optimizer.bucket_size=20000", "training.eval_iters=0"]
+TWO_RANKS = {  # run: overrides; dp=2 validates 1 micro-batch per rank: the one process's 2
+    "tp2": ["parallel.tp=2"],
+    "dp2": ["parallel.tp=1", "training.eval_iters=1"],
+    "tp2_sp": ["parallel.tp=2", "parallel.sp=true"],  # sequence parallel
+}
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(reference):
+    """The TWO_RANKS runs, then dp=2 with the distributed optimizer (checkpoints at steps 5 and
+    10) and its resume from step 5, in ONE msrun launch (``tests/training/runs_worker.py``)."""
     tmp, res = reference
     assert res.returncode == 0, res.stderr[-3000:]
-    run_dir = tmp / layout.replace("=", "").replace(" ", "_")
-    # dp=2 validates 1 micro-batch per rank: the one process's 2 (the same samples)
-    evals = ["training.eval_iters=1"] if layout == "parallel.tp=1" else []
-    cmd = msrun_command(PRETRAIN, _tiny(tmp, run_dir.name, *layout.split(), *evals,
-                                        "checkpoint.save_interval=0"), workers=2)
-    out = run_msrun(cmd, cwd=tmp, timeout=200)
-    logs = worker_logs(tmp / "logs")
-    assert out.returncode == 0, out.stdout[-2000:] + logs[-4000:]
+    step5 = tmp / "zero_dp2" / "checkpoints" / "step_000005"
+    runs = [_tiny(tmp, run, *extra, "checkpoint.save_interval=0")
+            for run, extra in TWO_RANKS.items()]
+    runs += [_tiny(tmp, "zero_dp2", *ZERO, "checkpoint.save_interval=5", "logging.sample_tokens=0"),
+             _tiny(tmp, "zero_dp2_resumed", *ZERO, f"checkpoint.load={step5}",
+                   "logging.sample_tokens=0")]
+    launch_runs(tmp, "pretrain", runs, workers=2, timeout=900)
+    return tmp
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("run", list(TWO_RANKS))
+def test_two_ranks_match_one_process(two_rank_runs, run):
+    tmp = two_rank_runs
+    run_dir, sp = tmp / run, "parallel.sp=true" in TWO_RANKS[run]
     one, two = _losses(tmp / "full"), _losses(run_dir)
     assert sorted(two) == sorted(one)
     for step in one:
         assert abs(two[step] - one[step]) <= 1e-5 * abs(one[step]), (step, one[step], two[step])
     # The global gradient norm (tp-split squares summed over tp, replicated ones once) agrees too.
     g1, g2 = _losses(tmp / "full", "grad_norm"), _losses(run_dir, "grad_norm")
-    rel = 1e-5 if "parallel.sp=true" in layout else 1e-4
+    rel = 1e-5 if sp else 1e-4
     for step in g1:
         assert abs(g2[step] - g1[step]) <= rel * g1[step], (step, g1[step], g2[step])
     v1, v2 = _valid_loss(tmp / "full"), _valid_loss(run_dir)
     assert abs(v2 - v1) <= 1e-5 * v1, (v1, v2)
-    assert "sample (" in logs  # with sp: sampled by a twin model without it
     run_log = (run_dir / "logs" / "rank_0.log").read_text()
-    assert ("sequence parallel" in run_log) == ("parallel.sp=true" in layout), run_log[:2000]
-    if "parallel.sp=true" in layout:
+    assert "sample (" in run_log, run_log[-2000:]  # with sp: sampled by a twin model without it
+    assert ("sequence parallel" in run_log) == sp, run_log[:2000]
+    if sp:
         res = run_python(f"from tests.training.test_pretrain import check_sp_checkpoint_reads_"
-                         f"without_sp as c; c({str(tmp)!r}, {run_dir.name!r})", cwd=tmp)
+                         f"without_sp as c; c({str(tmp)!r}, {run!r})", cwd=tmp)
         assert res.returncode == 0 and "SP_CHECKPOINT_OK" in res.stdout, \
             res.stdout[-3000:] + res.stderr[-3000:]
-
-
-# ---------------------------------------------------------------- distributed optimizer (ZeRO-1)
-
-# A few buckets, some parameters cut. The optimizer is under test, not validation: these runs
-# turn it off (training.eval_iters=0; the dp / tp runs above check it against one process).
-ZERO = ["optimizer.distributed=true", "optimizer.bucket_size=20000", "training.eval_iters=0"]
 
 
 def _launch(tmp: Path, run: str, *extra, workers: int = 2) -> str:
@@ -300,20 +315,11 @@ def _matches_full(tmp: Path, run: str) -> None:
                                                                            other[step])
 
 
-@pytest.fixture(scope="module")
-def zero_dp2(reference):
-    """dp=2 with the distributed optimizer, checkpoints at steps 5 and 10."""
-    tmp, res = reference
-    assert res.returncode == 0, res.stderr[-3000:]
-    _launch(tmp, "zero_dp2", *ZERO, "checkpoint.save_interval=5", "logging.sample_tokens=0")
-    return tmp
-
-
 @pytest.mark.multirank
-def test_distributed_optimizer_dp2_matches_one_process_and_resumes_exactly(zero_dp2):
+def test_distributed_optimizer_dp2_matches_one_process_and_resumes_exactly(two_rank_runs):
     from training.checkpointing import load_checkpoint
 
-    tmp = zero_dp2
+    tmp = two_rank_runs
     _matches_full(tmp, "zero_dp2")
     step10 = tmp / "zero_dp2" / "checkpoints" / "step_000010"
     # each rank saved only its pieces of the moments (flat ranges); together they are the whole
@@ -331,8 +337,6 @@ def test_distributed_optimizer_dp2_matches_one_process_and_resumes_exactly(zero_
     for name, value in saved.model.items():
         np.testing.assert_allclose(value, full.model[name], rtol=1e-4, atol=1e-6, err_msg=name)
     # resuming step 5 on the same layout reproduces steps 6-10 and the final weights bit for bit
-    step5 = tmp / "zero_dp2" / "checkpoints" / "step_000005"
-    _launch(tmp, "zero_dp2_resumed", *ZERO, f"checkpoint.load={step5}", "logging.sample_tokens=0")
     first, again = _losses(tmp / "zero_dp2"), _losses(tmp / "zero_dp2_resumed")
     assert sorted(again) == [6, 7, 8, 9, 10], sorted(again)
     rows = [json.loads(line) for line in (tmp / "zero_dp2_resumed" / "metrics.jsonl").open()]

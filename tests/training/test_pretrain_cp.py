@@ -12,7 +12,7 @@ gradient norm per step and, with dp = 1, the final validation loss (1e-5 relativ
   over cp, its 1 kv head replicated), and cp=2 x dp=2 (ring) with the distributed optimizer
   sharded over the 4 dp x cp ranks.
 
-Runs of one launch share it (``tests/training/cp_worker.py``): a launch costs 10-35 s.
+Runs of one launch share it (``tests/training/runs_worker.py``): a launch costs 10-35 s.
 """
 import json
 from pathlib import Path
@@ -20,12 +20,10 @@ from pathlib import Path
 import pytest
 
 from tests.fresh_process import run_python
-from tests.msrun_util import msrun_command, run_msrun, worker_logs
-from tests.multirank import REPO_ROOT
+from tests.training.runs_worker import launch_runs
 
 pytestmark = pytest.mark.multirank
 
-WORKER = str(REPO_ROOT / "tests" / "training" / "cp_worker.py")
 CP_SCHEMES = ("a2a", "ring")  # parallel.cp_comm values, each trained on 2 ranks
 TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=2", "model.ffn_hidden_size=64", "model.seq_length=32",
@@ -59,13 +57,7 @@ def _matches_reference(tmp: Path, run: str, valid: bool = True) -> None:
 
 
 def _launch(tmp: Path, runs: list[list[str]], workers: int) -> str:
-    args = []
-    for overrides in runs:
-        args += [*overrides, "++"]
-    out = run_msrun(msrun_command(WORKER, args[:-1], workers=workers), cwd=tmp, timeout=400)
-    logs = worker_logs(tmp / "logs")
-    assert out.returncode == 0, out.stdout[-2000:] + logs[-6000:]
-    return logs
+    return launch_runs(tmp, "pretrain", runs, workers)
 
 
 def run_reference(tmp: str) -> None:

@@ -8,12 +8,13 @@ dropless, all-gather dispatcher, aux-loss-free expert bias on, graph mode, 6 ste
 - one process: the loss falls; 6 steps == 3 steps + stop + resume (same losses, experts and
   Adam moments restored); metrics.jsonl carries the router loss, tokens per expert and the
   dropped share (0 when dropless; tokens per expert add up to every assignment);
-- real ranks (msrun): ep=2 (2 ranks, dp=2, edp=1), ep=2 x dp=2 (4 ranks, edp=2) and
-  ep=2 x tp=2 with etp=2 (4 ranks, dp=2, edp=1) give the one-process loss and gradient norm
-  per step (1e-5 relative), the same tokens per expert and (dp=2) validation loss; the checkpoint (every rank writing
-  its ep / etp expert shards) reads back as whole expert tensors equal to the one-process
-  checkpoint's, and the one-process expert biases (exactly);
-  ``training.generate.model_from_checkpoint`` reads it into the one-process model.
+- real ranks (msrun; one launch per rank count runs them all, ``tests/training/runs_worker.py``):
+  ep=2 (2 ranks, dp=2, edp=1), ep=2 x dp=2 (4 ranks, edp=2) and ep=2 x tp=2 with etp=2 (4 ranks,
+  dp=2, edp=1) give the one-process loss and gradient norm per step (1e-5 relative), the same
+  tokens per expert and (dp=2) the validation loss; the checkpoint (every rank writing its ep /
+  etp expert shards) reads back as whole expert tensors equal to the one-process checkpoint's,
+  and the one-process expert biases (exactly); ``training.generate.model_from_checkpoint`` reads
+  it into the one-process model.
 - ep=2 x pp=2 (4 ranks, 1F1B, router losses on both pipeline stages): the same per-step loss,
   gradient norm, router loss and tokens per expert; each stage's layers are written by that
   stage's ranks, and the experts and biases read back as in the one-process checkpoint; the sample
@@ -28,8 +29,8 @@ import numpy as np
 import pytest
 
 from tests.fresh_process import run_python
-from tests.msrun_util import msrun_command, run_msrun, worker_logs
 from tests.multirank import REPO_ROOT
+from tests.training.runs_worker import launch_runs
 
 PRETRAIN = str(REPO_ROOT / "training" / "pretrain.py")
 CONFIG = str(REPO_ROOT / "configs" / "tiny_moe_demo.yaml")
@@ -221,23 +222,35 @@ LAYOUTS = {
     "ep2_tp2_etp2": (4, ["parallel.ep=2", "parallel.tp=2", "parallel.etp=2",  # dp=2, edp=1
                          "training.eval_iters=1"]),
 }
+# ep=2 x pp=2 (1F1B; dp=2, edp=1), layers 0-1 | 2: the first stage's MoE layer adds its router
+# losses in that stage's backward (interleaved schedules run the same runner steps in another
+# order: tests/models/test_gpt_pipeline_moe.py checks those steps' gradients); it samples.
+PIPELINED = {"ep2_pp2": (4, ["parallel.ep=2", "parallel.pp=2", "parallel.layers_per_stage=[2,1]",
+                             "logging.sample_tokens=2"], [{0, 1}, {2}])}
+
+
+@pytest.fixture(scope="module")
+def launched(reference):
+    """Every multi-rank run, one msrun launch per rank count (``tests/training/runs_worker.py``)."""
+    tmp, res = reference
+    assert res.returncode == 0, res.stderr[-3000:]
+    runs = {run: (workers, extra) for run, (workers, extra, *_) in {**LAYOUTS, **PIPELINED}.items()}
+    for count in sorted({workers for workers, _ in runs.values()}):
+        group = [_args(tmp, run, *extra, "checkpoint.save_interval=0")
+                 for run, (workers, extra) in runs.items() if workers == count]
+        launch_runs(tmp, "pretrain", group, count, timeout=900, log_dir=f"logs_{count}ranks")
+    return tmp
 
 
 @pytest.mark.multirank
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_expert_parallel_matches_one_process(reference, layout):
+def test_expert_parallel_matches_one_process(launched, layout):
     from training.checkpointing import load_checkpoint
     from training.generate import model_from_checkpoint
 
-    tmp, res = reference
-    assert res.returncode == 0, res.stderr[-3000:]
+    tmp = launched
     workers, extra = LAYOUTS[layout]
     run_dir = tmp / layout
-    log_dir = tmp / f"logs_{layout}"
-    cmd = msrun_command(PRETRAIN, _args(tmp, run_dir.name, *extra, "checkpoint.save_interval=0"),
-                        workers=workers, log_dir=str(log_dir))
-    out = run_msrun(cmd, cwd=tmp, timeout=150 * workers)
-    assert out.returncode == 0, out.stdout[-2000:] + worker_logs(log_dir)[-4000:]
     _assert_steps_match(tmp, run_dir)
     valid = {run: [json.loads(line)["valid_loss"] for line in (tmp / run / "metrics.jsonl").open()
                    if json.loads(line)["kind"] == "valid"] for run in ("full", layout)}
@@ -265,29 +278,18 @@ def test_expert_parallel_matches_one_process(reference, layout):
 
 
 @pytest.mark.multirank
-@pytest.mark.parametrize("run, layout, workers, stage_layers", [
-    # ep=2 x pp=2 (1F1B; dp=2, edp=1), layers 0-1 | 2: the first stage's MoE layer adds its
-    # router losses in that stage's backward (interleaved schedules run the same runner steps
-    # in another order: tests/models/test_gpt_pipeline_moe.py checks those steps' gradients)
-    ("ep2_pp2", ["parallel.ep=2", "parallel.pp=2", "parallel.layers_per_stage=[2,1]"], 4,
-     [{0, 1}, {2}]),
-])
-def test_pipeline_parallel_moe_matches_one_process(reference, run, layout, workers, stage_layers):
+@pytest.mark.parametrize("run", list(PIPELINED))
+def test_pipeline_parallel_moe_matches_one_process(launched, run):
     """The one-process loss, gradient norm, router loss and tokens per expert per step; each
     rank's checkpoint holds its stage's layers with its ep share of their experts and the
     one-process biases; the run generates its sample through the stages."""
     from training.checkpointing import load_checkpoint
 
-    tmp, res = reference
-    assert res.returncode == 0, res.stderr[-3000:]
-    run_dir, log_dir = tmp / run, tmp / f"logs_{run}"
-    cmd = msrun_command(PRETRAIN, _args(tmp, run, *layout, "checkpoint.save_interval=0",
-                                        "logging.sample_tokens=2"),
-                        workers=workers, log_dir=str(log_dir))
-    out = run_msrun(cmd, cwd=tmp, timeout=600)
-    logs = worker_logs(log_dir)
-    assert out.returncode == 0, out.stdout[-2000:] + logs[-4000:]
-    assert "x pp 2" in logs and "sample (" in logs, logs[-3000:]
+    tmp = launched
+    workers, _, stage_layers = PIPELINED[run]
+    run_dir = tmp / run
+    log = (run_dir / "logs" / "rank_0.log").read_text()
+    assert "x pp 2" in log and "sample (" in log, log[-3000:]
     _assert_steps_match(tmp, run_dir)
     ref = load_checkpoint(tmp / "full" / "checkpoints" / f"step_{STEPS:06d}")
     ck = run_dir / "checkpoints" / f"step_{STEPS:06d}"

@@ -13,6 +13,8 @@ global norm that counts the tied weight once are exercised), 8 steps of 2 micro-
   process and samples the same text the pipelined run printed;
 - pp=2 with fp16 compute (loss scale through the schedule) tracks the fp32 losses (1e-2) and
   unscaled gradient norms (1e-3 at the first step, 5e-2 after: rounding scatters them).
+
+The training runs of each rank count share one msrun launch (``tests/training/runs_worker.py``).
 """
 import json
 from pathlib import Path
@@ -23,10 +25,10 @@ import pytest
 from tests.fresh_process import run_python
 from tests.msrun_util import msrun_command, run_msrun, worker_logs
 from tests.multirank import REPO_ROOT
+from tests.training.runs_worker import launch_runs
 
 pytestmark = pytest.mark.multirank
 
-PRETRAIN = str(REPO_ROOT / "training" / "pretrain.py")
 EVALUATE = str(REPO_ROOT / "training" / "evaluate.py")
 TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=5", "model.num_heads=4",
         "model.num_kv_heads=2", "model.ffn_hidden_size=64", "model.seq_length=32",
@@ -88,20 +90,44 @@ def _matches_reference(tmp: Path, run: str, grad_rel: float = 1e-4) -> None:
            "valid_loss")
 
 
+PP2 = ["parallel.pp=2", "parallel.layers_per_stage=[3,2]"]
+RUNS = {  # run: (ranks, overrides)
+    "pp2": (2, PP2),  # checkpoints at steps 4 and 8
+    "pp2_vpp2": (2, ["parallel.pp=2", "parallel.vpp=2", "parallel.layers_per_stage=[2,1,1,1]"]),
+    "pp2_fp16": (2, [*PP2, "training.dtype=fp16"]),
+    # pp=2 x tp=2 runs with sequence parallelism: the stage exchange of [b, s/tp, h] on top of
+    # the tp path (pp=2 x tp=2 GPT stages without sp: tests/models/test_gpt_pipeline.py).
+    "pp2_tp2_sp": (4, ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true",
+                       "parallel.layers_per_stage=[2,3]"]),
+    "pp2_dp2_zero": (4, [*PP2, "optimizer.distributed=true", "optimizer.bucket_size=20000",
+                         "checkpoint.save_interval=0", "logging.sample_tokens=0",
+                         "training.eval_iters=0"]),
+}
+
+
 @pytest.fixture(scope="module")
-def pp2(reference):
-    """The pp=2 run (checkpoints at steps 4 and 8), shared by the tests below."""
+def launched(reference):
+    """Every ``RUNS`` run and the pp=2 run's resume from step 4, one msrun launch per rank count
+    (``tests/training/runs_worker.py``)."""
     tmp = reference
-    logs = _launch(tmp, PRETRAIN, _args(tmp, "pp2", "parallel.pp=2",
-                                        "parallel.layers_per_stage=[3,2]"), workers=2)
-    return tmp, logs
+    step4 = tmp / "pp2" / "checkpoints" / "step_000004"
+    runs = {**RUNS, "pp2_resumed": (2, [*PP2, f"checkpoint.load={step4}"])}  # after pp2
+    for count in (2, 4):
+        group = [_args(tmp, run, *extra) for run, (ranks, extra) in runs.items() if ranks == count]
+        launch_runs(tmp, "pretrain", group, count, timeout=900)
+    return tmp
 
 
-def test_pp2_matches_one_process_and_checkpoints_per_stage(pp2):
+def _log(tmp: Path, run: str) -> str:
+    return (tmp / run / "logs" / "rank_0.log").read_text()
+
+
+def test_pp2_matches_one_process_and_checkpoints_per_stage(launched):
     from training.checkpointing import load_checkpoint
 
-    tmp, logs = pp2
-    assert "pp 2" in logs and "sample (" in logs
+    tmp = launched
+    log = _log(tmp, "pp2")
+    assert "pp 2" in log and "sample (" in log, log[-2000:]
     _matches_reference(tmp, "pp2")
     full = load_checkpoint(tmp / "one" / "checkpoints" / "step_000008").model
     ck = tmp / "pp2" / "checkpoints" / "step_000008"
@@ -116,12 +142,8 @@ def test_pp2_matches_one_process_and_checkpoints_per_stage(pp2):
         np.testing.assert_allclose(value, full[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_pp2_resume_eval_and_generate(pp2):
-    tmp, _ = pp2
-    step4 = tmp / "pp2" / "checkpoints" / "step_000004"
-    _launch(tmp, PRETRAIN, _args(tmp, "pp2_resumed", "parallel.pp=2",
-                                 "parallel.layers_per_stage=[3,2]", f"checkpoint.load={step4}"),
-            workers=2)
+def test_pp2_resume_eval_and_generate(launched):
+    tmp = launched
     first, resumed = _metrics(tmp / "pp2", "train", "loss"), _metrics(tmp / "pp2_resumed", "train", "loss")
     assert sorted(resumed) == [5, 6, 7, 8]
     for step in resumed:
@@ -144,46 +166,32 @@ def test_pp2_resume_eval_and_generate(pp2):
     assert len(merged) > len("def ") and merged in printed, (merged, printed[-1500:])
 
 
-@pytest.mark.parametrize("run, layout, workers", [
-    ("pp2_vpp2", ["parallel.pp=2", "parallel.vpp=2", "parallel.layers_per_stage=[2,1,1,1]"], 2),
-    # pp=2 x tp=2 runs with sequence parallelism: the stage exchange of [b, s/tp, h] on top of
-    # the tp path (pp=2 x tp=2 GPT stages without sp: tests/models/test_gpt_pipeline.py).
-    ("pp2_tp2_sp", ["parallel.pp=2", "parallel.tp=2", "parallel.sp=true",
-                    "parallel.layers_per_stage=[2,3]"], 4),
-])
-def test_pipeline_layouts_match_one_process(reference, run, layout, workers):
-    tmp = reference
-    _launch(tmp, PRETRAIN, _args(tmp, run, *layout), workers=workers, timeout=400)
-    sp = "parallel.sp=true" in layout
+@pytest.mark.parametrize("run", ["pp2_vpp2", "pp2_tp2_sp"])
+def test_pipeline_layouts_match_one_process(launched, run):
+    tmp = launched
+    sp = "parallel.sp=true" in RUNS[run][1]
     _matches_reference(tmp, run, grad_rel=1e-5 if sp else 1e-4)
-    log = (tmp / run / "logs" / "rank_0.log").read_text()
+    log = _log(tmp, run)
     assert ("sequence parallel" in log) == sp and "sample (" in log, log[-2000:]
 
 
-def test_pp2_dp2_distributed_optimizer_matches_one_process(reference):
+def test_pp2_dp2_distributed_optimizer_matches_one_process(launched):
     """pp=2 x dp=2 (4 ranks) with the distributed optimizer: each stage shards its moments over
     its dp pair; the tied embedding's two copies get the same update on both stages. Per-step
     loss and gradient norm equal the one-process run's (1e-5). (Validation is off,
     ``training.eval_iters=0``: with dp=2 it would read other samples.)"""
-    tmp = reference
-    _launch(tmp, PRETRAIN, _args(tmp, "pp2_dp2_zero", "parallel.pp=2",
-                                 "parallel.layers_per_stage=[3,2]", "optimizer.distributed=true",
-                                 "optimizer.bucket_size=20000", "checkpoint.save_interval=0",
-                                 "logging.sample_tokens=0", "training.eval_iters=0"),
-            workers=4, timeout=400)
+    tmp = launched
     for key in ("loss", "grad_norm"):
         _close(_metrics(tmp / "pp2_dp2_zero", "train", key), _metrics(tmp / "one", "train", key),
                1e-5, key)
 
 
-def test_pp2_fp16_tracks_the_fp32_run(reference):
+def test_pp2_fp16_tracks_the_fp32_run(launched):
     """fp16 matmuls with the static loss scale applied by the schedule (unscaled before the
     update), against the fp32 one-process run: the first step's unscaled gradient norm (same
     weights, same batch) within 1e-3, every step's loss within 1e-2 and gradient norm within 5e-2."""
-    tmp = reference
-    logs = _launch(tmp, PRETRAIN, _args(tmp, "pp2_fp16", "parallel.pp=2", "training.dtype=fp16",
-                                        "parallel.layers_per_stage=[3,2]"), workers=2)
-    assert "compute fp16, loss scale 1024" in logs
+    tmp = launched
+    assert "compute fp16, loss scale 1024" in _log(tmp, "pp2_fp16")
     half, full = (_metrics(tmp / run, "train", "grad_norm") for run in ("pp2_fp16", "one"))
     _close({1: half[1]}, {1: full[1]}, 1e-3, "fp16 grad_norm of step 1 (unscaled)")
     _close(_metrics(tmp / "pp2_fp16", "train", "loss"), _metrics(tmp / "one", "train", "loss"), 1e-2,

@@ -1,11 +1,12 @@
 """Layout-free checkpoints on real ranks: the reshard matrix.
 
-Four saving runs ({tp=2, pp=2, dp=2 + distributed optimizer, pp=2 x tp=2}, tied embeddings)
-each train 2 steps, save, and continue 3 more steps, validation off (bit-exact resume on the
-same layout is proven elsewhere, so those are the reference steps). Then one launch per loading layout
-({1 process, tp=2, pp=2}) loads all four checkpoints in turn into the same, once-built
-training setup (``tests/training/reshard_worker.py``): its weights are bit-equal to the slices
-of the saved whole model, and its next 3 losses equal the saving run's (1e-5 relative).
+Four saving runs ({tp=2, pp=2, dp=2 + distributed optimizer} in one 2-rank launch, pp=2 x tp=2
+on 4 ranks; tied embeddings) each train 2 steps, save, and continue 3 more steps, validation
+off (bit-exact resume on the same layout is proven elsewhere, so those are the reference
+steps). Then one launch per loading layout ({1 process, tp=2, pp=2}) loads all four
+checkpoints in turn into the same, once-built training setup
+(``tests/training/reshard_worker.py``): its weights are bit-equal to the slices of the saved
+whole model, and its next 3 losses equal the saving run's (1e-5 relative).
 ``python -m training.export_hf`` writes the pp=2 x tp=2 checkpoint as a Hugging Face directory
 that ``models.from_pretrained`` reads back bit for bit.
 """
@@ -17,10 +18,10 @@ import pytest
 from tests.fresh_process import run_python
 from tests.msrun_util import msrun_command, run_msrun, worker_logs
 from tests.multirank import REPO_ROOT
+from tests.training.runs_worker import launch_runs
 
 pytestmark = pytest.mark.multirank
 
-PRETRAIN = str(REPO_ROOT / "training" / "pretrain.py")
 WORKER = str(REPO_ROOT / "tests" / "training" / "reshard_worker.py")
 TINY = ["model.vocab_size=512", "model.hidden_size=32", "model.num_layers=2", "model.num_heads=4",
         "model.num_kv_heads=2", "model.ffn_hidden_size=64", "model.seq_length=32",
@@ -47,9 +48,12 @@ def _launch(script: str, args, tmp: Path, workers: int) -> None:
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
+    """The saving runs: one launch per rank count (``tests/training/runs_worker.py``)."""
     tmp = tmp_path_factory.mktemp("reshard")
-    for name, (workers, extra) in SAVE.items():
-        _launch(PRETRAIN, _args(tmp, f"save_{name}", extra), tmp, workers)
+    for workers in sorted({w for w, _ in SAVE.values()}):
+        launch_runs(tmp, "pretrain", [_args(tmp, f"save_{name}", extra)
+                                      for name, (w, extra) in SAVE.items() if w == workers],
+                    workers, timeout=600)
     return tmp
 
 
