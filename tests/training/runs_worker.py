@@ -9,7 +9,8 @@ the communication groups, which MindSpore keeps by name.
 each in its own ``logging.output_dir``; a later run may load an earlier one's checkpoint. A run
 that fails (an exception, or exit status 2 for bad input) fails the launch, and the runs after
 it do not start.
-``launch_runs`` builds the command line and runs it from a test."""
+From a test, ``launch_runs`` runs a list of runs in one launch and ``launch_by_rank_count``
+a table of runs in one launch per rank count."""
 from __future__ import annotations
 
 import importlib
@@ -35,6 +36,15 @@ def launch_runs(tmp: Path, entry: str, runs: list[list[str]], workers: int,
     logs = worker_logs(tmp / log_dir)
     assert out.returncode == 0, out.stdout[-2000:] + logs[-6000:]
     return logs
+
+
+def launch_by_rank_count(tmp: Path, entry: str, runs: dict[str, tuple[int, list[str]]],
+                         timeout: float = 900) -> None:
+    """``runs``: name -> (ranks, arguments). One ``launch_runs`` per rank count, fewest ranks
+    first, the runs of a count in table order (logs in ``tmp/logs_<N>ranks``)."""
+    for ranks in sorted({n for n, _ in runs.values()}):
+        group = [args for n, args in runs.values() if n == ranks]
+        launch_runs(tmp, entry, group, ranks, timeout=timeout, log_dir=f"logs_{ranks}ranks")
 
 
 def main(argv: list[str]) -> None:

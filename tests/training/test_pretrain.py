@@ -49,10 +49,15 @@ def _tiny(tmp: Path, run: str, *extra) -> list[str]:
     return [*TINY, f"data.cache_dir={tmp / 'cache'}", f"logging.output_dir={tmp / run}", *extra]
 
 
-def _valid_loss(run_dir: Path) -> float:
-    """The run's (one) validation loss from metrics.jsonl."""
+def _valid_losses(run_dir: Path) -> list[float]:
+    """The run's validation losses from metrics.jsonl, in order."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    (loss,) = [r["valid_loss"] for r in rows if r["kind"] == "valid"]
+    return [r["valid_loss"] for r in rows if r["kind"] == "valid"]
+
+
+def _valid_loss(run_dir: Path) -> float:
+    """The run's (one) validation loss."""
+    (loss,) = _valid_losses(run_dir)
     return loss
 
 
@@ -339,8 +344,7 @@ def test_distributed_optimizer_dp2_matches_one_process_and_resumes_exactly(two_r
     # resuming step 5 on the same layout reproduces steps 6-10 and the final weights bit for bit
     first, again = _losses(tmp / "zero_dp2"), _losses(tmp / "zero_dp2_resumed")
     assert sorted(again) == [6, 7, 8, 9, 10], sorted(again)
-    rows = [json.loads(line) for line in (tmp / "zero_dp2_resumed" / "metrics.jsonl").open()]
-    assert not [r for r in rows if r["kind"] == "valid"], rows  # training.eval_iters=0
+    assert _valid_losses(tmp / "zero_dp2_resumed") == []  # training.eval_iters=0
     assert "training.eval_iters=0: validation is off" in \
         (tmp / "zero_dp2_resumed" / "logs" / "rank_0.log").read_text()
     assert all(again[s] == first[s] for s in again), (first, again)

@@ -15,6 +15,7 @@ import pytest
 
 from tests.msrun_util import msrun_command, run_msrun, worker_logs
 from tests.multirank import REPO_ROOT
+from tests.training.test_pretrain import _valid_losses
 from training.config import ConfigError, load_config
 
 CONFIG = str(REPO_ROOT / "configs" / "tiny_deepseek_v3_demo.yaml")
@@ -119,7 +120,5 @@ def test_tp2_ep2_matches_one_process(reference):
             assert abs(b - a) <= 1e-5 * abs(a), (step, key, a, b)
         for key in ("moe_tokens_min", "moe_tokens_max", "moe_tokens_std"):
             assert many[step][key] == pytest.approx(one[step][key], rel=1e-6), (step, key)
-    valid = [[json.loads(line)["valid_loss"] for line in (tmp / run / "metrics.jsonl").open()
-              if json.loads(line)["kind"] == "valid"] for run in ("full", "tp2_ep2")]
-    assert len(valid[0]) == len(valid[1]) == 1 and abs(valid[1][0] - valid[0][0]) <= \
-        1e-5 * valid[0][0], valid
+    one, many = _valid_losses(tmp / "full"), _valid_losses(tmp / "tp2_ep2")
+    assert len(one) == len(many) == 1 and abs(many[0] - one[0]) <= 1e-5 * one[0], (one, many)

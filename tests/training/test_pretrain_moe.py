@@ -30,7 +30,8 @@ import pytest
 
 from tests.fresh_process import run_python
 from tests.multirank import REPO_ROOT
-from tests.training.runs_worker import launch_runs
+from tests.training.runs_worker import launch_by_rank_count
+from tests.training.test_pretrain import _valid_losses
 
 PRETRAIN = str(REPO_ROOT / "training" / "pretrain.py")
 CONFIG = str(REPO_ROOT / "configs" / "tiny_moe_demo.yaml")
@@ -234,11 +235,9 @@ def launched(reference):
     """Every multi-rank run, one msrun launch per rank count (``tests/training/runs_worker.py``)."""
     tmp, res = reference
     assert res.returncode == 0, res.stderr[-3000:]
-    runs = {run: (workers, extra) for run, (workers, extra, *_) in {**LAYOUTS, **PIPELINED}.items()}
-    for count in sorted({workers for workers, _ in runs.values()}):
-        group = [_args(tmp, run, *extra, "checkpoint.save_interval=0")
-                 for run, (workers, extra) in runs.items() if workers == count]
-        launch_runs(tmp, "pretrain", group, count, timeout=900, log_dir=f"logs_{count}ranks")
+    launch_by_rank_count(tmp, "pretrain", {
+        run: (workers, _args(tmp, run, *extra, "checkpoint.save_interval=0"))
+        for run, (workers, extra, *_) in {**LAYOUTS, **PIPELINED}.items()})
     return tmp
 
 
@@ -252,13 +251,11 @@ def test_expert_parallel_matches_one_process(launched, layout):
     workers, extra = LAYOUTS[layout]
     run_dir = tmp / layout
     _assert_steps_match(tmp, run_dir)
-    valid = {run: [json.loads(line)["valid_loss"] for line in (tmp / run / "metrics.jsonl").open()
-                   if json.loads(line)["kind"] == "valid"] for run in ("full", layout)}
+    one, many = _valid_losses(tmp / "full"), _valid_losses(run_dir)
     if "training.eval_iters=1" in extra:
-        assert len(valid[layout]) == 1 and abs(valid[layout][0] - valid["full"][0]) <= \
-            1e-5 * valid["full"][0], valid
+        assert len(many) == 1 and abs(many[0] - one[0]) <= 1e-5 * one[0], (one, many)
     else:
-        assert valid[layout] == [], valid
+        assert many == [], many
     # Weights after 6 AdamW steps: an element whose gradient is ~0 gets an update of up to lr
     # from rounding-level gradient differences (m / sqrt(v)), hence the absolute tolerance.
     ref = load_checkpoint(tmp / "full" / "checkpoints" / f"step_{STEPS:06d}")

@@ -25,7 +25,7 @@ import pytest
 from tests.fresh_process import run_python
 from tests.msrun_util import msrun_command, run_msrun, worker_logs
 from tests.multirank import REPO_ROOT
-from tests.training.runs_worker import launch_runs
+from tests.training.runs_worker import launch_by_rank_count
 
 pytestmark = pytest.mark.multirank
 
@@ -112,9 +112,8 @@ def launched(reference):
     tmp = reference
     step4 = tmp / "pp2" / "checkpoints" / "step_000004"
     runs = {**RUNS, "pp2_resumed": (2, [*PP2, f"checkpoint.load={step4}"])}  # after pp2
-    for count in (2, 4):
-        group = [_args(tmp, run, *extra) for run, (ranks, extra) in runs.items() if ranks == count]
-        launch_runs(tmp, "pretrain", group, count, timeout=900)
+    launch_by_rank_count(tmp, "pretrain", {run: (ranks, _args(tmp, run, *extra))
+                                           for run, (ranks, extra) in runs.items()})
     return tmp
 
 

@@ -18,7 +18,7 @@ import pytest
 from tests.fresh_process import run_python
 from tests.msrun_util import msrun_command, run_msrun, worker_logs
 from tests.multirank import REPO_ROOT
-from tests.training.runs_worker import launch_runs
+from tests.training.runs_worker import launch_by_rank_count
 
 pytestmark = pytest.mark.multirank
 
@@ -50,10 +50,8 @@ def _launch(script: str, args, tmp: Path, workers: int) -> None:
 def saved(tmp_path_factory):
     """The saving runs: one launch per rank count (``tests/training/runs_worker.py``)."""
     tmp = tmp_path_factory.mktemp("reshard")
-    for workers in sorted({w for w, _ in SAVE.values()}):
-        launch_runs(tmp, "pretrain", [_args(tmp, f"save_{name}", extra)
-                                      for name, (w, extra) in SAVE.items() if w == workers],
-                    workers, timeout=600)
+    launch_by_rank_count(tmp, "pretrain", {name: (workers, _args(tmp, f"save_{name}", extra))
+                                           for name, (workers, extra) in SAVE.items()}, timeout=600)
     return tmp
 
 
