@@ -15,6 +15,15 @@ workers at once, then waits for the scheduler, which waits for the timeout). So 
 that msrun started also starts a small watchdog process: once every worker msrun started has
 exited, the scheduler gets ``SCHEDULER_GRACE_SECONDS`` to finish, then is ended (SIGTERM, then
 SIGKILL), so msrun exits non-zero within seconds of a death instead of ``MS_NODE_TIMEOUT`` later.
+
+Eager ops on the CPU. By default MindSpore queues each eager (PyNative) op for a runtime thread,
+and a second thread spins while the caller waits for the queue or, inside an eager collective,
+for a peer: two cores busy for one core of work. ``set_device("CPU")`` makes eager ops run in the
+calling thread instead (``mindspore.runtime.launch_blocking``; measured on 2 cores: 400 small
+eager matmuls 0.29 s instead of 1.8-6 s, a rank waiting 6 s at an eager all-reduce 0 CPU-s
+instead of 6). It takes effect only before the process's first op, which is why it belongs to
+start-up. ``MS_DEV_LAUNCH_BLOCKING`` in the environment (read at ``import mindspore``) wins.
+Compiled graphs run as before.
 """
 from __future__ import annotations
 
@@ -40,11 +49,15 @@ def requested_device() -> str:
 
 
 def set_device(device: str | None = None) -> str:
-    """Select ``device`` (default: ``requested_device()``) and return its name."""
+    """Select ``device`` (default: ``requested_device()``) and return its name. On the CPU, eager
+    ops then run in the calling thread unless ``MS_DEV_LAUNCH_BLOCKING`` is set (module
+    docstring)."""
     import mindspore as ms
 
     device = device or requested_device()
     ms.set_device(device)
+    if device == "CPU" and "MS_DEV_LAUNCH_BLOCKING" not in os.environ:
+        ms.runtime.launch_blocking()
     return device
 
 

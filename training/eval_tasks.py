@@ -233,9 +233,9 @@ def main(argv: list[str]) -> int:
             from models.peft import read_adapter_config
 
             read_adapter_config(ns.adapter)
-        import mindspore as ms
+        from mcore.distributed_env import set_device
 
-        ms.set_device("CPU")
+        set_device("CPU")  # eager ops inline (mcore/distributed_env.py)
         model, tok = load(ns.model, ns.tokenizer)
         if ns.adapter is not None:
             from models.peft import load_adapter

@@ -256,9 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     with exit_on_user_error():
         prompts = read_prompts(ns.prompt, ns.prompt_file)
         resolve(ns.source, ns.tokenizer)  # source and tokenizer exist: fail before any work
-        import mindspore as ms
+        from mcore.distributed_env import set_device
 
-        ms.set_device("CPU")
+        set_device("CPU")  # eager ops inline (mcore/distributed_env.py)
         model, tok = load(ns.source, ns.tokenizer)
         t0 = time.perf_counter()
         texts, n = generate_texts(model, tok, prompts, ns.max_new_tokens, ns.temperature,

@@ -113,9 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         if world > 1:
             model, tok, dims = _load_tp(src, world)
         else:
-            import mindspore as ms
+            from mcore.distributed_env import set_device
 
-            ms.set_device("CPU")
+            set_device("CPU")  # eager ops inline (mcore/distributed_env.py)
             model, tok = load(ns.source, ns.tokenizer)
     from training.serving.engine import Engine
     from training.serving.lockstep import Lockstep, follow
