@@ -10,16 +10,12 @@ cores). It changes no timeout: a rank is still declared dead after ``MS_NODE_TIM
 silence. Set here, before any process is started, so msrun, the ``tests.multirank`` harness
 and the docs' commands inherit it; a value already in the environment wins.
 
-PyNative dispatch: by default MindSpore queues each eager op for a runtime thread, and the Python
-thread spins while it waits for the queue (and for a peer inside an eager collective): two
-cores busy for one core of work.
-``MS_DEV_LAUNCH_BLOCKING=1`` runs each op in the calling thread (read at ``import mindspore``;
-``docs/performance.md``, "Eager ops on the CPU"). The library switches to that at CPU start-up
-(``mcore.distributed_env.set_device``); the variable also covers the tests that run eager ops
-in-process without that start-up. Measured on 2 cores: 400 small eager matmuls
-0.29 s instead of 1.8-6 s; a rank waiting 6 s at an eager all-reduce used 0 CPU-s instead of
-6; the whole suite 1284 s instead of 1679-1773 s (2196 CPU-s instead of 2900). Graph-mode
-steps are unchanged.
+Eager ops: ``MS_DEV_LAUNCH_BLOCKING=1`` (read at ``import mindspore``) runs each one in the
+calling thread instead of queueing it for a runtime thread while another spins, as the library
+does at CPU start-up (``mcore.distributed_env.set_device``; why and what it saves:
+``docs/performance.md``, "Eager ops on the CPU"). The variable also covers the tests that run
+eager ops in-process without that start-up. Measured: the whole suite 1284 s instead of
+1679-1773 s (2196 CPU-s instead of 2900).
 
 The working directories of ``tests.multirank`` jobs (logs, results, MindSpore's ``rank_N/``) go
 under pytest's base temporary directory (``MSF_RANK_JOB_ROOT``), which pytest prunes to the

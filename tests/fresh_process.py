@@ -9,11 +9,13 @@ from pathlib import Path
 from tests.multirank import REPO_ROOT
 
 
-def run_python(code: str, cwd: Path = REPO_ROOT, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``python -c code`` with ``REPO_ROOT`` first on ``sys.path``; output captured as text."""
+def run_python(code: str, cwd: Path = REPO_ROOT, timeout: float = 240,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -c code`` with ``REPO_ROOT`` first on ``sys.path``; output captured as text;
+    ``env``: the environment (default: this process's)."""
     prelude = f"import sys; sys.path.insert(0, {str(REPO_ROOT)!r}); "
     return subprocess.run([sys.executable, "-c", prelude + code], capture_output=True, text=True,
-                          timeout=timeout, cwd=cwd)
+                          timeout=timeout, cwd=cwd, env=env)
 
 
 def assert_check_passes(module: str, function: str, *args, marker: str, timeout: float = 180) -> None:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import threading
 import time
 
 import pytest
 
 from mcore.distributed_env import watch_scheduler
-from tests.multirank import REPO_ROOT
+from tests.fresh_process import run_python
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="needs /proc")
 
@@ -50,8 +49,7 @@ def test_scheduler_that_finishes_on_its_own_is_left_alone():
 def test_cpu_start_up_runs_eager_ops_inline_unless_the_environment_says(env, inline):
     """``init_if_needed`` on the CPU (a fresh process: the setting is process-global) switches
     eager ops to the calling thread; a ``MS_DEV_LAUNCH_BLOCKING`` of the user's is left alone."""
-    code = ("import sys; sys.path.insert(0, {root!r}); "
-            "from mcore.distributed_env import init_if_needed; "
+    code = ("from mcore.distributed_env import init_if_needed; "
             "from mindspore._c_expression import RuntimeConf; "
             "assert init_if_needed() == (1, 0); "
             "print('INLINE', RuntimeConf.get_instance().is_launch_blocking())")
@@ -59,7 +57,6 @@ def test_cpu_start_up_runs_eager_ops_inline_unless_the_environment_says(env, inl
                if k not in ("MS_DEV_LAUNCH_BLOCKING", "MS_WORKER_NUM", "MS_ROLE")}
     if env is not None:
         environ["MS_DEV_LAUNCH_BLOCKING"] = env
-    res = subprocess.run([sys.executable, "-c", code.format(root=str(REPO_ROOT))], env=environ,
-                         capture_output=True, text=True, timeout=120)
+    res = run_python(code, timeout=120, env=environ)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f"INLINE {inline}" in res.stdout, res.stdout
