@@ -1,7 +1,9 @@
 """Fused CPU kernels (``mcore.fusions``) against their composed references, in one run.
 
 Shapes of ``configs/tiny_llama_bench.yaml`` (batch 4, seq 256, hidden 512, 8 heads of 64 with
-2 kv heads, ffn 1408, vocabulary 32000), float32. Each case times one compiled
+2 kv heads, ffn 1408, vocabulary 32000), float32; ``grouped_matmul``: the fc1 of 8 SwiGLU
+experts of ffn 704 (half the dense one), top-2 of those 1024 tokens (2048 rows, unevenly
+routed), against the composed form that compiles (counts as a Tensor). Each case times one compiled
 (``mindspore.jit``) forward + backward of ``sum(op(x) * probe)`` with the kernel and with the
 composed reference, alternating them round after round so that both see the same load; rounds
 run for at least ``SECONDS``.
@@ -29,6 +31,7 @@ from mindspore import Tensor, nn, ops  # noqa: E402
 
 from mcore.fusions.attention import CoreAttention  # noqa: E402
 from mcore.fusions.registry import choice, fused_cell  # noqa: E402
+from mcore.moe.grouped_matmul import grouped_matmul  # noqa: E402
 from mcore.parallel_state import ProcessGroup  # noqa: E402
 from mcore.tensor_parallel.cross_entropy import TokenCrossEntropy  # noqa: E402
 from mcore.transformer.mlp import silu  # noqa: E402
@@ -36,6 +39,7 @@ from mcore.transformer.norm import RMSNorm  # noqa: E402
 from mcore.transformer.rotary import ApplyRotary  # noqa: E402
 
 B, S, H, HEADS, KV, D, FFN, VOCAB = 4, 256, 512, 8, 2, 64, 1408, 32000
+EXPERTS = 8
 SECONDS = 3.0
 
 
@@ -64,21 +68,39 @@ class AddNorm(nn.Cell):
         return s + y
 
 
+class Grouped(nn.Cell):
+    """``grouped_matmul(x, w, counts)`` with the counts fixed: fused = the kernel, else the
+    composed static form."""
+
+    def __init__(self, fused: bool, counts):
+        super().__init__()
+        self.kernel = fused_cell("grouped_matmul", True) if fused else None
+        self.counts = counts
+
+    def construct(self, x, w):
+        if self.kernel is None:
+            return grouped_matmul(x, w, self.counts)
+        return self.kernel(x, w, self.counts)
+
+
 def _grad_step(cell: nn.Cell, n_inputs: int):
-    """A compiled ``inputs -> grads of sum(cell(*inputs) * probe)`` over all inputs."""
+    """A compiled ``inputs -> (loss, grads)`` of ``loss = sum(cell(*inputs) * probe)`` over all
+    inputs. The loss is returned so that the forward always runs: a gradient alone would let
+    the compiler drop the forward of an op whose backward does not read its output."""
     positions = tuple(range(n_inputs))
 
     def loss(*args):
         return ops.sum(cell(*args[:n_inputs]) * args[n_inputs])
 
-    grad = ms.grad(loss, positions, weights=cell.trainable_params() or None)
-    return ms.jit(grad)
+    return ms.jit(ms.value_and_grad(loss, positions, weights=cell.trainable_params() or None))
 
 
 def _case(name: str):
     """(kernel, reference, inputs, probe) of case ``name`` (built alone: the other cases' kernels
     may be off in this mode)."""
     rng = np.random.default_rng(0)
+    counts = Tensor(np.bincount(rng.integers(0, EXPERTS, 2 * B * S), minlength=EXPERTS)
+                    .astype(np.int32))
 
     def t(*shape):
         return Tensor(rng.standard_normal(shape, dtype=np.float32))
@@ -100,6 +122,8 @@ def _case(name: str):
             TokenCrossEntropy(ProcessGroup.single("tp"), fused=True),
             TokenCrossEntropy(ProcessGroup.single("tp"), fused=False),
             (t(B, S, VOCAB), Tensor(rng.integers(0, VOCAB, (B, S)).astype(np.int32))), t(B, S)),
+        "grouped_matmul": lambda: (Grouped(True, counts), Grouped(False, counts),
+                                   (t(2 * B * S, H), t(EXPERTS, H, FFN)), t(2 * B * S, FFN)),
     }
     return cases[name]()
 
@@ -133,7 +157,7 @@ def _sync(grads):
 
 
 @pytest.mark.parametrize("name", ["rms_norm", "add_rms_norm", "swiglu", "rotary_q", "attention",
-                                  "cross_entropy"])
+                                  "cross_entropy", "grouped_matmul"])
 def test_fused_kernel(benchmark, name):
     if choice({"rotary_q": "rotary"}.get(name, name)) != "cpu_kernel":
         pytest.skip("no CPU kernel here (MSFORMERS_FUSIONS=composed, or no C++ compiler)")

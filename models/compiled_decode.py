@@ -27,6 +27,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import nn, ops
 
+from mcore.moe.dispatcher import AllToAllDispatcher
+
 MAX_BUCKETS = 4
 MIN_PROMPT_WIDTH, MIN_CACHE_LEN = 16, 64
 
@@ -120,10 +122,11 @@ class CompiledDecoder:
 
 
 def compiles(model) -> bool:
-    """Whether ``model``'s forward compiles under ``mindspore.jit``: not when it has dropless MoE
-    layers (``moe.pad_to_capacity`` off: the dispatch has data-dependent shapes)."""
-    moe = getattr(model.config, "moe", None)
-    return not (getattr(model, "moe_layers", ()) and not (moe and moe.pad_to_capacity))
+    """Whether ``model``'s forward compiles under ``mindspore.jit``: not when a MoE layer moves
+    its tokens with the ``AllToAllDispatcher`` (planned on the host, eager only). A MoE layer
+    whose ep group has one rank, as in every one-process model, uses the
+    ``AllGatherDispatcher``, which compiles, dropless or not."""
+    return not any(isinstance(cell, AllToAllDispatcher) for _, cell in model.cells_and_names())
 
 
 def decoder_for(model, batch: int, prompt_width: int, max_new_tokens: int) -> tuple:

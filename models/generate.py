@@ -11,7 +11,8 @@ every step in PyNative (the reference the benchmark compares against).
 By default (``compiled=True``) the steps run under ``mindspore.jit`` with a ``StaticKVCache``
 preallocated per request size bucket (``models.compiled_decode``: graphs compiled once per
 bucket and reused by later calls; greedy decoding keeps the token loop on the device). A model
-whose forward does not compile (dropless MoE, ``compiled_decode.compiles``) decodes in PyNative.
+whose forward does not compile (a MoE layer with the all-to-all dispatcher,
+``compiled_decode.compiles``) decodes in PyNative.
 ``compiled=False`` runs them in PyNative with a growing ``KVCache``; both give the same tokens.
 Sampling (``do_sample``): logits / ``temperature``, then top-k, then top-p (nucleus), then a
 draw from ``numpy.random.default_rng(seed)`` (on the host, in either mode).

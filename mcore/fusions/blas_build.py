@@ -1,23 +1,26 @@
-"""Build the BLAS matmul kernel (``csrc/blas_matmul.cc``) against the OpenBLAS of the pip
-package ``scipy-openblas32`` and set its thread count.
+"""Build the BLAS kernels (``csrc/blas_matmul.cc``, ``csrc/grouped_matmul.cc``) against the
+OpenBLAS of the pip package ``scipy-openblas32`` and set their thread count.
 
 ``build_blas_matmul()`` returns the path of a shared library exporting ``MatmulNTBwd`` (the
-backward of ``x w^T``, an ``ops.Custom(func_type="aot")`` entry point) linked to
+backward of ``x w^T``) and ``GroupedMatmulFwd`` / ``GroupedMatmulBwd`` (the experts' grouped
+matmul), ``ops.Custom(func_type="aot")`` entry points, linked to
 ``libscipy_openblas.so`` with an rpath to it, so neither a system BLAS nor ``LD_LIBRARY_PATH`` is
 needed. The headers and the library come from the package (``get_include_dir``,
 ``get_lib_dir``); its symbols carry the prefix ``scipy_`` and cannot clash with NumPy's or
 MindSpore's own BLAS. Compiler, cache directory and atomic publication are those of
-``cpu_build`` (the file name hashes the source, the compiler, the flags and the OpenBLAS
+``cpu_build`` (the file name hashes the sources, the compiler, the flags and the OpenBLAS
 version). Flags: ``-O2`` (the kernel only forwards to sgemm) and ``-pthread``.
 
 Failure (the package is not installed, no compiler, a compile error) raises
-``KernelBuildError``; ``mcore.fusions.registry`` then uses the composed ``ops.MatMul``.
+``KernelBuildError``; ``mcore.fusions.registry`` then uses the composed ops (``ops.MatMul``,
+``mcore.moe.grouped_matmul``).
 
 Threads: ``blas_threads()`` reads ``$MSFORMERS_BLAS_THREADS`` (default: the CPUs this process
 may run on) and ``set_blas_threads`` hands it to the library's ``BlasSetThreads``. OpenBLAS
 itself always runs one thread; with 2 or more the backward of a product of at least 2^25
 multiply-adds computes ``dx`` and ``dw`` at the same time on two threads (csrc/blas_matmul.cc
-says why), so the results do not depend on the setting (docs/fusions.md, "The BLAS matmul").
+says why; the grouped matmul splits its experts the same way, csrc/grouped_matmul.cc), so the
+results do not depend on the setting (docs/fusions.md, "The BLAS matmul").
 """
 from __future__ import annotations
 
@@ -30,7 +33,9 @@ from pathlib import Path
 
 from mcore.fusions.cpu_build import KernelBuildError, _compile, _version, cache_dir, compiler
 
-SOURCE = Path(__file__).with_name("csrc") / "blas_matmul.cc"
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = (CSRC / "blas_matmul.cc", CSRC / "grouped_matmul.cc")
+HEADERS = (CSRC / "blas_gemm.h",)
 FLAGS = ("-O2", "-pthread")  # -pthread: std::thread
 THREADS_ENV = "MSFORMERS_BLAS_THREADS"
 
@@ -58,13 +63,15 @@ def build_blas_matmul() -> str:
     flags = (*FLAGS, f"-I{include}")
     link = (f"-L{libdir}", "-lscipy_openblas", f"-Wl,-rpath,{libdir}")
     key_text = "\0".join((_version(cxx), *flags, *link, version))
-    key = hashlib.sha256(SOURCE.read_bytes() + key_text.encode()).hexdigest()[:16]
+    source = b"\0".join(p.read_bytes() for p in (*SOURCES, *HEADERS))
+    key = hashlib.sha256(source + key_text.encode()).hexdigest()[:16]
     target = directory / f"blas_matmul_{key}.so"
     if not target.exists():
         try:
-            _compile(cxx, flags, target, (SOURCE,), link)
+            _compile(cxx, flags, target, SOURCES, link)
         except subprocess.TimeoutExpired as exc:
-            raise KernelBuildError(f"compiling {SOURCE.name} timed out") from exc
+            names = ", ".join(p.name for p in SOURCES)
+            raise KernelBuildError(f"compiling {names} timed out") from exc
     return str(target)
 
 

@@ -2,9 +2,10 @@
 
 ``build_cpu_kernels()`` compiles the sources of ``csrc/`` (``cpu_kernels.cc``,
 ``norm_kernels.cc``, ``attention_kernels.cc``, ``swiglu.cc``, ``cross_entropy.cc``,
-``adamw_kernels.cc``, ``small_matmul.cc``, ``decode_layer.cc``, sharing ``common.h``, ``exp.h``
-and ``row_math.h``; ``tile_products.h`` for attention, ``row_products.h`` for the decode products)
-into one library with the machine's C++ compiler (``$CXX``, else ``g++``) at first use.
+``adamw_kernels.cc``, ``small_matmul.cc``, ``decode_layer.cc``, ``moe_permute.cc``, sharing
+``common.h``, ``exp.h`` and ``row_math.h``; ``tile_products.h`` for attention,
+``row_products.h`` for the decode products) into one library with the machine's C++
+compiler (``$CXX``, else ``g++``) at first use.
 
 Flags: ``-O3 -march=native -fopenmp -fno-math-errno -fno-trapping-math`` when the compiler
 accepts them, else ``-O3`` alone (a compiler without OpenMP still builds a serial library).
@@ -38,7 +39,7 @@ from pathlib import Path
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "cpu_kernels.cc", CSRC / "norm_kernels.cc", CSRC / "attention_kernels.cc",
            CSRC / "swiglu.cc", CSRC / "cross_entropy.cc", CSRC / "adamw_kernels.cc",
-           CSRC / "small_matmul.cc", CSRC / "decode_layer.cc")
+           CSRC / "small_matmul.cc", CSRC / "decode_layer.cc", CSRC / "moe_permute.cc")
 HEADERS = (CSRC / "common.h", CSRC / "exp.h", CSRC / "row_math.h", CSRC / "tile_products.h",
            CSRC / "row_products.h")  # only hashed
 FAST_FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math")

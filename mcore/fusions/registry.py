@@ -33,6 +33,9 @@ CPU kernels); ``MSFORMERS_FUSIONS=auto`` (the default) and ``kernels`` choose as
 | squared_norm | ``(g * g).sum()`` (``mcore.distributed.grad_norm``) | ``CpuSquaredNorm`` | composed |
 | adamw | ``ApplyAdamW`` with ``ops.AdamWeightDecay`` (``training.adamw``) | ``CpuAdamW`` (in place) | composed |
 | acc_add | ``ops.assign_add(acc, g)`` (``training.step.ForwardBackward``) | ``CpuAccAdd`` (in place) | composed |
+| grouped_matmul | ``mcore.moe.grouped_matmul`` | ``CpuGroupedMatmul`` (OpenBLAS) | composed |
+| moe_permute | ``mcore.moe.permute.permute`` | ``CpuMoePermute`` | composed |
+| moe_unpermute | ``mcore.moe.permute.unpermute`` | ``CpuMoeUnpermute`` | composed |
 
 Fused kernels cover float32 inputs on CPU; layers call the composed op for other dtypes.
 """
@@ -47,7 +50,7 @@ from typing import Callable
 import mindspore as ms
 from mindspore import nn, ops
 
-from mcore.fusions import cpu_ops, decode_layer, decode_ops, optimizer_ops
+from mcore.fusions import cpu_ops, decode_layer, decode_ops, moe_ops, optimizer_ops
 from mcore.fusions.blas_build import blas_threads, build_blas_matmul, set_blas_threads
 from mcore.fusions.cpu_build import KernelBuildError, build_cpu_kernels
 
@@ -115,6 +118,12 @@ REGISTRY = {op.name: op for op in (
             cpu_builder=optimizer_ops.CpuAdamW),
     FusedOp("acc_add", "ops.assign_add(acc, g) in training.step.ForwardBackward",
             cpu_builder=optimizer_ops.CpuAccAdd),
+    # The experts' products (mcore.moe.experts.GroupedMLP): one sgemm per expert's rows.
+    FusedOp("grouped_matmul", "mcore.moe.grouped_matmul.grouped_matmul",
+            cpu_builder=moe_ops.CpuGroupedMatmul, cpu_library="blas"),
+    # The dispatchers' token permutation (mcore.moe.permute.Permutation).
+    FusedOp("moe_permute", "mcore.moe.permute.permute", cpu_builder=moe_ops.CpuMoePermute),
+    FusedOp("moe_unpermute", "mcore.moe.permute.unpermute", cpu_builder=moe_ops.CpuMoeUnpermute),
 )}
 
 
@@ -149,7 +158,8 @@ def blas_library() -> str | None:
     try:
         library = build_blas_matmul()
     except KernelBuildError as exc:
-        warnings.warn(f"mcore.fusions: BLAS matmul unavailable, using ops.MatMul: {exc}",
+        warnings.warn(f"mcore.fusions: BLAS matmul unavailable, using ops.MatMul and the "
+                      f"composed grouped matmul: {exc}",
                       RuntimeWarning, stacklevel=2)
         return None
     set_blas_threads(library, blas_threads())
@@ -195,7 +205,7 @@ def fused_cell(name: str, fused: bool | None = None, **kwargs) -> nn.Cell | None
     True = as None, but an error when no fused implementation is available here.
     ``kwargs`` go to the builder (``eps`` for rms_norm and add_rms_norm, ``interleaved`` for
     rotary, ``scale`` for attention, ``ignore_index`` for cross_entropy, ``layer`` for
-    decode_layer).
+    decode_layer, ``num_experts`` for moe_permute).
     """
     if name not in REGISTRY:
         raise KeyError(f"unknown fused op {name!r}; registered: {sorted(REGISTRY)}")

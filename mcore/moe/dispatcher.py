@@ -32,7 +32,7 @@ from mindspore import nn, ops
 
 from mcore.comm import (DifferentiableAllGather, DifferentiableAllToAll,
                         DifferentiableReduceScatter, all_gather)
-from mcore.moe.permute import permute, unpermute
+from mcore.moe.permute import Permutation
 from mcore.parallel_state import ProcessGroup
 
 
@@ -47,10 +47,11 @@ def _local_range(num_experts: int, ep: ProcessGroup):
 class AllGatherDispatcher(nn.Cell):
     """See the module docstring. ``counts``: a Tensor ``[El]``."""
 
-    def __init__(self, num_experts: int, ep: ProcessGroup):
+    def __init__(self, num_experts: int, ep: ProcessGroup, fused: bool | None = None):
         super().__init__()
         self.first, self.num_local = _local_range(num_experts, ep)
         self.ep = ep
+        self.permutation = Permutation(self.num_local, fused)
         self.gather_x = DifferentiableAllGather(ep, 0)
         self.gather_w = DifferentiableAllGather(ep, 0)
         self.scatter_y = DifferentiableReduceScatter(ep, 0)
@@ -61,25 +62,26 @@ class AllGatherDispatcher(nn.Cell):
         local = experts_all - self.first
         foreign = ops.logical_or(local < 0, local >= self.num_local)
         local = ops.where(foreign, ops.fill(ms.int32, local.shape, self.num_local), local)
-        x_local, counts, order = permute(x_all, local, self.num_local)  # [P*T*k, h]
+        x_local, counts, order = self.permutation.permute(x_all, local)  # [P*T*k, h]
         mine = ops.logical_not(foreign).astype(ms.float32)  # [P*T, k]: pairs computed here
         return x_local, counts, (order, mine)
 
     def combine(self, y_local, weights, handle):
         order, mine = handle
         weights_all = self.gather_w(weights) * mine  # [T, k] -> [P*T, k], others' pairs 0
-        y_all = unpermute(y_local, order, weights_all)  # [P*T, h] partial sums
+        y_all = self.permutation.unpermute(y_local, order, weights_all)  # [P*T, h] partial sums
         return self.scatter_y(y_all)  # sum over ranks, own [T, h]
 
 
 class AllToAllDispatcher(nn.Cell):
     """See the module docstring. ``counts``: a list of ``El`` Python ints. Eager only."""
 
-    def __init__(self, num_experts: int, ep: ProcessGroup):
+    def __init__(self, num_experts: int, ep: ProcessGroup, fused: bool | None = None):
         super().__init__()
         self.num_experts = num_experts
         self.first, self.num_local = _local_range(num_experts, ep)
         self.ep = ep
+        self.permutation = Permutation(num_experts, fused)
         self.a2a_forward = DifferentiableAllToAll(ep, 0, 0)
         self.a2a_backward = DifferentiableAllToAll(ep, 0, 0)
 
@@ -97,7 +99,7 @@ class AllToAllDispatcher(nn.Cell):
 
     def dispatch(self, x, experts):
         P, El, me = self.ep.size, self.num_local, self.ep.rank
-        x_sorted, counts, order = permute(x, experts, self.num_experts)  # [N, h]
+        x_sorted, counts, order = self.permutation.permute(x, experts)  # [N, h]
         N, h = x_sorted.shape
         table, pad, send_sizes, starts = self._plan(counts)
         send_idx = np.full((P, pad), N, np.int32)  # row N = the appended zero row
@@ -136,4 +138,4 @@ class AllToAllDispatcher(nn.Cell):
         sent = flat < N
         send_pos[flat[sent]] = np.nonzero(sent)[0].astype(np.int32)
         y_sorted = ops.gather(ops.cat([returned, zero], 0), ms.Tensor(send_pos), 0)  # [N, h]
-        return unpermute(y_sorted, order, weights)
+        return self.permutation.unpermute(y_sorted, order, weights)

@@ -23,7 +23,8 @@ import mindspore as ms
 import numpy as np
 from mindspore import Parameter, nn, ops
 
-from mcore.moe.grouped_matmul import grouped_matmul
+from mcore.fusions.registry import fused_cell
+from mcore.moe.grouped_matmul import counts_tensor, grouped_matmul
 from mcore.parallel_state import ProcessGroup
 from mcore.tensor_parallel.sharding import shard, shard_size
 from mcore.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -68,13 +69,15 @@ def _check(config: TransformerConfig, num_experts: int, first_expert: int, num_l
 
 class GroupedMLP(nn.Cell):
     """Local experts as two stacked weights: ``fc1 [El, h, 2f/etp|f/etp]``,
-    ``fc2 [El, f/etp, h]``."""
+    ``fc2 [El, f/etp, h]``. Float32 products go through the fused ops "grouped_matmul" and
+    "swiglu" of ``mcore.fusions`` where the registry has them (``fused``: None = the registry
+    decides, False = the composed ``grouped_matmul`` and ``silu(gate) * up``)."""
 
     shard_dims = {"fc1": 2, "fc2": 1}  # split over etp (see the module docstring)
 
     def __init__(self, config: TransformerConfig, ffn_hidden_size: int, num_experts: int,
                  first_expert: int = 0, num_local: int | None = None, layer_number: int = 0,
-                 etp: ProcessGroup | None = None):
+                 etp: ProcessGroup | None = None, fused: bool | None = None):
         super().__init__()
         num_local = num_experts if num_local is None else num_local
         _check(config, num_experts, first_expert, num_local)
@@ -89,15 +92,29 @@ class GroupedMLP(nn.Cell):
         self.fc2 = Parameter(ms.Tensor(np.stack([p[1] for p in pairs]), dtype), name="fc2")
         for p in (self.fc1, self.fc2):
             p.expert = True  # for gradient finalisation: reduced over edp, not dp
+        self.kernel = fused_cell("grouped_matmul", fused)
+        self.use_kernel = self.kernel is not None and dtype == ms.float32
+        swiglu = fused_cell("swiglu", fused) if gated else None
+        self.use_swiglu = swiglu is not None
+        if self.use_swiglu:
+            self.swiglu = swiglu
 
-    def construct(self, x, tokens_per_expert):
-        y = grouped_matmul(x, self.fc1, tokens_per_expert)  # [N, h] -> [N, 2f/etp] or [N, f/etp]
+    def _activate(self, y):
+        if self.use_swiglu and y.dtype == ms.float32:
+            return self.swiglu(y)  # [N, 2f/etp] -> [N, f/etp]
         if self.activation == "swiglu":
             gate, up = ops.split(y, self.ffn, -1)  # [N, 2f/etp] -> 2 x [N, f/etp]
-            y = silu(gate) * up
-        else:
-            y = activate(y, self.activation)
-        return grouped_matmul(y, self.fc2, tokens_per_expert)  # [N, f/etp] -> [N, h] (partial)
+            return silu(gate) * up
+        return activate(y, self.activation)
+
+    def construct(self, x, tokens_per_expert):
+        # [N, h] -> [N, 2f/etp] or [N, f/etp] -> [N, f/etp] -> [N, h] (this rank's partial sum)
+        if self.use_kernel and x.dtype == ms.float32:
+            counts = counts_tensor(tokens_per_expert, self.fc1.shape[0], x.shape[0])
+            y = self._activate(self.kernel(x, self.fc1, counts))
+            return self.kernel(y, self.fc2, counts)
+        y = self._activate(grouped_matmul(x, self.fc1, tokens_per_expert))
+        return grouped_matmul(y, self.fc2, tokens_per_expert)
 
 
 class SequentialMLP(nn.Cell):

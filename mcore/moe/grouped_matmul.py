@@ -13,8 +13,10 @@ same numbers, chosen by the type of ``tokens_per_expert``:
   (``[N, in] x [in, E*out]``) and each row keeps its own expert's block. Static shapes, so it
   compiles under ``mindspore.jit``; costs ``E`` times the work (tests, small expert counts).
 
-Both are differentiable w.r.t. ``x`` and ``w``. A fused device kernel (Ascend
-``grouped_matmul``) belongs in ``mcore/fusions`` behind the same signature (not wired yet).
+Both are differentiable w.r.t. ``x`` and ``w``. This is the composed reference of the fused
+op "grouped_matmul" of ``mcore.fusions`` (on the CPU one OpenBLAS product per expert's rows,
+either form of counts, compiling; ``GroupedMLP`` takes it through the registry);
+``counts_tensor`` turns either form of counts into the kernel's int32 Tensor.
 """
 from __future__ import annotations
 
@@ -60,12 +62,24 @@ def _dense_form(x, w, tokens_per_expert):
     return (every * select.reshape(N, E, 1)).sum(1)  # [N, out]
 
 
+def _checked(tokens_per_expert, num_experts: int, num_rows: int) -> list[int]:
+    counts = [int(c) for c in tokens_per_expert]
+    if len(counts) != num_experts or sum(counts) > num_rows or min(counts, default=0) < 0:
+        raise ValueError(f"grouped_matmul: tokens_per_expert {counts} must have {num_experts} "
+                         f"entries >= 0 summing to at most {num_rows} rows")
+    return counts
+
+
+def counts_tensor(tokens_per_expert, num_experts: int, num_rows: int):
+    """``tokens_per_expert`` (Python ints, checked as ``grouped_matmul`` does, or a Tensor) as
+    an int32 Tensor ``[E]``."""
+    if isinstance(tokens_per_expert, (list, tuple)):
+        return ms.Tensor(_checked(tokens_per_expert, num_experts, num_rows), ms.int32)
+    return tokens_per_expert.astype(ms.int32)
+
+
 def grouped_matmul(x, w, tokens_per_expert):
     """See the module docstring."""
     if isinstance(tokens_per_expert, (list, tuple)):
-        counts = [int(c) for c in tokens_per_expert]
-        if len(counts) != w.shape[0] or sum(counts) > x.shape[0] or min(counts, default=0) < 0:
-            raise ValueError(f"grouped_matmul: tokens_per_expert {counts} must have {w.shape[0]} "
-                             f"entries >= 0 summing to at most {x.shape[0]} rows")
-        return _padded_form(x, w, counts)
+        return _padded_form(x, w, _checked(tokens_per_expert, w.shape[0], x.shape[0]))
     return _dense_form(x, w, tokens_per_expert)

@@ -13,13 +13,21 @@ expert ``e`` (the layout ``grouped_matmul`` expects). Shapes are static (``N`` r
 y(pair t*k + j)``. With unit weights and identity experts, ``unpermute(permute(x)) = k * x``
 for a token with no dropped pair.
 
+``Permutation(num_experts, fused=None)`` is the dispatchers' way in: its ``permute(x, experts)``
+and ``unpermute(y_sorted, order, weights)`` compute the same through the fused ops
+"moe_permute" / "moe_unpermute" of ``mcore.fusions`` where the registry has them (on the CPU a
+counting sort and one pass over the rows each way; float32 rows), else through the functions
+here (``fused=False``: always).
+
 ``pad_to_capacity`` / ``unpad_from_capacity`` turn ``x_sorted`` into exactly ``capacity`` rows
 per expert (``[E * C, h]``, zero rows after each expert's own) and back.
 """
 from __future__ import annotations
 
 import mindspore as ms
-from mindspore import ops
+from mindspore import nn, ops
+
+from mcore.fusions.registry import fused_cell
 
 
 def sort_pairs(experts, num_experts: int):
@@ -47,6 +55,39 @@ def unpermute(y_sorted, order, weights):
     y_pairs = ops.gather(y_sorted, inverse, 0).reshape(T, k, -1)  # [N, h] -> [T, k, h]
     w = weights.astype(y_sorted.dtype).reshape(T, k, 1)
     return (y_pairs * w).sum(1)  # [T, h]
+
+
+# The composed functions under names of their own: in a compiled graph, a call of ``permute``
+# inside the method ``Permutation.permute`` would resolve to the method.
+_composed_permute, _composed_unpermute = permute, unpermute
+
+
+class Permutation(nn.Cell):
+    """See the module docstring."""
+
+    def __init__(self, num_experts: int, fused: bool | None = None):
+        super().__init__()
+        self.num_experts = num_experts
+        permute_kernel = fused_cell("moe_permute", fused, num_experts=num_experts)
+        unpermute_kernel = fused_cell("moe_unpermute", fused)
+        self.use_permute_kernel = permute_kernel is not None
+        self.use_unpermute_kernel = unpermute_kernel is not None
+        if self.use_permute_kernel:
+            self.permute_kernel = permute_kernel
+        if self.use_unpermute_kernel:
+            self.unpermute_kernel = unpermute_kernel
+
+    def permute(self, x, experts):
+        """``(x_sorted [N, h], counts [E] int32, order [N] int32)``, as ``permute``."""
+        if self.use_permute_kernel and x.dtype == ms.float32:
+            return self.permute_kernel(x, experts.astype(ms.int32))
+        return _composed_permute(x, experts, self.num_experts)
+
+    def unpermute(self, y_sorted, order, weights):
+        """``[T, h]``, as ``unpermute``."""
+        if self.use_unpermute_kernel and y_sorted.dtype == ms.float32:
+            return self.unpermute_kernel(y_sorted, order, weights.astype(ms.float32))
+        return _composed_unpermute(y_sorted, order, weights)
 
 
 def _slots(counts, capacity: int, num_rows: int):

@@ -9,7 +9,7 @@
 //   BlasSetThreads(n) / BlasGetThreads(): the threads of the backward (plain C calls).
 //
 // Threads: OpenBLAS always runs on one thread here. With BlasSetThreads(n >= 2) the backward
-// of a product of at least kParallelMacs multiply-adds computes dx and dw at the same time on
+// of a product of at least kBlasParallelMacs multiply-adds computes dx and dw at the same time on
 // two threads (the calling one and one it starts): the two products have the same m n k
 // multiply-adds, so they balance, and they meet once, at the end. OpenBLAS's own threads
 // split every product and wait for each other inside it: on a busy machine a descheduled one
@@ -19,31 +19,12 @@
 // thread costs more than it saves there).
 #include <atomic>
 #include <cstdint>
-#include <cstring>
-#include <system_error>
-#include <thread>
 
-#include "cblas.h"
+#include "blas_gemm.h"
 
 namespace {
 
-constexpr int64_t kParallelMacs = int64_t{1} << 25;  // ~3 ms on one thread
-
 bool is_matrix(int nd, const int64_t *shape) { return nd == 2 && shape[0] >= 0 && shape[1] >= 0; }
-
-// C [m, n] = op(A) op(B) with op(A) [m, k], op(B) [k, n]; lda / ldb: row lengths of A and B.
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float *a, int64_t lda,
-          const float *b, int64_t ldb, float *c) {
-  if (m == 0 || n == 0) return;
-  if (k == 0) {  // an empty sum
-    std::memset(c, 0, sizeof(float) * m * n);
-    return;
-  }
-  scipy_cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-                    static_cast<blasint>(m), static_cast<blasint>(n), static_cast<blasint>(k), 1.0f,
-                    a, static_cast<blasint>(lda), b, static_cast<blasint>(ldb), 0.0f, c,
-                    static_cast<blasint>(n));
-}
 
 std::atomic<int> g_threads{1};  // set by BlasSetThreads (this library's one piece of state)
 
@@ -69,19 +50,7 @@ int MatmulNTBwd(int, void **params, int *ndims, int64_t **shapes, const char **,
   float *dx = static_cast<float *>(params[3]), *dw = static_cast<float *>(params[4]);
   auto grad_x = [=] { gemm(false, false, m, k, n, dy, n, w, k, dx); };  // [m, n] [n, k]
   auto grad_w = [=] { gemm(true, false, n, k, m, dy, n, x, k, dw); };   // [n, m] [m, k]
-  if (g_threads.load() < 2 || m * n * k < kParallelMacs) {
-    grad_x();
-    grad_w();
-    return 0;
-  }
-  std::thread other;
-  try {
-    other = std::thread(grad_x);
-  } catch (const std::system_error &) {  // no thread to be had: one after the other
-    grad_x();
-  }
-  grad_w();
-  if (other.joinable()) other.join();
+  side_by_side(g_threads.load() >= 2 && m * n * k >= kBlasParallelMacs, grad_x, grad_w);
   return 0;
 }
 

@@ -32,7 +32,8 @@ def fresh_build():
 def test_every_op_has_a_reference():
     assert set(registry.REGISTRY) == {"rms_norm", "add_rms_norm", "swiglu", "rotary", "attention",
                                       "matmul", "small_matmul", "decode_layer", "cross_entropy",
-                                      "squared_norm", "adamw", "acc_add"}
+                                      "squared_norm", "adamw", "acc_add", "grouped_matmul",
+                                      "moe_permute", "moe_unpermute"}
     for op in registry.REGISTRY.values():
         assert op.reference and (op.cpu_builder or op.device_builders)
 
@@ -77,7 +78,8 @@ def test_per_op_selection(monkeypatch):
         "rms_norm": "cpu_kernel", "swiglu": "cpu_kernel", "add_rms_norm": "composed",
         "rotary": "composed", "attention": "composed", "matmul": "composed",
         "small_matmul": "composed", "decode_layer": "composed", "cross_entropy": "composed",
-        "squared_norm": "composed", "adamw": "composed", "acc_add": "composed"}
+        "squared_norm": "composed", "adamw": "composed", "acc_add": "composed",
+        "grouped_matmul": "composed", "moe_permute": "composed", "moe_unpermute": "composed"}
     assert registry.choice("attention", device="Ascend") == "device"
 
 

@@ -133,8 +133,28 @@ def _acc_add(k, rng):
     return [acc]
 
 
+def _moe_permutation(k, rng):
+    E, top = 6, 2
+    x = rng.standard_normal((ROWS, HIDDEN)).astype(np.float32)
+    experts = rng.integers(0, E + 1, (ROWS, top)).astype(np.int32)  # E: dropped pairs
+    N = ROWS * top
+    (x_sorted,) = _empty((N, HIDDEN))
+    counts, order = np.zeros(E, np.int32), np.zeros(N, np.int32)
+    k.run("MoePermuteFwd", [x, experts, np.zeros(E, np.int32)], [x_sorted, counts, order])
+    dy_sorted = rng.standard_normal((N, HIDDEN)).astype(np.float32)
+    (dx,) = _empty(x.shape)
+    k.run("MoePermuteBwd", [dy_sorted, order, x], [dx])
+    weights = rng.random((ROWS, top)).astype(np.float32)
+    (out,) = _empty(x.shape)
+    k.run("MoeUnpermuteFwd", [x_sorted, order, weights], [out])
+    dy, dw = _empty((N, HIDDEN), weights.shape)
+    k.run("MoeUnpermuteBwd", [dx, x_sorted, order, weights], [dy, dw])
+    return [x_sorted, counts.view(np.float32), order.view(np.float32), dx, out, dy, dw]
+
+
 CASES = {"acc_add": _acc_add, "rms_norm": _norm, "add_rms_norm": _add_norm, "swiglu": _swiglu,
-         "rotary": _rotary, "attention": _attention, "cross_entropy": _cross_entropy}
+         "rotary": _rotary, "attention": _attention, "cross_entropy": _cross_entropy,
+         "moe_permutation": _moe_permutation}
 
 
 def _run_with_threads(kernels, case) -> list[list[np.ndarray]]:
