@@ -78,7 +78,11 @@ def model_from_checkpoint(path: Path):
 
         return lora_model(path, cfg, meta["world_size"]), meta["meta"]
     model = build_gpt(cfg)  # the saved YAML's TransformerConfig, as training built it
-    params = dict(model.parameters_and_names())
+    # Training saves what it trains and the buffers it updates; a parameter that is neither
+    # (a router's expert_bias with model.moe.expert_bias off) keeps its initial value. A
+    # missing trained parameter stays an error (load_tensors names it).
+    params = {n: p for n, p in model.parameters_and_names()
+              if p.requires_grad or n in meta["tensors"]}
     weights = load_tensors(path, {n: ShardSpec.whole(p.shape) for n, p in params.items()}, meta)
     for name, param in params.items():
         param.set_data(ms.Tensor(weights[name], param.dtype))

@@ -4,6 +4,8 @@ dropless, all-gather dispatcher, aux-loss-free expert bias on, graph mode, 6 ste
 - the expert bias (one fresh process, TrainStep on random tokens): after each applied step it
   equals a numpy replay of ``bias += rate * sign(mean(load) - load)`` from the step's returned
   counts (exact); a skipped step (NaN gradient) leaves it; the compiled step routes with it;
+- with the expert bias off (the demo's default) nothing of the routers is saved, and
+  ``training.generate.model_from_checkpoint`` reads the checkpoint (no training run);
 
 - one process: the loss falls; 6 steps == 3 steps + stop + resume (same losses, experts and
   Adam moments restored); metrics.jsonl carries the router loss, tokens per expert and the
@@ -168,6 +170,38 @@ def test_stage_statistics_take_their_rows_of_the_whole_model():
     assert counts.shape == (2, 4) and not counts.any()
     with pytest.raises(ValueError, match="no micro-batch"):
         MoEStats().finish(one)
+
+
+def test_generate_reads_a_checkpoint_saved_without_expert_biases(tmp_path):
+    """With ``model.moe.expert_bias`` off (the demo's default) training does not save the
+    routers' unused ``expert_bias``; ``generate.py`` reads the checkpoint all the same (it
+    used to fail: 'has no tensor ... expert_bias'), and a missing trained weight still fails."""
+    import mindspore as ms
+
+    from mcore.checkpoint import CheckpointError
+    from mcore.parallel_state import ParallelDims
+    from training.checkpointing import save_train_state
+    from training.config import load_config
+    from training.generate import model_from_checkpoint
+    from training.model_bridge import build_gpt
+    from training.pretrain import build_step
+
+    ms.set_device("CPU")
+    overrides = [o for o in TINY if "expert_bias" not in o and "bias_update" not in o]
+    cfg = load_config(CONFIG, overrides)
+    model = build_gpt(cfg)
+    step_fn = build_step(cfg, model, ParallelDims.single(), 1)
+    assert not step_fn.buffers  # nothing of the routers is saved
+    ck = save_train_state(tmp_path, 1, step_fn, ParallelDims.single(), {"config": cfg.to_dict()})
+    loaded, _ = model_from_checkpoint(ck)
+    want = dict(model.parameters_and_names())
+    for name, param in loaded.parameters_and_names():
+        np.testing.assert_array_equal(param.asnumpy(), want[name].asnumpy(), err_msg=name)
+    meta = json.loads((ck / "meta.json").read_text())
+    del meta["tensors"]["decoder.layers.1.mlp.experts.fc1"]
+    (ck / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="experts.fc1"):
+        model_from_checkpoint(ck)
 
 
 @pytest.fixture(scope="module")
