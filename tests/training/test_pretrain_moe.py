@@ -188,7 +188,8 @@ def test_generate_reads_a_checkpoint_saved_without_expert_biases(tmp_path):
 
     ms.set_device("CPU")
     overrides = [o for o in TINY if "expert_bias" not in o and "bias_update" not in o]
-    cfg = load_config(CONFIG, overrides)
+    # pynative: build_step sets the execution mode of this whole (shared) pytest process
+    cfg = load_config(CONFIG, [*overrides, "training.mode=pynative"])
     model = build_gpt(cfg)
     step_fn = build_step(cfg, model, ParallelDims.single(), 1)
     assert not step_fn.buffers  # nothing of the routers is saved
