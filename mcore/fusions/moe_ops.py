@@ -57,10 +57,6 @@ def _shape_of_third(first, second, third, *rest):
     return third
 
 
-def _dtype_of_first(first, *rest):
-    return first
-
-
 def _rows_like_weights(y, order, weights):
     return [weights[0], y[1]]  # [T, h]
 
@@ -89,7 +85,7 @@ class CpuMoePermute(nn.Cell):
         super().__init__()
         self.slots = Tensor(np.zeros(int(num_experts), np.int32))
         backward = ops.Custom(f"{library}:MoePermuteBwd", out_shape=_shape_of_third,
-                              out_dtype=_dtype_of_first, func_type="aot")
+                              out_dtype=_first, func_type="aot")
 
         def bprop(x, experts, slots, out, dout):
             return backward(dout[0], out[2], x), ops.zeros_like(experts), ops.zeros_like(slots)
@@ -117,7 +113,7 @@ class CpuMoeUnpermute(nn.Cell):
             return dy, ops.zeros_like(order), dw
 
         self.forward = ops.Custom(f"{library}:MoeUnpermuteFwd", out_shape=_rows_like_weights,
-                                  out_dtype=_dtype_of_first, func_type="aot", bprop=bprop)
+                                  out_dtype=_first, func_type="aot", bprop=bprop)
 
     def construct(self, y, order, weights):
         return self.forward(y, order, weights)

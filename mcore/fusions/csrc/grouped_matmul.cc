@@ -26,6 +26,7 @@ namespace {
 struct Groups {
   int64_t N, in, out, E;
   const int32_t *counts;
+  int64_t total;  // sum(counts): the rows that belong to an expert
 };
 
 // Shapes of x [N, in], w [E, in, out], counts [E] at params indices ix, iw, ic; false if they
@@ -39,22 +40,16 @@ bool read_groups(int64_t **shapes, const int *ndims, void **params, int ix, int 
   g->out = shapes[iw][2];
   g->counts = static_cast<const int32_t *>(params[ic]);
   if (shapes[iw][1] != g->in || shapes[ic][0] != g->E) return false;
-  int64_t total = 0;
+  g->total = 0;
   for (int64_t e = 0; e < g->E; ++e) {
     if (g->counts[e] < 0) return false;
-    total += g->counts[e];
+    g->total += g->counts[e];
   }
-  return total <= g->N;
-}
-
-int64_t total_rows(const Groups &g) {
-  int64_t total = 0;
-  for (int64_t e = 0; e < g.E; ++e) total += g.counts[e];
-  return total;
+  return g->total <= g->N;
 }
 
 bool parallel(const Groups &g) {
-  return BlasGetThreads() >= 2 && total_rows(g) * g.in * g.out >= kBlasParallelMacs;
+  return BlasGetThreads() >= 2 && g.total * g.in * g.out >= kBlasParallelMacs;
 }
 
 }  // namespace
@@ -68,7 +63,7 @@ int GroupedMatmulFwd(int, void **params, int *ndims, int64_t **shapes, const cha
   const float *x = static_cast<const float *>(params[0]);
   const float *w = static_cast<const float *>(params[1]);
   float *y = static_cast<float *>(params[3]);
-  const int64_t total = total_rows(g);
+  const int64_t total = g.total;
   // experts [0, split) on one thread, [split, E) on the other: about half the rows each
   int64_t split = 0;
   for (int64_t rows = 0; split < g.E && 2 * (rows + g.counts[split]) <= total; ++split)
@@ -96,7 +91,7 @@ int GroupedMatmulBwd(int, void **params, int *ndims, int64_t **shapes, const cha
   const float *x = static_cast<const float *>(params[1]);
   const float *w = static_cast<const float *>(params[2]);
   float *dx = static_cast<float *>(params[4]), *dw = static_cast<float *>(params[5]);
-  const int64_t total = total_rows(g);
+  const int64_t total = g.total;
   auto grad_x = [=] {
     int64_t row = 0;
     for (int64_t e = 0; e < g.E; ++e) {  // [c, out] x [in, out]^T -> [c, in]
